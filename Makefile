@@ -1,0 +1,43 @@
+# Every target sets itself up: a fresh clone needs only `make run` or `make test`.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+CONFIG ?= configs/default.yaml
+TORCH_SPEC ?= torch==2.13.0
+export PREFECT_SERVER_ANALYTICS_ENABLED ?= false
+export HF_HUB_OFFLINE ?= 1
+export TRANSFORMERS_OFFLINE ?= 1
+export HF_DATASETS_OFFLINE ?= 1
+export TOKENIZERS_PARALLELISM ?= false
+
+.PHONY: install run test test-unit test-integration lint format clean
+
+$(VENV)/.installed: pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	# torch first, pinned: on CPU machines this is the CPU build; unpinned it can pull a CUDA build.
+	$(PY) -m pip install -q "$(TORCH_SPEC)"
+	$(PY) -m pip install -q -e ".[dev]"
+	touch $@
+
+install: $(VENV)/.installed
+
+run: install
+	$(VENV)/bin/forgeline run --config $(CONFIG)
+
+test: install
+	$(PY) -m pytest -q tests/unit tests/integration
+
+test-unit: install
+	$(PY) -m pytest -q tests/unit
+
+lint: install
+	$(VENV)/bin/ruff check flows tasks tests bench
+	$(VENV)/bin/ruff format --check flows tasks tests bench
+
+format: install
+	$(VENV)/bin/ruff format flows tasks tests bench
+	$(VENV)/bin/ruff check --fix flows tasks tests bench
+
+clean:
+	rm -rf .forgeline mlruns/mlflow.db mlruns/artifacts mlruns/cache mlruns/checkpoints

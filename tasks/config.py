@@ -1,0 +1,467 @@
+"""The one config tree: pydantic models loaded once from YAML plus ``--set`` overrides.
+
+Every stage receives its own slice (``DataConfig``, ``TrainConfig``...), never a dict. A typo or a
+bad value fails here, before any work starts, with one line naming the key (and, for a typo, the
+nearest valid key).
+"""
+
+from __future__ import annotations
+
+import difflib
+import hashlib
+import json
+import math
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+SECRET_MARKERS = ("token", "password", "secret", "apikey", "api_key", "private_key")
+
+
+class ConfigError(ValueError):
+    """A config file or override is invalid; the message is one line meant for the user."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+# --------------------------------------------------------------------------------------------- data
+class FilesSource(_Strict):
+    """Local files or globs: ``.txt``, ``.jsonl``/``.json``, ``.csv``, ``.parquet``."""
+
+    kind: Literal["files"] = "files"
+    paths: list[str] = Field(min_length=1, description="Files or glob patterns, relative to the working directory.")
+    text_column: str = Field("text", description="Column (or JSON key) holding the text in table files.")
+
+
+class DirectorySource(_Strict):
+    """Every supported file under a directory (recursively)."""
+
+    kind: Literal["directory"] = "directory"
+    path: str = Field(description="Directory to read.")
+    pattern: str = Field("**/*", description="Glob of files to take inside the directory.")
+    text_column: str = Field("text", description="Column (or JSON key) holding the text in table files.")
+
+
+class BuiltinSource(_Strict):
+    """An offline corpus that exists on any machine with Python (the standard library's docs)."""
+
+    kind: Literal["builtin"] = "builtin"
+    name: Literal["python-docs"] = Field("python-docs", description="Which built-in corpus.")
+    max_bytes: int = Field(2_000_000, gt=0, description="Stop reading the corpus after this many bytes.")
+
+
+Source = Annotated[FilesSource | DirectorySource | BuiltinSource, Field(discriminator="kind")]
+
+
+class SplitFractions(_Strict):
+    """Fractions of the data that go to each split; they must add up to 1."""
+
+    train: float = Field(0.9, gt=0, le=1)
+    validation: float = Field(0.05, gt=0, lt=1)
+    test: float = Field(0.05, ge=0, lt=1, description="0 means: evaluate on the validation split.")
+
+    @model_validator(mode="after")
+    def _sums_to_one(self) -> SplitFractions:
+        total = self.train + self.validation + self.test
+        if not math.isclose(total, 1.0, abs_tol=1e-6):
+            raise ValueError(f"split fractions must add up to 1, got {total:g}")
+        return self
+
+
+class CleaningConfig(_Strict):
+    """Cleaning rules; each is counted in the cleaning report."""
+
+    unicode_form: Literal["NFC", "NFKC", "none"] = Field("NFC", description="Unicode normalization form.")
+    normalize_whitespace: bool = Field(
+        True, description="CRLF to LF, strip trailing spaces, tabs to spaces, collapse runs of blank lines."
+    )
+    strip_control: bool = Field(True, description="Drop control characters other than newline and tab.")
+    dedup: bool = Field(True, description="Drop exact duplicate records (by content hash).")
+    near_dedup: bool = Field(False, description="Drop near-duplicate records (MinHash), if datasketch is installed.")
+    near_dedup_threshold: float = Field(0.9, gt=0, le=1, description="Jaccard similarity treated as duplicate.")
+    min_chars: int = Field(1, ge=0, description="Drop records shorter than this (after normalization).")
+    max_chars: int | None = Field(None, gt=0, description="Drop records longer than this; null for no limit.")
+    max_nontext_fraction: float = Field(
+        0.5, ge=0, le=1, description="Drop records whose share of non-letter, non-space characters exceeds this."
+    )
+
+    @model_validator(mode="after")
+    def _bounds(self) -> CleaningConfig:
+        if self.max_chars is not None and self.max_chars < self.min_chars:
+            raise ValueError(f"max_chars ({self.max_chars}) < min_chars ({self.min_chars})")
+        return self
+
+
+class DataConfig(_Strict):
+    """Where the text comes from, how it is cut into records, cleaned and split."""
+
+    sources: list[Source] = Field(default_factory=lambda: [BuiltinSource()], min_length=1)
+    record: Literal["line", "paragraph", "file"] = Field(
+        "paragraph", description="For plain text: one record per line, per blank-line paragraph, or per file."
+    )
+    split: Literal["hash", "tail"] = Field(
+        "hash",
+        description="hash: each record's split fixed by its content hash; tail: contiguous fractions of one stream.",
+    )
+    fractions: SplitFractions = Field(default_factory=SplitFractions)
+    cleaning: CleaningConfig = Field(default_factory=CleaningConfig)
+    cache_dir: str = Field("mlruns/cache", description="Content-addressed store of cleaned datasets.")
+    roots: list[str] = Field(
+        default_factory=list,
+        description="Directories data may be read from; empty means the working directory and each source's own folder.",
+    )
+
+
+# ---------------------------------------------------------------------------------------- tokenizer
+class TokenizerConfig(_Strict):
+    """How text becomes token ids."""
+
+    kind: Literal["char", "bpe", "pretrained"] = Field("char", description="char, byte-level bpe, or pretrained.")
+    vocab_size: int = Field(2048, ge=260, le=1_000_000, description="Vocabulary size for bpe.")
+    source: str | None = Field(None, description="Local directory or hub id, for kind=pretrained.")
+
+    @model_validator(mode="after")
+    def _source_for_pretrained(self) -> TokenizerConfig:
+        if self.kind == "pretrained" and not self.source:
+            raise ValueError("tokenizer.source is required when tokenizer.kind is 'pretrained'")
+        return self
+
+
+# -------------------------------------------------------------------------------------------- model
+class ModelConfig(_Strict):
+    """A GPT-2 family causal LM, built from these sizes or initialised from ``init_from``."""
+
+    family: Literal["gpt2"] = Field("gpt2", description="Model family.")
+    n_layer: int = Field(4, ge=1, le=128)
+    n_head: int = Field(4, ge=1, le=128)
+    n_embd: int = Field(128, ge=1, le=16384)
+    block_size: int = Field(64, ge=2, le=32768, description="Context length in tokens.")
+    dropout: float = Field(0.0, ge=0, lt=1)
+    init_from: str | None = Field(
+        None, description="Local directory, hub id, or registered model URI (models:/NAME@champion)."
+    )
+
+    @model_validator(mode="after")
+    def _heads_divide_width(self) -> ModelConfig:
+        if self.n_embd % self.n_head:
+            raise ValueError(f"model.n_embd ({self.n_embd}) must be divisible by model.n_head ({self.n_head})")
+        return self
+
+
+# -------------------------------------------------------------------------------------------- train
+class TrainConfig(_Strict):
+    """The training loop (nanoGPT-style: random windows, warm-up then cosine decay)."""
+
+    max_steps: int = Field(200, ge=1, description="Optimizer steps.")
+    batch_size: int = Field(12, ge=1, description="Sequences per micro-batch.")
+    grad_accum_steps: int = Field(1, ge=1, description="Micro-batches per optimizer step.")
+    learning_rate: float = Field(1e-3, gt=0, le=10)
+    min_lr: float = Field(1e-4, ge=0, description="Floor of the cosine decay.")
+    warmup_steps: int = Field(100, ge=0)
+    lr_decay_steps: int | None = Field(None, ge=1, description="Steps of cosine decay; null means max_steps.")
+    weight_decay: float = Field(0.1, ge=0)
+    beta1: float = Field(0.9, gt=0, lt=1)
+    beta2: float = Field(0.99, gt=0, lt=1)
+    grad_clip: float = Field(1.0, ge=0, description="Max gradient norm; 0 disables clipping.")
+    eval_interval: int = Field(100, ge=1, description="Evaluate on fixed validation batches every N steps.")
+    eval_batches: int = Field(20, ge=1, description="Validation batches per evaluation.")
+    log_interval: int = Field(10, ge=1, description="Log train metrics every N steps.")
+    checkpoint_interval: int = Field(100, ge=1, description="Write a checkpoint every N steps.")
+    keep_checkpoints: int = Field(2, ge=1, description="Complete checkpoints kept on disk.")
+    early_stopping_patience: int | None = Field(
+        None, ge=1, description="Stop after N evaluations without validation improvement; null disables."
+    )
+    max_nonfinite_steps: int = Field(
+        3, ge=1, description="A non-finite loss skips the step; this many in a row fails the run."
+    )
+    compile: bool = Field(False, description="torch.compile the model.")
+    device: Literal["auto", "cpu", "cuda"] = Field("auto")
+    dtype: Literal["auto", "float32", "bfloat16"] = Field("auto", description="auto: bf16 autocast on CUDA.")
+    checkpoint_dir: str = Field("mlruns/checkpoints", description="Where checkpoints live.")
+
+    @model_validator(mode="after")
+    def _lr_order(self) -> TrainConfig:
+        if self.min_lr > self.learning_rate:
+            raise ValueError(f"train.min_lr ({self.min_lr}) > train.learning_rate ({self.learning_rate})")
+        return self
+
+
+# --------------------------------------------------------------------------------------------- eval
+class EvalConfig(_Strict):
+    """Held-out evaluation and sample generations."""
+
+    prompts: list[str] = Field(default_factory=lambda: ["\n"], description="Fixed prompts for sample generations.")
+    max_new_tokens: int = Field(100, ge=1, le=4096)
+    temperature: float = Field(0.8, gt=0)
+    top_k: int | None = Field(50, ge=1)
+    max_tokens: int = Field(200_000, ge=1, description="Cap on test tokens scored.")
+
+
+# --------------------------------------------------------------------------------------------- tune
+class FloatParam(_Strict):
+    type: Literal["float"] = "float"
+    low: float
+    high: float
+    log: bool = False
+
+    @model_validator(mode="after")
+    def _order(self) -> FloatParam:
+        if self.low > self.high:
+            raise ValueError(f"low ({self.low}) > high ({self.high})")
+        if self.log and self.low <= 0:
+            raise ValueError("log scale needs low > 0")
+        return self
+
+
+class IntParam(_Strict):
+    type: Literal["int"] = "int"
+    low: int
+    high: int
+    step: int = Field(1, ge=1)
+    log: bool = False
+
+    @model_validator(mode="after")
+    def _order(self) -> IntParam:
+        if self.low > self.high:
+            raise ValueError(f"low ({self.low}) > high ({self.high})")
+        return self
+
+
+class CategoricalParam(_Strict):
+    type: Literal["categorical"] = "categorical"
+    choices: list[Any] = Field(min_length=1)
+
+
+SearchParam = Annotated[FloatParam | IntParam | CategoricalParam, Field(discriminator="type")]
+
+
+class TuneConfig(_Strict):
+    """Optuna search; ``n_trials: 0`` skips the stage."""
+
+    n_trials: int = Field(0, ge=0, description="Completed trials wanted; 0 disables tuning.")
+    timeout: float | None = Field(None, gt=0, description="Seconds for the whole search.")
+    parallelism: int = Field(1, ge=1, description="Trials at once, as separate processes.")
+    sampler: Literal["tpe", "random", "cmaes"] = "tpe"
+    pruner: Literal["median", "hyperband", "successive_halving", "none"] = "median"
+    max_steps: int | None = Field(None, ge=1, description="Training steps per trial; null means train.max_steps.")
+    storage: str | None = Field(None, description="SQLAlchemy URL; null means sqlite under mlruns/.")
+    search_space: dict[str, SearchParam] = Field(default_factory=dict, description="Dotted config key -> range.")
+
+    @field_validator("search_space")
+    @classmethod
+    def _known_keys(cls, space: dict[str, Any]) -> dict[str, Any]:
+        valid = _leaf_keys(PipelineConfig)
+        for key in space:
+            if key not in valid or key.startswith(("tune.", "registry.", "tracking.", "data.", "name", "seed")):
+                raise ValueError(f"unknown search_space key {key!r}{_suggest(key, valid)}")
+        return space
+
+
+# ------------------------------------------------------------------------------------------ registry
+class RegistryConfig(_Strict):
+    """MLflow model registry and the champion gate."""
+
+    model_name: str = Field("forgeline-lm", min_length=1, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.\-]*$")
+    min_improvement: float = Field(
+        0.0, ge=0, description="Candidate's test bits-per-byte must beat the champion's by at least this."
+    )
+    champion_alias: str = Field("champion", pattern=r"^[a-z][a-z0-9_\-]*$")
+    challenger_alias: str = Field("challenger", pattern=r"^[a-z][a-z0-9_\-]*$")
+
+
+class TrackingConfig(_Strict):
+    """Where MLflow lives. Null ``uri`` means ``$MLFLOW_TRACKING_URI`` or SQLite under ``mlruns/``."""
+
+    uri: str | None = None
+    artifact_root: str = Field("mlruns/artifacts", description="Artifact folder for the embedded SQLite store.")
+    log_system_metrics: bool = Field(True, description="CPU, memory (and GPU) metrics on the train run.")
+    metric_flush_interval: int = Field(50, ge=1, description="Per-step metrics are sent in one batch every N steps.")
+
+
+class PipelineConfig(_Strict):
+    """The whole pipeline: one tree, validated once."""
+
+    name: str = Field("forgeline-demo", min_length=1, description="Experiment name.", pattern=r"^[\w.\- ]+$")
+    seed: int = Field(1337, ge=0)
+    data: DataConfig = Field(default_factory=DataConfig)
+    tokenizer: TokenizerConfig = Field(default_factory=TokenizerConfig)
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    eval: EvalConfig = Field(default_factory=EvalConfig)
+    tune: TuneConfig = Field(default_factory=TuneConfig)
+    registry: RegistryConfig = Field(default_factory=RegistryConfig)
+    tracking: TrackingConfig = Field(default_factory=TrackingConfig)
+
+    def config_hash(self) -> str:
+        """Hash of what determines the trained weights (not tracking, registry or tune settings)."""
+        payload = self.model_dump(mode="json", include={"seed", "tokenizer", "model", "train", "data"})
+        payload["train"].pop("checkpoint_dir", None)
+        payload["data"].pop("cache_dir", None)
+        blob = json.dumps(payload, sort_keys=True).encode()
+        return hashlib.sha256(blob).hexdigest()[:16]
+
+
+# ------------------------------------------------------------------------------------------ loading
+def _leaf_keys(model: type[BaseModel], prefix: str = "") -> set[str]:
+    keys: set[str] = set()
+    for name, field in model.model_fields.items():
+        dotted = f"{prefix}{name}"
+        keys.add(dotted)
+        ann = field.annotation
+        if isinstance(ann, type) and issubclass(ann, BaseModel):
+            keys |= _leaf_keys(ann, dotted + ".")
+    return keys
+
+
+def _suggest(key: str, valid: set[str]) -> str:
+    close = difflib.get_close_matches(key, sorted(valid), n=1, cutoff=0.6)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+def _set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:
+    node = tree
+    parts = dotted.split(".")
+    for part in parts[:-1]:
+        child = node.get(part)
+        if child is None:
+            child = node[part] = {}
+        if not isinstance(child, dict):
+            raise ConfigError(f"--set {dotted}: {part!r} is not a section")
+        node = child
+    node[parts[-1]] = value
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """Parse one ``dotted.key=value`` override; the value is read as a YAML scalar."""
+    if "=" not in text:
+        raise ConfigError(f"--set {text!r}: expected dotted.key=value")
+    key, raw = text.split("=", 1)
+    key = key.strip()
+    if not key:
+        raise ConfigError(f"--set {text!r}: empty key")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"--set {key}: value {raw!r} is not valid YAML ({exc.__class__.__name__})") from None
+    return key, value
+
+
+def _format_validation_error(exc: ValidationError, origin: str, valid: set[str]) -> str:
+    err = exc.errors()[0]
+    loc = ".".join(str(p) for p in err["loc"] if not isinstance(p, int) and p not in _UNION_TAGS)
+    loc_full = ".".join(str(p) for p in err["loc"])
+    if err["type"] == "extra_forbidden":
+        return f"{origin}: unknown key {loc!r}{_suggest(loc, valid)}"
+    msg = err["msg"].removeprefix("Value error, ")
+    extra = f" (and {len(exc.errors()) - 1} more)" if len(exc.errors()) > 1 else ""
+    where = loc_full or "config"
+    return f"{origin}: {where}: {msg}{extra}"
+
+
+_UNION_TAGS = {"files", "directory", "builtin", "float", "int", "categorical"}
+
+
+def _line_of_key(text: str, key: str) -> int | None:
+    """Best-effort line number of a top-level or nested key in YAML text (for error messages)."""
+    leaf = key.split(".")[-1]
+    for number, line in enumerate(text.splitlines(), start=1):
+        if line.strip().startswith(f"{leaf}:"):
+            return number
+    return None
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> PipelineConfig:
+    """Load the config tree from a YAML file plus ``dotted.key=value`` overrides.
+
+    Args:
+        path: YAML file; ``None`` starts from the built-in defaults.
+        overrides: ``--set`` strings, applied in order after the file.
+
+    Returns:
+        The validated config.
+
+    Raises:
+        ConfigError: with one line naming the file (and line) or key at fault.
+    """
+    tree: dict[str, Any] = {}
+    origin = "config"
+    text = ""
+    if path is not None:
+        origin = str(path)
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"{path}: config file not found")
+        text = p.read_text(encoding="utf-8")
+        try:
+            loaded = yaml.safe_load(text)
+        except yaml.YAMLError as exc:
+            mark = getattr(exc, "problem_mark", None)
+            line = f":{mark.line + 1}" if mark is not None else ""
+            problem = getattr(exc, "problem", None) or exc.__class__.__name__
+            raise ConfigError(f"{path}{line}: invalid YAML ({problem})") from None
+        if loaded is None:
+            loaded = {}
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"{path}: top level must be a mapping of keys")
+        tree = loaded
+    valid = _leaf_keys(PipelineConfig)
+    override_keys: set[str] = set()
+    for item in overrides or []:
+        key, value = parse_override(item)
+        if key not in valid and not _under_free_section(key):
+            raise ConfigError(f"--set {key}: unknown key{_suggest(key, valid)}")
+        _set_dotted(tree, key, value)
+        override_keys.add(key)
+    try:
+        return PipelineConfig.model_validate(tree)
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        dotted = ".".join(str(p) for p in err["loc"] if not isinstance(p, int))
+        if any(dotted == k or dotted.startswith(k + ".") for k in override_keys):
+            raise ConfigError(_format_validation_error(exc, "--set", valid)) from None
+        line = _line_of_key(text, dotted) if text else None
+        where = f"{origin}:{line}" if line else origin
+        raise ConfigError(_format_validation_error(exc, where, valid)) from None
+
+
+def _under_free_section(key: str) -> bool:
+    # Keys inside dict- or list-valued fields cannot be enumerated in advance.
+    return key.startswith(("tune.search_space.", "data.sources."))
+
+
+def dump_config(cfg: PipelineConfig) -> str:
+    """The resolved config as YAML (what gets logged as ``resolved_config.yaml``), secrets redacted."""
+    return yaml.safe_dump(redact(cfg.model_dump(mode="json")), sort_keys=False)
+
+
+def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Flatten nested dicts to dotted keys (lists are kept as their JSON text)."""
+    out: dict[str, Any] = {}
+    for key, value in tree.items():
+        dotted = f"{prefix}{key}"
+        if isinstance(value, dict) and value:
+            out.update(flatten(value, dotted + "."))
+        elif isinstance(value, (list, dict)):
+            out[dotted] = json.dumps(value)
+        else:
+            out[dotted] = value
+    return out
+
+
+def is_secret_key(key: str) -> bool:
+    """Whether a (dotted) key names a secret and must never be logged."""
+    leaf = key.lower().split(".")[-1]
+    return any(marker in leaf for marker in SECRET_MARKERS) or leaf.endswith("_key") or leaf == "key"
+
+
+def redact(tree: Any, key: str = "") -> Any:
+    """Copy of a nested structure with secret-named keys replaced by ``***``."""
+    if isinstance(tree, dict):
+        return {k: ("***" if is_secret_key(str(k)) and v else redact(v, str(k))) for k, v in tree.items()}
+    if isinstance(tree, list):
+        return [redact(v, key) for v in tree]
+    return tree
