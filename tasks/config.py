@@ -25,7 +25,7 @@ class ConfigError(ValueError):
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 
 
 # --------------------------------------------------------------------------------------------- data
@@ -86,7 +86,10 @@ class CleaningConfig(_Strict):
     min_chars: int = Field(1, ge=0, description="Drop records shorter than this (after normalization).")
     max_chars: int | None = Field(None, gt=0, description="Drop records longer than this; null for no limit.")
     max_nontext_fraction: float = Field(
-        0.5, ge=0, le=1, description="Drop records whose share of non-letter, non-space characters exceeds this."
+        0.5,
+        ge=0,
+        le=1,
+        description="Drop records whose share of non-letter, non-space characters exceeds this.",
     )
 
     @model_validator(mode="after")
@@ -112,7 +115,7 @@ class DataConfig(_Strict):
     cache_dir: str = Field("mlruns/cache", description="Content-addressed store of cleaned datasets.")
     roots: list[str] = Field(
         default_factory=list,
-        description="Directories data may be read from; empty means the working directory and each source's own folder.",
+        description="Directories data may be read from; empty: the working directory and each source's folder.",
     )
 
 
@@ -353,7 +356,7 @@ def parse_override(text: str) -> tuple[str, Any]:
 def _format_validation_error(exc: ValidationError, origin: str, valid: set[str]) -> str:
     err = exc.errors()[0]
     loc = ".".join(str(p) for p in err["loc"] if not isinstance(p, int) and p not in _UNION_TAGS)
-    loc_full = ".".join(str(p) for p in err["loc"])
+    loc_full = ".".join(str(p) for p in err["loc"] if p not in _UNION_TAGS)
     if err["type"] == "extra_forbidden":
         return f"{origin}: unknown key {loc!r}{_suggest(loc, valid)}"
     msg = err["msg"].removeprefix("Value error, ")
@@ -420,7 +423,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         return PipelineConfig.model_validate(tree)
     except ValidationError as exc:
         err = exc.errors()[0]
-        dotted = ".".join(str(p) for p in err["loc"] if not isinstance(p, int))
+        dotted = ".".join(str(p) for p in err["loc"] if not isinstance(p, int) and p not in _UNION_TAGS)
         if any(dotted == k or dotted.startswith(k + ".") for k in override_keys):
             raise ConfigError(_format_validation_error(exc, "--set", valid)) from None
         line = _line_of_key(text, dotted) if text else None

@@ -1,0 +1,199 @@
+"""The ``forgeline`` command (also ``python -m flows``)."""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+
+app = typer.Typer(
+    name="forgeline",
+    help=(
+        "Forgeline: clean data, tune, train, evaluate and register transformer language models, "
+        "tracked in MLflow and orchestrated by Prefect.\n\n"
+        "Quick start:  forgeline run --config configs/default.yaml"
+    ),
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+console = Console(stderr=True)
+out = Console()
+
+ConfigOpt = Annotated[Path, typer.Option("--config", "-c", help="Pipeline config (YAML).", show_default=True)]
+SetOpt = Annotated[
+    list[str] | None,
+    typer.Option("--set", "-s", help="Override a config key: dotted.key=value (value read as YAML). Repeatable."),
+]
+DataOpt = Annotated[
+    list[str] | None,
+    typer.Option("--data", "-d", help="Use these local files, globs or directories as the data. Repeatable."),
+]
+
+
+def _configure_logging(verbose: bool) -> None:
+    from rich.logging import RichHandler
+
+    level = logging.DEBUG if verbose else logging.INFO
+    handler = RichHandler(console=console, show_path=False, rich_tracebacks=False, markup=False)
+    logging.basicConfig(level=logging.WARNING, format="%(message)s", handlers=[handler], force=True)
+    for name in ("tasks", "flows"):
+        logging.getLogger(name).setLevel(level)
+
+
+def _prefect_env() -> None:
+    # Before Prefect is imported: our library loggers show up in Prefect's run logs; no analytics.
+    os.environ.setdefault("PREFECT_LOGGING_EXTRA_LOGGERS", "tasks,flows")
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
+
+
+def _fail(message: str, code: int = 1) -> None:
+    console.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
+    raise typer.Exit(code)
+
+
+def _load(config: Path, overrides: list[str] | None):  # noqa: ANN202 - PipelineConfig, imported lazily
+    from tasks.config import ConfigError, load_config
+
+    try:
+        return load_config(config, overrides or [])
+    except ConfigError as exc:
+        _fail(str(exc), code=2)
+
+
+@app.command()
+def run(
+    config: ConfigOpt = Path("configs/default.yaml"),
+    set_: SetOpt = None,
+    data: DataOpt = None,
+    fresh: Annotated[bool, typer.Option("--fresh", help="Discard checkpoints and train anew.")] = False,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Debug logging.")] = False,
+) -> None:
+    """Run the pipeline in-process: clean, train, evaluate, register (Prefect local, no server needed).
+
+    Re-running the same config resumes from the last checkpoint; after a completed run it re-uses the
+    registered version unless --fresh is given.
+    """
+    cfg = _load(config, set_)
+    _configure_logging(verbose)
+    _prefect_env()
+    data_paths = _check_data(data)
+    from flows.pipeline import pipeline_flow
+
+    try:
+        result = pipeline_flow(cfg, data=data_paths, fresh=fresh)
+    except KeyboardInterrupt:
+        _fail("interrupted; re-run the same command to resume from the last checkpoint", code=130)
+    except Exception as exc:  # noqa: BLE001 - every failure ends as one line and a non-zero exit
+        if verbose:
+            console.print_exception()
+        _fail(_one_line(exc))
+    _print_summary(result)
+
+
+def _check_data(data: list[str] | None) -> list[str] | None:
+    if not data:
+        return None
+    from tasks.cleaning import DataError, resolve_data_override
+
+    try:
+        resolve_data_override(data)
+    except DataError as exc:
+        _fail(str(exc), code=2)
+    return data
+
+
+def _one_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    first = text[0] if text else ""
+    known = {
+        "ConfigError",
+        "DataError",
+        "TrackingError",
+        "CheckpointError",
+        "NonFiniteLossError",
+        "ValueError",
+    }
+    return first if type(exc).__name__ in known and first else f"{type(exc).__name__}: {first}"
+
+
+def _print_summary(result) -> None:  # noqa: ANN001 - PipelineResult
+    from rich.table import Table
+
+    from flows.pipeline import mlflow_run_url
+
+    table = Table(title="Forgeline run summary", show_header=False, title_justify="left")
+    table.add_row("experiment", f"{result.experiment_name} (id {result.experiment_id})")
+    table.add_row("pipeline run", result.run_id)
+    table.add_row("data fingerprint", result.fingerprint[:16])
+    if result.reused:
+        table.add_row(
+            "model",
+            f"{result.model_name} version {result.version} "
+            "(already produced by this config and data; --fresh trains anew)",
+        )
+    else:
+        table.add_row("model", f"{result.model_name} version {result.version}")
+        if result.resumed_from is not None:
+            table.add_row("resumed", f"from step {result.resumed_from}")
+        for key, value in result.metrics.items():
+            table.add_row(key, f"{value:.4f}")
+        verdict = "promoted to champion" if result.promoted else "not promoted"
+        table.add_row("champion", f"{verdict}: {result.decision}")
+    out.print(table)
+    if result.tracking_uri.startswith("sqlite:///"):
+        ui = f"mlflow ui --backend-store-uri {result.tracking_uri} --port 5000"
+        out.print(f"Open the MLflow UI:  [bold]{ui}[/]", soft_wrap=True, highlight=False)
+    out.print(f"Run page: {mlflow_run_url(result)}", soft_wrap=True, highlight=False)
+
+
+@app.command()
+def validate(config: ConfigOpt = Path("configs/default.yaml"), set_: SetOpt = None) -> None:
+    """Check a config (and overrides) without running anything; print the resolved config."""
+    from tasks.config import dump_config
+
+    cfg = _load(config, set_)
+    out.print(dump_config(cfg), highlight=False, soft_wrap=True)
+    out.print(f"[green]ok[/]: {config} is valid (config hash {cfg.config_hash()})", highlight=False)
+
+
+@app.command()
+def ui(
+    port: Annotated[int, typer.Option(help="Port for the MLflow UI.")] = 5000,
+    host: Annotated[str, typer.Option(help="Bind address (keep 127.0.0.1 unless you add auth).")] = "127.0.0.1",
+) -> None:
+    """Open the MLflow UI on the embedded SQLite store under mlruns/."""
+    from tasks.config import TrackingConfig
+    from tasks.tracking import resolve_tracking_uri
+
+    uri = resolve_tracking_uri(TrackingConfig())
+    cmd = [
+        sys.executable,
+        "-m",
+        "mlflow",
+        "ui",
+        "--backend-store-uri",
+        uri,
+        "--host",
+        host,
+        "--port",
+        str(port),
+    ]
+    out.print(f"MLflow UI on http://{host}:{port}  ({' '.join(cmd[1:])})", highlight=False)
+    os.execvp(cmd[0], cmd)
+
+
+def main() -> None:
+    """Entry point of the ``forgeline`` console script."""
+    app()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,131 @@
+"""The ``pipeline`` flow: clean, train, evaluate, register. It reads like a table of contents."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from prefect import flow
+from prefect.artifacts import create_link_artifact, create_table_artifact
+from pydantic import BaseModel
+
+from flows.train import train_flow
+from tasks import tracking
+from tasks.config import PipelineConfig
+from tasks.registry import LINEAGE_TAG, find_lineage_version
+from tasks.stages import RunContext, clean_task, evaluate_task, read_lineage, register_task, training_dir
+
+logger = logging.getLogger(__name__)
+
+
+class PipelineResult(BaseModel):
+    """The run summary the CLI prints."""
+
+    experiment_name: str
+    experiment_id: str
+    run_id: str
+    tracking_uri: str
+    fingerprint: str
+    model_name: str
+    version: str | None = None
+    promoted: bool = False
+    decision: str = ""
+    champion_version: str | None = None
+    metrics: dict[str, float] = {}
+    reused: bool = False
+    resumed_from: int | None = None
+
+
+@flow(name="pipeline", flow_run_name="pipeline {config.name}")
+def pipeline_flow(config: PipelineConfig, data: list[str] | None = None, fresh: bool = False) -> PipelineResult:
+    """Clean the data, train a model, evaluate it, register it and gate the champion alias.
+
+    Args:
+        config: The whole pipeline config (the Prefect UI renders it as a form).
+        data: Local files, globs or directories replacing ``data.sources``.
+        fresh: Train anew even if this config and data already produced a model.
+    """
+    base_dir = Path.cwd()
+    uri = tracking.setup_tracking(config.tracking, base_dir)
+    experiment_id = tracking.ensure_experiment(config.name, config.tracking, base_dir)
+    tracking.reap_orphan_runs(experiment_id)
+    tags = {**tracking.git_tags(base_dir), **tracking.prefect_tags(), "config_hash": config.config_hash()}
+    with tracking.stage_run(experiment_id, "pipeline", tags=tags) as run_id:
+        ctx = RunContext(experiment_id=experiment_id, parent_run_id=run_id, tags=tags, base_dir=str(base_dir))
+        tracking.log_config(run_id, config)
+        cleaned = clean_task(config.data, ctx, data)
+        tracking.set_tags(run_id, {"data_fingerprint": cleaned.fingerprint})
+        summary = PipelineResult(
+            experiment_name=config.name,
+            experiment_id=experiment_id,
+            run_id=run_id,
+            tracking_uri=uri,
+            fingerprint=cleaned.fingerprint,
+            model_name=config.registry.model_name,
+        )
+        existing = None if fresh else _existing_version(config, cleaned.fingerprint, base_dir)
+        if existing is not None:
+            return _reuse(summary, existing, run_id)
+        outcome = train_flow(config, cleaned.dataset_dir, cleaned.fingerprint, parent_run_id=run_id, fresh=fresh)
+        evaluation = evaluate_task(config, outcome, cleaned.dataset_dir, ctx)
+        registered = register_task(config, outcome, evaluation, cleaned.fingerprint, cleaned.dataset_dir, ctx)
+        metrics = {
+            "test/loss": evaluation.loss,
+            "test/perplexity": evaluation.perplexity,
+            "test/bits_per_byte": evaluation.bits_per_byte,
+        }
+        if outcome.result.final_val_loss is not None:
+            metrics["val/loss"] = outcome.result.final_val_loss
+        tracking.log_metrics(run_id, metrics)
+        tracking.set_tags(run_id, {"model_version": registered.version, "promoted": registered.promoted})
+        summary = summary.model_copy(
+            update={
+                "version": registered.version,
+                "promoted": registered.promoted,
+                "decision": registered.reason,
+                "champion_version": registered.champion_version,
+                "metrics": metrics,
+                "resumed_from": outcome.result.resumed_from,
+            }
+        )
+        _publish_summary(summary)
+    return summary
+
+
+def _existing_version(config: PipelineConfig, fingerprint: str, base_dir: Path) -> object | None:
+    lineage = read_lineage(training_dir(config, fingerprint, base_dir))
+    if lineage is None:
+        return None
+    version = find_lineage_version(config.registry.model_name, lineage)
+    # A version whose champion gate never finished (a crash after registering) goes through the gate again.
+    return version if version is not None and "forgeline.promoted" in version.tags else None
+
+
+def _reuse(summary: PipelineResult, version: object, run_id: str) -> PipelineResult:
+    number = str(version.version)  # type: ignore[attr-defined]
+    logger.info(
+        "this config and data already produced %s version %s; nothing to train (use --fresh to train anew)",
+        summary.model_name,
+        number,
+    )
+    tracking.set_tags(run_id, {"forgeline.reused_version": number, LINEAGE_TAG: version.tags.get(LINEAGE_TAG, "")})  # type: ignore[attr-defined]
+    return summary.model_copy(update={"version": number, "reused": True, "decision": "already registered"})
+
+
+def _publish_summary(summary: PipelineResult) -> None:
+    try:
+        rows = [{"metric": k, "value": round(v, 5)} for k, v in summary.metrics.items()]
+        rows.append({"metric": "model_version", "value": summary.version})
+        rows.append({"metric": "promoted", "value": summary.promoted})
+        create_table_artifact(key="headline-metrics", table=rows, description="Headline metrics")
+        link = mlflow_run_url(summary)
+        if link:
+            create_link_artifact(key="mlflow-run", link=link, description="The pipeline's MLflow run")
+    except Exception as exc:  # noqa: BLE001 - artifacts are a courtesy; the run itself succeeded
+        logger.debug("summary artifacts not published: %s", exc)
+
+
+def mlflow_run_url(summary: PipelineResult) -> str | None:
+    """The MLflow UI link of the pipeline run (the local UI's default address for a SQLite store)."""
+    base = summary.tracking_uri if summary.tracking_uri.startswith("http") else "http://127.0.0.1:5000"
+    return f"{base.rstrip('/')}/#/experiments/{summary.experiment_id}/runs/{summary.run_id}"

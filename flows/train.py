@@ -1,0 +1,36 @@
+"""The ``train`` flow: its own flow so a deployment can pin it to the GPU work pool."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from prefect import flow
+
+from tasks import tracking
+from tasks.config import PipelineConfig
+from tasks.stages import RunContext, TrainOutcome, run_training
+
+
+@flow(name="train", flow_run_name="train {config.name}", log_prints=False)
+def train_flow(
+    config: PipelineConfig,
+    dataset_dir: str,
+    fingerprint: str,
+    parent_run_id: str | None = None,
+    fresh: bool = False,
+) -> TrainOutcome:
+    """Train (or resume) the model for ``config`` on a cleaned dataset and log it to MLflow.
+
+    Args:
+        config: The resolved pipeline config.
+        dataset_dir: Folder of the cleaned dataset (content-addressed by ``fingerprint``).
+        fingerprint: The cleaned data's fingerprint.
+        parent_run_id: The pipeline's MLflow run, when called from the pipeline.
+        fresh: Discard checkpoints of this config and data and train from scratch.
+    """
+    base_dir = Path.cwd()
+    tracking.setup_tracking(config.tracking, base_dir)
+    experiment_id = tracking.ensure_experiment(config.name, config.tracking, base_dir)
+    tags = {**tracking.git_tags(base_dir), **tracking.prefect_tags(), "config_hash": config.config_hash()}
+    ctx = RunContext(experiment_id=experiment_id, parent_run_id=parent_run_id, tags=tags, base_dir=str(base_dir))
+    return run_training(config, dataset_dir, fingerprint, ctx, fresh=fresh)

@@ -1,0 +1,234 @@
+"""Building GPT-2 family causal LMs, and loading pretrained ones safely (safetensors only, no remote code).
+
+Sources accepted by :func:`load_pretrained_model`:
+
+* a local directory written by ``save_pretrained`` (transformers 5 writes ``model.safetensors``);
+* a registered MLflow model URI, ``models:/NAME@alias`` or ``models:/NAME/3`` (downloaded to a temporary
+  directory, checked and loaded like a local one, then the download is deleted; MLflow is imported only
+  here; the tracking URI must already be set);
+* a hub id (loaded with the same flags).
+
+Refused with ``ValueError``: a directory with no safetensors weights (a pickled ``pytorch_model.bin`` is never
+unpickled) and a config with ``auto_map`` (custom code).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import tempfile
+from pathlib import Path
+
+from transformers import (
+    AutoModelForCausalLM,
+    GPT2Config,
+    GPT2LMHeadModel,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+)
+
+from tasks.config import ModelConfig
+from tasks.tokenization import load_tokenizer
+
+log = logging.getLogger(__name__)
+
+SAFETENSORS_FILES = ("model.safetensors", "model.safetensors.index.json")
+PICKLE_FILES = ("pytorch_model.bin", "pytorch_model.bin.index.json", "model.ckpt", "pytorch_model.pt")
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
+
+
+def build_model(cfg: ModelConfig, tokenizer: PreTrainedTokenizerBase) -> PreTrainedModel:
+    """Build a fresh GPT-2 LM sized by ``cfg`` for ``tokenizer``, or load ``cfg.init_from``.
+
+    With ``init_from`` set, the size fields of ``cfg`` are ignored (the checkpoint decides), the token
+    embeddings are grown if the tokenizer has more tokens than the model, and ``block_size`` must fit the
+    model's positions.
+
+    Args:
+        cfg: Model sizes, dropout, context length, optional ``init_from``.
+        tokenizer: The tokenizer; its length is the vocabulary size and its eos id the bos/eos id.
+
+    Returns:
+        The model (in training mode, on CPU).
+
+    Raises:
+        ValueError: If ``block_size`` exceeds a pretrained model's positions, or the source is refused.
+    """
+    if cfg.init_from:
+        model, _ = load_pretrained_model(cfg.init_from)
+        n_positions = _n_positions(model)
+        if n_positions is not None and cfg.block_size > n_positions:
+            raise ValueError(f"model.block_size ({cfg.block_size}) exceeds {cfg.init_from}'s positions ({n_positions})")
+        vocab = model.get_input_embeddings().weight.shape[0]
+        if len(tokenizer) > vocab:
+            log.warning("resizing %s token embeddings %d -> %d", cfg.init_from, vocab, len(tokenizer))
+            model.resize_token_embeddings(len(tokenizer))
+        model.train()
+        return model
+    config = GPT2Config(
+        vocab_size=len(tokenizer),
+        n_positions=cfg.block_size,
+        n_embd=cfg.n_embd,
+        n_layer=cfg.n_layer,
+        n_head=cfg.n_head,
+        resid_pdrop=cfg.dropout,
+        embd_pdrop=cfg.dropout,
+        attn_pdrop=cfg.dropout,
+        bos_token_id=tokenizer.eos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    model = GPT2LMHeadModel(config)
+    log.info(
+        "built GPT-2: %d layers, %d heads, width %d, context %d, vocab %d: %d parameters",
+        cfg.n_layer,
+        cfg.n_head,
+        cfg.n_embd,
+        cfg.block_size,
+        len(tokenizer),
+        count_parameters(model),
+    )
+    return model
+
+
+def load_pretrained_model(source: str) -> tuple[PreTrainedModel, PreTrainedTokenizerBase | None]:
+    """Load a causal LM (and its tokenizer, when one is stored with it) from safetensors only.
+
+    Args:
+        source: Local directory, ``models:/NAME@alias`` / ``models:/NAME/VERSION``, or a hub id.
+
+    Returns:
+        ``(model, tokenizer or None)``.
+
+    Raises:
+        ValueError: If the weights are not safetensors (pickle is never loaded) or the config asks for
+            custom code (``auto_map``).
+    """
+    if source.startswith("models:/"):
+        with tempfile.TemporaryDirectory(prefix="forgeline-model-") as dst:
+            root = _download_mlflow_model(source, Path(dst))
+            model_dir = find_model_dir(root)
+            tok_dir = _find_tokenizer_dir(root, model_dir)
+            model = _load_local(model_dir)
+            tokenizer = load_tokenizer(tok_dir) if tok_dir is not None else None
+        return model, tokenizer
+    path = Path(source)
+    if path.is_dir():
+        model = _load_local(path)
+        tokenizer = load_tokenizer(path) if _has_tokenizer(path) else None
+        return model, tokenizer
+    if path.exists():
+        raise ValueError(f"{source}: not a model directory")
+    log.info("loading %s from the hub (safetensors only, no remote code)", source)
+    model = AutoModelForCausalLM.from_pretrained(source, use_safetensors=True, trust_remote_code=False)
+    try:
+        tokenizer = load_tokenizer(source)
+    except (OSError, ValueError) as exc:
+        log.warning("%s: no usable tokenizer (%s)", source, exc)
+        tokenizer = None
+    return model, tokenizer
+
+
+def count_parameters(model: PreTrainedModel) -> int:
+    """Number of distinct parameters (tied weights counted once).
+
+    Args:
+        model: Any torch module.
+
+    Returns:
+        The parameter count.
+    """
+    return sum(p.numel() for p in model.parameters())
+
+
+def check_model_dir(path: str | Path) -> None:
+    """Refuse a local model directory that is unsafe to load.
+
+    Args:
+        path: Directory holding ``config.json`` and weights.
+
+    Raises:
+        ValueError: No ``config.json``, custom code (``auto_map``), or no safetensors weights.
+    """
+    path = Path(path)
+    config_file = path / "config.json"
+    if not config_file.is_file():
+        raise ValueError(f"{path}: no config.json; not a saved model directory")
+    try:
+        config = json.loads(config_file.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as exc:
+        raise ValueError(f"{path}: unreadable config.json ({exc})") from None
+    if not isinstance(config, dict):
+        raise ValueError(f"{path}: config.json is not a mapping")
+    if config.get("auto_map"):
+        raise ValueError(f"{path}: config.json has auto_map (custom code); refusing to load remote code")
+    if not any((path / name).is_file() for name in SAFETENSORS_FILES):
+        pickled = [name for name in PICKLE_FILES if (path / name).is_file()]
+        if pickled:
+            raise ValueError(f"{path}: no safetensors weights; refusing to unpickle {pickled[0]}")
+        raise ValueError(f"{path}: no safetensors weights")
+
+
+def find_model_dir(root: str | Path) -> Path:
+    """Find the saved-model directory (``config.json`` plus weights) inside a downloaded artifact tree.
+
+    MLflow's transformers flavor stores the model under ``<root>/model/`` and the tokenizer under
+    ``<root>/components/tokenizer/``; the shallowest directory with a ``config.json`` next to weights wins.
+
+    Args:
+        root: Downloaded artifact directory.
+
+    Returns:
+        The model directory (not yet checked; :func:`check_model_dir` does that on load).
+
+    Raises:
+        ValueError: If no directory holds a ``config.json`` with weights.
+    """
+    root = Path(root)
+    candidates = []
+    for config in root.rglob("config.json"):
+        folder = config.parent
+        if any((folder / name).is_file() for name in SAFETENSORS_FILES + PICKLE_FILES):
+            candidates.append(folder)
+    if not candidates:
+        raise ValueError(f"{root}: no saved model (config.json with weights) inside")
+    return min(candidates, key=lambda p: (len(p.relative_to(root).parts), str(p)))
+
+
+# ------------------------------------------------------------------------------------------- private
+def _load_local(path: Path) -> PreTrainedModel:
+    check_model_dir(path)
+    model = AutoModelForCausalLM.from_pretrained(str(path), use_safetensors=True, trust_remote_code=False)
+    log.info("loaded model from %s (%d parameters)", path, count_parameters(model))
+    return model
+
+
+def _has_tokenizer(path: Path) -> bool:
+    return any((path / name).is_file() for name in TOKENIZER_FILES)
+
+
+def _find_tokenizer_dir(root: Path, model_dir: Path) -> Path | None:
+    if _has_tokenizer(model_dir):
+        return model_dir
+    found = sorted(
+        {p.parent for name in TOKENIZER_FILES for p in root.rglob(name)},
+        key=lambda p: (len(p.relative_to(root).parts), str(p)),
+    )
+    return found[0] if found else None
+
+
+def _download_mlflow_model(uri: str, dst: Path) -> Path:
+    import mlflow  # lazy: only registered-model URIs need MLflow
+
+    log.info("downloading %s to %s", uri, dst)
+    local = mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=str(dst))
+    return Path(local)
+
+
+def _n_positions(model: PreTrainedModel) -> int | None:
+    config = model.config
+    for name in ("n_positions", "max_position_embeddings"):
+        value = getattr(config, name, None)
+        if isinstance(value, int):
+            return value
+    return None

@@ -1,0 +1,266 @@
+"""Model registry: log the model, register one version per training lineage, gate the champion alias.
+
+The promotion rule is a pure function (``decide_promotion``); everything else talks to the MLflow
+registry. Promotions are serialized by a file lock and re-read the champion inside it, because MLflow
+aliases have no compare-and-set.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import logging
+import math
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel
+
+logger = logging.getLogger(__name__)
+
+LINEAGE_TAG = "forgeline.lineage"
+BPB_TAG = "test_bits_per_byte"
+FINGERPRINT_TAG = "data_fingerprint"
+PIP_REQUIREMENTS = ["torch", "transformers", "tokenizers", "safetensors", "mlflow"]
+
+
+class PromotionDecision(BaseModel):
+    promoted: bool
+    reason: str
+    delta: float | None = None  # champion_bpb - candidate_bpb (positive is better)
+
+
+class RegisterResult(BaseModel):
+    """What the registry stage did."""
+
+    model_name: str
+    version: str
+    model_uri: str
+    promoted: bool
+    reason: str
+    delta: float | None = None
+    candidate_bits_per_byte: float
+    champion_bits_per_byte: float | None = None
+    previous_champion: str | None = None
+    champion_version: str | None = None
+    already_registered: bool = False
+
+
+def decide_promotion(candidate_bpb: float, champion_bpb: float | None, min_improvement: float) -> PromotionDecision:
+    """The champion gate: the candidate must beat the champion's bits per byte by ``min_improvement``.
+
+    Args:
+        candidate_bpb: Candidate's test bits per byte.
+        champion_bpb: Champion's, on the same test split; ``None`` when there is no champion.
+        min_improvement: Required margin (>= 0). An equal score never promotes.
+
+    Returns:
+        Whether to promote, why, and the improvement.
+    """
+    if not math.isfinite(candidate_bpb):
+        return PromotionDecision(promoted=False, reason=f"candidate score is not finite ({candidate_bpb})")
+    if champion_bpb is None:
+        return PromotionDecision(promoted=True, reason="first version: no champion yet")
+    delta = champion_bpb - candidate_bpb
+    if delta > 0 and delta >= min_improvement:
+        return PromotionDecision(
+            promoted=True,
+            reason=f"better: {candidate_bpb:.4f} vs champion {champion_bpb:.4f} bits/byte (improvement {delta:.4f})",
+            delta=delta,
+        )
+    return PromotionDecision(
+        promoted=False,
+        reason=(
+            f"not better by {min_improvement:g}: {candidate_bpb:.4f} vs champion {champion_bpb:.4f} bits/byte "
+            f"(improvement {delta:.4f})"
+        ),
+        delta=delta,
+    )
+
+
+# --------------------------------------------------------------------------------------- logging
+def log_transformers_model(run_id: str, model_dir: str | Path, prompt: str) -> str:
+    """Log model plus tokenizer with the ``transformers`` flavor (text-generation); returns its URI."""
+    import mlflow
+
+    from tasks.modeling import load_pretrained_model
+
+    model, tokenizer = load_pretrained_model(str(model_dir))
+    info = mlflow.transformers.log_model(
+        {"model": model, "tokenizer": tokenizer},
+        name="model",
+        task="text-generation",
+        input_example=[prompt],
+        pip_requirements=PIP_REQUIREMENTS,
+        run_id=run_id,
+    )
+    return info.model_uri
+
+
+# -------------------------------------------------------------------------------------- registry
+def find_lineage_version(model_name: str, lineage: str) -> Any | None:
+    """The registered version of a training lineage, if it exists (retries must not add another)."""
+    from mlflow import MlflowClient
+    from mlflow.exceptions import MlflowException
+
+    try:
+        versions = MlflowClient().search_model_versions(f"name = '{model_name}' and tags.`{LINEAGE_TAG}` = '{lineage}'")
+    except MlflowException:
+        return None
+    return min(versions, key=lambda v: int(v.version)) if versions else None
+
+
+def register_version(model_name: str, model_uri: str, lineage: str, tags: dict[str, str]) -> tuple[Any, bool]:
+    """Register ``model_uri`` unless this lineage already has a version. Returns (version, existed)."""
+    import mlflow
+    from mlflow import MlflowClient
+
+    with registry_lock(model_name):
+        existing = find_lineage_version(model_name, lineage)
+        if existing is not None:
+            return existing, True
+        mv = mlflow.register_model(model_uri, model_name, tags={LINEAGE_TAG: lineage, **tags})
+    client = MlflowClient()
+    for _ in range(50):
+        mv = client.get_model_version(model_name, mv.version)
+        if mv.status == "READY":
+            break
+        time.sleep(0.1)
+    return mv, False
+
+
+def champion_version(model_name: str, alias: str) -> Any | None:
+    from mlflow import MlflowClient
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return MlflowClient().get_model_version_by_alias(model_name, alias)
+    except MlflowException:
+        return None
+
+
+def gate_champion(
+    model_name: str,
+    version: Any,
+    candidate_bpb: float,
+    *,
+    fingerprint: str,
+    min_improvement: float,
+    champion_alias: str,
+    challenger_alias: str,
+    rescore: Any,
+) -> RegisterResult:
+    """Give the candidate the challenger alias, then move the champion alias to it if it is better.
+
+    Args:
+        rescore: ``callable(model_uri) -> bits_per_byte`` scoring a registered model on the
+            candidate's test split (used when the champion was scored on other data).
+    """
+    from mlflow import MlflowClient
+
+    client = MlflowClient()
+    client.set_registered_model_alias(model_name, challenger_alias, version.version)
+    with registry_lock(model_name):
+        champ = champion_version(model_name, champion_alias)
+        champ_bpb: float | None = None
+        if champ is not None and str(champ.version) == str(version.version):
+            return _result(
+                model_name,
+                version,
+                candidate_bpb,
+                PromotionDecision(promoted=True, reason="already champion"),
+                champ_bpb,
+                str(champ.version),
+                str(champ.version),
+            )
+        if champ is not None:
+            champ_bpb = _champion_score(champ, fingerprint, rescore, model_name)
+        decision = decide_promotion(candidate_bpb, champ_bpb, min_improvement)
+        if decision.promoted:
+            client.set_registered_model_alias(model_name, champion_alias, version.version)
+        tags = {"forgeline.promoted": str(decision.promoted).lower(), "forgeline.decision": decision.reason}
+        if decision.delta is not None:
+            tags["forgeline.delta_bits_per_byte"] = f"{decision.delta:.6f}"
+        if champ_bpb is not None:
+            tags["forgeline.champion_bits_per_byte"] = f"{champ_bpb:.6f}"
+        for key, value in tags.items():
+            client.set_model_version_tag(model_name, version.version, key, value)
+    logger.info("%s version %s: %s", model_name, version.version, decision.reason)
+    previous = str(champ.version) if champ else None
+    new_champ = str(version.version) if decision.promoted else previous
+    return _result(model_name, version, candidate_bpb, decision, champ_bpb, previous, new_champ)
+
+
+def _result(
+    name: str,
+    version: Any,
+    bpb: float,
+    decision: PromotionDecision,
+    champ_bpb: float | None,
+    previous: str | None,
+    current: str | None,
+) -> RegisterResult:
+    return RegisterResult(
+        model_name=name,
+        version=str(version.version),
+        model_uri=f"models:/{name}/{version.version}",
+        promoted=decision.promoted,
+        reason=decision.reason,
+        delta=decision.delta,
+        candidate_bits_per_byte=bpb,
+        champion_bits_per_byte=champ_bpb,
+        previous_champion=previous,
+        champion_version=current,
+    )
+
+
+def _champion_score(champ: Any, fingerprint: str, rescore: Any, model_name: str) -> float:
+    # Same data: the stored score is comparable. New data: re-score the champion on the candidate's test split.
+    if champ.tags.get(FINGERPRINT_TAG) == fingerprint and BPB_TAG in champ.tags:
+        return float(champ.tags[BPB_TAG])
+    logger.info("re-scoring champion version %s on the candidate's test split", champ.version)
+    return float(rescore(f"models:/{model_name}/{champ.version}"))
+
+
+@contextlib.contextmanager
+def registry_lock(model_name: str, timeout: float = 600.0) -> Iterator[None]:
+    """A host-wide lock around registry read-compare-write (MLflow aliases have no compare-and-set).
+
+    It serializes promotions from every process on this machine; teams promoting from several machines
+    should run promotions from one deployment (the ``pipeline`` flow on one pool with concurrency 1).
+    """
+    lock_dir = Path(_lock_root())
+    lock_dir.mkdir(parents=True, exist_ok=True)
+    path = lock_dir / f"registry-{model_name}.lock"
+    with path.open("a+") as fh:
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"registry lock {path} held for more than {timeout:.0f}s") from None
+                time.sleep(0.05)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+def _lock_root() -> str:
+    import os
+
+    import mlflow
+
+    uri = mlflow.get_tracking_uri()
+    if uri.startswith("sqlite:///"):
+        return str(Path(uri.removeprefix("sqlite:///")).parent / "locks")
+    return os.environ.get("FORGELINE_HOME", ".forgeline") + "/locks"
+
+
+def version_summary(result: RegisterResult) -> dict[str, Any]:
+    return json.loads(result.model_dump_json())

@@ -1,0 +1,410 @@
+"""The one module that talks to MLflow tracking. Stage logic never imports mlflow.
+
+Runs are created and ended explicitly through ``MlflowClient`` (not the fluent active-run stack), so
+a stage run's status is exactly what happened to the stage: FINISHED, FAILED on an exception, KILLED
+on an interrupt, and never left RUNNING by a crash for longer than the next pipeline start.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import socket
+import subprocess
+import tempfile
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from tasks.config import PipelineConfig, TrackingConfig, dump_config, flatten, is_secret_key, redact
+from tasks.errors import StageInterrupted
+
+logger = logging.getLogger(__name__)
+
+PROJECT_TAG = "forgeline.project"
+OWNER_TAG = "forgeline.owner"  # host:pid of the process that owns a RUNNING run
+PARENT_TAG = "mlflow.parentRunId"
+RUN_NAME_TAG = "mlflow.runName"
+
+
+class TrackingError(RuntimeError):
+    """Tracking is misconfigured or unreachable; the message is one line."""
+
+
+# ------------------------------------------------------------------------------------------ setup
+def resolve_tracking_uri(cfg: TrackingConfig, base_dir: Path | None = None) -> str:
+    """Config, then ``$MLFLOW_TRACKING_URI``, then SQLite under ``mlruns/``.
+
+    Raises:
+        TrackingError: for the deprecated plain-folder store.
+    """
+    base = (base_dir or Path.cwd()).resolve()
+    uri = cfg.uri or os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{base / 'mlruns' / 'mlflow.db'}"
+    if uri.startswith("file:") or (
+        not uri.startswith(("sqlite:", "http:", "https:", "postgresql", "mysql", "databricks"))
+    ):
+        raise TrackingError(
+            f"tracking URI {uri!r}: plain-folder stores are not supported; use sqlite:///PATH/mlflow.db or http://HOST:PORT"
+        )
+    return uri
+
+
+def artifact_location(cfg: TrackingConfig, uri: str, base_dir: Path | None = None) -> str | None:
+    """Artifact root for new experiments on a database store (a server chooses its own)."""
+    if uri.startswith(("http:", "https:")):
+        return None
+    root = Path(cfg.artifact_root)
+    if not root.is_absolute():
+        root = (base_dir or Path.cwd()).resolve() / root
+    return root.as_uri()
+
+
+def setup_tracking(cfg: TrackingConfig, base_dir: Path | None = None) -> str:
+    """Point MLflow at the configured store and check it answers. Returns the tracking URI."""
+    import mlflow
+
+    uri = resolve_tracking_uri(cfg, base_dir)
+    if uri.startswith("sqlite:///"):
+        Path(uri.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
+    os.environ["MLFLOW_TRACKING_URI"] = uri  # child processes (trials, workers) follow the same store
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_registry_uri(uri)
+    if uri.startswith(("http:", "https:")):
+        _check_server(uri)
+    return uri
+
+
+def _check_server(uri: str) -> None:
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=5) as resp:
+            resp.read()
+    except OSError as exc:
+        raise TrackingError(f"tracking server {uri} is not reachable ({exc})") from None
+
+
+def client() -> Any:
+    """An ``MlflowClient`` for the current tracking URI."""
+    from mlflow import MlflowClient
+
+    return MlflowClient()
+
+
+def ensure_experiment(name: str, cfg: TrackingConfig, base_dir: Path | None = None) -> str:
+    """Get or create the experiment called ``name``; safe when two processes race to create it."""
+    from mlflow.exceptions import MlflowException
+
+    c = client()
+    exp = c.get_experiment_by_name(name)
+    if exp is not None:
+        return exp.experiment_id
+    location = artifact_location(cfg, c._tracking_client.tracking_uri, base_dir)
+    try:
+        return c.create_experiment(name, artifact_location=location, tags={PROJECT_TAG: "forgeline"})
+    except MlflowException:
+        exp = c.get_experiment_by_name(name)
+        if exp is None:
+            raise
+        return exp.experiment_id
+
+
+# ------------------------------------------------------------------------------------------- tags
+def git_tags(base_dir: Path | None = None) -> dict[str, str]:
+    """Git commit and dirty flag of the code that runs (empty outside a repository)."""
+    cwd = str(base_dir or Path.cwd())
+    try:
+        commit = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=cwd, capture_output=True, text=True, timeout=5, check=True
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            cwd=cwd,
+            capture_output=True,
+            text=True,
+            timeout=5,
+        ).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return {}
+    return {
+        "mlflow.source.git.commit": commit,
+        "forgeline.git_commit": commit,
+        "forgeline.git_dirty": str(bool(dirty)).lower(),
+    }
+
+
+def prefect_tags() -> dict[str, str]:
+    """The current Prefect flow run's id and UI URL, when there is one."""
+    try:
+        from prefect.runtime import flow_run
+
+        run_id = flow_run.id
+        if not run_id:
+            return {}
+        tags = {"prefect.flow_run_id": str(run_id)}
+        url = flow_run.ui_url
+        if url:
+            tags["prefect.flow_run_url"] = str(url)
+        return tags
+    except Exception:  # noqa: BLE001 - tags are best effort; outside Prefect there is simply none
+        return {}
+
+
+def owner_tag() -> str:
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
+# ------------------------------------------------------------------------------------------- runs
+@contextlib.contextmanager
+def stage_run(
+    experiment_id: str,
+    name: str,
+    *,
+    parent_run_id: str | None = None,
+    tags: dict[str, str] | None = None,
+    system_metrics: bool = False,
+) -> Iterator[str]:
+    """Create a run, yield its id, and end it with the status of what happened inside.
+
+    FINISHED on success, KILLED on ``StageInterrupted``/``KeyboardInterrupt``, FAILED otherwise (the
+    error is recorded as the ``forgeline.error`` tag).
+    """
+    c = client()
+    all_tags = {PROJECT_TAG: "forgeline", OWNER_TAG: owner_tag(), RUN_NAME_TAG: name, **(tags or {})}
+    if parent_run_id:
+        all_tags[PARENT_TAG] = parent_run_id
+    run = c.create_run(experiment_id, run_name=name, tags=all_tags)
+    run_id = run.info.run_id
+    monitor = _start_system_metrics(run_id) if system_metrics else None
+    status = "FAILED"
+    try:
+        yield run_id
+        status = "FINISHED"
+    except (StageInterrupted, KeyboardInterrupt):
+        status = "KILLED"
+        raise
+    except BaseException as exc:
+        with contextlib.suppress(Exception):
+            c.set_tag(run_id, "forgeline.error", f"{type(exc).__name__}: {exc}"[:4000])
+        raise
+    finally:
+        if monitor is not None:
+            with contextlib.suppress(Exception):
+                monitor.finish()
+        with contextlib.suppress(Exception):
+            c.set_terminated(run_id, status)
+
+
+def _start_system_metrics(run_id: str) -> Any:
+    try:
+        from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+        monitor = SystemMetricsMonitor(run_id, sampling_interval=5, samples_before_logging=1)
+        monitor.start()
+        return monitor
+    except Exception as exc:  # noqa: BLE001 - system metrics are optional (psutil missing, etc.)
+        logger.warning("system metrics disabled: %s", exc)
+        return None
+
+
+def reap_orphan_runs(experiment_id: str) -> list[str]:
+    """End KILLED every RUNNING run of this project whose owning process on this host is gone.
+
+    Returns:
+        The ids of the runs that were ended.
+    """
+    import psutil
+
+    c = client()
+    host = socket.gethostname()
+    reaped: list[str] = []
+    runs = c.search_runs(
+        [experiment_id],
+        filter_string=f"attributes.status = 'RUNNING' and tags.`{PROJECT_TAG}` = 'forgeline'",
+        max_results=1000,
+    )
+    for run in runs:
+        owner = run.data.tags.get(OWNER_TAG, "")
+        owner_host, _, pid = owner.rpartition(":")
+        if owner_host != host or not pid.isdigit():
+            continue
+        if int(pid) == os.getpid() or psutil.pid_exists(int(pid)):
+            continue
+        c.set_tag(run.info.run_id, "forgeline.reaped", "owner process gone")
+        c.set_terminated(run.info.run_id, "KILLED")
+        reaped.append(run.info.run_id)
+    if reaped:
+        logger.warning("ended %d orphaned RUNNING MLflow run(s) as KILLED: %s", len(reaped), ", ".join(reaped))
+    return reaped
+
+
+# ----------------------------------------------------------------------------------------- logging
+def log_params(run_id: str, params: dict[str, Any]) -> None:
+    """Log flat params (values truncated to MLflow's limit; secrets redacted)."""
+    from mlflow.entities import Param
+
+    items = [Param(k, "***" if is_secret_key(k) else str(v)[:6000]) for k, v in params.items() if v is not None]
+    c = client()
+    for start in range(0, len(items), 100):
+        c.log_batch(run_id, params=items[start : start + 100])
+
+
+def log_config(run_id: str, cfg: PipelineConfig) -> None:
+    """Flattened resolved config as params, and ``resolved_config.yaml`` as an artifact."""
+    log_params(run_id, flatten(redact(cfg.model_dump(mode="json"))))
+    log_text(run_id, dump_config(cfg), "resolved_config.yaml")
+
+
+def set_tags(run_id: str, tags: dict[str, Any]) -> None:
+    c = client()
+    for key, value in tags.items():
+        c.set_tag(run_id, key, "***" if is_secret_key(key) else str(value))
+
+
+def log_metrics(run_id: str, metrics: dict[str, float], step: int | None = None) -> None:
+    """Log a few metrics at once (one request)."""
+    from mlflow.entities import Metric
+
+    now = int(time.time() * 1000)
+    batch = [Metric(k, float(v), now, step or 0) for k, v in metrics.items()]
+    client().log_batch(run_id, metrics=batch)
+
+
+def log_text(run_id: str, text: str, artifact_file: str) -> None:
+    client().log_text(run_id, text, artifact_file)
+
+
+def log_dict(run_id: str, data: dict[str, Any], artifact_file: str) -> None:
+    client().log_text(run_id, json.dumps(redact(data), indent=2, default=str), artifact_file)
+
+
+def log_artifact(run_id: str, path: str | Path, artifact_path: str | None = None) -> None:
+    client().log_artifact(run_id, str(path), artifact_path)
+
+
+def log_figure(run_id: str, figure: Any, artifact_file: str) -> None:
+    client().log_figure(run_id, figure, artifact_file)
+
+
+def log_dataset_input(
+    run_id: str, *, name: str, digest: str, source: str, context: str, profile: dict[str, Any]
+) -> None:
+    """Record a cleaned split as an MLflow dataset input of ``run_id`` with its fingerprint as digest."""
+    from mlflow.entities import Dataset, DatasetInput, InputTag
+
+    dataset = Dataset(
+        name=name,
+        digest=digest[:36],
+        source_type="local",
+        source=json.dumps({"uri": source}),
+        profile=json.dumps(profile),
+    )
+    client().log_inputs(run_id, datasets=[DatasetInput(dataset, tags=[InputTag("mlflow.data.context", context)])])
+
+
+class MetricBuffer:
+    """Per-step metrics, sent as one ``log_batch`` every ``flush_every`` steps on a background thread.
+
+    The training loop only appends to a list; the network or SQLite write happens off the loop. A
+    failed send is retried on the next flush (the metrics stay queued), and ``close`` raises if some
+    metrics could not be delivered, so nothing is dropped silently.
+    """
+
+    def __init__(self, run_id: str, flush_every: int = 50, max_retries: int = 5) -> None:
+        self.run_id = run_id
+        self.flush_every = flush_every
+        self.max_retries = max_retries
+        self._pending: list[Any] = []
+        self._lock = threading.Lock()
+        self._thread: threading.Thread | None = None
+        self._steps = 0
+        self.sent = 0
+        self.failures = 0
+        self._last_error: BaseException | None = None
+
+    def add(self, step: int, metrics: dict[str, float]) -> None:
+        """Queue metrics for ``step``."""
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        with self._lock:
+            self._pending.extend(Metric(k, float(v), now, step) for k, v in metrics.items())
+        self._steps += 1
+        if self._steps % self.flush_every == 0:
+            self._flush_async()
+
+    def _flush_async(self) -> None:
+        if self._thread is not None and self._thread.is_alive():
+            return  # the previous batch is still on its way; this one rides the next flush
+        self._thread = threading.Thread(target=self._send, name="forgeline-metrics", daemon=True)
+        self._thread.start()
+
+    def _send(self) -> None:
+        with self._lock:
+            batch, self._pending = self._pending, []
+        c = client()
+        try:
+            for start in range(0, len(batch), 1000):
+                c.log_batch(self.run_id, metrics=batch[start : start + 1000])
+                self.sent += len(batch[start : start + 1000])
+                batch_done = start + 1000
+        except Exception as exc:  # noqa: BLE001 - re-queued and retried; close() raises if it persists
+            self.failures += 1
+            self._last_error = exc
+            done = locals().get("batch_done", 0)
+            with self._lock:
+                self._pending[:0] = batch[done:]
+            logger.warning("metric upload failed (%s); %d metrics queued for retry", exc, len(self._pending))
+
+    def close(self, timeout: float = 60.0) -> None:
+        """Send everything still queued; raise ``TrackingError`` if that keeps failing."""
+        if self._thread is not None:
+            self._thread.join()
+        deadline = time.monotonic() + timeout
+        attempt = 0
+        while True:
+            with self._lock:
+                remaining = len(self._pending)
+            if remaining == 0:
+                return
+            self._send()
+            attempt += 1
+            if attempt >= self.max_retries or time.monotonic() > deadline:
+                with self._lock:
+                    left = len(self._pending)
+                if left:
+                    raise TrackingError(f"{left} metrics could not be logged to run {self.run_id}: {self._last_error}")
+                return
+            time.sleep(min(2**attempt, 10))
+
+
+# ---------------------------------------------------------------------------------------- figures
+def loss_curve_figure(history: list[dict[str, float]]) -> Any:
+    """A matplotlib figure of train and validation loss against step."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4), dpi=110)
+    train = [(h["step"], h["train/loss"]) for h in history if "train/loss" in h]
+    val = [(h["step"], h["val/loss"]) for h in history if "val/loss" in h]
+    if train:
+        ax.plot(*zip(*train, strict=True), label="train/loss", linewidth=1, alpha=0.8)
+    if val:
+        ax.plot(*zip(*val, strict=True), label="val/loss", marker="o", linewidth=1.5)
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss (nats/token)")
+    ax.set_title("Loss curve")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    return fig
+
+
+def temp_dir() -> tempfile.TemporaryDirectory[str]:
+    return tempfile.TemporaryDirectory(prefix="forgeline-")

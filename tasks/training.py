@@ -1,0 +1,506 @@
+"""The training loop: nanoGPT-style random windows, warm-up then cosine decay, resumable checkpoints.
+
+Free of Prefect and MLflow: progress leaves through callbacks, which the wiring connects to the
+tracking module (and the tuner to Optuna's pruner).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import math
+import os
+import signal
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from pydantic import BaseModel
+
+from tasks.checkpoints import load_latest_checkpoint, save_checkpoint
+from tasks.config import ModelConfig, TokenizerConfig, TrainConfig
+from tasks.errors import NonFiniteLossError, StageInterrupted
+
+logger = logging.getLogger(__name__)
+
+DONE_FILE = "done.json"
+
+
+class TrainResult(BaseModel):
+    """What a finished training run leaves behind (small: paths and numbers)."""
+
+    run_dir: str
+    model_dir: str
+    steps: int
+    resumed_from: int | None = None
+    already_done: bool = False
+    best_val_loss: float | None = None
+    final_val_loss: float | None = None
+    final_train_loss: float | None = None
+    nonfinite_steps: int = 0
+    stopped_early: bool = False
+    tokens_per_sec: float = 0.0
+    seconds: float = 0.0
+    parameters: int = 0
+    device: str = "cpu"
+    history: list[dict[str, float]] = []
+
+
+@dataclass
+class TrainCallbacks:
+    """Hooks the wiring attaches; each may be ``None``."""
+
+    on_start: Callable[[dict[str, Any]], None] | None = None
+    on_metrics: Callable[[int, dict[str, float]], None] | None = None
+    on_eval: Callable[[int, float], None] | None = None  # may raise (e.g. optuna.TrialPruned)
+
+
+# ------------------------------------------------------------------------------------- schedule
+def get_lr(step: int, cfg: TrainConfig) -> float:
+    """Linear warm-up to ``learning_rate``, then cosine decay to ``min_lr`` (nanoGPT's ``get_lr``)."""
+    decay_steps = cfg.lr_decay_steps or cfg.max_steps
+    if step < cfg.warmup_steps:
+        return cfg.learning_rate * (step + 1) / (cfg.warmup_steps + 1)
+    if step > decay_steps:
+        return cfg.min_lr
+    span = max(1, decay_steps - cfg.warmup_steps)
+    ratio = (step - cfg.warmup_steps) / span
+    coeff = 0.5 * (1.0 + math.cos(math.pi * ratio))
+    return cfg.min_lr + coeff * (cfg.learning_rate - cfg.min_lr)
+
+
+# ---------------------------------------------------------------------------------------- batches
+def sample_batch(
+    data: torch.Tensor, batch_size: int, block_size: int, generator: torch.Generator
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Random windows of the token stream: inputs ``(B, T)`` and next-token targets ``(B, T)``."""
+    starts = torch.randint(len(data) - block_size - 1, (batch_size,), generator=generator)
+    index = starts[:, None] + torch.arange(block_size + 1)  # (B, T+1)
+    window = data[index]
+    return window[:, :-1], window[:, 1:]
+
+
+def lm_loss(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    # Loss from the logits outside the model: scores all T targets (as nanoGPT) and compiles better.
+    logits = model(input_ids=x).logits  # (B, T, V)
+    return F.cross_entropy(logits.flatten(0, 1).float(), y.flatten())
+
+
+def resolve_device(cfg: TrainConfig) -> torch.device:
+    """``auto`` picks CUDA when present."""
+    if cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available()):
+        if not torch.cuda.is_available():
+            raise RuntimeError("train.device is 'cuda' but no CUDA device is available")
+        return torch.device("cuda")
+    return torch.device("cpu")
+
+
+def _autocast(device: torch.device, cfg: TrainConfig) -> contextlib.AbstractContextManager[Any]:
+    use_bf16 = cfg.dtype == "bfloat16" or (cfg.dtype == "auto" and device.type == "cuda")
+    if use_bf16:
+        return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def make_optimizer(model: torch.nn.Module, cfg: TrainConfig, device: torch.device) -> torch.optim.Optimizer:
+    """AdamW with weight decay on matrices only (nanoGPT's grouping); fused on CUDA."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    decay = [p for p in params if p.dim() >= 2]
+    no_decay = [p for p in params if p.dim() < 2]
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=cfg.learning_rate, betas=(cfg.beta1, cfg.beta2), fused=device.type == "cuda")
+
+
+# ---------------------------------------------------------------------------------------- signals
+@contextlib.contextmanager
+def _stop_on_sigterm() -> Iterator[threading.Event]:
+    """An event set on SIGTERM (main thread only); the loop checkpoints and stops at the next step."""
+    event = threading.Event()
+    if threading.current_thread() is not threading.main_thread():
+        yield event
+        return
+    previous = signal.getsignal(signal.SIGTERM)
+    signal.signal(signal.SIGTERM, lambda *_: event.set())
+    try:
+        yield event
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _fault(step: int) -> str | None:
+    # Test-only fault injection (RELIABILITY.md): FORGELINE_FAULT_AT_STEP + FORGELINE_FAULT_KIND.
+    at = os.environ.get("FORGELINE_FAULT_AT_STEP")
+    return os.environ.get("FORGELINE_FAULT_KIND") if at and int(at) == step else None
+
+
+# ------------------------------------------------------------------------------------------- loop
+@dataclass
+class _State:
+    step: int = 0
+    best_val: float = math.inf
+    bad_evals: int = 0
+    nonfinite: int = 0
+    nonfinite_run: int = 0
+    history: list[dict[str, float]] | None = None
+
+
+def train_model(
+    train_cfg: TrainConfig,
+    model_cfg: ModelConfig,
+    tok_cfg: TokenizerConfig,
+    *,
+    dataset_dir: str | Path,
+    run_dir: str | Path,
+    seed: int,
+    config_hash: str,
+    callbacks: TrainCallbacks | None = None,
+) -> TrainResult:
+    """Train (or resume, or recognise as finished) a causal LM on a cleaned dataset.
+
+    Args:
+        train_cfg: Loop settings.
+        model_cfg: Model sizes or ``init_from``.
+        tok_cfg: Tokenizer settings.
+        dataset_dir: A cleaned dataset (``train``/``validation`` splits).
+        run_dir: This config's checkpoint folder; resumed from when it holds a complete checkpoint.
+        seed: Seeds weights, batches and dropout.
+        config_hash: Stored in checkpoints; a checkpoint of another config is refused.
+        callbacks: Progress hooks.
+
+    Returns:
+        Paths and headline numbers; the model and tokenizer are saved under ``run_dir/model``.
+    """
+    from tasks.modeling import build_model, count_parameters
+
+    cb = callbacks or TrainCallbacks()
+    run_dir = Path(run_dir)
+    done = run_dir / DONE_FILE
+    if done.exists():
+        result = TrainResult.model_validate_json(done.read_text())
+        logger.info("training already complete for this config and data (%d steps): %s", result.steps, run_dir)
+        return result.model_copy(update={"already_done": True})
+
+    t_start = time.perf_counter()
+    torch.manual_seed(seed)
+    device = resolve_device(train_cfg)
+    tokenizer = prepare_tokenizer(tok_cfg, dataset_dir, run_dir)
+    train_data, val_data = load_token_splits(tokenizer, dataset_dir, model_cfg.block_size)
+    model = build_model(model_cfg, tokenizer).to(device)
+    optimizer = make_optimizer(model, train_cfg, device)
+    gen = torch.Generator().manual_seed(seed)
+    state = _State(history=[])
+
+    ckpt = load_latest_checkpoint(run_dir / "checkpoints", config_hash)
+    resumed_from = None
+    if ckpt is not None:
+        model.load_state_dict(ckpt["model"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        gen.set_state(ckpt["rng"]["batches"])
+        torch.set_rng_state(ckpt["rng"]["torch"])
+        if device.type == "cuda" and "cuda" in ckpt["rng"]:
+            torch.cuda.set_rng_state(ckpt["rng"]["cuda"])
+        state = _State(
+            step=ckpt["step"],
+            best_val=ckpt["best_val"],
+            bad_evals=ckpt["bad_evals"],
+            nonfinite=ckpt["nonfinite"],
+            history=list(ckpt["history"]),
+        )
+        resumed_from = state.step
+        logger.info("resumed from step %d (%s)", state.step, run_dir / "checkpoints")
+
+    step_fn = torch.compile(model) if train_cfg.compile else model
+    tokens_per_step = train_cfg.batch_size * model_cfg.block_size * train_cfg.grad_accum_steps
+    n_params = count_parameters(model)
+    summary = {
+        "parameters": n_params,
+        "tokens_per_step": tokens_per_step,
+        "total_steps": train_cfg.max_steps,
+        "train_tokens": len(train_data),
+        "val_tokens": len(val_data),
+        "vocab_size": len(tokenizer),
+        "device": str(device),
+        "start_step": state.step,
+    }
+    logger.info(
+        "training: %s parameters, %d tokens/step (batch %d x context %d x accum %d), %d steps, "
+        "%d train tokens, device %s%s",
+        f"{n_params:,}",
+        tokens_per_step,
+        train_cfg.batch_size,
+        model_cfg.block_size,
+        train_cfg.grad_accum_steps,
+        train_cfg.max_steps,
+        len(train_data),
+        device,
+        f", resumed from step {state.step}" if resumed_from is not None else "",
+    )
+    if cb.on_start:
+        cb.on_start(summary)
+
+    val_batches = _fixed_batches(val_data, train_cfg, model_cfg.block_size, seed + 1)
+    result = _loop(
+        step_fn,
+        model,
+        optimizer,
+        train_data,
+        val_batches,
+        gen,
+        state,
+        train_cfg,
+        model_cfg,
+        device,
+        run_dir,
+        config_hash,
+        cb,
+    )
+    model_dir = run_dir / "model"
+    model.save_pretrained(model_dir)
+    tokenizer.save_pretrained(model_dir)
+    out = TrainResult(
+        run_dir=str(run_dir),
+        model_dir=str(model_dir),
+        steps=state.step,
+        resumed_from=resumed_from,
+        best_val_loss=state.best_val if math.isfinite(state.best_val) else None,
+        final_val_loss=result["final_val"],
+        final_train_loss=result["final_train"],
+        nonfinite_steps=state.nonfinite,
+        stopped_early=result["stopped_early"],
+        tokens_per_sec=result["tokens_per_sec"],
+        seconds=time.perf_counter() - t_start,
+        parameters=n_params,
+        device=str(device),
+        history=state.history or [],
+    )
+    tmp = done.with_suffix(".tmp")
+    tmp.write_text(out.model_dump_json())
+    os.replace(tmp, done)
+    return out
+
+
+def _loop(
+    step_fn: Any,
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    train_data: torch.Tensor,
+    val_batches: list[tuple[torch.Tensor, torch.Tensor]],
+    gen: torch.Generator,
+    state: _State,
+    cfg: TrainConfig,
+    model_cfg: ModelConfig,
+    device: torch.device,
+    run_dir: Path,
+    config_hash: str,
+    cb: TrainCallbacks,
+) -> dict[str, Any]:
+    tokens_per_step = cfg.batch_size * model_cfg.block_size * cfg.grad_accum_steps
+    final_train = final_val = None
+    stopped_early = False
+    rate_t0, rate_steps, tokens_per_sec = time.perf_counter(), 0, 0.0
+    loop_t0, loop_steps = rate_t0, 0
+    model.train()
+    with _stop_on_sigterm() as stop:
+        while state.step < cfg.max_steps:
+            step = state.step
+            lr = get_lr(step, cfg)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            fault = _fault(step + 1)
+            loss_sum = torch.zeros((), device=device)
+            for _ in range(cfg.grad_accum_steps):
+                x, y = sample_batch(train_data, cfg.batch_size, model_cfg.block_size, gen)
+                x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+                with _autocast(device, cfg):
+                    loss = lm_loss(step_fn, x, y)
+                if fault == "nan":
+                    loss = loss * float("nan")
+                (loss / cfg.grad_accum_steps).backward()
+                loss_sum += loss.detach()
+            train_loss = (loss_sum / cfg.grad_accum_steps).item()
+            state.step = step + 1
+            if not math.isfinite(train_loss):
+                _skip_nonfinite(optimizer, state, cfg, run_dir)
+                continue
+            state.nonfinite_run = 0
+            if cfg.grad_clip > 0:
+                grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip))
+            else:
+                grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), float("inf")))
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            final_train = train_loss
+            rate_steps += 1
+            loop_steps += 1
+            metrics = {"train/loss": train_loss, "lr": lr, "grad_norm": grad_norm}
+            if state.step % cfg.log_interval == 0 or state.step == cfg.max_steps:
+                now = time.perf_counter()
+                tokens_per_sec = rate_steps * tokens_per_step / max(now - rate_t0, 1e-9)
+                rate_t0, rate_steps = now, 0
+                metrics["tokens_per_sec"] = tokens_per_sec
+                state.history.append({"step": state.step, "train/loss": train_loss})
+                logger.info(
+                    "step %d/%d  loss %.4f  lr %.2e  %.0f tok/s",
+                    state.step,
+                    cfg.max_steps,
+                    train_loss,
+                    lr,
+                    tokens_per_sec,
+                )
+            if state.step % cfg.eval_interval == 0 or state.step == cfg.max_steps:
+                final_val = estimate_loss(step_fn, val_batches, device, cfg)
+                metrics["val/loss"] = final_val
+                state.history.append({"step": state.step, "val/loss": final_val})
+                logger.info("step %d: val/loss %.4f", state.step, final_val)
+                if final_val < state.best_val:
+                    state.best_val, state.bad_evals = final_val, 0
+                else:
+                    state.bad_evals += 1
+            if cb.on_metrics:
+                cb.on_metrics(state.step, metrics)
+            if "val/loss" in metrics and cb.on_eval:
+                cb.on_eval(state.step, metrics["val/loss"])
+            patience = cfg.early_stopping_patience
+            stopped_early = patience is not None and state.bad_evals >= patience
+            last = state.step == cfg.max_steps or stopped_early
+            if state.step % cfg.checkpoint_interval == 0 or last or stop.is_set():
+                _checkpoint(model, optimizer, gen, state, run_dir, config_hash, cfg, device)
+            _apply_process_fault(fault)
+            if stop.is_set():
+                raise StageInterrupted(f"stopped by SIGTERM after step {state.step}; checkpoint saved")
+            if stopped_early:
+                logger.info("early stopping at step %d: no improvement in %d evaluations", state.step, patience)
+                break
+    elapsed = time.perf_counter() - loop_t0
+    mean_rate = loop_steps * tokens_per_step / elapsed if elapsed > 0 and loop_steps else tokens_per_sec
+    return {
+        "final_train": final_train,
+        "final_val": final_val,
+        "stopped_early": stopped_early,
+        "tokens_per_sec": mean_rate,
+    }
+
+
+def _skip_nonfinite(optimizer: torch.optim.Optimizer, state: _State, cfg: TrainConfig, run_dir: Path) -> None:
+    # Policy: drop this step's gradients and count it; K in a row fails. No checkpoint is written.
+    optimizer.zero_grad(set_to_none=True)
+    state.nonfinite += 1
+    state.nonfinite_run += 1
+    logger.warning(
+        "non-finite loss at step %d (skipped; %d in a row, limit %d)",
+        state.step,
+        state.nonfinite_run,
+        cfg.max_nonfinite_steps,
+    )
+    if state.nonfinite_run >= cfg.max_nonfinite_steps:
+        raise NonFiniteLossError(
+            f"loss was non-finite for {state.nonfinite_run} steps in a row (last at step {state.step}); "
+            f"last good checkpoint kept in {run_dir / 'checkpoints'}"
+        )
+
+
+def _apply_process_fault(fault: str | None) -> None:
+    if fault == "sigkill":
+        os.kill(os.getpid(), signal.SIGKILL)
+    elif fault == "sigterm":
+        os.kill(os.getpid(), signal.SIGTERM)
+    elif fault == "raise":
+        raise RuntimeError("injected fault (FORGELINE_FAULT_KIND=raise)")
+
+
+def _checkpoint(
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    gen: torch.Generator,
+    state: _State,
+    run_dir: Path,
+    config_hash: str,
+    cfg: TrainConfig,
+    device: torch.device,
+) -> None:
+    rng = {"batches": gen.get_state(), "torch": torch.get_rng_state()}
+    if device.type == "cuda":
+        rng["cuda"] = torch.cuda.get_rng_state()
+    payload = {
+        "step": state.step,
+        "config_hash": config_hash,
+        "model": model.state_dict(),
+        "optimizer": optimizer.state_dict(),
+        "scheduler": {"kind": "warmup_cosine", "step": state.step},
+        "rng": rng,
+        "best_val": state.best_val,
+        "bad_evals": state.bad_evals,
+        "nonfinite": state.nonfinite,
+        "history": state.history,
+    }
+    save_checkpoint(run_dir / "checkpoints", state.step, payload, keep=cfg.keep_checkpoints)
+
+
+@torch.no_grad()
+def estimate_loss(
+    model: Any, batches: list[tuple[torch.Tensor, torch.Tensor]], device: torch.device, cfg: TrainConfig
+) -> float:
+    """Mean loss over fixed validation batches."""
+    was_training = model.training
+    model.eval()
+    total = 0.0
+    for x, y in batches:
+        with _autocast(device, cfg):
+            total += lm_loss(model, x.to(device), y.to(device)).item()
+    model.train(was_training)
+    return total / len(batches)
+
+
+def _fixed_batches(
+    data: torch.Tensor, cfg: TrainConfig, block_size: int, seed: int
+) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    gen = torch.Generator().manual_seed(seed)
+    return [sample_batch(data, cfg.batch_size, block_size, gen) for _ in range(cfg.eval_batches)]
+
+
+# ----------------------------------------------------------------------------------------- tokens
+def prepare_tokenizer(tok_cfg: TokenizerConfig, dataset_dir: str | Path, run_dir: Path) -> Any:
+    """Build the tokenizer on the training split once per run dir; later calls load the saved one."""
+    from tasks.cleaning import iter_split
+    from tasks.tokenization import build_tokenizer, load_tokenizer
+
+    saved = run_dir / "tokenizer"
+    if (saved / "tokenizer_config.json").exists():
+        return load_tokenizer(saved)
+    tokenizer = build_tokenizer(tok_cfg, iter_split(dataset_dir, "train"))
+    saved.mkdir(parents=True, exist_ok=True)
+    tokenizer.save_pretrained(saved)
+    return tokenizer
+
+
+def load_token_splits(tokenizer: Any, dataset_dir: str | Path, block_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Encode the train and validation splits as 1-D int64 token streams.
+
+    Raises:
+        ValueError: a split holds fewer tokens than one context window.
+    """
+    from tasks.cleaning import read_split_text
+    from tasks.tokenization import encode_text
+
+    out = []
+    for split in ("train", "validation"):
+        ids = encode_text(tokenizer, read_split_text(dataset_dir, split)).long()
+        if len(ids) < block_size + 2:
+            raise ValueError(
+                f"{dataset_dir}: the {split} split has {len(ids)} tokens, fewer than one context window "
+                f"({block_size + 2}); add data or lower model.block_size"
+            )
+        out.append(ids)
+    return out[0], out[1]
+
+
+def read_done(run_dir: str | Path) -> TrainResult | None:
+    """The result of a finished run in ``run_dir``, if any."""
+    done = Path(run_dir) / DONE_FILE
+    return TrainResult.model_validate(json.loads(done.read_text())) if done.exists() else None

@@ -1,0 +1,123 @@
+"""The config loader: every shipped config loads; every invalid fixture fails with its intended line."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from tasks.config import (
+    ConfigError,
+    PipelineConfig,
+    dump_config,
+    flatten,
+    load_config,
+    parse_override,
+    redact,
+)
+
+ROOT = Path(__file__).resolve().parents[2]
+INVALID = sorted((ROOT / "tests" / "fixtures" / "invalid_configs").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "configs").glob("*.yaml")), ids=lambda p: p.name)
+def test_every_shipped_config_loads(path: Path) -> None:
+    cfg = load_config(path)
+    assert isinstance(cfg, PipelineConfig)
+    assert cfg.registry.model_name
+
+
+@pytest.mark.parametrize("path", INVALID, ids=lambda p: p.name)
+def test_invalid_config_fails_with_intended_message(path: Path) -> None:
+    expected = path.read_text().splitlines()[0].removeprefix("# expect: ")
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    message = str(info.value)
+    assert expected in message
+    assert str(path) in message
+    assert "\n" not in message
+
+
+def test_invalid_fixture_folder_is_not_empty() -> None:
+    assert len(INVALID) >= 10
+
+
+def test_nanogpt_recipe_keys() -> None:
+    cfg = load_config(ROOT / "configs" / "shakespeare_char.yaml")
+    assert (cfg.model.n_layer, cfg.model.n_head, cfg.model.n_embd, cfg.model.block_size) == (4, 4, 128, 64)
+    assert (cfg.train.batch_size, cfg.train.max_steps, cfg.train.warmup_steps) == (12, 2000, 100)
+    assert (cfg.train.learning_rate, cfg.train.min_lr, cfg.train.beta2, cfg.train.weight_decay) == (
+        1e-3,
+        1e-4,
+        0.99,
+        0.1,
+    )
+    assert cfg.data.split == "tail" and cfg.data.fractions.train == 0.9 and cfg.data.fractions.validation == 0.1
+    gpu = load_config(ROOT / "configs" / "shakespeare_char_gpu.yaml")
+    assert (gpu.model.n_layer, gpu.model.n_head, gpu.model.n_embd, gpu.model.block_size) == (6, 6, 384, 256)
+    assert (gpu.train.batch_size, gpu.train.max_steps, gpu.model.dropout) == (64, 5000, 0.2)
+
+
+@pytest.mark.parametrize(
+    ("override", "expected"),
+    [
+        (
+            "train.learnig_rate=1",
+            "--set train.learnig_rate: unknown key (did you mean 'train.learning_rate'?)",
+        ),
+        ("train.batch_size=0", "train.batch_size: Input should be greater than or equal to 1"),
+        ("train.max_steps=ten", "train.max_steps: Input should be a valid integer"),
+        ("train.learning_rate=-1", "train.learning_rate: Input should be greater than 0"),
+        ("modle.n_layer=2", "unknown key (did you mean 'model.n_layer'?)"),
+        ("novalue", "expected dotted.key=value"),
+    ],
+)
+def test_bad_override_names_the_key(override: str, expected: str) -> None:
+    with pytest.raises(ConfigError, match=None) as info:
+        load_config(ROOT / "configs" / "smoke.yaml", [override])
+    assert expected in str(info.value)
+
+
+def test_overrides_are_yaml_scalars_and_apply_in_order() -> None:
+    cfg = load_config(
+        ROOT / "configs" / "smoke.yaml",
+        [
+            "train.max_steps=5",
+            "train.learning_rate=2e-3",
+            "model.dropout=0.1",
+            "train.compile=true",
+            "train.max_steps=7",
+        ],
+    )
+    assert cfg.train.max_steps == 7
+    assert cfg.train.learning_rate == pytest.approx(2e-3)
+    assert cfg.train.compile is True
+    assert cfg.model.dropout == pytest.approx(0.1)
+
+
+def test_parse_override_reads_yaml() -> None:
+    assert parse_override("a.b=[1, 2]") == ("a.b", [1, 2])
+    assert parse_override("a.b=null") == ("a.b", None)
+    assert parse_override("a.b=x=y") == ("a.b", "x=y")
+
+
+def test_config_hash_ignores_tracking_and_registry() -> None:
+    base = load_config(ROOT / "configs" / "smoke.yaml")
+    other = load_config(
+        ROOT / "configs" / "smoke.yaml", ["registry.model_name=other", "tracking.metric_flush_interval=3"]
+    )
+    changed = load_config(ROOT / "configs" / "smoke.yaml", ["model.n_embd=64"])
+    assert base.config_hash() == other.config_hash()
+    assert base.config_hash() != changed.config_hash()
+
+
+def test_flatten_and_redact_secrets() -> None:
+    tree = {"a": {"api_token": "s3cr3t", "n": 1, "db_password": "pw"}, "name": "x"}
+    flat = flatten(redact(tree))
+    assert flat == {"a.api_token": "***", "a.n": 1, "a.db_password": "***", "name": "x"}
+    assert "s3cr3t" not in dump_config(load_config(ROOT / "configs" / "smoke.yaml"))
+
+
+def test_missing_file() -> None:
+    with pytest.raises(ConfigError, match="nope.yaml: config file not found"):
+        load_config("nope.yaml")

@@ -1,0 +1,133 @@
+"""Model building, safe loading (safetensors only, no custom code), parameter counts."""
+
+from __future__ import annotations
+
+import json
+import pickle
+from pathlib import Path
+
+import pytest
+import torch
+
+from tasks.config import ModelConfig, TokenizerConfig
+from tasks.modeling import build_model, count_parameters, find_model_dir, load_pretrained_model
+from tasks.tokenization import build_tokenizer
+
+TINY = ModelConfig(n_layer=2, n_head=2, n_embd=16, block_size=32)
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return build_tokenizer(TokenizerConfig(kind="char"), ["hello world\nabc xyz"])
+
+
+def test_build_model_sizes(tok) -> None:
+    model = build_model(TINY, tok)
+    c = model.config
+    assert (c.n_layer, c.n_head, c.n_embd, c.n_positions) == (2, 2, 16, 32)
+    assert c.vocab_size == len(tok)
+    assert c.eos_token_id == c.bos_token_id == tok.eos_token_id
+    V, E, T, L = len(tok), 16, 32, 2
+    per_block = 2 * 2 * E + (E * 3 * E + 3 * E) + (E * E + E) + (E * 4 * E + 4 * E) + (4 * E * E + E)
+    expected = V * E + T * E + L * per_block + 2 * E  # lm_head tied to wte
+    assert count_parameters(model) == expected
+    logits = model(input_ids=torch.zeros(1, 5, dtype=torch.long)).logits
+    assert logits.shape == (1, 5, V)
+
+
+def test_dropout_is_applied(tok) -> None:
+    model = build_model(TINY.model_copy(update={"dropout": 0.2}), tok)
+    assert model.config.resid_pdrop == model.config.embd_pdrop == model.config.attn_pdrop == 0.2
+
+
+def test_saved_model_reloads_with_equal_weights(tok, tmp_path: Path) -> None:
+    model = build_model(TINY, tok)
+    model.save_pretrained(tmp_path)
+    tok.save_pretrained(tmp_path)
+    assert (tmp_path / "model.safetensors").is_file()
+    loaded, loaded_tok = load_pretrained_model(str(tmp_path))
+    assert loaded_tok is not None and loaded_tok.get_vocab() == tok.get_vocab()
+    ref = model.state_dict()
+    got = loaded.state_dict()
+    assert set(ref) == set(got)
+    for key, value in ref.items():
+        assert torch.equal(value, got[key]), key
+
+
+def test_build_model_init_from_dir(tok, tmp_path: Path) -> None:
+    model = build_model(TINY, tok)
+    model.save_pretrained(tmp_path)
+    again = build_model(TINY.model_copy(update={"init_from": str(tmp_path), "n_layer": 7}), tok)
+    assert again.config.n_layer == 2  # the checkpoint decides the sizes
+    assert torch.equal(again.transformer.wte.weight, model.transformer.wte.weight)
+    with pytest.raises(ValueError, match="block_size"):
+        build_model(TINY.model_copy(update={"init_from": str(tmp_path), "block_size": 64}), tok)
+
+
+def test_model_dir_without_tokenizer_gives_none(tok, tmp_path: Path) -> None:
+    build_model(TINY, tok).save_pretrained(tmp_path)
+    _, loaded_tok = load_pretrained_model(str(tmp_path))
+    assert loaded_tok is None
+
+
+class _Evil:
+    """Unpickling this creates the sentinel file (stands in for arbitrary code execution)."""
+
+    def __init__(self, sentinel: Path) -> None:
+        self.sentinel = sentinel
+
+    def __reduce__(self):
+        return (open, (str(self.sentinel), "w"))
+
+
+def test_pickle_weights_are_refused_and_never_unpickled(tok, tmp_path: Path) -> None:
+    # Control: the payload really does run code when unpickled.
+    control = tmp_path / "control-sentinel"
+    pickle.loads(pickle.dumps(_Evil(control))).close()
+    assert control.exists()
+
+    model_dir = tmp_path / "evil"
+    build_model(TINY, tok).config.save_pretrained(model_dir)
+    sentinel = tmp_path / "sentinel"
+    (model_dir / "pytorch_model.bin").write_bytes(pickle.dumps(_Evil(sentinel)))
+    with pytest.raises(ValueError, match="no safetensors weights; refusing to unpickle pytorch_model.bin"):
+        load_pretrained_model(str(model_dir))
+    with pytest.raises(ValueError, match="refusing to unpickle"):
+        build_model(TINY.model_copy(update={"init_from": str(model_dir)}), tok)
+    assert not sentinel.exists()
+
+
+def test_auto_map_is_refused(tok, tmp_path: Path) -> None:
+    build_model(TINY, tok).save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    config["auto_map"] = {"AutoModelForCausalLM": "modeling_evil.EvilLM"}
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match="auto_map"):
+        load_pretrained_model(str(tmp_path))
+
+
+def test_dir_without_config_is_refused(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="config.json"):
+        load_pretrained_model(str(tmp_path))
+
+
+def test_models_uri_downloads_then_loads_safely(tok, tmp_path: Path, monkeypatch) -> None:
+    """A ``models:/`` URI goes through mlflow's download, then the same local checks."""
+    mlflow = pytest.importorskip("mlflow")
+    root = tmp_path / "artifacts"
+    model = build_model(TINY, tok)
+    model.save_pretrained(root / "model")
+    tok.save_pretrained(root / "components" / "tokenizer")
+    (root / "MLmodel").write_text("flavors: {}\n")
+    seen: list[str] = []
+
+    def fake_download(artifact_uri: str, dst_path: str | None = None, **_: object) -> str:
+        seen.append(artifact_uri)
+        return str(root)
+
+    monkeypatch.setattr(mlflow.artifacts, "download_artifacts", fake_download)
+    loaded, loaded_tok = load_pretrained_model("models:/forgeline-lm@champion")
+    assert seen == ["models:/forgeline-lm@champion"]
+    assert find_model_dir(root) == root / "model"
+    assert loaded_tok is not None and loaded_tok.get_vocab() == tok.get_vocab()
+    assert torch.equal(loaded.transformer.wte.weight, model.transformer.wte.weight)
