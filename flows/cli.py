@@ -44,6 +44,16 @@ def _configure_logging(verbose: bool) -> None:
     logging.basicConfig(level=logging.WARNING, format="%(message)s", handlers=[handler], force=True)
     for name in ("tasks", "flows"):
         logging.getLogger(name).setLevel(level)
+    # Library chatter (hub model cards, weight-loading bars) says nothing useful about a local run.
+    for name in ("mlflow.transformers", "mlflow.models.model", "transformers"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+    try:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.set_verbosity_error()
+        hf_logging.disable_progress_bar()
+    except ImportError:
+        pass
 
 
 def _prefect_env() -> None:
@@ -188,6 +198,11 @@ def ui(
     ]
     out.print(f"MLflow UI on http://{host}:{port}  ({' '.join(cmd[1:])})", highlight=False)
     os.execvp(cmd[0], cmd)
+
+
+from flows.commands import register  # noqa: E402 - the everyday commands, added to `app` above
+
+register(app)
 
 
 def main() -> None:

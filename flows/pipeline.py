@@ -1,4 +1,4 @@
-"""The ``pipeline`` flow: clean, train, evaluate, register. It reads like a table of contents."""
+"""The ``pipeline`` flow: clean, (tune), train, evaluate, register. It reads like a table of contents."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ from prefect.artifacts import create_link_artifact, create_table_artifact
 from pydantic import BaseModel
 
 from flows.train import train_flow
+from flows.tune import tuned_config
 from tasks import tracking
 from tasks.config import PipelineConfig
 from tasks.registry import LINEAGE_TAG, find_lineage_version
@@ -38,7 +39,7 @@ class PipelineResult(BaseModel):
 
 @flow(name="pipeline", flow_run_name="pipeline {config.name}")
 def pipeline_flow(config: PipelineConfig, data: list[str] | None = None, fresh: bool = False) -> PipelineResult:
-    """Clean the data, train a model, evaluate it, register it and gate the champion alias.
+    """Clean the data, tune (when ``tune.n_trials > 0``), train, evaluate, register and gate the champion.
 
     Args:
         config: The whole pipeline config (the Prefect UI renders it as a form).
@@ -55,6 +56,7 @@ def pipeline_flow(config: PipelineConfig, data: list[str] | None = None, fresh: 
         tracking.log_config(run_id, config)
         cleaned = clean_task(config.data, ctx, data)
         tracking.set_tags(run_id, {"data_fingerprint": cleaned.fingerprint})
+        config = tuned_config(config, cleaned.dataset_dir, cleaned.fingerprint, parent_run_id=run_id)
         summary = PipelineResult(
             experiment_name=config.name,
             experiment_id=experiment_id,

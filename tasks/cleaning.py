@@ -239,7 +239,7 @@ def clean_dataset(
     """
     base = Path(base_dir if base_dir is not None else Path.cwd()).resolve()
     sources = resolve_data_override(data_override, base_dir=base) if data_override else list(cfg.sources)
-    inputs = _resolve_inputs(sources, base, cfg.roots)
+    inputs = _resolve_inputs(sources, base, _roots_with_overrides(cfg.roots, data_override, base))
     cache_dir = _join(base, cfg.cache_dir)
     payload = _config_payload(cfg)
     key, stamps = _input_key(inputs, payload)
@@ -479,6 +479,20 @@ class _Roots:
             shown = ", ".join(str(r) for r in allowed)
             raise DataError(f"{value}: {path} resolves to {real}, outside the allowed data roots ({shown})")
         return real
+
+
+def _roots_with_overrides(roots: list[str], data_override: list[str] | None, base: Path) -> list[str]:
+    # Paths typed on the command line are the user's explicit choice: their folders become allowed roots.
+    if not data_override:
+        return roots
+    extra = []
+    for value in data_override:
+        lexical = _join(base, value)
+        if _GLOB_MAGIC.search(value):
+            extra.append(str(_glob_anchor(value, base)))
+        else:
+            extra.append(str(lexical if lexical.is_dir() else lexical.parent))
+    return [*(roots or [str(base)]), *extra]
 
 
 def _glob_anchor(value: str, base: Path) -> Path:

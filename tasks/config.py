@@ -253,6 +253,15 @@ class TuneConfig(_Strict):
     max_steps: int | None = Field(None, ge=1, description="Training steps per trial; null means train.max_steps.")
     storage: str | None = Field(None, description="SQLAlchemy URL; null means sqlite under mlruns/.")
     search_space: dict[str, SearchParam] = Field(default_factory=dict, description="Dotted config key -> range.")
+    eval_interval: int | None = Field(
+        None, ge=1, description="Evaluate (and report to the pruner) every N steps in trials; null: train's."
+    )
+    startup_trials: int = Field(2, ge=0, description="Trials that always run in full before the pruner may stop one.")
+    heartbeat_interval: int = Field(30, ge=1, description="Seconds between a running trial's heartbeats.")
+    grace_period: int | None = Field(
+        None, ge=1, description="Seconds without a heartbeat before a RUNNING trial counts as crashed; null: 2x."
+    )
+    max_retries: int = Field(1, ge=0, description="Times a crashed trial is retried with the same parameters.")
 
     @field_validator("search_space")
     @classmethod
@@ -262,6 +271,12 @@ class TuneConfig(_Strict):
             if key not in valid or key.startswith(("tune.", "registry.", "tracking.", "data.", "name", "seed")):
                 raise ValueError(f"unknown search_space key {key!r}{_suggest(key, valid)}")
         return space
+
+    @model_validator(mode="after")
+    def _space_when_enabled(self) -> TuneConfig:
+        if self.n_trials > 0 and not self.search_space:
+            raise ValueError("tune.n_trials > 0 needs a tune.search_space (dotted key -> range)")
+        return self
 
 
 # ------------------------------------------------------------------------------------------ registry

@@ -83,17 +83,24 @@ def decide_promotion(candidate_bpb: float, champion_bpb: float | None, min_impro
 
 # --------------------------------------------------------------------------------------- logging
 def log_transformers_model(run_id: str, model_dir: str | Path, prompt: str) -> str:
-    """Log model plus tokenizer with the ``transformers`` flavor (text-generation); returns its URI."""
+    """Log model plus tokenizer with the ``transformers`` flavor (text-generation); returns its URI.
+
+    Generation defaults stay inside the model's context (prompt plus new tokens within ``n_positions``),
+    so ``pyfunc.load_model(...).predict([prompt])`` works for short prompts.
+    """
     import mlflow
 
     from tasks.modeling import load_pretrained_model
 
     model, tokenizer = load_pretrained_model(str(model_dir))
+    context = int(getattr(model.config, "n_positions", 1024))
+    generation = {"max_new_tokens": max(1, min(128, context // 2)), "do_sample": True, "top_k": 50}
     info = mlflow.transformers.log_model(
         {"model": model, "tokenizer": tokenizer},
         name="model",
         task="text-generation",
         input_example=[prompt],
+        model_config=generation,
         pip_requirements=PIP_REQUIREMENTS,
         run_id=run_id,
     )
@@ -264,3 +271,130 @@ def _lock_root() -> str:
 
 def version_summary(result: RegisterResult) -> dict[str, Any]:
     return json.loads(result.model_dump_json())
+
+
+# --------------------------------------------------------------------------------- alias history
+ALIAS_HISTORY_TAG = "forgeline.alias_history"
+"""Registered-model tag: a JSON list of alias moves, oldest first (trimmed to fit the tag's 5000 chars)."""
+_HISTORY_LIMIT = 4800
+
+
+def alias_history(model_name: str) -> list[dict[str, Any]]:
+    """The recorded alias moves of a registered model, oldest first (``[]`` when none were recorded).
+
+    Each entry: ``alias``, ``version``, ``previous`` (the version that held the alias before, or ``None``),
+    ``kind`` (``gate``, ``promote``, ``force`` or ``rollback``), ``reason`` and ``at`` (UTC, ISO 8601).
+    """
+    from mlflow import MlflowClient
+
+    raw = MlflowClient().get_registered_model(model_name).tags.get(ALIAS_HISTORY_TAG)
+    if not raw:
+        return []
+    try:
+        entries = json.loads(raw)
+    except json.JSONDecodeError:
+        logger.warning("%s: unreadable %s tag; ignoring it", model_name, ALIAS_HISTORY_TAG)
+        return []
+    return [e for e in entries if isinstance(e, dict) and "alias" in e and "version" in e]
+
+
+def record_alias_move(
+    model_name: str,
+    alias: str,
+    version: str | int,
+    reason: str,
+    *,
+    previous: str | int | None = None,
+    kind: str = "gate",
+) -> dict[str, Any]:
+    """Append one alias move to the model's ``forgeline.alias_history`` tag.
+
+    Call it right after ``set_registered_model_alias`` while holding :func:`registry_lock` (it reads,
+    appends and writes the tag; the lock is not re-entrant, so it does not take it itself). The oldest
+    entries are dropped when the JSON would exceed the tag size databases other than SQLite enforce.
+
+    Args:
+        model_name: Registered model.
+        alias: The alias that moved (``champion``).
+        version: The version it now points to.
+        reason: Why (the gate's decision, ``manual promote``, ``rollback from 3``).
+        previous: The version that held the alias before, if any.
+        kind: ``gate``, ``promote``, ``force`` or ``rollback``.
+
+    Returns:
+        The entry recorded.
+    """
+    from datetime import UTC, datetime
+
+    from mlflow import MlflowClient
+
+    entry = {
+        "alias": alias,
+        "version": str(version),
+        "previous": None if previous is None else str(previous),
+        "kind": kind,
+        "reason": reason[:160],
+        "at": datetime.now(UTC).isoformat(timespec="seconds"),
+    }
+    entries = [*alias_history(model_name), entry]
+    blob = json.dumps(entries, separators=(",", ":"))
+    while len(blob) > _HISTORY_LIMIT and len(entries) > 1:
+        entries = entries[1:]
+        blob = json.dumps(entries, separators=(",", ":"))
+    MlflowClient().set_registered_model_tag(model_name, ALIAS_HISTORY_TAG, blob)
+    return entry
+
+
+def champion_stack(entries: list[dict[str, Any]], alias: str, current: str | None) -> list[str]:
+    """Replay alias moves into the stack of versions that held ``alias``, current one last.
+
+    Promotions push, rollbacks pop. A history with gaps (moves made before recording started, or by code
+    that does not record) is patched from each entry's ``previous`` and from ``current``.
+
+    Args:
+        entries: :func:`alias_history` output (any alias; others are ignored).
+        alias: The alias to replay.
+        current: The version the alias points to now, or ``None``.
+
+    Returns:
+        Versions, oldest first; the last one is ``current`` when there is one.
+    """
+    stack: list[str] = []
+    for entry in entries:
+        if entry.get("alias") != alias:
+            continue
+        version = str(entry["version"])
+        previous = entry.get("previous")
+        previous = None if previous is None else str(previous)
+        if entry.get("kind") == "rollback":
+            if stack and stack[-1] == previous:
+                stack.pop()
+            while stack and stack[-1] != version and version in stack:
+                stack.pop()
+            if not stack or stack[-1] != version:
+                stack.append(version)
+            continue
+        if previous is not None and (not stack or stack[-1] != previous):
+            stack.append(previous)
+        if not stack or stack[-1] != version:
+            stack.append(version)
+    if current is not None and (not stack or stack[-1] != str(current)):
+        stack.append(str(current))
+    return stack
+
+
+def previous_champion(stack: list[str], exists: Any = None) -> str | None:
+    """The version a rollback returns to: the one below the top of :func:`champion_stack`.
+
+    Args:
+        stack: Versions that held the alias, current last.
+        exists: Optional ``callable(version) -> bool``; versions that no longer exist are skipped.
+
+    Returns:
+        The previous version, or ``None`` when there is none.
+    """
+    current = stack[-1] if stack else None
+    for version in reversed(stack[:-1]):
+        if version != current and (exists is None or exists(version)):
+            return version
+    return None

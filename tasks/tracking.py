@@ -408,3 +408,73 @@ def loss_curve_figure(history: list[dict[str, float]]) -> Any:
 
 def temp_dir() -> tempfile.TemporaryDirectory[str]:
     return tempfile.TemporaryDirectory(prefix="forgeline-")
+
+
+# --------------------------------------------------------------------------- finished runs, lookups
+def record_run(
+    experiment_id: str,
+    name: str,
+    *,
+    parent_run_id: str | None = None,
+    tags: dict[str, Any] | None = None,
+    params: dict[str, Any] | None = None,
+    metrics: list[tuple[str, float, int]] | None = None,
+    status: str = "FINISHED",
+    start_time_ms: int | None = None,
+    end_time_ms: int | None = None,
+) -> str:
+    """Record a run that already happened elsewhere (e.g. an Optuna trial), in a few requests.
+
+    Args:
+        experiment_id: Experiment to record into.
+        name: Run name.
+        parent_run_id: Makes it a nested (child) run.
+        tags: Tags (secret-named keys redacted).
+        params: Flat params (secrets redacted, values truncated).
+        metrics: ``(key, value, step)`` triples; non-finite values are skipped.
+        status: Final status: ``FINISHED``, ``FAILED`` or ``KILLED``.
+        start_time_ms: When it started (epoch ms); default now.
+        end_time_ms: When it ended (epoch ms); default now.
+
+    Returns:
+        The new run's id.
+    """
+    import math
+
+    from mlflow.entities import Metric
+
+    c = client()
+    all_tags = {PROJECT_TAG: "forgeline", RUN_NAME_TAG: name}
+    all_tags |= {k: ("***" if is_secret_key(k) else str(v)) for k, v in (tags or {}).items()}
+    if parent_run_id:
+        all_tags[PARENT_TAG] = parent_run_id
+    run = c.create_run(experiment_id, start_time=start_time_ms, tags=all_tags, run_name=name)
+    run_id = run.info.run_id
+    try:
+        if params:
+            log_params(run_id, params)
+        now = int(time.time() * 1000)
+        batch = [Metric(k, float(v), now, int(s)) for k, v, s in metrics or [] if math.isfinite(float(v))]
+        for start in range(0, len(batch), 1000):
+            c.log_batch(run_id, metrics=batch[start : start + 1000])
+    except BaseException:
+        with contextlib.suppress(Exception):
+            c.set_terminated(run_id, "FAILED")
+        raise
+    c.set_terminated(run_id, status, end_time=end_time_ms)
+    return run_id
+
+
+def find_runs(experiment_id: str, tags: dict[str, str], max_results: int = 50_000) -> list[tuple[str, dict[str, str]]]:
+    """Runs of an experiment whose tags equal ``tags`` (all pages), as ``(run_id, tags)`` pairs."""
+    c = client()
+    clauses = [f"tags.`{k}` = '{str(v).replace(chr(39), '')}'" for k, v in tags.items()]
+    found: list[tuple[str, dict[str, str]]] = []
+    token = None
+    while len(found) < max_results:
+        page = c.search_runs([experiment_id], filter_string=" and ".join(clauses), max_results=1000, page_token=token)
+        found.extend((r.info.run_id, dict(r.data.tags)) for r in page)
+        token = page.token
+        if not token:
+            break
+    return found

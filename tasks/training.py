@@ -134,9 +134,15 @@ def _stop_on_sigterm() -> Iterator[threading.Event]:
 
 
 def _fault(step: int) -> str | None:
-    # Test-only fault injection (RELIABILITY.md): FORGELINE_FAULT_AT_STEP + FORGELINE_FAULT_KIND.
+    # Test-only fault injection (RELIABILITY.md): FORGELINE_FAULT_AT_STEP + FORGELINE_FAULT_KIND
+    # (sigkill, sigterm, raise, nan at that step; nan_from: a NaN loss on every step from then on).
     at = os.environ.get("FORGELINE_FAULT_AT_STEP")
-    return os.environ.get("FORGELINE_FAULT_KIND") if at and int(at) == step else None
+    kind = os.environ.get("FORGELINE_FAULT_KIND")
+    if not at or not kind:
+        return None
+    if kind == "nan_from":
+        return "nan" if step >= int(at) else None
+    return kind if int(at) == step else None
 
 
 # ------------------------------------------------------------------------------------------- loop
@@ -369,10 +375,13 @@ def _loop(
             patience = cfg.early_stopping_patience
             stopped_early = patience is not None and state.bad_evals >= patience
             last = state.step == cfg.max_steps or stopped_early
-            if state.step % cfg.checkpoint_interval == 0 or last or stop.is_set():
+            saved = state.step % cfg.checkpoint_interval == 0 or last or stop.is_set()
+            if saved:
                 _checkpoint(model, optimizer, gen, state, run_dir, config_hash, cfg, device)
             _apply_process_fault(fault)
             if stop.is_set():
+                if not saved:
+                    _checkpoint(model, optimizer, gen, state, run_dir, config_hash, cfg, device)
                 raise StageInterrupted(f"stopped by SIGTERM after step {state.step}; checkpoint saved")
             if stopped_early:
                 logger.info("early stopping at step %d: no improvement in %d evaluations", state.step, patience)

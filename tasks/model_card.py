@@ -1,0 +1,355 @@
+"""Model cards: one markdown page per registered version.
+
+:func:`build_model_card` is pure (a dict of facts in, markdown out) and is what the tests exercise.
+:func:`write_model_card` gathers the facts at the end of the register stage, stores the card as the
+``model_card.md`` artifact of the register run and as the model version's description.
+
+Facts (every key optional except ``model_name`` and ``version``)::
+
+    model_name, version, model_uri, promoted, decision, champion_version, previous_champion
+    fingerprint, sources (list[str]), split, rows_per_split, bytes_per_split
+    config_yaml (the resolved config), config_hash
+    metrics: {"test/bits_per_byte": 2.41, ...}        the candidate's
+    champion_metrics: {"test/bits_per_byte": 2.50}    the champion's, on the same test split
+    samples: [{"prompt": ..., "text": ...}]
+    lineage: {"mlflow_run_id", "mlflow_run_url", "pipeline_run_id", "experiment_id",
+              "prefect_flow_run_id", "prefect_flow_run_url", "git_commit", "git_dirty"}
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from pathlib import Path
+from typing import Any
+
+logger = logging.getLogger(__name__)
+
+ARTIFACT_FILE = "model_card.md"
+DESCRIPTION_LIMIT = 5000
+"""Model version descriptions are ``String(5000)`` in MLflow's database schema."""
+
+_METRIC_ORDER = ("test/bits_per_byte", "test/loss", "test/perplexity", "val/loss")
+_LOWER_IS_BETTER = {"test/bits_per_byte", "test/loss", "test/perplexity", "val/loss"}
+
+
+def build_model_card(facts: dict[str, Any]) -> str:
+    """Render a model card as markdown.
+
+    Args:
+        facts: See the module docstring; missing facts are left out (or shown as ``-``).
+
+    Returns:
+        The markdown text, ending with a newline.
+    """
+    name = str(facts.get("model_name", "model"))
+    version = str(facts.get("version", "?"))
+    parts = [f"# {name} version {version}", ""]
+    parts += _summary(facts)
+    parts += _metrics_section(facts)
+    parts += _data_section(facts)
+    parts += _samples_section(facts.get("samples") or [])
+    parts += _lineage_section(facts.get("lineage") or {})
+    config_yaml = facts.get("config_yaml")
+    if config_yaml:
+        parts += ["## Resolved config", ""]
+        if facts.get("config_hash"):
+            parts += [f"Config hash `{facts['config_hash']}`.", ""]
+        parts += ["```yaml", str(config_yaml).rstrip(), "```", ""]
+    return "\n".join(parts).rstrip() + "\n"
+
+
+def description_text(card: str, limit: int = DESCRIPTION_LIMIT) -> str:
+    """The card cut to fit a model version description, pointing at the full artifact when cut.
+
+    Args:
+        card: The full markdown.
+        limit: Most characters allowed.
+
+    Returns:
+        ``card`` itself when it fits, else a prefix cut at a line end plus a note.
+    """
+    if len(card) <= limit:
+        return card
+    note = f"\n\n_(cut to fit; the full card is the `{ARTIFACT_FILE}` artifact of the register run)_\n"
+    head = card[: limit - len(note)]
+    head = head[: head.rfind("\n")] if "\n" in head else head
+    if head.count("```") % 2:  # do not leave a code block open
+        head += "\n```"
+    return head + note
+
+
+# ----------------------------------------------------------------------------------------- sections
+def _summary(facts: dict[str, Any]) -> list[str]:
+    lines: list[str] = []
+    if facts.get("model_uri"):
+        lines.append(f"- **Model URI:** `{facts['model_uri']}`")
+    if "promoted" in facts:
+        verdict = "promoted to champion" if facts["promoted"] else "not promoted"
+        decision = facts.get("decision")
+        lines.append(f"- **Champion gate:** {verdict}" + (f" ({decision})" if decision else ""))
+    if facts.get("previous_champion"):
+        lines.append(f"- **Champion at registration:** version {facts['previous_champion']}")
+    return [*lines, ""] if lines else []
+
+
+def _metrics_section(facts: dict[str, Any]) -> list[str]:
+    metrics: dict[str, float] = facts.get("metrics") or {}
+    champion: dict[str, float] = facts.get("champion_metrics") or {}
+    if not metrics:
+        return []
+    champ_version = facts.get("previous_champion")
+    champ_head = f"champion (v{champ_version})" if champ_version else "champion"
+    lines = ["## Metrics", "", f"| metric | this version | {champ_head} | difference |", "|---|---:|---:|---:|"]
+    keys = [k for k in _METRIC_ORDER if k in metrics] + sorted(k for k in metrics if k not in _METRIC_ORDER)
+    for key in keys:
+        value = metrics[key]
+        other = champion.get(key)
+        diff = "-" if other is None else _signed(value - other, key)
+        lines.append(f"| {key} | {_fmt(value)} | {_fmt(other)} | {diff} |")
+    lines += ["", "Lower is better for every metric shown; the champion is scored on this version's test split.", ""]
+    return lines
+
+
+def _data_section(facts: dict[str, Any]) -> list[str]:
+    keys = ("fingerprint", "sources", "split", "rows_per_split", "bytes_per_split")
+    if not any(facts.get(k) for k in keys):
+        return []
+    lines = ["## Data", ""]
+    if facts.get("fingerprint"):
+        lines.append(f"- **Fingerprint:** `{facts['fingerprint']}`")
+    sources = facts.get("sources") or []
+    if sources:
+        lines.append("- **Sources:** " + ", ".join(f"`{s}`" for s in sources))
+    if facts.get("split"):
+        lines.append(f"- **Split:** {facts['split']}")
+    rows = facts.get("rows_per_split") or {}
+    size = facts.get("bytes_per_split") or {}
+    if rows or size:
+        lines += ["", "| split | records | bytes |", "|---|---:|---:|"]
+        for split in dict.fromkeys([*rows, *size]):
+            lines.append(f"| {split} | {rows.get(split, '-')} | {size.get(split, '-')} |")
+    return [*lines, ""]
+
+
+def _samples_section(samples: list[dict[str, Any]]) -> list[str]:
+    if not samples:
+        return []
+    lines = ["## Sample generations", ""]
+    for sample in samples:
+        prompt = str(sample.get("prompt", ""))
+        text = str(sample.get("text", ""))
+        lines += [f"Prompt `{prompt!r}`:", "", "```text", (prompt + text).replace("```", "`\u200b``"), "```", ""]
+    return lines
+
+
+def _lineage_section(lineage: dict[str, Any]) -> list[str]:
+    rows: list[str] = []
+    run_id = lineage.get("mlflow_run_id")
+    if run_id:
+        url = lineage.get("mlflow_run_url")
+        rows.append("- **MLflow train run:** " + (f"[`{run_id}`]({url})" if url else f"`{run_id}`"))
+    if lineage.get("pipeline_run_id"):
+        url = lineage.get("pipeline_run_url")
+        rid = lineage["pipeline_run_id"]
+        rows.append("- **MLflow pipeline run:** " + (f"[`{rid}`]({url})" if url else f"`{rid}`"))
+    flow_run = lineage.get("prefect_flow_run_id")
+    if flow_run:
+        url = lineage.get("prefect_flow_run_url")
+        rows.append("- **Prefect flow run:** " + (f"[`{flow_run}`]({url})" if url else f"`{flow_run}`"))
+    commit = lineage.get("git_commit")
+    if commit:
+        dirty = str(lineage.get("git_dirty", "")).lower() == "true"
+        rows.append(f"- **Git commit:** `{commit}`" + (" (with uncommitted changes)" if dirty else ""))
+    return ["## Lineage", "", *rows, ""] if rows else []
+
+
+def _fmt(value: float | None) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    return f"{value:.4f}"
+
+
+def _signed(diff: float, key: str) -> str:
+    text = f"{diff:+.4f}"
+    if key in _LOWER_IS_BETTER and diff < 0:
+        return f"{text} (better)"
+    if key in _LOWER_IS_BETTER and diff > 0:
+        return f"{text} (worse)"
+    return text
+
+
+# ------------------------------------------------------------------------------------------ writing
+def run_url(tracking_uri: str, experiment_id: str, run_id: str) -> str:
+    """The MLflow UI page of a run (the local UI's default address for a database store)."""
+    base = tracking_uri if tracking_uri.startswith("http") else "http://127.0.0.1:5000"
+    return f"{base.rstrip('/')}/#/experiments/{experiment_id}/runs/{run_id}"
+
+
+def card_facts(
+    cfg: Any,
+    result: Any,
+    evaluation: Any,
+    *,
+    fingerprint: str,
+    experiment_id: str,
+    train_run_id: str,
+    pipeline_run_id: str | None = None,
+    tags: dict[str, str] | None = None,
+    dataset_dir: str | None = None,
+    tracking_uri: str = "",
+) -> dict[str, Any]:
+    """Collect a card's facts from what the register stage holds (reads nothing from MLflow).
+
+    Args:
+        cfg: The ``PipelineConfig``.
+        result: The ``RegisterResult`` of the gate.
+        evaluation: The candidate's ``EvalResult``.
+        fingerprint: Cleaned-data fingerprint.
+        experiment_id: MLflow experiment id (for links).
+        train_run_id: The train run that logged the model.
+        pipeline_run_id: The parent pipeline run.
+        tags: The pipeline's run tags (git commit, Prefect flow run id and URL).
+        dataset_dir: The cleaned dataset folder (its ``report.json`` gives rows and bytes per split).
+        tracking_uri: For links.
+
+    Returns:
+        The facts dict :func:`build_model_card` takes.
+    """
+    import json
+
+    from tasks.config import dump_config
+
+    tags = tags or {}
+    metrics = {"test/bits_per_byte": evaluation.bits_per_byte, "test/loss": evaluation.loss}
+    metrics["test/perplexity"] = evaluation.perplexity
+    champion = {}
+    if result.champion_bits_per_byte is not None:
+        champion["test/bits_per_byte"] = result.champion_bits_per_byte
+    facts: dict[str, Any] = {
+        "model_name": result.model_name,
+        "version": result.version,
+        "model_uri": result.model_uri,
+        "promoted": result.promoted,
+        "decision": result.reason,
+        "previous_champion": result.previous_champion if result.previous_champion != result.version else None,
+        "fingerprint": fingerprint,
+        "sources": [_source_text(s) for s in cfg.data.sources],
+        "split": cfg.data.split,
+        "config_yaml": dump_config(cfg),
+        "config_hash": cfg.config_hash(),
+        "metrics": metrics,
+        "champion_metrics": champion,
+        "samples": list(evaluation.samples),
+        "lineage": {
+            "mlflow_run_id": train_run_id,
+            "mlflow_run_url": run_url(tracking_uri, experiment_id, train_run_id),
+            "pipeline_run_id": pipeline_run_id,
+            "pipeline_run_url": run_url(tracking_uri, experiment_id, pipeline_run_id) if pipeline_run_id else None,
+            "prefect_flow_run_id": tags.get("prefect.flow_run_id"),
+            "prefect_flow_run_url": tags.get("prefect.flow_run_url"),
+            "git_commit": tags.get("forgeline.git_commit") or tags.get("mlflow.source.git.commit"),
+            "git_dirty": tags.get("forgeline.git_dirty"),
+        },
+    }
+    report = Path(dataset_dir) / "report.json" if dataset_dir else None
+    if report is not None and report.is_file():
+        try:
+            data = json.loads(report.read_text(encoding="utf-8"))
+            facts["rows_per_split"] = data.get("rows_per_split") or {}
+            facts["bytes_per_split"] = data.get("bytes_per_split") or {}
+            if data.get("sources"):
+                facts["sources"] = [str(s) for s in data["sources"]]
+        except (OSError, ValueError) as exc:
+            logger.debug("cleaning report %s not read: %s", report, exc)
+    return facts
+
+
+def write_model_card(
+    cfg: Any,
+    result: Any,
+    evaluation: Any,
+    *,
+    fingerprint: str,
+    experiment_id: str,
+    train_run_id: str,
+    register_run_id: str,
+    pipeline_run_id: str | None = None,
+    tags: dict[str, str] | None = None,
+    dataset_dir: str | None = None,
+) -> str | None:
+    """Build the card, log it as ``model_card.md`` on the register run and set it as the version's description.
+
+    Never raises: a card that cannot be written is logged as a warning (the model is registered either way).
+
+    Args:
+        cfg: The ``PipelineConfig``.
+        result: The ``RegisterResult`` of the gate.
+        evaluation: The candidate's ``EvalResult``.
+        fingerprint: Cleaned-data fingerprint.
+        experiment_id: MLflow experiment id.
+        train_run_id: The train run that logged the model.
+        register_run_id: The register run (the artifact goes there).
+        pipeline_run_id: The parent pipeline run.
+        tags: The pipeline's run tags (git, Prefect).
+        dataset_dir: The cleaned dataset folder.
+
+    Returns:
+        The markdown, or ``None`` if it could not be stored.
+    """
+    try:
+        from tasks import tracking
+
+        c = tracking.client()
+        facts = card_facts(
+            cfg,
+            result,
+            evaluation,
+            fingerprint=fingerprint,
+            experiment_id=experiment_id,
+            train_run_id=train_run_id,
+            pipeline_run_id=pipeline_run_id,
+            tags=tags,
+            dataset_dir=dataset_dir,
+            tracking_uri=c._tracking_client.tracking_uri,
+        )
+        _add_champion_tags(c, facts, result, fingerprint)
+        card = build_model_card(facts)
+        tracking.log_text(register_run_id, card, ARTIFACT_FILE)
+        c.update_model_version(result.model_name, result.version, description=description_text(card))
+        c.set_model_version_tag(result.model_name, result.version, "forgeline.model_card_run_id", register_run_id)
+    except Exception as exc:  # noqa: BLE001 - the card is documentation; the registered version stands
+        logger.warning("model card for %s version %s not written: %s", result.model_name, result.version, exc)
+        return None
+    logger.info("model card written for %s version %s", result.model_name, result.version)
+    return card
+
+
+def _add_champion_tags(client: Any, facts: dict[str, Any], result: Any, fingerprint: str) -> None:
+    """The champion's stored loss and perplexity, when it was scored on the same data (else not comparable)."""
+    previous = facts.get("previous_champion")
+    if not previous:
+        return
+    champ = client.get_model_version(result.model_name, previous)
+    if (champ.tags or {}).get("data_fingerprint") != fingerprint:
+        return
+    champion = facts.setdefault("champion_metrics", {})
+    for tag, key in (
+        ("test_bits_per_byte", "test/bits_per_byte"),
+        ("test_loss", "test/loss"),
+        ("test_perplexity", "test/perplexity"),
+    ):
+        if key not in champion and tag in champ.tags:
+            try:
+                champion[key] = float(champ.tags[tag])
+            except ValueError:
+                continue
+
+
+def _source_text(source: Any) -> str:
+    data = source.model_dump(mode="json") if hasattr(source, "model_dump") else dict(source)
+    kind = data.pop("kind", "source")
+    detail = ", ".join(f"{k}={v}" for k, v in data.items() if v not in (None, [], {}, ""))
+    return f"{kind}: {detail}" if detail else str(kind)

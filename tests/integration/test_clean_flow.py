@@ -1,0 +1,175 @@
+"""The clean task inside a real Prefect flow (test server) against a temporary SQLite MLflow store."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+pytestmark = pytest.mark.integration
+
+WORDS = (
+    "alpha bravo charlie delta echo foxtrot golf hotel india juliet kilo lima mike november oscar papa "
+    "quebec romeo sierra tango uniform victor whiskey xray yankee zulu"
+).split()
+
+
+def _paragraph(i: int) -> str:
+    words = [WORDS[(i * 7 + j * 3) % len(WORDS)] for j in range(12)]
+    return f"Paragraph {i}: " + " ".join(words) + f" and the number {i} in words."
+
+
+def _write_corpus(folder: Path) -> dict[str, int]:
+    """Two text files of blank-line paragraphs with known duplicates, short and non-text records."""
+    folder.mkdir(parents=True)
+    good = [_paragraph(i) for i in range(80)]
+    duplicates = [good[3], good[10], good[42]]  # exact copies: dropped as duplicate
+    short = ["hi", "ok then"]  # under min_chars=10
+    nontext = ["#### $$$$ 1234 ____ !!!! %%%% 5678 ****"]  # no letters at all
+    first = good[:40] + duplicates[:1] + short
+    second = good[40:] + duplicates[1:] + nontext
+    (folder / "a.txt").write_text("\n\n".join(first) + "\n", encoding="utf-8")
+    (folder / "b.txt").write_text("\n\n".join(second) + "\n", encoding="utf-8")
+    return {
+        "rows_in": len(first) + len(second),
+        "kept": len(good),
+        "duplicate": len(duplicates),
+        "too_short": len(short),
+        "non_text": len(nontext),
+    }
+
+
+@pytest.fixture(scope="module")
+def cleaned(module_project: Any) -> dict[str, Any]:
+    """Run a flow that calls ``clean_task`` twice on the same corpus; everything the tests read."""
+    from prefect import flow
+    from prefect.runtime import flow_run
+
+    from tasks import tracking
+    from tasks.config import load_config
+    from tasks.stages import RunContext, clean_task
+
+    project = module_project
+    expected = _write_corpus(project.root / "corpus")
+    cfg = load_config(
+        None,
+        [
+            "name=clean-flow-test",
+            "data.sources=[{kind: files, paths: [corpus/a.txt, corpus/b.txt]}]",
+            "data.record=paragraph",
+            "data.fractions={train: 0.6, validation: 0.2, test: 0.2}",
+            "data.cleaning.min_chars=10",
+        ],
+    )
+    uri = tracking.setup_tracking(cfg.tracking, project.root)
+    assert uri == project.tracking_uri
+    experiment_id = tracking.ensure_experiment(cfg.name, cfg.tracking, project.root)
+
+    @flow(name="clean-twice")
+    def clean_twice() -> tuple[Any, Any, str]:
+        tags = {**tracking.prefect_tags(), "config_hash": cfg.config_hash()}
+        ctx = RunContext(experiment_id=experiment_id, tags=tags, base_dir=str(project.root))
+        return clean_task(cfg.data, ctx), clean_task(cfg.data, ctx), str(flow_run.id)
+
+    first, second, prefect_run_id = clean_twice()
+    runs = project.client().search_runs([experiment_id], order_by=["attributes.start_time ASC"])
+    return {
+        "project": project,
+        "cfg": cfg,
+        "expected": expected,
+        "first": first,
+        "second": second,
+        "prefect_run_id": prefect_run_id,
+        "runs": runs,
+    }
+
+
+def test_report_accounts_for_every_record(cleaned: dict[str, Any]) -> None:
+    first, expected, project = cleaned["first"], cleaned["expected"], cleaned["project"]
+    assert first.cache_hit is False
+    assert first.rows_in == expected["rows_in"]
+    assert first.dropped["duplicate"] == expected["duplicate"]
+    assert first.dropped["too_short"] == expected["too_short"]
+    assert first.dropped["non_text"] == expected["non_text"]
+    assert sum(first.dropped.values()) == expected["rows_in"] - expected["kept"]
+    assert set(first.rows_per_split) == {"train", "validation", "test"}
+    assert all(n > 0 for n in first.rows_per_split.values()), first.rows_per_split
+    assert sum(first.rows_per_split.values()) == expected["kept"]
+    assert first.rows_per_split["train"] > first.rows_per_split["test"]
+    dataset_dir = Path(first.dataset_dir)
+    assert dataset_dir.is_relative_to(project.root / "mlruns" / "cache")
+    for split, rows in first.rows_per_split.items():
+        lines = (dataset_dir / f"{split}.jsonl").read_text(encoding="utf-8").splitlines()
+        assert len(lines) == rows
+
+
+def test_second_call_is_a_cache_hit(cleaned: dict[str, Any]) -> None:
+    first, second = cleaned["first"], cleaned["second"]
+    assert second.cache_hit is True
+    assert second.fingerprint == first.fingerprint
+    assert second.dataset_dir == first.dataset_dir
+    assert second.rows_per_split == first.rows_per_split
+    assert second.dropped == first.dropped
+
+
+def test_each_call_is_a_finished_clean_run(cleaned: dict[str, Any]) -> None:
+    first, expected, cfg, runs = cleaned["first"], cleaned["expected"], cleaned["cfg"], cleaned["runs"]
+    assert [r.info.run_name for r in runs] == ["clean", "clean"]
+    assert all(r.info.status == "FINISHED" for r in runs)
+    for run in runs:
+        assert run.data.tags["data_fingerprint"] == first.fingerprint
+        assert run.data.tags["prefect.flow_run_id"] == cleaned["prefect_run_id"]
+        assert run.data.tags["config_hash"] == cfg.config_hash()
+        assert run.data.metrics["rows_in"] == expected["rows_in"]
+        assert run.data.metrics["dropped/duplicate"] == expected["duplicate"]
+        assert run.data.metrics["rows/train"] == first.rows_per_split["train"]
+
+
+def test_cache_hit_tag(cleaned: dict[str, Any]) -> None:
+    # Boolean tags are lowercase elsewhere (forgeline.promoted, forgeline.git_dirty): filterable as 'true'.
+    run1, run2 = cleaned["runs"]
+    assert run1.data.tags["forgeline.cache_hit"] == "false"
+    assert run2.data.tags["forgeline.cache_hit"] == "true"
+
+
+def test_splits_are_dataset_inputs_with_the_fingerprint(cleaned: dict[str, Any]) -> None:
+    first, project = cleaned["first"], cleaned["project"]
+    for run in cleaned["runs"]:
+        inputs = project.client().get_run(run.info.run_id).inputs.dataset_inputs
+        by_name = {d.dataset.name: d for d in inputs}
+        assert set(by_name) == {"cleaned-train", "cleaned-validation", "cleaned-test"}
+        for split in ("train", "validation", "test"):
+            ds_input = by_name[f"cleaned-{split}"]
+            assert first.fingerprint.startswith(ds_input.dataset.digest)
+            assert len(ds_input.dataset.digest) >= 12
+            assert {t.key: t.value for t in ds_input.tags}["mlflow.data.context"] == split
+            assert json.loads(ds_input.dataset.profile)["rows"] == first.rows_per_split[split]
+            assert json.loads(ds_input.dataset.source)["uri"].endswith(f"{split}.jsonl")
+
+
+def test_cleaning_report_artifact(cleaned: dict[str, Any]) -> None:
+    first, expected, project = cleaned["first"], cleaned["expected"], cleaned["project"]
+    client = project.client()
+    run_id = cleaned["runs"][0].info.run_id
+    assert "cleaning_report.json" in {a.path for a in client.list_artifacts(run_id)}
+    report_path = client.download_artifacts(run_id, "cleaning_report.json", str(project.root / "dl"))
+    report = json.loads(Path(report_path).read_text())
+    assert report["fingerprint"] == first.fingerprint
+    assert report["rows_in"] == expected["rows_in"]
+    assert report["rows_per_split"] == first.rows_per_split
+    assert report["dropped"] == first.dropped
+
+
+def test_prefect_table_artifact(cleaned: dict[str, Any]) -> None:
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+
+    with get_client(sync_client=True) as prefect_client:
+        artifacts = prefect_client.read_artifacts(
+            artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=["cleaning-report"]))
+        )
+    ours = [a for a in artifacts if str(a.flow_run_id) == cleaned["prefect_run_id"]]
+    assert len(ours) == 2, artifacts
+    assert all(a.type == "table" for a in ours)

@@ -1,0 +1,75 @@
+"""Crash and resume through the CLI: a SIGKILL after a checkpoint, then the same command; and bad input."""
+
+from __future__ import annotations
+
+import re
+import signal
+
+import pytest
+
+from tests.integration.conftest import Project, runs_by_name
+
+pytestmark = pytest.mark.integration
+
+EXPERIMENT = "forgeline-smoke"
+MODEL = "forgeline-smoke-lm"
+MAX_STEPS = 40  # smoke.yaml; checkpoint_interval 10
+KILL_AT = 20
+
+
+def test_killed_run_resumes_from_its_last_checkpoint(project: Project) -> None:
+    killed = project.run_pipeline(
+        extra_env={"FORGELINE_FAULT_AT_STEP": str(KILL_AT), "FORGELINE_FAULT_KIND": "sigkill"}
+    )
+    assert killed.returncode in (-signal.SIGKILL, 128 + signal.SIGKILL), killed.describe()
+
+    client = project.client()
+    experiment_id = client.get_experiment_by_name(EXPERIMENT).experiment_id
+    runs = runs_by_name(client, experiment_id)
+    assert [r.info.status for r in runs["pipeline"]] == ["RUNNING"]
+    assert [r.info.status for r in runs["train"]] == ["RUNNING"]
+    assert [r.info.status for r in runs["clean"]] == ["FINISHED"]
+    assert "evaluate" not in runs and "register" not in runs
+    orphans = {runs["pipeline"][0].info.run_id, runs["train"][0].info.run_id}
+    checkpoints = list((project.root / "mlruns" / "checkpoints").rglob("*"))
+    assert checkpoints, "no checkpoint written before the kill"
+
+    resumed = project.run_pipeline()
+    assert resumed.returncode == 0, resumed.describe()
+    output = re.sub(r"\s+", " ", resumed.output)
+    assert f"resumed from step {KILL_AT}" in output
+    assert f"{MODEL} version 1" in output
+
+    runs = runs_by_name(client, experiment_id)
+    for run_id in orphans:
+        run = client.get_run(run_id)
+        assert run.info.status == "KILLED", run_id
+        assert run.data.tags.get("forgeline.reaped")
+    assert [r.info.status for r in runs["pipeline"]] == ["KILLED", "FINISHED"]
+    assert [r.info.status for r in runs["train"]] == ["KILLED", "FINISHED"]
+    assert [r.info.status for r in runs.get("evaluate", [])] == ["FINISHED"]
+    assert [r.info.status for r in runs.get("register", [])] == ["FINISHED"]
+
+    new_train = runs["train"][1]
+    assert new_train.data.tags["forgeline.resumed_from"] == str(KILL_AT)
+    steps = sorted(m.step for m in client.get_metric_history(new_train.info.run_id, "train/loss"))
+    assert steps == list(range(KILL_AT + 1, MAX_STEPS + 1))
+    assert sorted(m.step for m in client.get_metric_history(new_train.info.run_id, "val/loss")) == [30, 40]
+
+    versions = client.search_model_versions(f"name = '{MODEL}'")
+    assert [str(v.version) for v in versions] == ["1"]
+    assert str(client.get_model_version_by_alias(MODEL, "champion").version) == "1"
+    assert versions[0].tags["train_run_id"] == new_train.info.run_id
+
+
+def test_missing_data_fails_with_one_line(project: Project) -> None:
+    result = project.run_pipeline("--data", "does-not-exist.txt")
+    assert result.returncode != 0, result.describe()
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1, result.describe()
+    assert "does-not-exist.txt" in lines[0]
+    assert lines[0].startswith("error:")
+    assert "Traceback" not in result.output
+    if project.has_store():
+        client = project.client()
+        assert client.search_registered_models() == []
