@@ -262,7 +262,8 @@ def log_config(run_id: str, cfg: PipelineConfig) -> None:
 def set_tags(run_id: str, tags: dict[str, Any]) -> None:
     c = client()
     for key, value in tags.items():
-        c.set_tag(run_id, key, "***" if is_secret_key(key) else str(value))
+        text = str(value).lower() if isinstance(value, bool) else str(value)
+        c.set_tag(run_id, key, "***" if is_secret_key(key) else text)
 
 
 def log_metrics(run_id: str, metrics: dict[str, float], step: int | None = None) -> None:

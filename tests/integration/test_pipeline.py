@@ -21,6 +21,7 @@ EXPERIMENT = "forgeline-smoke"
 MODEL = "forgeline-smoke-lm"
 STAGES = ("clean", "train", "evaluate", "register")
 MAX_STEPS = 40  # smoke.yaml
+LINEAGE = "forgeline.lineage"
 
 
 def _squash(text: str) -> str:
@@ -237,6 +238,3 @@ def test_worse_model_is_challenger_not_champion(module_project: Project, worse: 
     newest_train = runs["train"][-1]
     assert newest_train.data.params["train.max_steps"] == "1"
     assert [m.step for m in client.get_metric_history(newest_train.info.run_id, "train/loss")] == [1]
-
-
-LINEAGE = "forgeline.lineage"
