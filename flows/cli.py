@@ -96,11 +96,14 @@ def run(
     _prefect_env()
     data_paths = _check_data(data)
     from flows.pipeline import pipeline_flow
+    from tasks.errors import StageInterrupted
 
     try:
         result = pipeline_flow(cfg, data=data_paths, fresh=fresh)
     except KeyboardInterrupt:
         _fail("interrupted; re-run the same command to resume from the last checkpoint", code=130)
+    except StageInterrupted as exc:
+        _fail(f"{exc}; re-run the same command to resume", code=143)
     except Exception as exc:  # noqa: BLE001 - every failure ends as one line and a non-zero exit
         if verbose:
             console.print_exception()

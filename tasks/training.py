@@ -120,17 +120,20 @@ def make_optimizer(model: torch.nn.Module, cfg: TrainConfig, device: torch.devic
 # ---------------------------------------------------------------------------------------- signals
 @contextlib.contextmanager
 def _stop_on_sigterm() -> Iterator[threading.Event]:
-    """An event set on SIGTERM (main thread only); the loop checkpoints and stops at the next step."""
+    """An event set on SIGTERM or SIGINT (main thread only); the loop checkpoints and stops after the step."""
     event = threading.Event()
     if threading.current_thread() is not threading.main_thread():
         yield event
         return
-    previous = signal.getsignal(signal.SIGTERM)
-    signal.signal(signal.SIGTERM, lambda *_: event.set())
+    # Ctrl-C behaves like SIGTERM while training: finish the step, checkpoint, stop.
+    previous = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT)}
+    for sig in previous:
+        signal.signal(sig, lambda *_: event.set())
     try:
         yield event
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 def _fault(step: int) -> str | None:
@@ -382,7 +385,7 @@ def _loop(
             if stop.is_set():
                 if not saved:
                     _checkpoint(model, optimizer, gen, state, run_dir, config_hash, cfg, device)
-                raise StageInterrupted(f"stopped by SIGTERM after step {state.step}; checkpoint saved")
+                raise StageInterrupted(f"stopped by a signal after step {state.step}; checkpoint saved")
             if stopped_early:
                 logger.info("early stopping at step %d: no improvement in %d evaluations", state.step, patience)
                 break

@@ -73,3 +73,21 @@ def test_missing_data_fails_with_one_line(project: Project) -> None:
     if project.has_store():
         client = project.client()
         assert client.search_registered_models() == []
+
+
+def test_sigterm_ends_runs_killed_with_a_checkpoint_and_resumes(project: Project) -> None:
+    stopped = project.run_pipeline(extra_env={"FORGELINE_FAULT_AT_STEP": "15", "FORGELINE_FAULT_KIND": "sigterm"})
+    assert stopped.returncode == 143, stopped.describe()
+    assert "re-run the same command to resume" in stopped.stderr
+    assert "Traceback" not in stopped.output
+
+    client = project.client()
+    experiment_id = client.get_experiment_by_name(EXPERIMENT).experiment_id
+    runs = runs_by_name(client, experiment_id)
+    assert [r.info.status for r in runs["train"]] == ["KILLED"]
+    assert [r.info.status for r in runs["pipeline"]] == ["KILLED"]
+    assert client.search_registered_models() == []
+
+    resumed = project.run_pipeline()
+    assert resumed.returncode == 0, resumed.describe()
+    assert "resumed from step 15" in re.sub(r"\s+", " ", resumed.output)

@@ -127,7 +127,7 @@ def test_sigkill_then_resume_gives_bitwise_equal_weights(dataset_dir: str, refer
 def test_sigterm_saves_a_checkpoint_and_stops(dataset_dir: str, tmp_path: Path) -> None:
     proc = _train(dataset_dir, tmp_path, {"FORGELINE_FAULT_AT_STEP": "13", "FORGELINE_FAULT_KIND": "sigterm"})
     assert proc.returncode == 143, proc.stderr[-2000:]
-    assert "stopped by SIGTERM after step 13" in proc.stdout
+    assert "stopped by a signal after step 13" in proc.stdout
     assert (tmp_path / "checkpoints" / "ckpt-00000013.ok").exists()
     resumed = _train(dataset_dir, tmp_path)
     assert resumed.returncode == 0
