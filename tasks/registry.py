@@ -130,6 +130,7 @@ def register_version(model_name: str, model_uri: str, lineage: str, tags: dict[s
         if existing is not None:
             return existing, True
         mv = mlflow.register_model(model_uri, model_name, tags={LINEAGE_TAG: lineage, **tags})
+    _fault_hook("sigkill_after_register")
     client = MlflowClient()
     for _ in range(50):
         mv = client.get_model_version(model_name, mv.version)
@@ -137,6 +138,15 @@ def register_version(model_name: str, model_uri: str, lineage: str, tags: dict[s
             break
         time.sleep(0.1)
     return mv, False
+
+
+def _fault_hook(point: str) -> None:
+    # Test-only fault injection (RELIABILITY.md C6): die between creating a version and setting its aliases.
+    import os
+    import signal
+
+    if os.environ.get("FORGELINE_FAULT_KIND") == point:
+        os.kill(os.getpid(), signal.SIGKILL)
 
 
 def champion_version(model_name: str, alias: str) -> Any | None:

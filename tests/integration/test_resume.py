@@ -91,3 +91,18 @@ def test_sigterm_ends_runs_killed_with_a_checkpoint_and_resumes(project: Project
     resumed = project.run_pipeline()
     assert resumed.returncode == 0, resumed.describe()
     assert "resumed from step 15" in re.sub(r"\s+", " ", resumed.output)
+
+
+def test_crash_between_version_and_alias_completes_on_rerun(project: Project) -> None:
+    crashed = project.run_pipeline(extra_env={"FORGELINE_FAULT_KIND": "sigkill_after_register"})
+    assert crashed.returncode in (-signal.SIGKILL, 128 + signal.SIGKILL), crashed.describe()
+    client = project.client()
+    assert [str(v.version) for v in client.search_model_versions(f"name = '{MODEL}'")] == ["1"]
+    assert not client.get_registered_model(MODEL).aliases
+
+    rerun = project.run_pipeline()
+    assert rerun.returncode == 0, rerun.describe()
+    versions = client.search_model_versions(f"name = '{MODEL}'")
+    assert [str(v.version) for v in versions] == ["1"]
+    assert str(client.get_model_version_by_alias(MODEL, "champion").version) == "1"
+    assert versions[0].tags["forgeline.promoted"] == "true"
