@@ -198,7 +198,7 @@ def train_model(
     t_start = time.perf_counter()
     torch.manual_seed(seed)
     device = resolve_device(train_cfg)
-    tokenizer = prepare_tokenizer(tok_cfg, dataset_dir, run_dir)
+    tokenizer = prepare_tokenizer(tok_cfg, dataset_dir, run_dir, model_cfg.init_from)
     train_data, val_data = load_token_splits(tokenizer, dataset_dir, model_cfg.block_size)
     model = build_model(model_cfg, tokenizer).to(device)
     optimizer = make_optimizer(model, train_cfg, device)
@@ -477,15 +477,29 @@ def _fixed_batches(
 
 
 # ----------------------------------------------------------------------------------------- tokens
-def prepare_tokenizer(tok_cfg: TokenizerConfig, dataset_dir: str | Path, run_dir: Path) -> Any:
-    """Build the tokenizer on the training split once per run dir; later calls load the saved one."""
+def prepare_tokenizer(
+    tok_cfg: TokenizerConfig, dataset_dir: str | Path, run_dir: Path, init_from: str | None = None
+) -> Any:
+    """Build the tokenizer on the training split once per run dir; later calls load the saved one.
+
+    When fine-tuning (``init_from`` set) and no explicit pretrained tokenizer is configured, the model's own
+    tokenizer is used: its ids are what the pretrained weights were trained on.
+    """
     from tasks.cleaning import iter_split
     from tasks.tokenization import build_tokenizer, load_tokenizer
 
     saved = run_dir / "tokenizer"
     if (saved / "tokenizer_config.json").exists():
         return load_tokenizer(saved)
-    tokenizer = build_tokenizer(tok_cfg, iter_split(dataset_dir, "train"))
+    tokenizer = None
+    if init_from and not (tok_cfg.kind == "pretrained" and tok_cfg.source):
+        from tasks.modeling import load_pretrained_model
+
+        _, tokenizer = load_pretrained_model(init_from)
+        if tokenizer is not None:
+            logger.info("fine-tuning %s: using its tokenizer (%d tokens)", init_from, len(tokenizer))
+    if tokenizer is None:
+        tokenizer = build_tokenizer(tok_cfg, iter_split(dataset_dir, "train"))
     saved.mkdir(parents=True, exist_ok=True)
     tokenizer.save_pretrained(saved)
     return tokenizer

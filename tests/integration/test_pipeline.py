@@ -238,3 +238,24 @@ def test_worse_model_is_challenger_not_champion(module_project: Project, worse: 
     newest_train = runs["train"][-1]
     assert newest_train.data.params["train.max_steps"] == "1"
     assert [m.step for m in client.get_metric_history(newest_train.info.run_id, "train/loss")] == [1]
+
+
+@pytest.fixture(scope="module")
+def new_data(module_project: Project, worse: CliResult) -> CliResult:
+    corpus = module_project.root / "new_data.txt"
+    paragraphs = [f"def function_{i}(x):\n    return x * {i} + {i % 5}" for i in range(400)]
+    corpus.write_text("\n\n".join(paragraphs) + "\n", encoding="utf-8")
+    return module_project.run_pipeline("--data", "new_data.txt", "--set", "train.max_steps=20")
+
+
+def test_champion_is_rescored_on_the_new_test_split(module_project: Project, new_data: CliResult) -> None:
+    assert new_data.returncode == 0, new_data.describe()
+    client = module_project.client()
+    champion_v1 = client.get_model_version(MODEL, "1")
+    versions = {str(v.version): v for v in client.search_model_versions(f"name = '{MODEL}'")}
+    newest = versions[max(versions, key=int)]
+    assert newest.tags["data_fingerprint"] != champion_v1.tags["data_fingerprint"]
+    # The champion's score in the decision is from the new test split, not its stored score on the old data.
+    rescored = float(newest.tags["forgeline.champion_bits_per_byte"])
+    assert rescored != pytest.approx(float(champion_v1.tags["test_bits_per_byte"]), abs=1e-6)
+    assert "forgeline.decision" in newest.tags
