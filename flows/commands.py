@@ -34,7 +34,7 @@ ConfigOpt = Annotated[
     typer.Option(
         "--config",
         "-c",
-        help="Config whose experiment name, registry settings and tracking URI to use [default: configs/default.yaml].",
+        help="Config whose experiment name, registry settings and tracking URI to use (default: configs/default.yaml).",
     ),
 ]
 VerboseOpt = Annotated[bool, typer.Option("--verbose", "-v", help="Debug logging.")]
@@ -111,7 +111,7 @@ def _registry_cfg(cfg: Any) -> Any:
 # --------------------------------------------------------------------------------------- compare
 def compare(
     experiment: Annotated[
-        str | None, typer.Option("--experiment", "-e", help="Experiment name [default: the config's name].")
+        str | None, typer.Option("--experiment", "-e", help="Experiment name (default: the config's name).")
     ] = None,
     config: ConfigOpt = None,
     top: Annotated[int, typer.Option("--top", "-n", min=1, help="How many runs to show.")] = 10,
@@ -195,7 +195,7 @@ def compare_table(runs: list[Any], metric: str, *, title: str) -> Any:
 
 # ---------------------------------------------------------------------------------------- models
 def models(
-    name: Annotated[str | None, typer.Argument(help="Registered model name [default: list every model].")] = None,
+    name: Annotated[str | None, typer.Argument(help="Registered model name (default: list every model).")] = None,
     verbose: VerboseOpt = False,
 ) -> None:
     """Registered models; with NAME, its versions, aliases, gate decisions and alias history.
@@ -371,35 +371,35 @@ def manual_gate(candidate: Any, champ: Any, min_improvement: float) -> tuple[boo
     if cand_fp and champ.tags.get(FINGERPRINT_TAG) == cand_fp and champ_bpb is not None:
         decision = decide_promotion(cand_bpb, champ_bpb, min_improvement)
         return decision.promoted, decision.reason
-    champ_bpb = _rescore_on(candidate, f"models:/{champ.name}/{champ.version}")
+    champ_bpb, why_not = _rescore_on(candidate, f"models:/{champ.name}/{champ.version}")
     if champ_bpb is None:
-        return False, (
-            f"champion version {champ.version} was scored on other data and the candidate's cleaned data "
-            f"({(cand_fp or '?')[:12]}) is not in the local cache to re-score it"
-        )
+        return False, f"champion version {champ.version} was scored on other data and cannot be re-scored: {why_not}"
     decision = decide_promotion(cand_bpb, champ_bpb, min_improvement)
     return decision.promoted, decision.reason + " (champion re-scored on the candidate's test split)"
 
 
-def _rescore_on(candidate: Any, champion_uri: str) -> float | None:
-    """The champion's bits per byte on the candidate's test split, if that split is cached here."""
+def _rescore_on(candidate: Any, champion_uri: str) -> tuple[float | None, str]:
+    """The champion's bits per byte on the candidate's test split, or ``(None, why not)``.
+
+    Re-scoring needs the candidate's resolved config (for the scoring settings) and its cleaned data in
+    the local cache (``data.cache_dir``); a version trained elsewhere has neither.
+    """
     from tasks.registry import FINGERPRINT_TAG
 
     fingerprint = candidate.tags.get(FINGERPRINT_TAG)
     if not fingerprint:
-        return None
+        return None, f"version {candidate.version} has no {FINGERPRINT_TAG} tag"
     try:
         cfg = _version_config(candidate)
     except (ValueError, OSError) as exc:
-        logger.info("cannot re-score: %s", exc)
-        return None
+        return None, str(exc)
     dataset_dir = _cache_root(cfg) / "datasets" / fingerprint
     if not (dataset_dir / "test.jsonl").exists() and not (dataset_dir / "validation.jsonl").exists():
-        return None
+        return None, f"the candidate's cleaned data {fingerprint[:12]} is not in {_cache_root(cfg)}"
     from tasks.stages import rescore_model
 
     logger.info("re-scoring %s on %s", champion_uri, dataset_dir)
-    return float(rescore_model(champion_uri, cfg, str(dataset_dir)))
+    return float(rescore_model(champion_uri, cfg, str(dataset_dir))), ""
 
 
 def rollback(
@@ -460,12 +460,12 @@ def generate(
     prompt: Annotated[list[str], typer.Option("--prompt", "-p", help="Prompt text. Repeatable.")],
     model: Annotated[
         str | None,
-        typer.Option("--model", "-m", help="Model URI or folder [default: models:/<registry.model_name>@champion]."),
+        typer.Option("--model", "-m", help="Model URI or folder (default: models:/<registry.model_name>@champion)."),
     ] = None,
     max_new_tokens: Annotated[int, typer.Option(min=1, help="Tokens to sample per prompt.")] = 100,
     temperature: Annotated[float, typer.Option(min=1e-6, help="Softmax temperature (> 0).")] = 0.8,
     top_k: Annotated[int | None, typer.Option(min=1, help="Sample from the k most likely tokens.")] = 50,
-    seed: Annotated[int | None, typer.Option(help="Random seed (same seed, same text) [default: random].")] = None,
+    seed: Annotated[int | None, typer.Option(help="Random seed (same seed, same text) (default: random).")] = None,
     config: ConfigOpt = None,
     verbose: VerboseOpt = False,
 ) -> None:
@@ -488,6 +488,8 @@ def generate(
         cfg = _config(config, required=False) if config is not None else None
         _tracking(cfg)
         _check_model_uri(uri)
+    elif uri.startswith((".", "/", "~")) and not Path(uri).expanduser().exists():
+        _fail(f"{uri}: no such model folder")
     if seed is None:
         seed = int.from_bytes(os.urandom(4), "little")
         logger.debug("seed %d", seed)
@@ -516,7 +518,7 @@ def generate(
 
 def serve(
     model: Annotated[
-        str | None, typer.Argument(help="Model URI [default: models:/<registry.model_name>@champion].")
+        str | None, typer.Argument(help="Model URI (default: models:/<registry.model_name>@champion).")
     ] = None,
     port: Annotated[int, typer.Option("--port", "-p", min=1, max=65535, help="Port to listen on.")] = 5001,
     host: Annotated[
@@ -527,7 +529,7 @@ def serve(
 ) -> None:
     """Serve a model with MLflow's scoring protocol (GET /ping, POST /invocations), by default the champion.
 
-    Runs ``mlflow models serve --env-manager local`` in this environment (no downloads).
+    Runs `mlflow models serve --env-manager local` in this environment (nothing is downloaded).
     Stop it with Ctrl-C or SIGTERM.
 
     Examples:
@@ -614,24 +616,25 @@ def reproduce(
         _fail(f"{model}: reproduce needs a registered model URI (models:/NAME/VERSION or models:/NAME@ALIAS)", 2)
     _tracking()
     version = _check_model_uri(model)
-    try:
-        cfg = _version_config(version)
-    except (ValueError, OSError) as exc:
-        _fail(str(exc))
     expected = version.tags.get(FINGERPRINT_TAG)
     if not expected:
         _fail(f"{version.name} version {version.version} has no {FINGERPRINT_TAG} tag; cannot check its data")
     data_paths = _cli()._check_data(data)
     try:
-        cleaned = clean_dataset(cfg.data, data_override=data_paths, base_dir=Path.cwd())
-    except DataError as exc:
-        _fail(str(exc), code=2)
+        data_cfg = _version_data_config(version)
+        cleaned = clean_dataset(data_cfg, data_override=data_paths, base_dir=Path.cwd())
+    except (ValueError, OSError) as exc:  # DataError is a ValueError
+        _fail(str(exc), code=2 if isinstance(exc, DataError) else 1)
     if cleaned.fingerprint != expected:
         _fail(
             f"data changed: {version.name} version {version.version} was trained on data {expected[:12]}, "
-            f"the same sources now clean to {cleaned.fingerprint[:12]}; refusing to reproduce "
+            f"the data now cleans to {cleaned.fingerprint[:12]}; refusing to reproduce "
             "(point --data at the original data)"
         )
+    try:
+        cfg = _version_config(version)
+    except (ValueError, OSError) as exc:
+        _fail(str(exc))
     old = _version_metrics(version)
     from flows.pipeline import pipeline_flow
 
@@ -645,7 +648,8 @@ def reproduce(
     original = f"models:/{version.name}/{version.version}"
     with contextlib.suppress(Exception):
         client.set_tag(result.run_id, REPRODUCES_TAG, original)
-        if result.version:
+    if result.version:
+        with contextlib.suppress(Exception):
             client.set_model_version_tag(result.model_name, result.version, REPRODUCES_TAG, original)
     table, same = reproduce_table(old, result.metrics, version.version, result.version, tolerance)
     _print(table)
@@ -740,16 +744,14 @@ def _check_model_uri(uri: str) -> Any:
     return _get_version(client, name, version)
 
 
-def _version_config(version: Any) -> Any:
-    """The resolved config of the train run that produced a version.
+def _version_config_text(version: Any) -> tuple[str, str]:
+    """``(train_run_id, text of its resolved_config.yaml)`` for a model version.
 
     Raises:
-        ValueError: No train run or no readable ``resolved_config.yaml`` artifact.
+        ValueError: No train run or no ``resolved_config.yaml`` artifact.
     """
     import mlflow
     from mlflow.exceptions import MlflowException
-
-    from tasks.config import ConfigError, load_config
 
     run_id = version.tags.get("train_run_id") or version.run_id
     if not run_id:
@@ -761,10 +763,61 @@ def _version_config(version: Any) -> Any:
             )
         except (MlflowException, OSError) as exc:
             raise ValueError(f"train run {run_id} has no resolved_config.yaml artifact ({exc})") from None
+        return run_id, Path(path).read_text(encoding="utf-8")
+
+
+def _version_data_config(version: Any) -> Any:
+    """Just the ``data`` section of a version's resolved config (enough to re-clean and fingerprint).
+
+    Raises:
+        ValueError: No config artifact, or a data section that no longer validates.
+    """
+    import yaml
+    from pydantic import ValidationError
+
+    from tasks.config import DataConfig
+
+    run_id, text = _version_config_text(version)
+    tree = yaml.safe_load(text) or {}
+    try:
+        return DataConfig.model_validate(tree.get("data") or {})
+    except ValidationError as exc:
+        raise ValueError(f"resolved_config.yaml of run {run_id}: data section no longer loads ({exc})") from None
+
+
+def _version_config(version: Any) -> Any:
+    """The resolved config of the train run that produced a version.
+
+    Raises:
+        ValueError: No train run, no readable ``resolved_config.yaml`` artifact, or redacted values in it.
+    """
+    import yaml
+
+    from tasks.config import ConfigError, load_config
+
+    run_id, text = _version_config_text(version)
+    redacted = _redacted_keys(yaml.safe_load(text))
+    if redacted:
+        raise ValueError(
+            f"resolved_config.yaml of run {run_id} has redacted values ({', '.join(redacted)}); "
+            "it cannot be re-run exactly"
+        )
+    with tempfile.TemporaryDirectory(prefix="forgeline-config-") as tmp:
+        path = Path(tmp) / "resolved_config.yaml"
+        path.write_text(text, encoding="utf-8")
         try:
             return load_config(path)
         except ConfigError as exc:
             raise ValueError(f"resolved_config.yaml of run {run_id} no longer loads: {exc}") from None
+
+
+def _redacted_keys(tree: Any, prefix: str = "") -> list[str]:
+    """Dotted keys whose logged value is the redaction mark ``***``."""
+    if isinstance(tree, dict):
+        return [k for key, value in tree.items() for k in _redacted_keys(value, f"{prefix}{key}.")]
+    if isinstance(tree, list):
+        return [k for i, value in enumerate(tree) for k in _redacted_keys(value, f"{prefix}{i}.")]
+    return [prefix.rstrip(".")] if tree == "***" else []
 
 
 def _cache_root(cfg: Any) -> Path:

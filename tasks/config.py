@@ -11,6 +11,7 @@ import difflib
 import hashlib
 import json
 import math
+import re
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -343,6 +344,9 @@ def _suggest(key: str, valid: set[str]) -> str:
 def _set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:
     node = tree
     parts = dotted.split(".")
+    if dotted.startswith("tune.search_space.") and len(parts) > 3:
+        # Search-space keys are themselves dotted config keys: keep them whole.
+        parts = [*parts[:2], ".".join(parts[2:])]
     for part in parts[:-1]:
         child = node.get(part)
         if child is None:
@@ -471,9 +475,18 @@ def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 
 
 def is_secret_key(key: str) -> bool:
-    """Whether a (dotted) key names a secret and must never be logged."""
+    """Whether a (dotted) key names a secret and must never be logged.
+
+    ``token`` counts only as a whole word (``hf_token``, ``token``), not inside ``tokenizer`` or
+    ``max_new_tokens``.
+    """
     leaf = key.lower().split(".")[-1]
-    return any(marker in leaf for marker in SECRET_MARKERS) or leaf.endswith("_key") or leaf == "key"
+    words = set(re.split(r"[^a-z0-9]+", leaf))
+    if "token" in words or leaf.endswith("token"):
+        return True
+    return (
+        any(marker in leaf for marker in SECRET_MARKERS if marker != "token") or leaf.endswith("_key") or leaf == "key"
+    )
 
 
 def redact(tree: Any, key: str = "") -> Any:

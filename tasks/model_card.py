@@ -72,7 +72,7 @@ def description_text(card: str, limit: int = DESCRIPTION_LIMIT) -> str:
     if len(card) <= limit:
         return card
     note = f"\n\n_(cut to fit; the full card is the `{ARTIFACT_FILE}` artifact of the register run)_\n"
-    head = card[: limit - len(note)]
+    head = card[: limit - len(note) - 4]  # room to close a code block
     head = head[: head.rfind("\n")] if "\n" in head else head
     if head.count("```") % 2:  # do not leave a code block open
         head += "\n```"
@@ -147,21 +147,26 @@ def _lineage_section(lineage: dict[str, Any]) -> list[str]:
     rows: list[str] = []
     run_id = lineage.get("mlflow_run_id")
     if run_id:
-        url = lineage.get("mlflow_run_url")
+        url = _link(lineage.get("mlflow_run_url"))
         rows.append("- **MLflow train run:** " + (f"[`{run_id}`]({url})" if url else f"`{run_id}`"))
     if lineage.get("pipeline_run_id"):
-        url = lineage.get("pipeline_run_url")
+        url = _link(lineage.get("pipeline_run_url"))
         rid = lineage["pipeline_run_id"]
         rows.append("- **MLflow pipeline run:** " + (f"[`{rid}`]({url})" if url else f"`{rid}`"))
     flow_run = lineage.get("prefect_flow_run_id")
     if flow_run:
-        url = lineage.get("prefect_flow_run_url")
+        url = _link(lineage.get("prefect_flow_run_url"))
         rows.append("- **Prefect flow run:** " + (f"[`{flow_run}`]({url})" if url else f"`{flow_run}`"))
     commit = lineage.get("git_commit")
     if commit:
         dirty = str(lineage.get("git_dirty", "")).lower() == "true"
         rows.append(f"- **Git commit:** `{commit}`" + (" (with uncommitted changes)" if dirty else ""))
     return ["## Lineage", "", *rows, ""] if rows else []
+
+
+def _link(url: Any) -> str | None:
+    # Only real web addresses become links (an unset UI base renders as "None/flow-runs/...").
+    return url if isinstance(url, str) and url.startswith(("http://", "https://")) else None
 
 
 def _fmt(value: float | None) -> str:

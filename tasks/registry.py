@@ -198,11 +198,19 @@ def gate_champion(
         decision = decide_promotion(candidate_bpb, champ_bpb, min_improvement)
         if decision.promoted:
             client.set_registered_model_alias(model_name, champion_alias, version.version)
+            record_alias_move(
+                model_name,
+                champion_alias,
+                version.version,
+                decision.reason,
+                previous=champ.version if champ is not None else None,
+                kind="gate",
+            )
         tags = {"forgeline.promoted": str(decision.promoted).lower(), "forgeline.decision": decision.reason}
         if decision.delta is not None:
             tags["forgeline.delta_bits_per_byte"] = f"{decision.delta:.6f}"
         if champ_bpb is not None:
-            tags["forgeline.champion_bits_per_byte"] = f"{champ_bpb:.6f}"
+            tags["forgeline.champion_bits_per_byte"] = repr(champ_bpb)
         for key, value in tags.items():
             client.set_model_version_tag(model_name, version.version, key, value)
     logger.info("%s version %s: %s", model_name, version.version, decision.reason)

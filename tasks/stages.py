@@ -20,6 +20,7 @@ from tasks import tracking
 from tasks.cleaning import CleanResult, clean_dataset, read_split_text, report_rows
 from tasks.config import DataConfig, PipelineConfig
 from tasks.evaluation import EvalResult, evaluate_model, score_text
+from tasks.model_card import write_model_card
 from tasks.registry import (
     BPB_TAG,
     FINGERPRINT_TAG,
@@ -253,7 +254,7 @@ def register_task(
     with tracking.stage_run(ctx.experiment_id, "register", parent_run_id=ctx.parent_run_id, tags=ctx.tags) as run_id:
         reg = cfg.registry
         tags = {
-            BPB_TAG: f"{evaluation.bits_per_byte:.6f}",
+            BPB_TAG: repr(evaluation.bits_per_byte),
             FINGERPRINT_TAG: fingerprint,
             "test_loss": f"{evaluation.loss:.6f}",
             "test_perplexity": f"{evaluation.perplexity:.4f}",
@@ -272,6 +273,18 @@ def register_task(
             rescore=lambda uri: rescore_model(uri, cfg, dataset_dir),
         )
         result = result.model_copy(update={"already_registered": existed})
+        write_model_card(
+            cfg,
+            result,
+            evaluation,
+            fingerprint=fingerprint,
+            experiment_id=ctx.experiment_id,
+            train_run_id=outcome.train_run_id,
+            register_run_id=run_id,
+            pipeline_run_id=ctx.parent_run_id,
+            tags=ctx.tags,
+            dataset_dir=dataset_dir,
+        )
         tracking.set_tags(
             run_id, {"model_version": result.version, "promoted": result.promoted, "decision": result.reason}
         )

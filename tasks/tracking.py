@@ -147,7 +147,7 @@ def prefect_tags() -> dict[str, str]:
             return {}
         tags = {"prefect.flow_run_id": str(run_id)}
         url = flow_run.ui_url
-        if url:
+        if url and str(url).startswith("http"):
             tags["prefect.flow_run_url"] = str(url)
         return tags
     except Exception:  # noqa: BLE001 - tags are best effort; outside Prefect there is simply none

@@ -28,7 +28,7 @@ import optuna
 from optuna.trial import FrozenTrial, TrialState
 
 from tasks import tracking
-from tasks.tuning import FINISHED_STATES, STATE_NAMES, StudySpec, TuneResult, trial_steps
+from tasks.tuning import FINISHED_STATES, STATE_NAMES, StudySpec, TuneResult, display_url, trial_steps
 
 logger = logging.getLogger(__name__)
 
@@ -111,7 +111,8 @@ class StudyRecorder:
         if result.best_params:
             tracking.log_params(run_id, {f"best.{k}": v for k, v in result.best_params.items()})
         tracking.set_tags(run_id, {"best_trial": result.best_trial if result.best_trial is not None else "none"})
-        tracking.log_dict(run_id, result.model_dump(mode="json"), "tune_result.json")
+        summary = result.model_dump(mode="json") | {"storage_url": display_url(result.storage_url)}
+        tracking.log_dict(run_id, summary, "tune_result.json")
         log_study_plots(run_id, study)
 
 
@@ -128,15 +129,16 @@ def study_run(
     The run ends FINISHED, or FAILED with the error as a tag (e.g. no trial completed).
     """
     tune = spec.config.tune
-    study_tags = {**(tags or {}), STUDY_TAG: spec.study_name, STORAGE_TAG: spec.storage_url}
-    study_tags[DASHBOARD_TAG] = dashboard_command(spec.storage_url)
+    url = display_url(spec.storage_url)  # a password in a PostgreSQL URL never reaches MLflow
+    study_tags = {**(tags or {}), STUDY_TAG: spec.study_name, STORAGE_TAG: url}
+    study_tags[DASHBOARD_TAG] = dashboard_command(url)
     study_tags["data_fingerprint"] = spec.fingerprint
     with tracking.stage_run(experiment_id, "tune", parent_run_id=parent_run_id, tags=study_tags) as run_id:
         tracking.log_params(
             run_id,
             {
                 "study_name": spec.study_name,
-                "storage_url": spec.storage_url,
+                "storage_url": url,
                 "n_trials": tune.n_trials,
                 "parallelism": tune.parallelism,
                 "sampler": tune.sampler,

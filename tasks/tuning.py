@@ -113,7 +113,8 @@ class TuneResult(BaseModel):
             raise TuneError(
                 f"tuning study {self.study_name} has no completed trial "
                 f"({self.counts.get('failed', 0)} failed, {self.counts.get('pruned', 0)} pruned); "
-                "not training with default parameters. Inspect it with: optuna-dashboard " + self.storage_url
+                "not training with default parameters. Inspect it with: optuna-dashboard "
+                + display_url(self.storage_url)
             )
         return self
 
@@ -228,6 +229,16 @@ def resolve_storage_url(tune: TuneConfig, base_dir: Path | None = None) -> str:
     if url.startswith(prefix) and not url.startswith(prefix + "/") and ":memory:" not in url:
         url = prefix + str((base_dir or Path.cwd()).resolve() / url.removeprefix(prefix))
     return url
+
+
+def display_url(url: str) -> str:
+    """The storage URL with any password replaced by ``***`` (for logs, tags and params)."""
+    try:
+        from sqlalchemy.engine import make_url
+
+        return make_url(url).render_as_string(hide_password=True)
+    except Exception:  # noqa: BLE001 - not a parseable URL: show nothing secret-looking
+        return url.split("@")[-1] if "@" in url else url
 
 
 def make_storage(url: str, tune: TuneConfig) -> optuna.storages.RDBStorage:
@@ -512,7 +523,7 @@ def run_worker(
             logger.info("tune.timeout reached: no new trials (%d of %d done)", counts["done"], tune.n_trials)
             break
         if failures >= max(tune.n_trials, 1):
-            logger.error("worker %d: %d trials failed in a row of attempts; giving up", index, failures)
+            logger.error("worker %d: %d of its trials failed; giving up", index, failures)
             break
         if counts["done"] + counts["running"] >= tune.n_trials and counts["waiting"] == 0:
             if not waiting_logged:
@@ -525,7 +536,7 @@ def run_worker(
             time.sleep(poll)
             continue
         waiting_logged = False
-        study.optimize(objective, n_trials=1, catch=(Exception,), callbacks=callbacks, gc_after_trial=True)
+        study.optimize(objective, n_trials=1, catch=(Exception,), callbacks=callbacks)
         ran += 1
         if last and last[-1].state == TrialState.FAIL:
             failures += 1
@@ -558,7 +569,7 @@ def run_study(spec: StudySpec, on_progress: Callable[[optuna.Study], None] | Non
             tune.sampler,
             tune.pruner,
             tune.parallelism,
-            spec.storage_url,
+            display_url(spec.storage_url),
         )
     Path(spec.trials_dir).mkdir(parents=True, exist_ok=True)
     progress = _safe(on_progress)

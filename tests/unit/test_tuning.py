@@ -244,3 +244,10 @@ def test_rerun_continues_the_study_instead_of_starting_over(
     assert second.resumed and second.trials_this_run == 3 and second.counts["done"] == 5
     third = tuning.run_study(_spec(tmp_path, n_trials=5))
     assert third.trials_this_run == 0
+
+
+def test_storage_password_is_hidden_for_display() -> None:
+    assert tuning.display_url("postgresql+psycopg2://bob:s3cret@db:5432/optuna") == (
+        "postgresql+psycopg2://bob:***@db:5432/optuna"
+    )
+    assert tuning.display_url("sqlite:////tmp/x/optuna.db") == "sqlite:////tmp/x/optuna.db"
