@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import sys
+import time
 from pathlib import Path
 from typing import Annotated
 
@@ -137,6 +138,19 @@ def _one_line(exc: BaseException) -> str:
     return first if type(exc).__name__ in known and first else f"{type(exc).__name__}: {first}"
 
 
+def _time_breakdown(timings: dict[str, float]) -> str:
+    """'fixed 9.1 s (startup 4.2, clean 0.3, ...) + training loop 60.2 s': everything but the loop is overhead."""
+    import psutil
+
+    elapsed = time.time() - psutil.Process().create_time()
+    loop = timings.get("train_loop", 0.0)
+    parts = {"startup": max(0.0, elapsed - sum(timings.values())), **timings}
+    parts.pop("train_loop", None)
+    fixed = sum(parts.values())
+    detail = ", ".join(f"{k.replace('_', ' ')} {v:.1f}" for k, v in parts.items() if v >= 0.05)
+    return f"fixed {fixed:.1f} s ({detail}) + training loop {loop:.1f} s"
+
+
 def _print_summary(result) -> None:  # noqa: ANN001 - PipelineResult
     from rich.table import Table
 
@@ -160,6 +174,8 @@ def _print_summary(result) -> None:  # noqa: ANN001 - PipelineResult
             table.add_row(key, f"{value:.4f}")
         verdict = "promoted to champion" if result.promoted else "not promoted"
         table.add_row("champion", f"{verdict}: {result.decision}")
+    if result.timings:
+        table.add_row("time", _time_breakdown(result.timings))
     out.print(table)
     if result.tracking_uri.startswith("sqlite:///"):
         ui = f"mlflow ui --backend-store-uri {result.tracking_uri} --port 5000"

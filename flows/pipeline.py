@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import time
 from pathlib import Path
 
 from prefect import flow
@@ -35,6 +36,7 @@ class PipelineResult(BaseModel):
     metrics: dict[str, float] = {}
     reused: bool = False
     resumed_from: int | None = None
+    timings: dict[str, float] = {}  # seconds per part of the run; "train_loop" is the only non-fixed cost
 
 
 @flow(name="pipeline", flow_run_name="pipeline {config.name}")
@@ -46,6 +48,7 @@ def pipeline_flow(config: PipelineConfig, data: list[str] | None = None, fresh: 
         data: Local files, globs or directories replacing ``data.sources``.
         fresh: Train anew even if this config and data already produced a model.
     """
+    clock = Laps()
     base_dir = Path.cwd()
     uri = tracking.setup_tracking(config.tracking, base_dir)
     experiment_id = tracking.ensure_experiment(config.name, config.tracking, base_dir)
@@ -54,9 +57,13 @@ def pipeline_flow(config: PipelineConfig, data: list[str] | None = None, fresh: 
     with tracking.stage_run(experiment_id, "pipeline", tags=tags) as run_id:
         ctx = RunContext(experiment_id=experiment_id, parent_run_id=run_id, tags=tags, base_dir=str(base_dir))
         tracking.log_config(run_id, config)
+        clock.lap("tracking_setup")
         cleaned = clean_task(config.data, ctx, data)
+        ctx = ctx.model_copy(update={"tags": {**tags, "data_fingerprint": cleaned.fingerprint}})
         tracking.set_tags(run_id, {"data_fingerprint": cleaned.fingerprint})
+        clock.lap("clean")
         config = tuned_config(config, cleaned.dataset_dir, cleaned.fingerprint, parent_run_id=run_id)
+        clock.lap("tune")
         summary = PipelineResult(
             experiment_name=config.name,
             experiment_id=experiment_id,
@@ -69,8 +76,11 @@ def pipeline_flow(config: PipelineConfig, data: list[str] | None = None, fresh: 
         if existing is not None:
             return _reuse(summary, existing, run_id)
         outcome = train_flow(config, cleaned.dataset_dir, cleaned.fingerprint, parent_run_id=run_id, fresh=fresh)
+        clock.lap("train", loop=outcome.result.loop_seconds if not outcome.result.already_done else 0.0)
         evaluation = evaluate_task(config, outcome, cleaned.dataset_dir, ctx)
+        clock.lap("evaluate")
         registered = register_task(config, outcome, evaluation, cleaned.fingerprint, cleaned.dataset_dir, ctx)
+        clock.lap("register")
         metrics = {
             "test/loss": evaluation.loss,
             "test/perplexity": evaluation.perplexity,
@@ -78,7 +88,7 @@ def pipeline_flow(config: PipelineConfig, data: list[str] | None = None, fresh: 
         }
         if outcome.result.final_val_loss is not None:
             metrics["val/loss"] = outcome.result.final_val_loss
-        tracking.log_metrics(run_id, metrics)
+        tracking.log_metrics(run_id, metrics | {f"time/{k}": v for k, v in clock.laps.items()})
         tracking.set_tags(run_id, {"model_version": registered.version, "promoted": registered.promoted})
         summary = summary.model_copy(
             update={
@@ -88,10 +98,29 @@ def pipeline_flow(config: PipelineConfig, data: list[str] | None = None, fresh: 
                 "champion_version": registered.champion_version,
                 "metrics": metrics,
                 "resumed_from": outcome.result.resumed_from,
+                "timings": clock.laps,
             }
         )
         _publish_summary(summary)
     return summary
+
+
+class Laps:
+    """Wall time per part of the run; a lap may set aside the training loop (the one non-fixed cost)."""
+
+    def __init__(self) -> None:
+        self.laps: dict[str, float] = {}
+        self._last = time.perf_counter()
+
+    def lap(self, name: str, loop: float = 0.0) -> None:
+        now = time.perf_counter()
+        total = now - self._last
+        self._last = now
+        if loop:
+            self.laps[f"{name}_loop"] = loop
+            self.laps[f"{name}_overhead"] = max(0.0, total - loop)
+        else:
+            self.laps[name] = total
 
 
 def _existing_version(config: PipelineConfig, fingerprint: str, base_dir: Path) -> object | None:

@@ -24,6 +24,7 @@ logger = logging.getLogger(__name__)
 LINEAGE_TAG = "forgeline.lineage"
 BPB_TAG = "test_bits_per_byte"
 FINGERPRINT_TAG = "data_fingerprint"
+TIE_TOLERANCE = 1e-6
 PIP_REQUIREMENTS = ["torch", "transformers", "tokenizers", "safetensors", "mlflow"]
 
 
@@ -65,7 +66,8 @@ def decide_promotion(candidate_bpb: float, champion_bpb: float | None, min_impro
     if champion_bpb is None:
         return PromotionDecision(promoted=True, reason="first version: no champion yet")
     delta = champion_bpb - candidate_bpb
-    if delta > 0 and delta >= min_improvement:
+    # Differences below TIE_TOLERANCE bits/byte are rounding, not improvement: a tie never promotes.
+    if delta > TIE_TOLERANCE and delta >= min_improvement:
         return PromotionDecision(
             promoted=True,
             reason=f"better: {candidate_bpb:.4f} vs champion {champion_bpb:.4f} bits/byte (improvement {delta:.4f})",

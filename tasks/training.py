@@ -47,6 +47,7 @@ class TrainResult(BaseModel):
     stopped_early: bool = False
     tokens_per_sec: float = 0.0
     seconds: float = 0.0
+    loop_seconds: float = 0.0
     parameters: int = 0
     device: str = "cpu"
     history: list[dict[str, float]] = []
@@ -283,6 +284,7 @@ def train_model(
         nonfinite_steps=state.nonfinite,
         stopped_early=result["stopped_early"],
         tokens_per_sec=result["tokens_per_sec"],
+        loop_seconds=result["loop_seconds"],
         seconds=time.perf_counter() - t_start,
         parameters=n_params,
         device=str(device),
@@ -396,6 +398,7 @@ def _loop(
         "final_val": final_val,
         "stopped_early": stopped_early,
         "tokens_per_sec": mean_rate,
+        "loop_seconds": elapsed,
     }
 
 

@@ -37,6 +37,7 @@ def test_lr_decay_steps_shorter_than_training() -> None:
         (1.4, 1.5, 0.0, True, "better"),
         (1.6, 1.5, 0.0, False, "not better"),
         (1.5, 1.5, 0.0, False, "not better"),  # equal never promotes
+        (1.4999996, 1.5, 0.0, False, "not better"),  # a rounding-sized difference is a tie
         (1.45, 1.5, 0.1, False, "not better by 0.1"),  # better, but not by the margin
         (1.35, 1.5, 0.1, True, "better"),
         (math.nan, 1.5, 0.0, False, "not finite"),
