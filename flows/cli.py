@@ -46,7 +46,7 @@ def _configure_logging(verbose: bool) -> None:
     for name in ("tasks", "flows"):
         logging.getLogger(name).setLevel(level)
     # Library chatter (hub model cards, weight-loading bars) says nothing useful about a local run.
-    for name in ("mlflow.transformers", "mlflow.models.model", "transformers"):
+    for name in ("mlflow.transformers", "mlflow.models.model", "transformers", "optuna"):
         logging.getLogger(name).setLevel(logging.ERROR)
     try:
         from transformers.utils import logging as hf_logging
