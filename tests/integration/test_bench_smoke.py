@@ -1,0 +1,30 @@
+"""The benchmarks run in their smoke mode (they are never timed tests: this only checks they work)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.integration
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.mark.parametrize("script", ["train_step.py", "clean_throughput.py"])
+def test_benchmark_smoke_mode(script: str, tmp_path: Path) -> None:
+    out = tmp_path / "result.json"
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "bench" / script), "--smoke", "--out", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=ROOT,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "median" in proc.stdout or "MB/s" in proc.stdout
+    payload = json.loads(out.read_text())
+    assert payload["date"]
