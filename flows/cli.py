@@ -86,19 +86,40 @@ def run(
     data: DataOpt = None,
     fresh: Annotated[bool, typer.Option("--fresh", help="Discard checkpoints and train anew.")] = False,
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Debug logging.")] = False,
+    deployed: Annotated[
+        bool, typer.Option("--deployed", help="Submit the `pipeline` deployment to the stack (forgeline up) and wait.")
+    ] = False,
 ) -> None:
     """Run the pipeline in-process: clean, train, evaluate, register (Prefect local, no server needed).
 
     Re-running the same config resumes from the last checkpoint; after a completed run it re-uses the
     registered version unless --fresh is given.
+
+    Examples:
+
+      forgeline run --config configs/default.yaml
+
+      forgeline run --config configs/smoke.yaml --set train.max_steps=20 --set model.n_layer=1
+
+      forgeline run --config configs/shakespeare_char.yaml --data ../shared/data/tinyshakespeare/input.txt
+
+      forgeline run --data 'notes/*.md' --data more_texts/ --fresh
     """
     cfg = _load(config, set_)
     _configure_logging(verbose)
     _prefect_env()
     data_paths = _check_data(data)
+    from flows.stack import run_deployed, stack_env
+
+    stack_env()  # after `forgeline up`, talk to that stack's servers (docs/deployed.md)
+    if deployed:
+        run_deployed(cfg, data_paths, fresh)
+        return
     from flows.pipeline import pipeline_flow
+    from tasks import progress
     from tasks.errors import StageInterrupted
 
+    progress.enable(console)  # bars on a terminal; plain log lines otherwise
     try:
         result = pipeline_flow(cfg, data=data_paths, fresh=fresh)
     except KeyboardInterrupt:
@@ -222,6 +243,9 @@ def ui(
 from flows.commands import register  # noqa: E402 - the everyday commands, added to `app` above
 
 register(app)
+from flows.stack import register as register_stack  # noqa: E402 - up, down, status, deploy
+
+register_stack(app)
 
 
 def main() -> None:

@@ -7,10 +7,10 @@ import time
 from pathlib import Path
 
 from prefect import flow
-from prefect.artifacts import create_link_artifact, create_table_artifact
+from prefect.artifacts import create_link_artifact, create_markdown_artifact, create_table_artifact
 from pydantic import BaseModel
 
-from flows.train import train_flow
+from flows.seam import run_train
 from flows.tune import tuned_config
 from tasks import tracking
 from tasks.config import PipelineConfig
@@ -40,13 +40,16 @@ class PipelineResult(BaseModel):
 
 
 @flow(name="pipeline", flow_run_name="pipeline {config.name}")
-def pipeline_flow(config: PipelineConfig, data: list[str] | None = None, fresh: bool = False) -> PipelineResult:
+def pipeline_flow(
+    config: PipelineConfig, data: list[str] | None = None, fresh: bool = False, deployed: bool = False
+) -> PipelineResult:
     """Clean the data, tune (when ``tune.n_trials > 0``), train, evaluate, register and gate the champion.
 
     Args:
         config: The whole pipeline config (the Prefect UI renders it as a form).
         data: Local files, globs or directories replacing ``data.sources``.
         fresh: Train anew even if this config and data already produced a model.
+        deployed: Run train as a flow run of the ``train`` deployment on the GPU pool (flows/seam.py).
     """
     clock = Laps()
     base_dir = Path.cwd()
@@ -75,7 +78,7 @@ def pipeline_flow(config: PipelineConfig, data: list[str] | None = None, fresh: 
         existing = None if fresh else _existing_version(config, cleaned.fingerprint, base_dir)
         if existing is not None:
             return _reuse(summary, existing, run_id)
-        outcome = train_flow(config, cleaned.dataset_dir, cleaned.fingerprint, parent_run_id=run_id, fresh=fresh)
+        outcome = run_train(config, cleaned.dataset_dir, cleaned.fingerprint, run_id, fresh, deployed)
         clock.lap("train", loop=outcome.result.loop_seconds if not outcome.result.already_done else 0.0)
         evaluation = evaluate_task(config, outcome, cleaned.dataset_dir, ctx)
         clock.lap("evaluate")
@@ -149,11 +152,47 @@ def _publish_summary(summary: PipelineResult) -> None:
         rows.append({"metric": "model_version", "value": summary.version})
         rows.append({"metric": "promoted", "value": summary.promoted})
         create_table_artifact(key="headline-metrics", table=rows, description="Headline metrics")
+        create_markdown_artifact(
+            key="pipeline-summary", markdown=summary_markdown(summary), description="Pipeline run summary"
+        )
         link = mlflow_run_url(summary)
         if link:
             create_link_artifact(key="mlflow-run", link=link, description="The pipeline's MLflow run")
     except Exception as exc:  # noqa: BLE001 - artifacts are a courtesy; the run itself succeeded
         logger.debug("summary artifacts not published: %s", exc)
+
+
+def summary_markdown(summary: PipelineResult) -> str:
+    """The pipeline run as markdown: headline metrics, the champion decision, links to MLflow."""
+    run_link = mlflow_run_url(summary)
+    version_link = mlflow_model_version_url(summary)
+    verdict = "promoted to champion" if summary.promoted else "not promoted"
+    lines = [
+        f"# Pipeline run: {summary.experiment_name}",
+        "",
+        "| metric | value |",
+        "|---|---|",
+        *(f"| `{k}` | {v:.4f} |" for k, v in summary.metrics.items()),
+        "",
+        f"**Model:** `{summary.model_name}` version {summary.version}"
+        + (f" ([MLflow]({version_link}))" if version_link else ""),
+        "",
+        f"**Champion gate:** {verdict}: {summary.decision}"
+        + (f" (champion is version {summary.champion_version})" if summary.champion_version else ""),
+        "",
+        f"**MLflow run:** [{summary.run_id}]({run_link})" if run_link else f"**MLflow run:** `{summary.run_id}`",
+        "",
+        f"**Data fingerprint:** `{summary.fingerprint[:16]}`",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def mlflow_model_version_url(summary: PipelineResult) -> str | None:
+    """The MLflow UI link of the registered model version (same UI address as :func:`mlflow_run_url`)."""
+    if summary.version is None:
+        return None
+    base = summary.tracking_uri if summary.tracking_uri.startswith("http") else "http://127.0.0.1:5000"
+    return f"{base.rstrip('/')}/#/models/{summary.model_name}/versions/{summary.version}"
 
 
 def mlflow_run_url(summary: PipelineResult) -> str | None:

@@ -28,9 +28,14 @@ def train_flow(
         parent_run_id: The pipeline's MLflow run, when called from the pipeline.
         fresh: Discard checkpoints of this config and data and train from scratch.
     """
+    from flows.seam import check_cuda, record_outcome
+
+    check_cuda(config)
     base_dir = Path.cwd()
     tracking.setup_tracking(config.tracking, base_dir)
     experiment_id = tracking.ensure_experiment(config.name, config.tracking, base_dir)
     tags = {**tracking.git_tags(base_dir), **tracking.prefect_tags(), "config_hash": config.config_hash()}
     ctx = RunContext(experiment_id=experiment_id, parent_run_id=parent_run_id, tags=tags, base_dir=str(base_dir))
-    return run_training(config, dataset_dir, fingerprint, ctx, fresh=fresh)
+    outcome = run_training(config, dataset_dir, fingerprint, ctx, fresh=fresh)
+    record_outcome(outcome)  # read back through MLflow when this ran as a deployment (flows/seam.py)
+    return outcome

@@ -9,11 +9,13 @@ tag of the ``tune`` run; by default ``sqlite:////ABS/PATH/mlruns/optuna.db``).
 from __future__ import annotations
 
 import logging
+import math
 from pathlib import Path
 
+import optuna
 from prefect import flow
 
-from tasks import tracking, tune_tracking, tuning
+from tasks import progress, tracking, tune_tracking, tuning
 from tasks.config import PipelineConfig
 from tasks.stages import training_dir
 from tasks.tuning import TuneResult
@@ -42,6 +44,9 @@ def tune_flow(
     Raises:
         TuneError: no trial completed (the ``tune`` run ends FAILED).
     """
+    from flows.seam import check_cuda
+
+    check_cuda(config)
     base_dir = Path.cwd()
     tracking.setup_tracking(config.tracking, base_dir)
     experiment_id = tracking.ensure_experiment(config.name, config.tracking, base_dir)
@@ -49,7 +54,10 @@ def tune_flow(
     trials_root = training_dir(config, fingerprint, base_dir).parent
     spec = tuning.build_spec(config, dataset_dir, fingerprint, trials_root=trials_root, base_dir=base_dir)
     with tune_tracking.study_run(experiment_id, spec, parent_run_id=parent_run_id, tags=tags) as recorder:
-        result = tuning.run_study(spec, on_progress=recorder.sweep)
+        try:
+            result = tuning.run_study(spec, on_progress=lambda study: _sweep(recorder, study, config))
+        finally:
+            progress.reporter().search_done()
         recorder.finish(tuning.open_study(spec), result)
         result.require_best()
     logger.info(
@@ -60,6 +68,14 @@ def tune_flow(
         ", ".join(f"{v} {k}" for k, v in result.counts.items() if v and k != "done"),
     )
     return result
+
+
+def _sweep(recorder: tune_tracking.StudyRecorder, study: optuna.Study, config: PipelineConfig) -> None:
+    """Record finished trials in MLflow, then show the trial counts and the best value so far."""
+    recorder.sweep(study)
+    complete = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
+    values = [t.value for t in complete if t.value is not None and math.isfinite(t.value)]
+    progress.reporter().search_update(tuning.state_counts(study), config.tune.n_trials, min(values, default=None))
 
 
 def tuned_config(

@@ -59,6 +59,7 @@ from typing import IO, Any
 
 from pydantic import BaseModel
 
+from tasks import progress
 from tasks.config import (
     BuiltinSource,
     CleaningConfig,
@@ -888,6 +889,7 @@ class _Cleaner:
     def run(self, texts: Iterable[str]) -> Iterator[str]:
         for raw in texts:
             self.rows_in += 1
+            progress.clean_record(raw)
             text = clean_text(raw, self.cfg)
             self.changed += text != raw
             rule = self._verdict(text)

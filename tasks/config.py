@@ -301,6 +301,59 @@ class TrackingConfig(_Strict):
     metric_flush_interval: int = Field(50, ge=1, description="Per-step metrics are sent in one batch every N steps.")
 
 
+class WorkPoolConfig(_Strict):
+    """A Prefect work pool that ``forgeline deploy`` creates (or updates) idempotently."""
+
+    name: str = Field(min_length=1, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.\-]*$", description="Work pool name.")
+    type: str = Field("process", min_length=1, description="Worker type: process, docker, kubernetes...")
+    job_variables: dict[str, Any] = Field(
+        default_factory=dict,
+        description="Defaults for the pool's base job template, e.g. {env: {CUDA_VISIBLE_DEVICES: '0'}}.",
+    )
+    concurrency_limit: int | None = Field(None, ge=1, description="Flow runs at once on the pool; null: no limit.")
+    require_cuda: bool = Field(False, description="Flow runs on this pool fail fast when CUDA is missing.")
+
+
+class DeployConfig(_Strict):
+    """Deployed mode: work pools and deployments (``forgeline deploy``) and GPU pinning."""
+
+    cpu_pool: WorkPoolConfig = Field(default_factory=lambda: WorkPoolConfig(name="cpu"))
+    gpu_pool: WorkPoolConfig = Field(
+        default_factory=lambda: WorkPoolConfig(name="gpu", concurrency_limit=1, require_cuda=True)
+    )
+    allow_cpu_fallback: bool = Field(
+        False, description="Let GPU-pool flow runs train on CPU when CUDA is missing (tests, laptops)."
+    )
+    train_timeout: float | None = Field(
+        None, gt=0, description="Seconds the pipeline waits for a deployed train run; null: no limit."
+    )
+    incoming_dir: str = Field(
+        "data/incoming", description="Where `forgeline ingest` puts new data files (content-addressed)."
+    )
+    retrain_from: Literal["champion", "scratch"] = Field(
+        "champion", description="A retrain fine-tunes the current champion, or trains from scratch."
+    )
+    retrain_cron: str | None = Field(
+        "0 3 * * 1", description="Cron schedule of the retrain deployment; null: no schedule."
+    )
+    retrain_schedule_active: bool = Field(
+        False, description="Whether the retrain schedule starts active (switch it on in the Prefect UI)."
+    )
+
+    @field_validator("cpu_pool", "gpu_pool", mode="before")
+    @classmethod
+    def _pool_defaults(cls, value: Any, info: Any) -> Any:
+        # A partial pool section (say, only job_variables) keeps that pool's default name and limits.
+        if isinstance(value, dict):
+            defaults = (
+                {"name": "gpu", "concurrency_limit": 1, "require_cuda": True}
+                if info.field_name == "gpu_pool"
+                else {"name": "cpu"}
+            )
+            return {**defaults, **value}
+        return value
+
+
 class PipelineConfig(_Strict):
     """The whole pipeline: one tree, validated once."""
 
@@ -314,6 +367,7 @@ class PipelineConfig(_Strict):
     tune: TuneConfig = Field(default_factory=TuneConfig)
     registry: RegistryConfig = Field(default_factory=RegistryConfig)
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
+    deploy: DeployConfig = Field(default_factory=DeployConfig)
 
     def config_hash(self) -> str:
         """Hash of what determines the trained weights (not tracking, registry or tune settings)."""
@@ -452,7 +506,9 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
 
 def _under_free_section(key: str) -> bool:
     # Keys inside dict- or list-valued fields cannot be enumerated in advance.
-    return key.startswith(("tune.search_space.", "data.sources."))
+    return key.startswith(
+        ("tune.search_space.", "data.sources.", "deploy.cpu_pool.job_variables.", "deploy.gpu_pool.job_variables.")
+    )
 
 
 def dump_config(cfg: PipelineConfig) -> str:

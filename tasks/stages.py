@@ -16,11 +16,12 @@ from prefect import task
 from prefect.artifacts import create_table_artifact
 from pydantic import BaseModel
 
-from tasks import tracking
+from tasks import progress, tracking
 from tasks.cleaning import CleanResult, clean_dataset, read_split_text, report_rows
 from tasks.config import DataConfig, PipelineConfig
 from tasks.evaluation import EvalResult, evaluate_model, score_text
 from tasks.model_card import write_model_card
+from tasks.prefect_progress import TrainProgressFeed
 from tasks.registry import (
     BPB_TAG,
     FINGERPRINT_TAG,
@@ -57,7 +58,8 @@ class TrainOutcome(BaseModel):
 def clean_task(cfg: DataConfig, ctx: RunContext, data: list[str] | None = None) -> CleanResult:
     """Clean, split and fingerprint the data; log the report and the splits as dataset inputs."""
     with tracking.stage_run(ctx.experiment_id, "clean", parent_run_id=ctx.parent_run_id, tags=ctx.tags) as run_id:
-        result = clean_dataset(cfg, data_override=data, base_dir=Path(ctx.base_dir))
+        with progress.reporter().cleaning():
+            result = clean_dataset(cfg, data_override=data, base_dir=Path(ctx.base_dir))
         record_cleaning(run_id, result)
         _publish_table("cleaning-report", report_rows(result), f"Cleaning report ({result.fingerprint[:12]})")
     return result
@@ -71,6 +73,7 @@ def record_cleaning(run_id: str, result: CleanResult) -> None:
     metrics |= {f"bytes/{k}": v for k, v in result.bytes_per_split.items()}
     tracking.log_metrics(run_id, metrics)
     tracking.log_dict(run_id, result.model_dump(mode="json"), "cleaning_report.json")
+    _log_cleaning_chart(run_id, result)
     for split, rows in result.rows_per_split.items():
         if rows:
             tracking.log_dataset_input(
@@ -81,6 +84,18 @@ def record_cleaning(run_id: str, result: CleanResult) -> None:
                 context=split,
                 profile={"rows": rows, "bytes": result.bytes_per_split.get(split, 0)},
             )
+
+
+def _log_cleaning_chart(run_id: str, result: CleanResult) -> None:
+    """``cleaning_report.png``: records dropped per rule and records per split."""
+    try:
+        import matplotlib.pyplot as plt
+
+        fig = tracking.cleaning_report_figure(result.dropped, result.rows_per_split, rows_in=result.rows_in)
+        tracking.log_figure(run_id, fig, "cleaning_report.png")
+        plt.close(fig)
+    except Exception as exc:  # noqa: BLE001 - a chart is a courtesy; the JSON report is logged already
+        logger.warning("cleaning chart not logged: %s", exc)
 
 
 # ------------------------------------------------------------------------------------------ train
@@ -102,10 +117,17 @@ def run_training(
     ) as run_id:
         tracking.log_config(run_id, cfg)
         buffer = tracking.MetricBuffer(run_id, flush_every=cfg.tracking.metric_flush_interval)
-        callbacks = TrainCallbacks(
-            on_start=lambda summary: tracking.log_params(run_id, {f"summary.{k}": v for k, v in summary.items()}),
-            on_metrics=buffer.add,
-        )
+        live = TrainProgressFeed(cfg.train.max_steps)  # terminal bar + Prefect progress artifact
+
+        def on_start(summary: dict[str, Any]) -> None:
+            tracking.log_params(run_id, {f"summary.{k}": v for k, v in summary.items()})
+            live.start(summary)
+
+        def on_metrics(step: int, metrics: dict[str, float]) -> None:
+            buffer.add(step, metrics)
+            live.update(step, metrics)
+
+        callbacks = TrainCallbacks(on_start=on_start, on_metrics=on_metrics)
         try:
             result = train_model(
                 cfg.train,
@@ -119,6 +141,7 @@ def run_training(
             )
         finally:
             buffer.close()
+            live.close()
         record_training(run_id, result)
         model_uri = _logged_model_uri(run_dir, run_id, result, cfg.eval.prompts[0])
     return TrainOutcome(train_run_id=run_id, model_uri=model_uri, lineage=lineage, result=result)

@@ -316,6 +316,8 @@ def _loop(
     stopped_early = False
     rate_t0, rate_steps, tokens_per_sec = time.perf_counter(), 0, 0.0
     loop_t0, loop_steps = rate_t0, 0
+    # History "time": seconds of training loop since the run began (a resumed run continues the clock).
+    t_offset = max((h.get("time", 0.0) for h in state.history or []), default=0.0) - loop_t0
     model.train()
     with _stop_on_sigterm() as stop:
         while state.step < cfg.max_steps:
@@ -355,7 +357,7 @@ def _loop(
                 tokens_per_sec = rate_steps * tokens_per_step / max(now - rate_t0, 1e-9)
                 rate_t0, rate_steps = now, 0
                 metrics["tokens_per_sec"] = tokens_per_sec
-                state.history.append({"step": state.step, "train/loss": train_loss})
+                state.history.append({"step": state.step, "train/loss": train_loss, "time": t_offset + now})
                 logger.info(
                     "step %d/%d  loss %.4f  lr %.2e  %.0f tok/s",
                     state.step,
@@ -367,7 +369,9 @@ def _loop(
             if state.step % cfg.eval_interval == 0 or state.step == cfg.max_steps:
                 final_val = estimate_loss(step_fn, val_batches, device, cfg)
                 metrics["val/loss"] = final_val
-                state.history.append({"step": state.step, "val/loss": final_val})
+                state.history.append(
+                    {"step": state.step, "val/loss": final_val, "time": t_offset + time.perf_counter()}
+                )
                 logger.info("step %d: val/loss %.4f", state.step, final_val)
                 if final_val < state.best_val:
                     state.best_val, state.bad_evals = final_val, 0

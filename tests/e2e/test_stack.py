@@ -1,0 +1,240 @@
+"""Deployed mode end to end: real servers and workers on loopback, in a throw-away project folder.
+
+``forgeline up`` -> ``deploy`` -> ``run --deployed`` (once without CUDA fallback: the GPU-pool run must
+fail fast; once with it: everything completes) -> checks through the Prefect and MLflow clients ->
+``ingest`` new data -> the ``retrain`` deployment's trigger retrains once, fine-tuning the champion ->
+the same data again retrains nothing -> ``down`` -> no process left. About 4 minutes on 2 cores.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import psutil
+import pytest
+
+pytestmark = pytest.mark.e2e
+
+ROOT = Path(__file__).resolve().parents[2]
+CLI_TIMEOUT = 300
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+class Project:
+    """A copy of the project with its own FORGELINE_HOME and ports; runs ``forgeline`` in it."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.home = root / ".forgeline"
+        self.prefect_port = _free_port()
+        self.mlflow_port = _free_port()
+        env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "MLFLOW_"))}
+        env.update(
+            {
+                "FORGELINE_HOME": str(self.home),
+                "PREFECT_HOME": str(root / ".prefect-client"),
+                "PREFECT_WORKER_QUERY_SECONDS": "1",
+                "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+            }
+        )
+        self.env = env
+
+    def forgeline(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+        proc = subprocess.run(
+            [sys.executable, "-m", "flows", *args],
+            cwd=self.root,
+            env=self.env,
+            capture_output=True,
+            text=True,
+            timeout=CLI_TIMEOUT,
+        )
+        if check and proc.returncode != 0:
+            raise AssertionError(f"forgeline {' '.join(args)} exited {proc.returncode}\n{proc.stdout}\n{proc.stderr}")
+        return proc
+
+
+@pytest.fixture(scope="module")
+def project(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Project]:
+    root = tmp_path_factory.mktemp("project")
+    ignore = shutil.ignore_patterns("__pycache__", "*.pyc")
+    for name in ("flows", "tasks", "configs"):
+        shutil.copytree(ROOT / name, root / name, ignore=ignore)
+    proj = Project(root)
+    try:
+        yield proj
+    finally:
+        from flows.stack import stop_stack
+
+        stop_stack(proj.home, grace=5.0)  # no-op when the test already ran `forgeline down`
+
+
+def _stack_family(home: Path) -> list[psutil.Process]:
+    from flows.stack import read_state
+
+    state = read_state(home)
+    assert state is not None
+    family = []
+    for proc in state.procs:
+        parent = psutil.Process(proc.pid)
+        family += [parent, *parent.children(recursive=True)]
+    return family
+
+
+def test_up_deploy_run_deployed_down(project: Project) -> None:
+    up = project.forgeline("up", "--prefect-port", str(project.prefect_port), "--mlflow-port", str(project.mlflow_port))
+    assert f"http://127.0.0.1:{project.prefect_port}" in up.stdout
+    assert f"http://127.0.0.1:{project.mlflow_port}" in up.stdout
+    status = project.forgeline("status")
+    assert status.stdout.count(" up ") == 4, status.stdout
+
+    fallback = ["--set", "deploy.allow_cpu_fallback=true"]
+    for _ in range(2):  # idempotent
+        deployed = project.forgeline("deploy", "--config", "configs/smoke.yaml", *fallback)
+    assert "deployment train/train on pool gpu" in deployed.stdout
+
+    # No CUDA here and no fallback: the GPU-pool train run fails fast with the reason.
+    refused = project.forgeline("run", "--config", "configs/smoke.yaml", "--deployed", check=False)
+    assert refused.returncode == 1, refused.stdout + refused.stderr
+    assert "train" in refused.stdout and "Failed" in refused.stdout
+
+    ran = project.forgeline("run", "--config", "configs/smoke.yaml", "--deployed", *fallback)
+    assert "completed: forgeline-smoke-lm version 1" in ran.stdout, ran.stdout
+    assert "promoted to champion: true" in ran.stdout
+
+    api = f"http://127.0.0.1:{project.prefect_port}/api"
+    _check_prefect(project, api)
+    _check_mlflow(project)
+    _retrain_on_new_data(project, api)
+
+    family = _stack_family(project.home)
+    down = project.forgeline("down")
+    assert "worker-gpu" in down.stdout
+    gone, alive = psutil.wait_procs(family, timeout=10)
+    assert not alive, [p.pid for p in alive]
+    assert not (project.home / "stack.json").exists()
+    assert project.forgeline("status", check=False).returncode == 1
+
+
+@contextlib.contextmanager
+def _prefect(api: str) -> Iterator[Any]:
+    """A sync Prefect client for this stack's API (settings are read once; override them explicitly)."""
+    from prefect import get_client
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    with temporary_settings({PREFECT_API_URL: api}), get_client(sync_client=True) as client:
+        yield client
+
+
+def _check_prefect(project: Project, api: str) -> None:
+    from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterName, FlowRunFilter
+
+    with _prefect(api) as client:
+        assert str(client.api_url).rstrip("/") == api
+        pools = {p.name: p for p in client.read_work_pools()}
+        assert pools["gpu"].concurrency_limit == 1 and pools["gpu"].type == "process"
+        runs = client.read_flow_runs(
+            deployment_filter=DeploymentFilter(name=DeploymentFilterName(any_=["train"])),
+            flow_run_filter=FlowRunFilter(),
+        )
+        by_state = {r.state.name: r for r in runs if r.state}
+        assert set(by_state) == {"Failed", "Completed"}, [r.state for r in runs]
+        train = by_state["Completed"]
+        assert train.work_pool_name == "gpu"
+        assert train.parent_task_run_id is not None  # linked to the pipeline as a subflow
+        assert "allow_cpu_fallback" in (by_state["Failed"].state.message or "")
+        pipeline = client.read_flow_runs(
+            deployment_filter=DeploymentFilter(name=DeploymentFilterName(any_=["pipeline"]))
+        )
+        assert sorted(r.state.name for r in pipeline) == ["Completed", "Failed"]
+        assert all(r.work_pool_name == "cpu" for r in pipeline)
+
+
+def _check_mlflow(project: Project) -> None:
+    from mlflow import MlflowClient
+
+    client = MlflowClient(tracking_uri=f"http://127.0.0.1:{project.mlflow_port}")
+    experiment = client.get_experiment_by_name("forgeline-smoke")
+    assert experiment is not None
+    runs = client.search_runs([experiment.experiment_id], filter_string="attributes.status = 'FINISHED'")
+    names = {r.data.tags.get("mlflow.runName") for r in runs}
+    assert {"pipeline", "clean", "train", "evaluate", "register"} <= names
+    champion = client.get_model_version_by_alias("forgeline-smoke-lm", "champion")
+    assert champion.version == "1"
+    assert not (project.root / "mlruns" / "mlflow.db").exists()  # everything went through the server
+
+
+NEW_TEXT = "\n\n".join(
+    f"Paragraph {i}: the module returns a list of values for each file in the data directory." for i in range(80)
+)
+
+
+def _retrain_runs(api: str) -> list:
+    from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterName
+
+    with _prefect(api) as client:
+        return client.read_flow_runs(deployment_filter=DeploymentFilter(name=DeploymentFilterName(any_=["retrain"])))
+
+
+def _wait_retrains(api: str, count: int, timeout: float = 240) -> list:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        runs = _retrain_runs(api)
+        if len(runs) >= count and all(r.state and r.state.is_final() for r in runs):
+            return runs
+        time.sleep(2)
+    raise AssertionError(f"expected {count} finished retrain runs, got {[r.state for r in _retrain_runs(api)]}")
+
+
+def _retrain_on_new_data(project: Project, api: str) -> None:
+    from mlflow import MlflowClient
+
+    new = project.root / "new_data.txt"
+    new.write_text(NEW_TEXT)
+    ingest = ["ingest", "--config", "configs/smoke.yaml", str(new)]
+    out = project.forgeline(*ingest).stdout
+    assert "emitted forgeline.dataset.updated" in out, out
+    assert not new.exists()  # moved into the incoming folder under its content hash
+    incoming = list((project.root / "data" / "incoming").iterdir())
+    assert len(incoming) == 1 and incoming[0].read_text() == NEW_TEXT
+    fingerprint = out.split("incoming fingerprint ")[1].split()[0]
+
+    (retrain,) = _wait_retrains(api, 1)
+    assert retrain.state.is_completed(), retrain.state
+    assert retrain.parameters["fingerprint"] == fingerprint  # from the event payload
+    assert retrain.work_pool_name == "cpu"
+
+    client = MlflowClient(tracking_uri=f"http://127.0.0.1:{project.mlflow_port}")
+    experiment = client.get_experiment_by_name("forgeline-smoke")
+    retrained = client.search_runs(
+        [experiment.experiment_id], filter_string=f"tags.`forgeline.retrain_fingerprint` = '{fingerprint}'"
+    )
+    assert len(retrained) == 1 and retrained[0].data.tags["model_version"] == "2"
+    assert retrained[0].data.params["model.init_from"] == "models:/forgeline-smoke-lm@champion"
+    assert "data/incoming" in retrained[0].data.params["data.sources"]
+
+    # The same data again: nothing new, no event, no retrain.
+    new.write_text(NEW_TEXT)
+    assert "nothing new" in project.forgeline(*ingest).stdout
+    # Even a forced event for the same fingerprint retrains nothing (the flow run skips).
+    new.write_text(NEW_TEXT)
+    project.forgeline(*ingest, "--force")
+    runs = _wait_retrains(api, 2)
+    assert len(runs) == 2 and all(r.state.is_completed() for r in runs)
+    versions = client.search_model_versions("name = 'forgeline-smoke-lm'")
+    assert sorted(v.version for v in versions) == ["1", "2"]
+    time.sleep(3)
+    assert len(_retrain_runs(api)) == 2

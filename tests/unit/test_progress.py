@@ -1,0 +1,82 @@
+"""Progress reporting: off by default, bars on a terminal, log lines otherwise, never in the way."""
+
+from __future__ import annotations
+
+import io
+import logging
+
+import pytest
+from rich.console import Console
+
+from tasks.prefect_progress import PrefectTrainProgress
+from tasks.progress import ProgressReporter
+
+
+def test_off_by_default_and_cheap() -> None:
+    r = ProgressReporter()
+    with r.cleaning():
+        r.clean_record("text")
+    r.train_start(10)
+    r.train_update(1, {"train/loss": 1.0})
+    r.search_update({"complete": 1}, 4, 0.5)
+    assert r._progress is None
+
+
+def test_terminal_bars_render_and_stop() -> None:
+    buffer = io.StringIO()
+    console = Console(file=buffer, force_terminal=True, width=140)
+    r = ProgressReporter()
+    r.enable(console, terminal=True)
+    with r.cleaning():
+        for _ in range(300):
+            r.clean_record("hello world")
+    r.train_start(20, start_step=5)
+    for step in range(6, 21):
+        r.train_update(step, {"train/loss": 2.5, "tokens_per_sec": 1000.0})
+    r.train_done()
+    r.search_update({"complete": 2, "pruned": 1, "failed": 1}, 4, 1.2345)
+    r.search_done()
+    r.disable()
+    out = buffer.getvalue()
+    assert "300 records" in out
+    assert "step 20/20" in out and "loss 2.5000" in out
+    assert "3/4 trials: 2 ok, 1 pruned, 1 failed" in out and "best 1.2345" in out
+    assert r._progress is None
+
+
+def test_plain_lines_without_terminal(caplog: pytest.LogCaptureFixture) -> None:
+    r = ProgressReporter()
+    r.enable(Console(file=io.StringIO()), terminal=False)
+    with caplog.at_level(logging.INFO, logger="tasks.progress"):
+        r.train_start(10)
+        r.train_update(1, {"train/loss": 1.0})
+        r.search_update({"complete": 1, "pruned": 0, "failed": 0}, 4, 0.5)
+        r.search_update({"complete": 1, "pruned": 0, "failed": 0}, 4, 0.5)  # unchanged: no second line
+    assert r._progress is None
+    lines = [rec.getMessage() for rec in caplog.records]
+    assert lines == ["search: 1 of 4 trials done (1 complete, 0 pruned, 0 failed), best 0.5000"]
+
+
+def test_prefect_progress_outside_a_flow_is_quiet() -> None:
+    artifact = PrefectTrainProgress(100)
+    artifact.start()
+    for step in range(1, 101):
+        artifact.update(step, {"train/loss": 1.0})
+    assert artifact.calls == 0
+
+
+def test_prefect_progress_is_throttled(monkeypatch: pytest.MonkeyPatch) -> None:
+    import prefect.artifacts as artifacts
+    import prefect.context
+
+    monkeypatch.setattr(prefect.context.FlowRunContext, "get", classmethod(lambda cls: object()))
+
+    calls: list[float] = []
+    monkeypatch.setattr(artifacts, "create_progress_artifact", lambda pct, **_: calls.append(pct) or "id")
+    monkeypatch.setattr(artifacts, "update_progress_artifact", lambda _id, pct, **_: calls.append(pct) or "id")
+    artifact = PrefectTrainProgress(10_000)
+    artifact.start()
+    for step in range(1, 10_001):
+        artifact.update(step, {"train/loss": 1.0})
+    assert len(calls) <= 21  # the start and one update per 5 %
+    assert calls[0] == 0.0 and calls[-1] == 100.0
