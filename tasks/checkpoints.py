@@ -61,11 +61,15 @@ def save_checkpoint(directory: Path, step: int, state: dict[str, Any], keep: int
     directory.mkdir(parents=True, exist_ok=True)
     final = checkpoint_path(directory, step)
     tmp = final.with_suffix(".pt.tmp")
-    with tmp.open("wb") as fh:
-        torch.save(state, fh)
-        fh.flush()
-        os.fsync(fh.fileno())
-    _fault_hook(step)
+    try:
+        with tmp.open("wb") as fh:
+            torch.save(state, fh)
+            fh.flush()
+            os.fsync(fh.fileno())
+        _fault_hook(step)
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        raise CheckpointError(f"could not write checkpoint {final}: {exc.strerror or exc}") from exc
     os.replace(tmp, final)
     marker = final.with_suffix(".ok")
     marker_tmp = marker.with_suffix(".ok.tmp")
@@ -79,13 +83,19 @@ def save_checkpoint(directory: Path, step: int, state: dict[str, Any], keep: int
 
 
 def _fault_hook(step: int) -> None:
-    # Test-only fault injection (RELIABILITY.md A3): die after the temp file is written, before the rename.
-    if os.environ.get("FORGELINE_FAULT_KIND") == "sigkill_in_checkpoint" and os.environ.get(
-        "FORGELINE_FAULT_AT_STEP"
-    ) == str(step):
+    # Test-only fault injection (RELIABILITY.md A3, A7): after the temp file is written, before the rename,
+    # die (sigkill_in_checkpoint) or fail like a full disk (enospc_in_checkpoint).
+    if os.environ.get("FORGELINE_FAULT_AT_STEP") != str(step):
+        return
+    kind = os.environ.get("FORGELINE_FAULT_KIND")
+    if kind == "sigkill_in_checkpoint":
         import signal
 
         os.kill(os.getpid(), signal.SIGKILL)
+    elif kind == "enospc_in_checkpoint":
+        import errno
+
+        raise OSError(errno.ENOSPC, "No space left on device (injected)")
 
 
 def complete_checkpoints(directory: Path) -> list[tuple[int, Path]]:

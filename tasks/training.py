@@ -431,6 +431,8 @@ def _apply_process_fault(fault: str | None) -> None:
         os.kill(os.getpid(), signal.SIGTERM)
     elif fault == "raise":
         raise RuntimeError("injected fault (FORGELINE_FAULT_KIND=raise)")
+    elif fault == "oom":
+        raise torch.OutOfMemoryError("injected out of memory (FORGELINE_FAULT_KIND=oom)")
 
 
 def _checkpoint(

@@ -106,3 +106,16 @@ def test_crash_between_version_and_alias_completes_on_rerun(project: Project) ->
     assert [str(v.version) for v in versions] == ["1"]
     assert str(client.get_model_version_by_alias(MODEL, "champion").version) == "1"
     assert versions[0].tags["forgeline.promoted"] == "true"
+
+
+def test_out_of_memory_fails_the_run_and_registers_nothing(project: Project) -> None:
+    result = project.run_pipeline(extra_env={"FORGELINE_FAULT_AT_STEP": "12", "FORGELINE_FAULT_KIND": "oom"})
+    assert result.returncode == 1, result.describe()
+    lines = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert lines == ["error: OutOfMemoryError: injected out of memory (FORGELINE_FAULT_KIND=oom)"]
+    client = project.client()
+    runs = runs_by_name(client, client.get_experiment_by_name(EXPERIMENT).experiment_id)
+    assert [r.info.status for r in runs["train"]] == ["FAILED"]
+    assert [r.info.status for r in runs["pipeline"]] == ["FAILED"]
+    assert "OutOfMemoryError" in runs["train"][0].data.tags["forgeline.error"]
+    assert client.search_registered_models() == []

@@ -202,3 +202,17 @@ def test_fine_tune_from_a_local_model_dir_keeps_its_tokenizer(
 
 def _result_history(run_dir: Path) -> list[dict]:
     return json.loads((run_dir / "done.json").read_text())["history"]
+
+
+def test_disk_full_while_checkpointing_keeps_the_previous_checkpoint(dataset_dir: str, tmp_path: Path) -> None:
+    proc = _train(
+        dataset_dir, tmp_path, {"FORGELINE_FAULT_AT_STEP": "20", "FORGELINE_FAULT_KIND": "enospc_in_checkpoint"}
+    )
+    assert proc.returncode != 0
+    assert "could not write checkpoint" in proc.stderr and "No space left on device" in proc.stderr
+    ckpts = tmp_path / "checkpoints"
+    assert sorted(p.name for p in ckpts.glob("*.ok")) == ["ckpt-00000010.ok"]
+    assert not list(ckpts.glob("*.tmp"))
+    resumed = _train(dataset_dir, tmp_path)
+    assert resumed.returncode == 0
+    assert _result(resumed)["resumed_from"] == 10
