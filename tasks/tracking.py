@@ -378,9 +378,18 @@ class MetricBuffer:
                 with self._lock:
                     left = len(self._pending)
                 if left:
-                    raise TrackingError(f"{left} metrics could not be logged to run {self.run_id}: {self._last_error}")
+                    raise TrackingError(
+                        f"{left} metrics could not be logged to run {self.run_id} at {_tracking_uri_shown()}: "
+                        f"{str(self._last_error).splitlines()[0][:300]}"
+                    )
                 return
             time.sleep(min(2**attempt, 10))
+
+
+def _tracking_uri_shown() -> str:
+    import mlflow
+
+    return mlflow.get_tracking_uri()
 
 
 # ---------------------------------------------------------------------------------------- figures

@@ -1,0 +1,88 @@
+"""The tracking store under faults (RELIABILITY.md B1): a locked SQLite database, shorter and longer than the timeout.
+
+Metrics are counted: a short lock delays them, a long one ends in a clear error naming the database, and
+in neither case is a metric dropped silently.
+"""
+
+from __future__ import annotations
+
+import os
+import sqlite3
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from tasks import tracking
+from tasks.config import TrackingConfig
+
+pytestmark = pytest.mark.integration
+
+HOLDER = """
+import sqlite3, sys, time
+con = sqlite3.connect(sys.argv[1], timeout=30, isolation_level=None)
+con.execute("BEGIN EXCLUSIVE")
+print("locked", flush=True)
+time.sleep(float(sys.argv[2]))
+con.execute("ROLLBACK")
+"""
+
+
+@pytest.fixture
+def store(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> tuple[Path, str]:
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    tracking.setup_tracking(TrackingConfig(), tmp_path)
+    exp = tracking.ensure_experiment("locks", TrackingConfig(), tmp_path)
+    with tracking.stage_run(exp, "probe") as run_id:
+        pass
+    yield tmp_path / "mlruns" / "mlflow.db", run_id
+    os.environ.pop("MLFLOW_TRACKING_URI", None)
+
+
+def _hold_lock(db: Path, seconds: float) -> subprocess.Popen[str]:
+    proc = subprocess.Popen([sys.executable, "-c", HOLDER, str(db), str(seconds)], stdout=subprocess.PIPE, text=True)
+    assert proc.stdout is not None and proc.stdout.readline().strip() == "locked"
+    return proc
+
+
+def _history_count(run_id: str, key: str) -> int:
+    return len(tracking.client().get_metric_history(run_id, key))
+
+
+def test_short_lock_waits_and_every_metric_lands(store: tuple[Path, str]) -> None:
+    db, run_id = store
+    buffer = tracking.MetricBuffer(run_id, flush_every=1000)
+    for step in range(1, 101):
+        buffer.add(step, {"train/loss": 1.0 / step})
+    holder = _hold_lock(db, 1.5)
+    t0 = time.monotonic()
+    buffer.close(timeout=60)
+    holder.wait(timeout=30)
+    assert time.monotonic() - t0 >= 1.0  # it waited for the lock rather than failing or dropping
+    assert _history_count(run_id, "train/loss") == 100
+
+
+def test_long_lock_fails_loudly_naming_the_database(store: tuple[Path, str]) -> None:
+    db, run_id = store
+    buffer = tracking.MetricBuffer(run_id, flush_every=1000, max_retries=2)
+    for step in range(1, 51):
+        buffer.add(step, {"train/loss": 1.0 / step})
+    holder = _hold_lock(db, 120)
+    try:
+        with pytest.raises(tracking.TrackingError) as info:
+            buffer.close(timeout=30)
+    finally:
+        holder.kill()
+        holder.wait()
+    message = str(info.value)
+    assert "50 metrics could not be logged" in message
+    assert str(db) in message
+    assert "\n" not in message
+    # Nothing was silently dropped: the same buffer delivers everything once the lock is gone.
+    buffer.close(timeout=30)
+    assert _history_count(run_id, "train/loss") == 50
+    conn = sqlite3.connect(db)
+    conn.close()
