@@ -86,3 +86,51 @@ def test_long_lock_fails_loudly_naming_the_database(store: tuple[Path, str]) -> 
     assert _history_count(run_id, "train/loss") == 50
     conn = sqlite3.connect(db)
     conn.close()
+
+
+class _StubServer:
+    """A tracking 'server' on 127.0.0.1 that answers 500, or never answers."""
+
+    def __init__(self, mode: str) -> None:
+        import http.server
+        import threading
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_GET(self) -> None:  # noqa: N802 - http.server's naming
+                if mode == "hang":
+                    time.sleep(30)
+                    return
+                self.send_response(500)
+                self.end_headers()
+                self.wfile.write(b"internal error")
+
+            do_POST = do_GET  # noqa: N815
+
+            def log_message(self, *args: object) -> None:
+                pass
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server.daemon_threads = True
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread.start()
+
+    def stop(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+@pytest.mark.parametrize("mode", ["500", "hang"])
+def test_broken_tracking_server_fails_fast_with_a_clear_error(mode: str, tmp_path: Path) -> None:
+    stub = _StubServer(mode)
+    try:
+        t0 = time.monotonic()
+        with pytest.raises(tracking.TrackingError) as info:
+            tracking.setup_tracking(TrackingConfig(uri=stub.url), tmp_path)
+        elapsed = time.monotonic() - t0
+    finally:
+        stub.stop()
+        os.environ.pop("MLFLOW_TRACKING_URI", None)
+    assert f"tracking server {stub.url} is not reachable" in str(info.value)
+    assert "\n" not in str(info.value)
+    assert elapsed < 15  # bounded: no hang
