@@ -112,7 +112,7 @@ def ensure_pool(pool: WorkPoolConfig) -> str:
 
 
 def deploy_all(config: PipelineConfig, source: Path | None = None) -> list[str]:
-    """Ensure both pools and the ``pipeline``, ``train`` and ``tune`` deployments. Returns summary lines.
+    """Ensure both pools, the crash automation and the deployments. Returns summary lines.
 
     Args:
         config: Supplies the ``deploy:`` section and the pipeline deployment's default ``config`` parameter.
@@ -120,7 +120,7 @@ def deploy_all(config: PipelineConfig, source: Path | None = None) -> list[str]:
     """
     from prefect import flow as prefect_flow
 
-    lines = [ensure_pool(config.deploy.cpu_pool), ensure_pool(config.deploy.gpu_pool)]
+    lines = [ensure_pool(config.deploy.cpu_pool), ensure_pool(config.deploy.gpu_pool), ensure_crash_automation()]
     root = (source or project_dir()).resolve()
     pools = {"cpu": config.deploy.cpu_pool.name, "gpu": config.deploy.gpu_pool.name}
     for name, (entrypoint, which) in DEPLOYMENTS.items():
@@ -159,3 +159,45 @@ def _retrain_options(config: PipelineConfig) -> dict[str, Any]:
     if config.deploy.retrain_cron:
         options["schedules"] = [Cron(config.deploy.retrain_cron, active=config.deploy.retrain_schedule_active)]
     return options
+
+
+CRASH_AUTOMATION = "forgeline: crash flow runs without heartbeats"
+HEARTBEAT_SECONDS = 30  # PREFECT_FLOWS_HEARTBEAT_FREQUENCY that `forgeline up` gives its workers
+
+
+def ensure_crash_automation(silence: float = 3 * HEARTBEAT_SECONDS) -> str:
+    """(Re)create the automation that marks a flow run CRASHED when its heartbeats stop.
+
+    A worker killed mid-run leaves its flow run RUNNING; flow runs send ``prefect.flow-run.heartbeat``
+    every ``PREFECT_FLOWS_HEARTBEAT_FREQUENCY`` seconds, and this automation crashes a run that sent one
+    and then nothing (no heartbeat, no terminal state) for ``silence`` seconds. The MLflow runs it owned end
+    KILLED at the next pipeline start on that host (``tasks.tracking.reap_orphan_runs``).
+    """
+    from datetime import timedelta
+
+    from prefect import get_client
+    from prefect.client.schemas.objects import StateType
+    from prefect.events.actions import ChangeFlowRunState
+    from prefect.events.schemas.automations import AutomationCore, EventTrigger, Posture
+    from prefect.events.schemas.events import ResourceSpecification
+
+    terminal = ("Completed", "Failed", "Cancelled", "Crashed")
+    automation = AutomationCore(
+        name=CRASH_AUTOMATION,
+        description="Flow runs whose heartbeats stop (a killed worker or machine) are marked crashed.",
+        trigger=EventTrigger(
+            after={"prefect.flow-run.heartbeat"},
+            expect={"prefect.flow-run.heartbeat", *(f"prefect.flow-run.{s}" for s in terminal)},
+            match=ResourceSpecification({"prefect.resource.id": ["prefect.flow-run.*"]}),
+            for_each={"prefect.resource.id"},
+            posture=Posture.Proactive,
+            threshold=1,
+            within=timedelta(seconds=silence),
+        ),
+        actions=[ChangeFlowRunState(state=StateType.CRASHED, message="no heartbeat: the worker or machine died")],
+    )
+    with get_client(sync_client=True) as client:
+        for old in client.read_automations_by_name(CRASH_AUTOMATION):
+            client.delete_automation(old.id)
+        client.create_automation(automation)
+    return f"automation {CRASH_AUTOMATION!r}: after {silence:.0f} s without a heartbeat"

@@ -10,8 +10,7 @@ from prefect import flow
 from prefect.artifacts import create_link_artifact, create_markdown_artifact, create_table_artifact
 from pydantic import BaseModel
 
-from flows.seam import run_train
-from flows.tune import tuned_config
+from flows.seam import run_train, run_tune
 from tasks import tracking
 from tasks.config import PipelineConfig
 from tasks.registry import LINEAGE_TAG, find_lineage_version
@@ -49,7 +48,7 @@ def pipeline_flow(
         config: The whole pipeline config (the Prefect UI renders it as a form).
         data: Local files, globs or directories replacing ``data.sources``.
         fresh: Train anew even if this config and data already produced a model.
-        deployed: Run train as a flow run of the ``train`` deployment on the GPU pool (flows/seam.py).
+        deployed: Run tune and train as flow runs of their deployments on the GPU pool (flows/seam.py).
     """
     clock = Laps()
     base_dir = Path.cwd()
@@ -65,7 +64,7 @@ def pipeline_flow(
         ctx = ctx.model_copy(update={"tags": {**tags, "data_fingerprint": cleaned.fingerprint}})
         tracking.set_tags(run_id, {"data_fingerprint": cleaned.fingerprint})
         clock.lap("clean")
-        config = tuned_config(config, cleaned.dataset_dir, cleaned.fingerprint, parent_run_id=run_id)
+        config = run_tune(config, cleaned.dataset_dir, cleaned.fingerprint, run_id, deployed)
         clock.lap("tune")
         summary = PipelineResult(
             experiment_name=config.name,

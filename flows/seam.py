@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+from typing import Any
 
 from flows.deploy import POOL_ENV, REQUIRE_CUDA_ENV
 from tasks import tracking
@@ -21,6 +22,8 @@ from tasks.stages import TrainOutcome
 logger = logging.getLogger(__name__)
 
 TRAIN_DEPLOYMENT = "train/train"
+TUNE_DEPLOYMENT = "tune/tune"
+TUNE_ARTIFACT = "tune_result.json"  # written by tasks/tune_tracking.py on the tune run
 OUTCOME_ARTIFACT = "forgeline/train_outcome.json"
 
 
@@ -56,8 +59,6 @@ def run_train(
         from flows.train import train_flow
 
         return train_flow(config, dataset_dir, fingerprint, parent_run_id=parent_run_id, fresh=fresh)
-    from prefect.deployments import run_deployment
-
     parameters = {
         "config": config.model_dump(mode="json"),
         "dataset_dir": dataset_dir,
@@ -65,37 +66,76 @@ def run_train(
         "parent_run_id": parent_run_id,
         "fresh": fresh,
     }
-    logger.info("submitting %s to work pool %s", TRAIN_DEPLOYMENT, config.deploy.gpu_pool.name)
-    child = run_deployment(
-        TRAIN_DEPLOYMENT,
-        parameters=parameters,
-        timeout=config.deploy.train_timeout,
-        poll_interval=2,
-    )
+    child = _run_deployment(TRAIN_DEPLOYMENT, parameters, config)
+    return read_outcome(parent_run_id, str(child.id))
+
+
+def run_tune(
+    config: PipelineConfig, dataset_dir: str, fingerprint: str, parent_run_id: str, deployed: bool
+) -> PipelineConfig:
+    """``config`` itself when tuning is off; else the best trial's parameters merged into it.
+
+    Local mode runs ``tune_flow`` in-process; deployed mode runs the ``tune`` deployment on the GPU pool
+    and reads the study's result from the ``tune_result.json`` artifact of its MLflow ``tune`` run.
+
+    Raises:
+        DeployedRunError: the deployed tune run did not complete, or left no result.
+    """
+    from flows.tune import tuned_config
+
+    if config.tune.n_trials == 0 or not deployed:
+        return tuned_config(config, dataset_dir, fingerprint, parent_run_id=parent_run_id)
+    from tasks import tuning
+
+    parameters = {
+        "config": config.model_dump(mode="json"),
+        "dataset_dir": dataset_dir,
+        "fingerprint": fingerprint,
+        "parent_run_id": parent_run_id,
+    }
+    child = _run_deployment(TUNE_DEPLOYMENT, parameters, config)
+    text = _load_artifact(parent_run_id, str(child.id), "tune", TUNE_ARTIFACT)
+    result = tuning.TuneResult.model_validate(json.loads(text))
+    logger.info("deployed tuning done: best %s with %s", result.best_value, result.best_params)
+    return tuning.apply_params(config, result.best_params)
+
+
+def _run_deployment(name: str, parameters: dict[str, Any], config: PipelineConfig) -> Any:
+    """Run deployment ``name`` as a subflow, wait, and return its flow run if it completed."""
+    from prefect.deployments import run_deployment
+
+    logger.info("submitting %s to work pool %s", name, config.deploy.gpu_pool.name)
+    child = run_deployment(name, parameters=parameters, timeout=config.deploy.train_timeout, poll_interval=2)
     state = child.state
     if state is None or not state.is_completed():
-        name = state.name if state is not None else "unknown"
+        status = state.name if state is not None else "unknown"
         message = (state.message or "").strip().splitlines()[0] if state is not None and state.message else ""
         raise DeployedRunError(
-            f"train flow run {child.name} ({child.id}) on pool {child.work_pool_name} ended {name}"
+            f"{name.split('/')[0]} flow run {child.name} ({child.id}) on pool {child.work_pool_name} ended {status}"
             + (f": {message}" if message else "")
         )
-    return read_outcome(parent_run_id, str(child.id))
+    return child
+
+
+def _load_artifact(parent_run_id: str, flow_run_id: str, stage: str, artifact: str) -> str:
+    """Text of ``artifact`` on the MLflow ``stage`` run that Prefect flow run ``flow_run_id`` created."""
+    import mlflow
+
+    experiment_id = tracking.client().get_run(parent_run_id).info.experiment_id
+    runs = tracking.find_runs(experiment_id, {"prefect.flow_run_id": flow_run_id, tracking.RUN_NAME_TAG: stage})
+    for run_id, _tags in runs:
+        try:
+            return mlflow.artifacts.load_text(f"runs:/{run_id}/{artifact}")
+        except Exception:  # noqa: BLE001 - a failed attempt of the same flow run has none; try the next
+            continue
+    raise DeployedRunError(f"{stage} flow run {flow_run_id} completed but left no {artifact} in MLflow")
 
 
 def read_outcome(parent_run_id: str, flow_run_id: str) -> TrainOutcome:
     """The ``TrainOutcome`` the train flow run ``flow_run_id`` recorded in MLflow."""
-    import mlflow
-
-    experiment_id = tracking.client().get_run(parent_run_id).info.experiment_id
-    runs = tracking.find_runs(experiment_id, {"prefect.flow_run_id": flow_run_id, tracking.RUN_NAME_TAG: "train"})
-    for run_id, _tags in runs:
-        try:
-            text = mlflow.artifacts.load_text(f"runs:/{run_id}/{OUTCOME_ARTIFACT}")
-        except Exception:  # noqa: BLE001 - a failed attempt of the same flow run has none; try the next
-            continue
-        return TrainOutcome.model_validate(json.loads(text))
-    raise DeployedRunError(f"train flow run {flow_run_id} completed but left no {OUTCOME_ARTIFACT} in MLflow")
+    return TrainOutcome.model_validate(
+        json.loads(_load_artifact(parent_run_id, flow_run_id, "train", OUTCOME_ARTIFACT))
+    )
 
 
 def record_outcome(outcome: TrainOutcome) -> None:

@@ -304,6 +304,8 @@ def start_stack(
             "PREFECT_API_URL": state.prefect_api_url,
             "MLFLOW_TRACKING_URI": state.mlflow_url,
             "FORGELINE_HOME": str(home),
+            # flow runs send heartbeats; `forgeline deploy`'s automation crashes runs whose heartbeats stop
+            "PREFECT_FLOWS_HEARTBEAT_FREQUENCY": env.get("PREFECT_FLOWS_HEARTBEAT_FREQUENCY", "30"),
         }
         workers = []
         for pool in pools:
@@ -483,7 +485,7 @@ def register(app: typer.Typer) -> None:
         set_: Annotated[list[str] | None, typer.Option("--set", "-s", help="Override a config key.")] = None,
         home: HomeOpt = None,
     ) -> None:
-        """Create (or update) the work pools and the pipeline, train and tune deployments."""
+        """Create or update the work pools, the crash automation and the pipeline, train, tune, retrain deployments."""
         cli = _cli()
         cfg = cli._load(config, set_)
         cli._prefect_env()

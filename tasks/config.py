@@ -325,7 +325,7 @@ class DeployConfig(_Strict):
         False, description="Let GPU-pool flow runs train on CPU when CUDA is missing (tests, laptops)."
     )
     train_timeout: float | None = Field(
-        None, gt=0, description="Seconds the pipeline waits for a deployed train run; null: no limit."
+        None, gt=0, description="Seconds the pipeline waits for a deployed tune or train run; null: no limit."
     )
     incoming_dir: str = Field(
         "data/incoming", description="Where `forgeline ingest` puts new data files (content-addressed)."

@@ -144,6 +144,12 @@ def _check_prefect(project: Project, api: str) -> None:
 
     with _prefect(api) as client:
         assert str(client.api_url).rstrip("/") == api
+        from flows.deploy import CRASH_AUTOMATION
+
+        assert len(client.read_automations_by_name(CRASH_AUTOMATION)) == 1  # deployed twice, one automation
+        retrain = client.read_deployment_by_name("retrain/retrain")
+        assert [(str(x.schedule.cron), x.active) for x in retrain.schedules] == [("0 3 * * 1", False)]
+        assert retrain.work_pool_name == "cpu"
         pools = {p.name: p for p in client.read_work_pools()}
         assert pools["gpu"].concurrency_limit == 1 and pools["gpu"].type == "process"
         runs = client.read_flow_runs(
