@@ -10,7 +10,7 @@ export TRANSFORMERS_OFFLINE ?= 1
 export HF_DATASETS_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: install run test test-unit test-integration lint format clean
+.PHONY: install run test test-unit test-e2e lint format clean
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -30,6 +30,10 @@ test: install
 
 test-unit: install
 	$(PY) -m pytest -q tests/unit
+
+# Real prefect server, mlflow server and workers on loopback (forgeline up/deploy/run --deployed/ingest/down).
+test-e2e: install
+	$(PY) -m pytest -q tests/e2e
 
 lint: install
 	$(VENV)/bin/ruff check flows tasks tests bench
