@@ -80,7 +80,7 @@ def bare_loop(cfg: PipelineConfig, train_data: torch.Tensor, tokenizer: object, 
 def pipeline_loop(cfg: PipelineConfig, dataset_dir: str, run_dir: Path, run_id: str) -> list[float]:
     """``train_model`` with the pipeline's real tracking callbacks (batched MLflow metrics)."""
     from tasks import tracking
-    from tasks.training import TrainCallbacks, train_model
+    from tasks.training import TrainCallbacks, train_from_config
 
     stamps: list[float] = []
     buffer = tracking.MetricBuffer(run_id, flush_every=cfg.tracking.metric_flush_interval)
@@ -89,16 +89,7 @@ def pipeline_loop(cfg: PipelineConfig, dataset_dir: str, run_dir: Path, run_id: 
         buffer.add(step, metrics)
         stamps.append(time.perf_counter())
 
-    train_model(
-        cfg.train,
-        cfg.model,
-        cfg.tokenizer,
-        dataset_dir=dataset_dir,
-        run_dir=run_dir,
-        seed=cfg.seed,
-        config_hash=cfg.config_hash(),
-        callbacks=TrainCallbacks(on_metrics=on_metrics),
-    )
+    train_from_config(cfg, dataset_dir=dataset_dir, run_dir=run_dir, callbacks=TrainCallbacks(on_metrics=on_metrics))
     buffer.close()
     return [b - a for a, b in zip(stamps, stamps[1:], strict=False)]
 

@@ -86,18 +86,10 @@ def bench_config(args: argparse.Namespace, work: Path) -> PipelineConfig:
 
 def train_full(cfg: PipelineConfig, dataset_dir: str, run_dir: Path) -> dict[str, Any]:
     """Train ``cfg`` for its full ``train.max_steps``; validation loss and wall time."""
-    from tasks.training import train_model
+    from tasks.training import train_from_config
 
     t0 = time.perf_counter()
-    result = train_model(
-        cfg.train,
-        cfg.model,
-        cfg.tokenizer,
-        dataset_dir=dataset_dir,
-        run_dir=run_dir,
-        seed=cfg.seed,
-        config_hash=cfg.config_hash(),
-    )
+    result = train_from_config(cfg, dataset_dir=dataset_dir, run_dir=run_dir)
     return {
         "steps": result.steps,
         "best_val_loss": result.best_val_loss,

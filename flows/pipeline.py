@@ -190,11 +190,9 @@ def mlflow_model_version_url(summary: PipelineResult) -> str | None:
     """The MLflow UI link of the registered model version (same UI address as :func:`mlflow_run_url`)."""
     if summary.version is None:
         return None
-    base = summary.tracking_uri if summary.tracking_uri.startswith("http") else "http://127.0.0.1:5000"
-    return f"{base.rstrip('/')}/#/models/{summary.model_name}/versions/{summary.version}"
+    return f"{tracking.ui_base_url(summary.tracking_uri)}/#/models/{summary.model_name}/versions/{summary.version}"
 
 
 def mlflow_run_url(summary: PipelineResult) -> str | None:
     """The MLflow UI link of the pipeline run (the local UI's default address for a SQLite store)."""
-    base = summary.tracking_uri if summary.tracking_uri.startswith("http") else "http://127.0.0.1:5000"
-    return f"{base.rstrip('/')}/#/experiments/{summary.experiment_id}/runs/{summary.run_id}"
+    return tracking.ui_run_url(summary.tracking_uri, summary.experiment_id, summary.run_id)

@@ -618,9 +618,8 @@ def _print_deployed_summary(cfg: Any, flow_run_id: str) -> None:
     for key in ("test/bits_per_byte", "test/loss", "val/loss"):
         if key in metrics:
             cli.out.print(f"{key}: {metrics[key]:.4f}", highlight=False)
-    base = uri if uri.startswith("http") else "http://127.0.0.1:5000"
     cli.out.print(
-        f"MLflow run: {base}/#/experiments/{run.info.experiment_id}/runs/{run.info.run_id}",
+        f"MLflow run: {tracking.ui_run_url(uri, run.info.experiment_id, run.info.run_id)}",
         highlight=False,
         soft_wrap=True,
     )

@@ -189,8 +189,9 @@ def _signed(diff: float, key: str) -> str:
 # ------------------------------------------------------------------------------------------ writing
 def run_url(tracking_uri: str, experiment_id: str, run_id: str) -> str:
     """The MLflow UI page of a run (the local UI's default address for a database store)."""
-    base = tracking_uri if tracking_uri.startswith("http") else "http://127.0.0.1:5000"
-    return f"{base.rstrip('/')}/#/experiments/{experiment_id}/runs/{run_id}"
+    from tasks.tracking import ui_run_url
+
+    return ui_run_url(tracking_uri, experiment_id, run_id)
 
 
 def card_facts(

@@ -289,10 +289,6 @@ def _lock_root() -> str:
     return os.environ.get("FORGELINE_HOME", ".forgeline") + "/locks"
 
 
-def version_summary(result: RegisterResult) -> dict[str, Any]:
-    return json.loads(result.model_dump_json())
-
-
 # --------------------------------------------------------------------------------- alias history
 ALIAS_HISTORY_TAG = "forgeline.alias_history"
 """Registered-model tag: a JSON list of alias moves, oldest first (trimmed to fit the tag's 5000 chars)."""

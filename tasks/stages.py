@@ -30,7 +30,7 @@ from tasks.registry import (
     log_transformers_model,
     register_version,
 )
-from tasks.training import TrainCallbacks, TrainResult, train_model
+from tasks.training import TrainCallbacks, TrainResult, train_from_config
 
 logger = logging.getLogger(__name__)
 
@@ -129,16 +129,7 @@ def run_training(
 
         callbacks = TrainCallbacks(on_start=on_start, on_metrics=on_metrics)
         try:
-            result = train_model(
-                cfg.train,
-                cfg.model,
-                cfg.tokenizer,
-                dataset_dir=dataset_dir,
-                run_dir=run_dir,
-                seed=cfg.seed,
-                config_hash=cfg.config_hash(),
-                callbacks=callbacks,
-            )
+            result = train_from_config(cfg, dataset_dir=dataset_dir, run_dir=run_dir, callbacks=callbacks)
         finally:
             buffer.close()
             live.close()

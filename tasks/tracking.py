@@ -13,7 +13,6 @@ import logging
 import os
 import socket
 import subprocess
-import tempfile
 import threading
 import time
 from collections.abc import Iterator
@@ -386,6 +385,19 @@ class MetricBuffer:
             time.sleep(min(2**attempt, 10))
 
 
+LOCAL_UI = "http://127.0.0.1:5000"
+
+
+def ui_run_url(tracking_uri: str, experiment_id: str, run_id: str) -> str:
+    """The MLflow UI page of a run: the server itself, or the local UI's default address for a database store."""
+    return f"{ui_base_url(tracking_uri)}/#/experiments/{experiment_id}/runs/{run_id}"
+
+
+def ui_base_url(tracking_uri: str) -> str:
+    """Where the MLflow UI for ``tracking_uri`` is (``forgeline ui`` serves a database store on LOCAL_UI)."""
+    return (tracking_uri if tracking_uri.startswith("http") else LOCAL_UI).rstrip("/")
+
+
 def _tracking_uri_shown() -> str:
     import mlflow
 
@@ -452,10 +464,6 @@ def cleaning_report_figure(dropped: dict[str, int], rows_per_split: dict[str, in
         ax.grid(axis="x" if ax is left else "y", alpha=0.3)
     fig.tight_layout()
     return fig
-
-
-def temp_dir() -> tempfile.TemporaryDirectory[str]:
-    return tempfile.TemporaryDirectory(prefix="forgeline-")
 
 
 # --------------------------------------------------------------------------- finished runs, lookups

@@ -7,7 +7,6 @@ tracking module (and the tuner to Optuna's pruner).
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import math
 import os
@@ -24,7 +23,7 @@ import torch.nn.functional as F
 from pydantic import BaseModel
 
 from tasks.checkpoints import load_latest_checkpoint, save_checkpoint
-from tasks.config import ModelConfig, TokenizerConfig, TrainConfig
+from tasks.config import ModelConfig, PipelineConfig, TokenizerConfig, TrainConfig
 from tasks.errors import NonFiniteLossError, StageInterrupted
 
 logger = logging.getLogger(__name__)
@@ -60,6 +59,26 @@ class TrainCallbacks:
     on_start: Callable[[dict[str, Any]], None] | None = None
     on_metrics: Callable[[int, dict[str, float]], None] | None = None
     on_eval: Callable[[int, float], None] | None = None  # may raise (e.g. optuna.TrialPruned)
+
+
+def train_from_config(
+    cfg: PipelineConfig,
+    *,
+    dataset_dir: str | Path,
+    run_dir: str | Path,
+    callbacks: TrainCallbacks | None = None,
+) -> TrainResult:
+    """``train_model`` with the slices, seed and config hash taken from one pipeline config."""
+    return train_model(
+        cfg.train,
+        cfg.model,
+        cfg.tokenizer,
+        dataset_dir=dataset_dir,
+        run_dir=run_dir,
+        seed=cfg.seed,
+        config_hash=cfg.config_hash(),
+        callbacks=callbacks,
+    )
 
 
 # ------------------------------------------------------------------------------------- schedule
@@ -533,9 +552,3 @@ def load_token_splits(tokenizer: Any, dataset_dir: str | Path, block_size: int) 
             )
         out.append(ids)
     return out[0], out[1]
-
-
-def read_done(run_dir: str | Path) -> TrainResult | None:
-    """The result of a finished run in ``run_dir``, if any."""
-    done = Path(run_dir) / DONE_FILE
-    return TrainResult.model_validate(json.loads(done.read_text())) if done.exists() else None

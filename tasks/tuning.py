@@ -403,7 +403,7 @@ def make_objective(spec: StudySpec) -> Callable[[optuna.Trial], float]:
     A trial retried after a crash trains in its original trial's folder and resumes from its last
     checkpoint. Finished trials keep ``done.json`` and the tokenizer, not checkpoints or weights.
     """
-    from tasks.training import TrainCallbacks, train_model
+    from tasks.training import TrainCallbacks, train_from_config
 
     base = spec.config
     trials_dir = Path(spec.trials_dir)
@@ -435,15 +435,8 @@ def make_objective(spec: StudySpec) -> Callable[[optuna.Trial], float]:
 
         logger.info("trial %d: %s", trial.number, _fmt_params(params))
         try:
-            result = train_model(
-                cfg.train,
-                cfg.model,
-                cfg.tokenizer,
-                dataset_dir=spec.dataset_dir,
-                run_dir=run_dir,
-                seed=cfg.seed,
-                config_hash=cfg.config_hash(),
-                callbacks=TrainCallbacks(on_eval=on_eval),
+            result = train_from_config(
+                cfg, dataset_dir=spec.dataset_dir, run_dir=run_dir, callbacks=TrainCallbacks(on_eval=on_eval)
             )
         except Exception:  # TrialPruned included: the trial is over, its checkpoints are not needed
             _drop_weights(run_dir)
