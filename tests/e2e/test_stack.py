@@ -8,90 +8,14 @@ the same data again retrains nothing -> ``down`` -> no process left. About 4 min
 
 from __future__ import annotations
 
-import contextlib
-import os
-import shutil
-import socket
-import subprocess
-import sys
 import time
-from collections.abc import Iterator
-from pathlib import Path
-from typing import Any
 
 import psutil
 import pytest
 
+from tests.e2e.conftest import Project, prefect_client, stack_family
+
 pytestmark = pytest.mark.e2e
-
-ROOT = Path(__file__).resolve().parents[2]
-CLI_TIMEOUT = 300
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-class Project:
-    """A copy of the project with its own FORGELINE_HOME and ports; runs ``forgeline`` in it."""
-
-    def __init__(self, root: Path) -> None:
-        self.root = root
-        self.home = root / ".forgeline"
-        self.prefect_port = _free_port()
-        self.mlflow_port = _free_port()
-        env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "MLFLOW_"))}
-        env.update(
-            {
-                "FORGELINE_HOME": str(self.home),
-                "PREFECT_HOME": str(root / ".prefect-client"),
-                "PREFECT_WORKER_QUERY_SECONDS": "1",
-                "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
-            }
-        )
-        self.env = env
-
-    def forgeline(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
-        proc = subprocess.run(
-            [sys.executable, "-m", "flows", *args],
-            cwd=self.root,
-            env=self.env,
-            capture_output=True,
-            text=True,
-            timeout=CLI_TIMEOUT,
-        )
-        if check and proc.returncode != 0:
-            raise AssertionError(f"forgeline {' '.join(args)} exited {proc.returncode}\n{proc.stdout}\n{proc.stderr}")
-        return proc
-
-
-@pytest.fixture(scope="module")
-def project(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Project]:
-    root = tmp_path_factory.mktemp("project")
-    ignore = shutil.ignore_patterns("__pycache__", "*.pyc")
-    for name in ("flows", "tasks", "configs"):
-        shutil.copytree(ROOT / name, root / name, ignore=ignore)
-    proj = Project(root)
-    try:
-        yield proj
-    finally:
-        from flows.stack import stop_stack
-
-        stop_stack(proj.home, grace=5.0)  # no-op when the test already ran `forgeline down`
-
-
-def _stack_family(home: Path) -> list[psutil.Process]:
-    from flows.stack import read_state
-
-    state = read_state(home)
-    assert state is not None
-    family = []
-    for proc in state.procs:
-        parent = psutil.Process(proc.pid)
-        family += [parent, *parent.children(recursive=True)]
-    return family
 
 
 def test_up_deploy_run_deployed_down(project: Project) -> None:
@@ -120,7 +44,7 @@ def test_up_deploy_run_deployed_down(project: Project) -> None:
     _check_mlflow(project)
     _retrain_on_new_data(project, api)
 
-    family = _stack_family(project.home)
+    family = stack_family(project.home)
     down = project.forgeline("down")
     assert "worker-gpu" in down.stdout
     gone, alive = psutil.wait_procs(family, timeout=10)
@@ -129,20 +53,10 @@ def test_up_deploy_run_deployed_down(project: Project) -> None:
     assert project.forgeline("status", check=False).returncode == 1
 
 
-@contextlib.contextmanager
-def _prefect(api: str) -> Iterator[Any]:
-    """A sync Prefect client for this stack's API (settings are read once; override them explicitly)."""
-    from prefect import get_client
-    from prefect.settings import PREFECT_API_URL, temporary_settings
-
-    with temporary_settings({PREFECT_API_URL: api}), get_client(sync_client=True) as client:
-        yield client
-
-
 def _check_prefect(project: Project, api: str) -> None:
     from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterName, FlowRunFilter
 
-    with _prefect(api) as client:
+    with prefect_client(api) as client:
         assert str(client.api_url).rstrip("/") == api
         from flows.deploy import CRASH_AUTOMATION
 
@@ -191,7 +105,7 @@ NEW_TEXT = "\n\n".join(
 def _retrain_runs(api: str) -> list:
     from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterName
 
-    with _prefect(api) as client:
+    with prefect_client(api) as client:
         return client.read_flow_runs(deployment_filter=DeploymentFilter(name=DeploymentFilterName(any_=["retrain"])))
 
 
