@@ -33,7 +33,7 @@ test-unit: install
 
 # Real prefect server, mlflow server and workers on loopback (forgeline up/deploy/run --deployed/ingest/down).
 test-e2e: install
-	$(PY) -m pytest -q tests/e2e
+	$(PY) -m pytest -q tests/e2e $(PYTEST_ARGS)
 
 lint: install
 	$(VENV)/bin/ruff check flows tasks tests bench
