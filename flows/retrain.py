@@ -1,20 +1,24 @@
 """Retraining on new data: ``forgeline ingest`` and the ``retrain`` flow.
 
-``ingest`` validates new files and moves them atomically into ``deploy.incoming_dir`` under their content
-hash (a half-written file is never visible there: it is written next door and renamed into place), then
-emits the Prefect event ``forgeline.dataset.updated`` with the incoming data's fingerprint. The ``retrain``
-deployment has a trigger on that event and gets the fingerprint as a parameter; it runs the pipeline on the
-config's sources plus the incoming folder, fine-tuning the champion (``deploy.retrain_from``). A fingerprint
-that already produced a finished retrain is skipped, and the deployment's concurrency limit of 1 queues
-events that arrive together.
-"""
+``ingest`` waits until each new file is complete (open for writing nowhere and unchanged for a moment: a
+slow writer's file is never taken half-written), validates it, and moves it atomically into
+``deploy.incoming_dir`` under its content hash (written next door and renamed into place, under a lock on
+the folder so concurrent ingests of the same content add it once). It then emits the Prefect event
+``forgeline.dataset.updated`` with the incoming data's fingerprint. The ``retrain`` deployment has a trigger
+on that event; it runs the pipeline on the config's sources plus the incoming folder, fine-tuning the
+champion (``deploy.retrain_from``). Incoming data that already produced a finished retrain is skipped, and
+the deployment's concurrency limit of 1 queues events that arrive together."""
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import logging
 import os
 import shutil
+import time
+from collections.abc import Iterator
 from pathlib import Path
 
 from prefect import flow
@@ -33,6 +37,10 @@ class IngestError(ValueError):
     """A file cannot be ingested; the message is one line."""
 
 
+SETTLE_SECONDS = 2.0  # a file untouched this long, and open for writing nowhere, is taken as complete
+WAIT_SECONDS = 60.0  # how long ingest waits for a file still being written before refusing it
+
+
 # --------------------------------------------------------------------------------------------- ingest
 def incoming_dir(config: PipelineConfig, base_dir: Path | None = None) -> Path:
     """The absolute incoming-data folder of ``config``."""
@@ -40,9 +48,16 @@ def incoming_dir(config: PipelineConfig, base_dir: Path | None = None) -> Path:
     return path if path.is_absolute() else (base_dir or Path.cwd()).resolve() / path
 
 
+def incoming_files(folder: Path) -> list[Path]:
+    """The data files in the incoming folder, sorted (hidden entries are not data; cleaning skips them too)."""
+    if not folder.is_dir():
+        return []
+    return sorted(p for p in folder.iterdir() if p.is_file() and not p.name.startswith("."))
+
+
 def incoming_fingerprint(folder: Path) -> str:
     """Hash of the set of files in ``folder`` (their names are their content hashes); ``""`` when empty."""
-    names = sorted(p.name for p in folder.iterdir() if p.is_file()) if folder.is_dir() else []
+    names = [p.name for p in incoming_files(folder)]
     return hashlib.sha256("\n".join(names).encode()).hexdigest()[:32] if names else ""
 
 
@@ -67,10 +82,7 @@ def _expand(paths: list[str]) -> list[Path]:
     return files
 
 
-def _validate(path: Path) -> bytes:
-    if path.suffix.lower() not in SUPPORTED:
-        raise IngestError(f"{path}: unsupported file type {path.suffix!r} (supported: {', '.join(sorted(SUPPORTED))})")
-    data = path.read_bytes()
+def _validate(path: Path, data: bytes) -> bytes:
     if not data.strip():
         raise IngestError(f"{path}: empty file")
     if path.suffix.lower() in {".txt", ".md", ".jsonl", ".json", ".csv"}:
@@ -81,42 +93,151 @@ def _validate(path: Path) -> bytes:
     return data
 
 
-def ingest_files(paths: list[str], config: PipelineConfig, *, keep: bool = False) -> tuple[list[Path], str]:
+def open_for_writing(paths: list[Path]) -> set[Path]:
+    """Which of ``paths`` some process on this machine holds open for writing (``/proc`` through psutil).
+
+    Processes this user may not inspect, and writers on other machines, are not seen: the quiet period in
+    :func:`read_complete` covers those.
+    """
+    import psutil
+
+    wanted: dict[tuple[int, int], Path] = {}
+    for path in paths:
+        with contextlib.suppress(OSError):
+            st = path.stat()
+            wanted[(st.st_dev, st.st_ino)] = path
+    busy: set[Path] = set()
+    for proc in psutil.process_iter():
+        try:
+            handles = proc.open_files()
+        except (psutil.Error, OSError):
+            continue
+        for handle in handles:
+            if handle.mode not in ("w", "a", "r+", "a+"):
+                continue
+            with contextlib.suppress(OSError):
+                st = os.stat(handle.path)
+                if (st.st_dev, st.st_ino) in wanted:
+                    busy.add(wanted[(st.st_dev, st.st_ino)])
+    return busy
+
+
+def _signature(path: Path) -> tuple[int, int, int]:
+    st = path.stat()
+    return st.st_ino, st.st_size, st.st_mtime_ns
+
+
+def read_complete(
+    paths: list[Path], *, settle: float = SETTLE_SECONDS, wait: float = WAIT_SECONDS
+) -> dict[Path, bytes]:
+    """Read each file once it is complete: nobody has it open for writing and it has not changed for ``settle`` s.
+
+    A file that another process is still writing (or that changed while it was read) is waited for, up
+    to ``wait`` seconds, so a slow writer's file is never taken half-written.
+
+    Raises:
+        IngestError: a file was still being written after ``wait`` seconds, or vanished.
+    """
+    deadline = time.monotonic() + wait
+    done: dict[Path, bytes] = {}
+    pending = list(paths)
+    while pending:
+        try:
+            sigs = {p: _signature(p) for p in pending}
+        except FileNotFoundError as exc:
+            raise IngestError(f"{exc.filename}: no such file or directory") from None
+        busy = open_for_writing(pending)
+        now_ns = time.time_ns()
+        for path in list(pending):
+            quiet = (now_ns - sigs[path][2]) / 1e9
+            if path in busy or quiet < settle:
+                continue
+            data = path.read_bytes()
+            # Unchanged while we read it, and still nobody writing: this is the whole file.
+            if _signature(path) == sigs[path] and len(data) == sigs[path][1] and not open_for_writing([path]):
+                done[path] = data
+                pending.remove(path)
+        if not pending:
+            break
+        if time.monotonic() >= deadline:
+            raise IngestError(
+                f"{pending[0]}: still being written after {wait:.0f} s (open for writing or changing); "
+                "ingest it once it is complete"
+            )
+        logger.info("waiting for %d file(s) still being written: %s", len(pending), pending[0])
+        time.sleep(min(0.5, max(0.05, settle / 4)))
+    return {p: done[p] for p in paths}
+
+
+@contextlib.contextmanager
+def _folder_lock(folder: Path) -> Iterator[None]:
+    """Exclusive lock on the incoming folder itself (no lock file to leave behind): one ingest at a time."""
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # closing releases the lock
+
+
+def ingest_files(
+    paths: list[str],
+    config: PipelineConfig,
+    *,
+    keep: bool = False,
+    settle: float = SETTLE_SECONDS,
+    wait: float = WAIT_SECONDS,
+) -> tuple[list[Path], str]:
     """Validate every file first, then place each in the incoming folder under its content hash.
+
+    Concurrent ingests are serialized by a lock on the incoming folder, so the same content arriving twice
+    at once is added (and reported new) once.
 
     Args:
         paths: Files or directories (searched recursively for supported files).
         config: Supplies ``deploy.incoming_dir``.
         keep: Copy instead of moving the originals.
+        settle: Seconds a file must be unchanged (and open for writing nowhere) to count as complete.
+        wait: Seconds to wait for files still being written before refusing them.
 
     Returns:
         The newly added files (already present content is skipped) and the incoming fingerprint.
 
     Raises:
-        IngestError: a file is missing, empty, of an unsupported type or not UTF-8; nothing is moved then.
+        IngestError: a file is missing, empty, of an unsupported type, not UTF-8, or still being written
+            after ``wait`` seconds; nothing is moved then.
     """
     files = _expand(paths)
-    payloads = [(path, _validate(path)) for path in files]
+    for path in files:
+        if path.suffix.lower() not in SUPPORTED:
+            raise IngestError(
+                f"{path}: unsupported file type {path.suffix!r} (supported: {', '.join(sorted(SUPPORTED))})"
+            )
+    contents = read_complete(files, settle=settle, wait=wait)
+    payloads = [(path, _validate(path, contents[path])) for path in files]
     target = incoming_dir(config)
-    partial = target.parent / f".{target.name}.partial"
     target.mkdir(parents=True, exist_ok=True)
-    partial.mkdir(parents=True, exist_ok=True)
+    partial = target.parent / f".{target.name}.partial"
     added: list[Path] = []
-    for path, data in payloads:
-        digest = hashlib.sha256(data).hexdigest()[:32]
-        final = target / f"{digest}{path.suffix.lower()}"
-        if not final.exists():
-            tmp = partial / f"{final.name}.{os.getpid()}"
-            with open(tmp, "wb") as fh:
-                fh.write(data)
-                fh.flush()
-                os.fsync(fh.fileno())
-            os.replace(tmp, final)  # atomic: readers see the whole file or none
-            added.append(final)
-        if not keep:
-            path.unlink()
-    shutil.rmtree(partial, ignore_errors=True)
-    return added, incoming_fingerprint(target)
+    with _folder_lock(target):
+        partial.mkdir(parents=True, exist_ok=True)
+        for path, data in payloads:
+            digest = hashlib.sha256(data).hexdigest()[:32]
+            final = target / f"{digest}{path.suffix.lower()}"
+            if not final.exists():
+                tmp = partial / f"{final.name}.{os.getpid()}"
+                with open(tmp, "wb") as fh:
+                    fh.write(data)
+                    fh.flush()
+                    os.fsync(fh.fileno())
+                os.replace(tmp, final)  # atomic: readers see the whole file or none
+                added.append(final)
+            if not keep:
+                with contextlib.suppress(FileNotFoundError):  # a concurrent ingest of the same file moved it
+                    path.unlink()
+        shutil.rmtree(partial, ignore_errors=True)
+        fingerprint = incoming_fingerprint(target)
+    return added, fingerprint
 
 
 def emit_dataset_updated(config: PipelineConfig, fingerprint: str, files: int) -> bool:
@@ -156,19 +277,26 @@ def retrain_config(config: PipelineConfig, base_dir: Path) -> PipelineConfig:
 def retrain_flow(config: PipelineConfig, fingerprint: str | None = None, deployed: bool = False) -> str:
     """Retrain on the config's data plus the incoming folder, once per incoming-data fingerprint.
 
+    The fingerprint that counts is the incoming folder's when this run starts (the data it trains on), not
+    the event's: events that arrive in a burst queue behind each other (the deployment's concurrency limit
+    of 1), the first of them trains on everything ingested by then, and the rest find that data already
+    retrained. An old event replayed later is skipped the same way.
+
     Args:
         config: The pipeline config (the deployment's default is the deployed config).
-        fingerprint: The incoming data's fingerprint from the ``forgeline.dataset.updated`` event; default:
-            the folder's current fingerprint.
+        fingerprint: The incoming data's fingerprint from the ``forgeline.dataset.updated`` event (recorded
+            as ``forgeline.retrain_event_fingerprint``).
         deployed: Run ``train`` on the GPU pool (the deployment sets it).
 
     Returns:
-        The pipeline's MLflow run id, or ``skipped: ...`` when this fingerprint was already retrained.
+        The pipeline's MLflow run id, or ``skipped: ...`` when this data was already retrained.
     """
     from flows.pipeline import pipeline_flow
 
     base_dir = Path.cwd()
-    key = fingerprint or incoming_fingerprint(incoming_dir(config, base_dir)) or "none"
+    key = incoming_fingerprint(incoming_dir(config, base_dir)) or "none"
+    if fingerprint and fingerprint != key:
+        logger.info("event for incoming data %s; the folder now holds %s: retraining on that", fingerprint, key)
     tracking.setup_tracking(config.tracking, base_dir)
     experiment_id = tracking.ensure_experiment(config.name, config.tracking, base_dir)
     done = [
@@ -181,5 +309,8 @@ def retrain_flow(config: PipelineConfig, fingerprint: str | None = None, deploye
         return f"skipped: {key} already retrained by {done[0]}"
     cfg = retrain_config(config, base_dir)
     result = pipeline_flow(cfg, deployed=deployed)
-    tracking.set_tags(result.run_id, {RETRAIN_TAG: key, "forgeline.retrain_status": "done"})
+    tags = {RETRAIN_TAG: key, "forgeline.retrain_status": "done"}
+    if fingerprint:
+        tags["forgeline.retrain_event_fingerprint"] = fingerprint
+    tracking.set_tags(result.run_id, tags)
     return result.run_id

@@ -1,0 +1,203 @@
+"""Ingest under faults, no servers: a slow writer (F8), the same file ingested twice at once (C1, the ingest
+half), and same content under a new name / new content under the same name (F7).
+
+Writers are real processes (or a thread) appending to a real file while ``ingest_files`` or the
+``forgeline ingest`` command runs; nothing is patched.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from flows.retrain import IngestError, incoming_dir, incoming_fingerprint, ingest_files, retrain_config
+from tasks.cleaning import clean_dataset, read_split_text
+from tasks.config import PipelineConfig, load_config
+
+pytestmark = pytest.mark.integration
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+CHUNK = "".join(f"line {i}: a paragraph the slow writer appends, one piece at a time.\n" for i in range(40))
+
+# Appends CHUNKS pieces to a file it keeps open, pausing PAUSE seconds between them (longer than the
+# quiet period ingest waits for: only seeing the open handle tells it the file is not done).
+WRITER = textwrap.dedent(
+    """
+    import sys, time
+    path, chunks, pause, text = sys.argv[1], int(sys.argv[2]), float(sys.argv[3]), sys.argv[4]
+    with open(path, "a", encoding="utf-8") as fh:
+        for i in range(chunks):
+            fh.write(text)
+            fh.flush()
+            if i == 0:
+                open(path + ".started", "w").close()
+            time.sleep(pause)
+    """
+)
+
+
+def _config(tmp_path: Path) -> PipelineConfig:
+    return load_config(None, [f"deploy.incoming_dir={tmp_path / 'incoming'}", "deploy.retrain_from=scratch"])
+
+
+def _start_writer(path: Path, chunks: int, pause: float) -> subprocess.Popen[bytes]:
+    proc = subprocess.Popen([sys.executable, "-c", WRITER, str(path), str(chunks), str(pause), CHUNK])  # noqa: S603
+    deadline = time.monotonic() + 60
+    while not Path(f"{path}.started").exists():
+        assert proc.poll() is None and time.monotonic() < deadline, "writer did not start"
+        time.sleep(0.05)
+    return proc
+
+
+# ---------------------------------------------------------------------------------------------- F8
+def test_file_held_open_by_a_slow_writer_is_waited_for_never_truncated(tmp_path: Path) -> None:
+    cfg = _config(tmp_path)
+    src = tmp_path / "drop" / "growing.txt"
+    src.parent.mkdir()
+    writer = _start_writer(src, chunks=4, pause=1.0)  # ~4 s; each pause is twice the quiet period below
+    t0 = time.monotonic()
+    added, fingerprint = ingest_files([str(src)], cfg, settle=0.5, wait=60)
+    waited = time.monotonic() - t0
+    assert writer.wait(timeout=30) == 0
+    assert waited > 2.0, f"ingest took the file after {waited:.1f} s while the writer still had it open"
+    (placed,) = added
+    assert placed.read_text(encoding="utf-8") == CHUNK * 4  # the whole file, not a prefix
+    assert not src.exists()  # moved only once complete
+    assert fingerprint == incoming_fingerprint(incoming_dir(cfg))
+
+
+def test_file_still_written_after_the_wait_is_refused_and_nothing_moves(tmp_path: Path) -> None:
+    cfg = _config(tmp_path)
+    src = tmp_path / "drop" / "endless.txt"
+    src.parent.mkdir()
+    other = tmp_path / "drop" / "done.txt"
+    other.write_text(CHUNK, encoding="utf-8")
+    writer = _start_writer(src, chunks=40, pause=0.25)  # ~10 s, longer than the wait
+    try:
+        with pytest.raises(IngestError, match=r"endless\.txt: still being written after 2 s"):
+            ingest_files([str(other), str(src)], cfg, settle=0.5, wait=2)
+    finally:
+        writer.kill()
+        writer.wait(timeout=30)
+    assert other.exists() and src.exists()  # one file refused: nothing moved
+    assert incoming_fingerprint(incoming_dir(cfg)) == ""
+
+
+def test_writer_that_reopens_between_pieces_is_waited_for(tmp_path: Path) -> None:
+    """No handle stays open between pieces; the file's changing size and mtime are what ingest sees."""
+    cfg = _config(tmp_path)
+    src = tmp_path / "drop" / "pieces.txt"
+    src.parent.mkdir()
+    src.write_text(CHUNK, encoding="utf-8")
+
+    def append() -> None:
+        for _ in range(9):
+            time.sleep(0.3)  # shorter than the quiet period: the file is not done yet
+            with open(src, "a", encoding="utf-8") as fh:
+                fh.write(CHUNK)
+
+    thread = threading.Thread(target=append)
+    thread.start()
+    try:
+        added, _ = ingest_files([str(src)], cfg, keep=True, settle=1.0, wait=60)
+    finally:
+        thread.join()
+    (placed,) = added
+    assert placed.read_text(encoding="utf-8") == CHUNK * 10
+
+
+# ---------------------------------------------------------------------------------------------- C1
+def _cli(root: Path, *args: str) -> subprocess.Popen[str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "MLFLOW_", "FORGELINE_"))}
+    env["PYTHONPATH"] = str(REPO_ROOT)
+    env["FORGELINE_HOME"] = str(root / ".forgeline")  # no stack there: ingest emits nothing
+    return subprocess.Popen(  # noqa: S603
+        [sys.executable, "-m", "flows", "ingest", "--config", str(REPO_ROOT / "configs" / "smoke.yaml"), *args],
+        cwd=root,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
+@pytest.mark.parametrize("copy", [True, False], ids=["copy", "move"])
+def test_two_concurrent_ingests_of_the_same_file_add_it_once(tmp_path: Path, copy: bool) -> None:
+    src = tmp_path / "same.txt"
+    src.write_text(CHUNK, encoding="utf-8")  # fresh: both ingests wait out the quiet period together
+    flags = ["--copy"] if copy else []
+    procs = [_cli(tmp_path, str(src), *flags) for _ in range(2)]
+    outputs = [(p.wait(timeout=120), *p.communicate()) for p in procs]
+    added = [out for rc, out, _ in outputs if rc == 0 and "1 new file(s)" in out]
+    assert len(added) == 1, outputs  # one new file, hence at most one event
+    for rc, out, err in outputs:
+        if copy or rc == 0:  # a move may find the file already moved by the other: a clean one-line error
+            assert rc == 0 and ("1 new file(s)" in out or "0 new file(s)" in out), (rc, out, err)
+        else:
+            assert rc == 2 and "same.txt: no such file or directory" in err + out, (rc, out, err)
+    files = list((tmp_path / "data" / "incoming").iterdir())
+    assert len(files) == 1 and files[0].read_text(encoding="utf-8") == CHUNK
+    assert sorted(p.name for p in (tmp_path / "data").iterdir()) == ["incoming"]  # no partial leftovers
+    assert src.exists() == copy
+
+
+# ---------------------------------------------------------------------------------------------- F7
+def _paragraphs(tag: str, n: int = 120) -> str:
+    return "\n\n".join(f"{tag} paragraph {i}: records about {tag} for the retrain test, number {i}." for i in range(n))
+
+
+def test_content_hash_decides_not_the_name(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    cfg = load_config(
+        None,
+        [
+            f"deploy.incoming_dir={tmp_path / 'incoming'}",
+            "deploy.retrain_from=scratch",
+            f"data.cache_dir={tmp_path / 'cache'}",
+            f"data.sources=[{{kind: files, paths: [{tmp_path / 'base.txt'}]}}]",
+            "data.record=paragraph",
+        ],
+    )
+    (tmp_path / "base.txt").write_text(_paragraphs("base"), encoding="utf-8")
+    drop = tmp_path / "drop"
+    drop.mkdir()
+    (drop / "notes.txt").write_text(_paragraphs("first"), encoding="utf-8")
+    added, fp1 = ingest_files([str(drop / "notes.txt")], cfg, keep=True, settle=0)
+    assert len(added) == 1
+    before = clean_dataset(retrain_config(cfg, tmp_path).data, base_dir=tmp_path)
+
+    # Same content under a new name: nothing new, same fingerprint, the cleaned data is a cache hit.
+    os.rename(drop / "notes.txt", drop / "renamed.txt")
+    again, fp_same = ingest_files([str(drop / "renamed.txt")], cfg, settle=0)
+    assert again == [] and fp_same == fp1
+    assert clean_dataset(retrain_config(cfg, tmp_path).data, base_dir=tmp_path).cache_hit
+
+    # New content under the old name, same size: a new file, a new fingerprint, freshly cleaned data.
+    old_text = _paragraphs("first")
+    new_text = _paragraphs("fresh")
+    assert len(new_text) == len(old_text)
+    (drop / "notes.txt").write_text(new_text, encoding="utf-8")
+    added2, fp2 = ingest_files([str(drop / "notes.txt")], cfg, settle=0)
+    assert len(added2) == 1 and fp2 != fp1
+    after = clean_dataset(retrain_config(cfg, tmp_path).data, base_dir=tmp_path)
+    assert not after.cache_hit and after.fingerprint != before.fingerprint
+    text = "".join(read_split_text(after.dataset_dir, s) for s in ("train", "validation", "test"))
+    assert "fresh paragraph" in text and "first paragraph" in text and "base paragraph" in text
+
+    # The cleaning cache keys on content too: an in-place overwrite with the same size and mtime is seen.
+    base = tmp_path / "base.txt"
+    stat = base.stat()
+    base.write_text(_paragraphs("bxse"), encoding="utf-8")
+    os.utime(base, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    assert base.stat().st_size == stat.st_size and base.stat().st_mtime_ns == stat.st_mtime_ns
+    rewritten = clean_dataset(retrain_config(cfg, tmp_path).data, base_dir=tmp_path)
+    assert not rewritten.cache_hit and rewritten.fingerprint != after.fingerprint
+    text = "".join(read_split_text(rewritten.dataset_dir, s) for s in ("train", "validation", "test"))
+    assert "bxse paragraph" in text and "base paragraph" not in text
