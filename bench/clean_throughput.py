@@ -5,18 +5,27 @@ perturbations: every copy changes some words and case, and about 30% of its line
 earlier ones, so de-duplication has real work. Each size is cleaned in a fresh subprocess
 (``record: line``, hash split, all rules on) and measured for wall time and peak RSS.
 
-    .venv/bin/python bench/clean_throughput.py                  # 50 MB and 500 MB
-    .venv/bin/python bench/clean_throughput.py --sizes 50 200   # other sizes (MB)
-    .venv/bin/python bench/clean_throughput.py --smoke          # 2 MB, seconds (CI)
+With ``--baseline REF`` the cleaning code of that git revision (its ``tasks/`` folder) runs too,
+interleaved with the working tree's (baseline, current, baseline, current, ... in fresh processes on
+the same corpus), and the table adds the throughput ratio of each interleaved pair.
+
+    .venv/bin/python bench/clean_throughput.py                              # 50 MB and 500 MB
+    .venv/bin/python bench/clean_throughput.py --sizes 50 200 --rounds 3    # other sizes (MB), 3 runs each
+    .venv/bin/python bench/clean_throughput.py --baseline HEAD~1 --rounds 2 # against an earlier revision
+    .venv/bin/python bench/clean_throughput.py --smoke                      # 2 MB, seconds (CI)
 """
 
 from __future__ import annotations
 
 import argparse
+import io
 import json
+import os
 import random
+import statistics
 import subprocess
 import sys
+import tarfile
 import tempfile
 import time
 from pathlib import Path
@@ -31,11 +40,13 @@ from tasks.config import load_config
 from tasks.cleaning import clean_dataset
 cfg = load_config(None, ["data.record=line", "data.cleaning.min_chars=1", "data.cache_dir=" + sys.argv[2]])
 cfg.data.sources = [{"kind": "files", "paths": [sys.argv[1]]}]
-t0 = time.perf_counter()
+usage = resource.getrusage(resource.RUSAGE_SELF)
+t0, cpu0 = time.perf_counter(), usage.ru_utime + usage.ru_stime
 result = clean_dataset(cfg.data, base_dir=Path(sys.argv[1]).parent)
-peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-print(json.dumps({"seconds": time.perf_counter() - t0, "rows_in": result.rows_in, "dropped": result.dropped,
-                  "rows": result.rows_per_split, "peak_rss_mib": peak}))
+usage = resource.getrusage(resource.RUSAGE_SELF)
+peak, cpu = usage.ru_maxrss / 1024, usage.ru_utime + usage.ru_stime - cpu0
+print(json.dumps({"seconds": time.perf_counter() - t0, "cpu_seconds": cpu, "rows_in": result.rows_in, "dropped": result.dropped,
+                  "rows": result.rows_per_split, "fingerprint": result.fingerprint, "peak_rss_mib": peak}))
 """
 
 
@@ -79,14 +90,14 @@ def generate(path: Path, megabytes: int, seed: int = 0) -> int:
     return written
 
 
-def measure(corpus: Path, cache: Path) -> dict:
+def measure(corpus: Path, cache: Path, code_root: Path) -> dict:
     t0 = time.perf_counter()
     proc = subprocess.run(
         [sys.executable, "-c", CHILD, str(corpus), str(cache)],
         capture_output=True,
         text=True,
-        cwd=ROOT,
-        env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"},
+        cwd=code_root,
+        env={"PYTHONPATH": str(code_root), "PATH": "/usr/bin:/bin"},
         check=True,
     )
     wall = time.perf_counter() - t0
@@ -95,9 +106,86 @@ def measure(corpus: Path, cache: Path) -> dict:
     return report
 
 
+def extract_revision(ref: str, dest: Path) -> Path:
+    """The ``tasks/`` package of a git revision, unpacked under ``dest`` (a root for PYTHONPATH)."""
+    archive = subprocess.run(["git", "archive", ref, "tasks"], cwd=ROOT, capture_output=True, check=True).stdout
+    with tarfile.open(fileobj=io.BytesIO(archive)) as tar:
+        tar.extractall(dest, filter="data")
+    return dest
+
+
+def summarize(rows: list[dict]) -> list[dict]:
+    table = []
+    for mb in sorted({r["size_mb"] for r in rows}):
+        for variant in ("baseline", "current"):
+            mine = [r for r in rows if r["size_mb"] == mb and r["variant"] == variant]
+            if not mine:
+                continue
+            speeds = [r["mb_per_s"] for r in mine]
+            table.append(
+                {
+                    "size_mb": mb,
+                    "variant": variant,
+                    "megabytes": mine[0]["megabytes"],
+                    "rows_in": mine[0]["rows_in"],
+                    "duplicates": mine[0]["dropped"].get("duplicate", 0),
+                    "seconds_median": statistics.median(r["seconds"] for r in mine),
+                    "mb_per_s_median": statistics.median(speeds),
+                    "mb_per_s_min": min(speeds),
+                    "mb_per_s_max": max(speeds),
+                    "n": len(mine),
+                    "peak_rss_mib_max": max(r["peak_rss_mib"] for r in mine),
+                }
+            )
+        pairs = [
+            (b, c)
+            for b, c in zip(
+                [r for r in rows if r["size_mb"] == mb and r["variant"] == "baseline"],
+                [r for r in rows if r["size_mb"] == mb and r["variant"] == "current"],
+                strict=False,
+            )
+        ]
+        if pairs:
+            ratios = [c["mb_per_s"] / b["mb_per_s"] for b, c in pairs]
+            same = all(b["fingerprint"] == c["fingerprint"] and b["dropped"] == c["dropped"] for b, c in pairs)
+            table.append(
+                {
+                    "size_mb": mb,
+                    "variant": "ratio current/baseline",
+                    "ratio_median": statistics.median(ratios),
+                    "ratio_min": min(ratios),
+                    "ratio_max": max(ratios),
+                    "n": len(ratios),
+                    "same_output": same,
+                }
+            )
+    return table
+
+
+def print_table(table: list[dict]) -> None:
+    print(
+        f"{'input MB':>9} {'variant':<24} {'records':>10} {'dup dropped':>12} {'clean s':>8} "
+        f"{'MB/s median':>11} {'min-max':>11} {'n':>2} {'peak RSS MiB':>13}"
+    )
+    for t in table:
+        if "ratio_median" in t:
+            print(
+                f"{t['size_mb']:9d} {t['variant']:<24} {'':>10} {'':>12} {'':>8} {t['ratio_median']:11.3f} "
+                f"{t['ratio_min']:5.3f}-{t['ratio_max']:5.3f} {t['n']:2d}  same output: {t['same_output']}"
+            )
+            continue
+        print(
+            f"{t['megabytes']:9.1f} {t['variant']:<24} {t['rows_in']:10d} {t['duplicates']:12d} "
+            f"{t['seconds_median']:8.1f} {t['mb_per_s_median']:11.2f} "
+            f"{t['mb_per_s_min']:5.2f}-{t['mb_per_s_max']:5.2f} {t['n']:2d} {t['peak_rss_mib_max']:13.0f}"
+        )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sizes", type=int, nargs="+", default=[50, 500], help="corpus sizes in MB")
+    parser.add_argument("--rounds", type=int, default=1, help="runs per size (and per variant)")
+    parser.add_argument("--baseline", help="git revision whose tasks/ to run interleaved with the working tree's")
     parser.add_argument("--smoke", action="store_true", help="one 2 MB corpus: checks the benchmark works")
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "clean_throughput.json")
     args = parser.parse_args()
@@ -105,22 +193,42 @@ def main() -> None:
     rows = []
     with tempfile.TemporaryDirectory(prefix="forgeline-clean-bench-") as tmp_str:
         tmp = Path(tmp_str)
+        roots = {"current": ROOT}
+        if args.baseline:
+            roots = {"baseline": extract_revision(args.baseline, tmp / "baseline"), **roots}
         for mb in sizes:
             corpus = tmp / f"corpus-{mb}mb.txt"
             size = generate(corpus, mb)
-            report = measure(corpus, tmp / f"cache-{mb}")
-            report.update({"megabytes": size / 1e6, "mb_per_s": size / 1e6 / report["seconds"]})
-            rows.append(report)
+            for i in range(1 if args.smoke else args.rounds):
+                for variant, code_root in roots.items():
+                    cache = tmp / f"cache-{mb}-{variant}-{i}"
+                    report = measure(corpus, cache, code_root)
+                    report.update(
+                        {
+                            "size_mb": mb,
+                            "variant": variant,
+                            "round": i,
+                            "megabytes": size / 1e6,
+                            "mb_per_s": size / 1e6 / report["seconds"],
+                        }
+                    )
+                    rows.append(report)
+                    print(json.dumps({k: v for k, v in report.items() if k != "rows"}), flush=True)
+                    subprocess.run(["rm", "-rf", str(cache)], check=True)
             corpus.unlink()
-    print(f"{'input MB':>9} {'records':>10} {'dup dropped':>12} {'clean s':>8} {'MB/s':>6} {'peak RSS MiB':>13}")
-    for r in rows:
-        print(
-            f"{r['megabytes']:9.1f} {r['rows_in']:10d} {r['dropped'].get('duplicate', 0):12d} {r['seconds']:8.1f} "
-            f"{r['mb_per_s']:6.2f} {r['peak_rss_mib']:13.0f}"
-        )
+    table = summarize(rows)
+    print_table(table)
+    load = os.getloadavg()
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps({"date": time.strftime("%Y-%m-%d"), "rows": rows}, indent=2))
-    print(f"wrote {args.out}")
+    payload = {
+        "date": time.strftime("%Y-%m-%d"),
+        "baseline": args.baseline,
+        "load_avg_1_5_15": load,
+        "rows": rows,
+        "table": table,
+    }
+    args.out.write_text(json.dumps(payload, indent=2))
+    print(f"load average {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}; wrote {args.out}")
 
 
 if __name__ == "__main__":

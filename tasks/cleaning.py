@@ -708,7 +708,7 @@ def _run_pipeline(
 ) -> tuple[int, dict[str, int], dict[str, int], dict[str, int]]:
     """Read, clean, split and write; returns rows_in, dropped, rows_per_split, bytes_per_split."""
     cleaner = _Cleaner(cfg.cleaning)
-    records = cleaner.run(_all_records(inputs, cfg.record))
+    records = cleaner.run(_all_records(inputs, cfg.record), out / ".dedup")
     with _SplitWriter(out) as writer:
         if cfg.split == "hash":
             for text in records:
@@ -869,6 +869,238 @@ class _NearDuplicates:
         return False
 
 
+_ENTRY_DTYPE = [("hi", "<u8"), ("lo", "<u8"), ("seq", "<i8")]
+"""A bucket file entry: a stored record's 16-byte digest (two integers) and its number in the spill."""
+_ENTRY_BYTES = 24
+_REPLAY_BLOCK = 8 * 2**20
+"""Pass 2 reads the spill in blocks of about this many bytes (or one record, if longer)."""
+
+
+class _ExactDuplicates:
+    """Exact de-duplication in bounded memory: decide after reading, then replay in order.
+
+    The one-pass way, a set of every distinct record's digest, grows with the data (about 80 bytes per
+    distinct record). Here, while the kept records fit in ``memory_records`` and ``memory_bytes``, it
+    is still that set, and nothing touches the disk. Past that, pass 1 appends each record (UTF-8) to a spill
+    file and its 16-byte BLAKE2b digest to a buffer; every ``chunk`` records, copies inside the chunk
+    are marked and the chunk's distinct digests are appended to one of ``2**bits`` bucket files chosen
+    by the digest's leading bits. When the input ends each bucket (about one distinct digest in
+    ``2**bits``) is sorted alone: a digest's lowest record number is its first occurrence, every other
+    one a duplicate; a bucket over ``bucket_cap`` entries is first split again by the next bits.
+    Duplicate numbers go to one file per ``window`` of numbers, and pass 2 replays the spill one window
+    at a time, a block of bytes at a time. A record is dropped exactly when an earlier record that
+    passed the content rules has the same digest: the one-pass set's decisions, in memory bounded by
+    the chunk, one bucket and one window, with sequential disk traffic of about the kept text plus 32
+    bytes a record.
+    """
+
+    def __init__(
+        self,
+        workdir: Path,
+        *,
+        chunk: int = 2**17,
+        bits: int = 8,
+        bucket_cap: int = 2**20,
+        window: int = 2**18,
+        memory_records: int = 2**15,
+        memory_bytes: int = 4 * 2**20,
+    ) -> None:
+        self.workdir = workdir
+        self.chunk, self.bits, self.bucket_cap, self.window = chunk, bits, bucket_cap, window
+        self.memory_records, self.memory_bytes = memory_records, memory_bytes
+        self.dropped = 0
+        self._pending: list[str] | None = []  # kept records while everything fits in memory
+        self._digests = bytearray()  # digests of the spilled records numbered from self._base on
+        self._lengths = array("Q")  # their UTF-8 lengths
+        self._base = 0
+        self._stored = 0  # records in the spill
+
+    def filter(self, texts: Iterable[str]) -> Iterator[str]:
+        """Yield ``texts`` without exact duplicates, in order.
+
+        Small inputs stream as they are read; larger ones are read whole before the first yield.
+        """
+        try:
+            records = iter(texts)
+            if not self._read_in_memory(records):
+                yield from self._pending or []
+                return
+            self._read_spilling(records)
+            self._resolve_all()
+            yield from self._replay()
+        finally:
+            shutil.rmtree(self.workdir, ignore_errors=True)
+
+    # pass 1 ------------------------------------------------------------------------------------
+    def _read_in_memory(self, records: Iterator[str]) -> bool:
+        """The one-pass set until the kept records outgrow memory; True if the rest must be spilled."""
+        seen: set[bytes] = set()
+        pending: list[str] = []
+        size = 0
+        self._pending = pending
+        for text in records:
+            data = text.encode("utf-8")
+            digest = hashlib.blake2b(data, digest_size=16).digest()
+            if digest in seen:
+                self.dropped += 1
+                continue
+            seen.add(digest)
+            pending.append(text)
+            size += len(data)
+            if size > self.memory_bytes or len(pending) >= self.memory_records:
+                self._start_spill(pending)
+                return True
+        return False
+
+    def _start_spill(self, pending: list[str]) -> None:
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        with (self.workdir / "records.bin").open("wb") as spill:
+            for text in pending:
+                data = text.encode("utf-8")
+                self._digests += hashlib.blake2b(data, digest_size=16).digest()
+                self._lengths.append(len(data))
+                spill.write(data)
+        self._pending = None
+        if len(self._lengths) >= self.chunk:
+            self._flush_chunk()
+
+    def _read_spilling(self, records: Iterator[str]) -> None:
+        digests, lengths, chunk = self._digests, self._lengths, self.chunk
+        with (self.workdir / "records.bin").open("ab") as spill:
+            write = spill.write
+            for text in records:
+                data = text.encode("utf-8")
+                digests += hashlib.blake2b(data, digest_size=16).digest()
+                lengths.append(len(data))
+                write(data)
+                if len(lengths) == chunk:
+                    self._flush_chunk()
+                    digests, lengths = self._digests, self._lengths
+        self._flush_chunk()
+
+    def _flush_chunk(self) -> None:
+        """Mark copies inside the chunk; send its distinct digests to the buckets; store the lengths."""
+        import numpy as np
+
+        count = len(self._lengths)
+        if count == 0:
+            return
+        with (self.workdir / "lengths.bin").open("ab") as handle:
+            handle.write(self._lengths.tobytes())
+        pairs = np.frombuffer(self._digests, dtype=">u8").reshape(count, 2).astype(np.uint64)
+        seq = np.arange(self._base, self._base + count, dtype=np.int64)
+        later = _later_copies(pairs[:, 0], pairs[:, 1])
+        self._save_dups(seq[later])
+        entries = np.empty(int(count - later.sum()), dtype=_ENTRY_DTYPE)
+        entries["hi"], entries["lo"], entries["seq"] = pairs[~later, 0], pairs[~later, 1], seq[~later]
+        self._partition(entries, level=0, folder=self.workdir / "buckets")
+        self._base += count
+        self._digests, self._lengths = bytearray(), array("Q")
+
+    def _partition(self, entries: Any, level: int, folder: Path) -> None:
+        """Append entries to bucket files by the digest bits after the first ``level * bits``; order kept."""
+        import numpy as np
+
+        folder.mkdir(parents=True, exist_ok=True)
+        shift = np.uint64(64 - self.bits * (level + 1))
+        bucket = (entries["hi"] >> shift) & np.uint64(2**self.bits - 1)
+        order = np.argsort(bucket, kind="stable")
+        entries, bucket = entries[order], bucket[order]
+        ids, starts = np.unique(bucket, return_index=True)
+        for b, part in zip(ids, np.split(entries, starts[1:]), strict=True):
+            with (folder / f"{int(b):05d}").open("ab") as handle:
+                part.tofile(handle)
+
+    def _save_dups(self, seqs: Any) -> None:
+        """Append duplicate record numbers (ascending) to their window files."""
+        import numpy as np
+
+        if len(seqs) == 0:
+            return
+        folder = self.workdir / "dups"
+        folder.mkdir(parents=True, exist_ok=True)
+        ids, starts = np.unique(seqs // self.window, return_index=True)
+        for w, part in zip(ids, np.split(seqs, starts[1:]), strict=True):
+            with (folder / f"{int(w)}").open("ab") as handle:
+                part.tofile(handle)
+        self.dropped += len(seqs)
+
+    # resolution ---------------------------------------------------------------------------------
+    def _resolve_all(self) -> None:
+        self._stored = self._base
+        buckets = self.workdir / "buckets"
+        if buckets.is_dir():
+            self._resolve(buckets, level=0)
+        logger.debug("exact dedup: %d duplicates; %d records went through the spill", self.dropped, self._stored)
+
+    def _resolve(self, folder: Path, level: int) -> None:
+        """Sort each bucket alone (order kept inside it, so the lowest number is the first copy)."""
+        import numpy as np
+
+        can_split = 64 - self.bits * (level + 2) >= 0  # bits of the digest's first half left to split on
+        for path in sorted(p for p in folder.iterdir() if p.is_file()):
+            if can_split and path.stat().st_size > self.bucket_cap * _ENTRY_BYTES:
+                sub = folder / f"{path.name}.d"
+                with path.open("rb") as handle:
+                    while (part := np.fromfile(handle, dtype=_ENTRY_DTYPE, count=self.chunk)).size:
+                        self._partition(part, level + 1, sub)
+                path.unlink()
+                self._resolve(sub, level + 1)
+                continue
+            entries = np.fromfile(path, dtype=_ENTRY_DTYPE)
+            later = _later_copies(entries["hi"], entries["lo"])
+            self._save_dups(entries["seq"][later])
+            path.unlink()
+
+    # pass 2 -------------------------------------------------------------------------------------
+    def _replay(self) -> Iterator[str]:
+        import numpy as np
+
+        with (
+            (self.workdir / "records.bin").open("rb") as data,
+            (self.workdir / "lengths.bin").open("rb") as lengths,
+        ):
+            for w in range(-(-self._stored // self.window)):
+                lens = np.fromfile(lengths, dtype=np.uint64, count=self.window).astype(np.int64)
+                path = self.workdir / "dups" / f"{w}"
+                keep = np.ones(len(lens), dtype=bool)
+                if path.is_file():
+                    keep[np.fromfile(path, dtype=np.int64) - w * self.window] = False
+                yield from _replay_window(data, lens, keep)
+
+
+def _replay_window(data: IO[bytes], lens: Any, keep: Any) -> Iterator[str]:
+    """Decode the kept records of one window from ``data``, reading about ``_REPLAY_BLOCK`` bytes at a time."""
+    import numpy as np
+
+    ends = np.cumsum(lens)
+    starts = ends - lens
+    kept = np.flatnonzero(keep)
+    i = 0
+    while i < len(lens):
+        # Records [i, j) fill one block; a record longer than a block is a block of its own.
+        j = max(i + 1, int(np.searchsorted(ends, starts[i] + _REPLAY_BLOCK, side="right")))
+        origin = int(starts[i])
+        block = data.read(int(ends[j - 1]) - origin)
+        chosen = kept[np.searchsorted(kept, i) : np.searchsorted(kept, j)]
+        for s, e in zip((starts[chosen] - origin).tolist(), (ends[chosen] - origin).tolist(), strict=True):
+            yield block[s:e].decode("utf-8")
+        i = j
+
+
+def _later_copies(hi: Any, lo: Any) -> Any:
+    """Boolean mask: True where (hi, lo) equals an earlier entry's (stable sort: earlier stays first)."""
+    import numpy as np
+
+    order = np.lexsort((lo, hi))
+    h, low = hi[order], lo[order]
+    same = np.zeros(len(order), dtype=bool)
+    same[1:] = (h[1:] == h[:-1]) & (low[1:] == low[:-1])
+    later = np.zeros(len(order), dtype=bool)
+    later[order] = same
+    return later
+
+
 class _Cleaner:
     """Normalizes each record and counts what every drop rule removed."""
 
@@ -878,7 +1110,6 @@ class _Cleaner:
         self.kept = 0
         self.changed = 0
         self.dropped = dict.fromkeys(RULES, 0)
-        self._seen: set[bytes] = set()
         self._near: _NearDuplicates | None = None
         if cfg.near_dedup:
             if _near_dedup_available():
@@ -886,31 +1117,33 @@ class _Cleaner:
             else:
                 logger.warning("near_dedup is on but datasketch is not installed; skipping near-duplicates")
 
-    def run(self, texts: Iterable[str]) -> Iterator[str]:
+    def run(self, texts: Iterable[str], workdir: Path) -> Iterator[str]:
+        """Yield the kept records in input order; ``workdir`` holds exact dedup's spill files meanwhile."""
+        records = self._content(texts)
+        exact = _ExactDuplicates(workdir) if self.cfg.dedup else None
+        if exact is not None:
+            records = exact.filter(records)
+        for text in records:
+            if self._near is not None and self._near.seen(text):
+                self.dropped["near_duplicate"] += 1
+                continue
+            self.kept += 1
+            yield text
+        if exact is not None:
+            self.dropped["duplicate"] = exact.dropped
+
+    def _content(self, texts: Iterable[str]) -> Iterator[str]:
+        """Normalize each record and apply the content rules (every rule but the two dedups)."""
         for raw in texts:
             self.rows_in += 1
             progress.clean_record(raw)
             text = clean_text(raw, self.cfg)
             self.changed += text != raw
-            rule = self._verdict(text)
+            rule = drop_reason(text, self.cfg)
             if rule is not None:
                 self.dropped[rule] += 1
                 continue
-            self.kept += 1
             yield text
-
-    def _verdict(self, text: str) -> str | None:
-        rule = drop_reason(text, self.cfg)
-        if rule is not None:
-            return rule
-        if self.cfg.dedup:
-            digest = hashlib.blake2b(text.encode("utf-8"), digest_size=16).digest()
-            if digest in self._seen:
-                return "duplicate"
-            self._seen.add(digest)
-        if self._near is not None and self._near.seen(text):
-            return "near_duplicate"
-        return None
 
     def require_records(self, inputs: list[_Input]) -> None:
         if self.kept:

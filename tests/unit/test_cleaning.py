@@ -644,3 +644,87 @@ def test_relative_cache_dir_uses_base_dir(tmp_path: Path, monkeypatch: pytest.Mo
     result = clean_dataset(data_cfg("d.txt"), base_dir=tmp_path)
     assert result.dataset_dir.startswith(str((tmp_path / "cache").resolve()))
     assert not os.listdir(elsewhere)
+
+
+# ------------------------------------------------------------------- exact dedup, bounded memory
+def _first_seen(texts: list[str]) -> list[str]:
+    """The one-pass reference: keep a record unless an earlier one had the same text."""
+    seen: set[str] = set()
+    kept = []
+    for text in texts:
+        if text not in seen:
+            seen.add(text)
+            kept.append(text)
+    return kept
+
+
+def _skewed_texts(n: int, seed: int) -> list[str]:
+    """Records with many repeats (a few very common), some long, some non-ASCII."""
+    rng = random.Random(seed)
+    pool = [f"{rng.choice(WORDS)} {i} é{'x' * rng.randrange(0, 300)}" for i in range(n // 3)]
+    return [pool[0] if rng.random() < 0.2 else rng.choice(pool) for _ in range(n)]
+
+
+EXACT_SHAPES = {
+    "in memory": {},
+    "spill after 500 bytes, one chunk": {"memory_bytes": 500},
+    "chunks, buckets, windows": {"chunk": 16, "bits": 2, "window": 8, "memory_bytes": 500},
+    "buckets split again": {"chunk": 16, "bits": 2, "bucket_cap": 8, "window": 16, "memory_bytes": 500},
+    "no bits left to split": {"chunk": 16, "bits": 32, "bucket_cap": 1, "window": 32},
+}
+
+
+@pytest.mark.parametrize("shape", list(EXACT_SHAPES), ids=list(EXACT_SHAPES))
+def test_exact_duplicates_match_one_pass_set(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, shape: str) -> None:
+    monkeypatch.setattr(cleaning, "_REPLAY_BLOCK", 64)  # blocks of a few records, and records longer than one
+    texts = _skewed_texts(600, seed=len(shape))
+    work = tmp_path / "work"
+    exact = cleaning._ExactDuplicates(work, **EXACT_SHAPES[shape])
+    kept = list(exact.filter(iter(texts)))
+    assert kept == _first_seen(texts)
+    assert exact.dropped == len(texts) - len(kept) > 100
+    assert not work.exists()  # spill, bucket and window files are gone
+
+
+def test_exact_duplicates_empty_and_all_same(tmp_path: Path) -> None:
+    assert list(cleaning._ExactDuplicates(tmp_path / "a", chunk=4).filter([])) == []
+    same = cleaning._ExactDuplicates(tmp_path / "b", chunk=4, bits=1, bucket_cap=2, window=4, memory_bytes=10)
+    assert list(same.filter(["one and the same"] * 50)) == ["one and the same"]
+    assert same.dropped == 49
+
+
+def test_exact_duplicates_bounded_buffers(tmp_path: Path) -> None:
+    """Pass 1 never holds more than one chunk of digests, and texts leave memory past the budget."""
+    exact = cleaning._ExactDuplicates(tmp_path / "w", chunk=8, bits=2, window=8, memory_bytes=100)
+    sizes: list[tuple[int, bool]] = []
+
+    def observed() -> Any:
+        for text in _skewed_texts(200, seed=3):
+            sizes.append((len(exact._digests), exact._pending is None))
+            yield text
+
+    kept = list(exact.filter(observed()))
+    assert max(n for n, _ in sizes) <= 16 * 8
+    assert sizes[-1][1]  # the records went to the spill file
+    assert kept == _first_seen(_skewed_texts(200, seed=3))
+
+
+@pytest.mark.parametrize("split", ["hash", "tail"])
+def test_disk_dedup_gives_the_same_dataset(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, split: str) -> None:
+    lines = [*_skewed_texts(400, seed=5), "", "tiny", *PROSE]
+    (tmp_path / "d.txt").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    in_memory = clean_dataset(data_cfg("d.txt", split=split), base_dir=tmp_path)
+
+    class Tiny(cleaning._ExactDuplicates):
+        def __init__(self, workdir: Path) -> None:
+            super().__init__(workdir, chunk=16, bits=2, bucket_cap=8, window=32, memory_bytes=200)
+
+    monkeypatch.setattr(cleaning, "_ExactDuplicates", Tiny)
+    cfg = data_cfg("d.txt", split=split)
+    on_disk = clean_dataset(cfg.model_copy(update={"cache_dir": "cache2"}), base_dir=tmp_path)
+    assert on_disk.fingerprint == in_memory.fingerprint
+    assert on_disk.dropped == in_memory.dropped and on_disk.dropped["duplicate"] > 200
+    assert splits_of(on_disk) == splits_of(in_memory)
+    assert sorted(p.name for p in Path(on_disk.dataset_dir).iterdir()) == sorted(
+        p.name for p in Path(in_memory.dataset_dir).iterdir()
+    )  # no spill files left behind
