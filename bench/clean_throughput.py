@@ -45,8 +45,9 @@ t0, cpu0 = time.perf_counter(), usage.ru_utime + usage.ru_stime
 result = clean_dataset(cfg.data, base_dir=Path(sys.argv[1]).parent)
 usage = resource.getrusage(resource.RUSAGE_SELF)
 peak, cpu = usage.ru_maxrss / 1024, usage.ru_utime + usage.ru_stime - cpu0
-print(json.dumps({"seconds": time.perf_counter() - t0, "cpu_seconds": cpu, "rows_in": result.rows_in, "dropped": result.dropped,
-                  "rows": result.rows_per_split, "fingerprint": result.fingerprint, "peak_rss_mib": peak}))
+print(json.dumps({"seconds": time.perf_counter() - t0, "cpu_seconds": cpu, "rows_in": result.rows_in,
+                  "dropped": result.dropped, "rows": result.rows_per_split, "fingerprint": result.fingerprint,
+                  "peak_rss_mib": peak}))
 """
 
 
