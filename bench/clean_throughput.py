@@ -131,6 +131,7 @@ def summarize(rows: list[dict]) -> list[dict]:
                     "rows_in": mine[0]["rows_in"],
                     "duplicates": mine[0]["dropped"].get("duplicate", 0),
                     "seconds_median": statistics.median(r["seconds"] for r in mine),
+                    "cpu_seconds_median": statistics.median(r["cpu_seconds"] for r in mine),
                     "mb_per_s_median": statistics.median(speeds),
                     "mb_per_s_min": min(speeds),
                     "mb_per_s_max": max(speeds),
@@ -148,6 +149,7 @@ def summarize(rows: list[dict]) -> list[dict]:
         ]
         if pairs:
             ratios = [c["mb_per_s"] / b["mb_per_s"] for b, c in pairs]
+            cpu_ratios = [b["cpu_seconds"] / c["cpu_seconds"] for b, c in pairs]  # throughput per CPU second
             same = all(b["fingerprint"] == c["fingerprint"] and b["dropped"] == c["dropped"] for b, c in pairs)
             table.append(
                 {
@@ -156,6 +158,9 @@ def summarize(rows: list[dict]) -> list[dict]:
                     "ratio_median": statistics.median(ratios),
                     "ratio_min": min(ratios),
                     "ratio_max": max(ratios),
+                    "cpu_ratio_median": statistics.median(cpu_ratios),
+                    "cpu_ratio_min": min(cpu_ratios),
+                    "cpu_ratio_max": max(cpu_ratios),
                     "n": len(ratios),
                     "same_output": same,
                 }
@@ -165,19 +170,20 @@ def summarize(rows: list[dict]) -> list[dict]:
 
 def print_table(table: list[dict]) -> None:
     print(
-        f"{'input MB':>9} {'variant':<24} {'records':>10} {'dup dropped':>12} {'clean s':>8} "
+        f"{'input MB':>9} {'variant':<24} {'records':>10} {'dup dropped':>12} {'clean s':>8} {'CPU s':>7} "
         f"{'MB/s median':>11} {'min-max':>11} {'n':>2} {'peak RSS MiB':>13}"
     )
     for t in table:
         if "ratio_median" in t:
             print(
-                f"{t['size_mb']:9d} {t['variant']:<24} {'':>10} {'':>12} {'':>8} {t['ratio_median']:11.3f} "
-                f"{t['ratio_min']:5.3f}-{t['ratio_max']:5.3f} {t['n']:2d}  same output: {t['same_output']}"
+                f"{t['size_mb']:9d} {t['variant']:<24} {'':>10} {'':>12} {'':>8} {'':>7} {t['ratio_median']:11.3f} "
+                f"{t['ratio_min']:5.3f}-{t['ratio_max']:5.3f} {t['n']:2d}  same output: {t['same_output']}; "
+                f"per CPU second {t['cpu_ratio_median']:.3f} ({t['cpu_ratio_min']:.3f}-{t['cpu_ratio_max']:.3f})"
             )
             continue
         print(
             f"{t['megabytes']:9.1f} {t['variant']:<24} {t['rows_in']:10d} {t['duplicates']:12d} "
-            f"{t['seconds_median']:8.1f} {t['mb_per_s_median']:11.2f} "
+            f"{t['seconds_median']:8.1f} {t['cpu_seconds_median']:7.1f} {t['mb_per_s_median']:11.2f} "
             f"{t['mb_per_s_min']:5.2f}-{t['mb_per_s_max']:5.2f} {t['n']:2d} {t['peak_rss_mib_max']:13.0f}"
         )
 
