@@ -1,14 +1,16 @@
 """Everyday commands on top of the pipeline: compare, models, promote, rollback, generate, serve, reproduce.
 
 They are registered on the ``forgeline`` app by :func:`register` (called at the end of ``flows/cli.py``).
-Each talks to the MLflow store the pipeline uses: ``$MLFLOW_TRACKING_URI`` when set, else SQLite under
-``./mlruns`` (or the ``tracking`` section of ``--config`` when one is given). Every failure ends as one
-``error:`` line and a non-zero exit.
+Each talks to the MLflow store the pipeline uses: the running stack's MLflow server after ``forgeline up``
+(found through ``$FORGELINE_HOME``, see :func:`flows.stack.stack_env`), ``$MLFLOW_TRACKING_URI`` when set
+(it wins), else SQLite under ``./mlruns`` (or the ``tracking`` section of ``--config`` when one is given).
+Every failure ends as one ``error:`` line and a non-zero exit.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import logging
 import math
@@ -16,6 +18,7 @@ import os
 import socket
 import sys
 import tempfile
+from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
 from types import ModuleType
@@ -884,11 +887,19 @@ def _who() -> str:
 
 # ------------------------------------------------------------------------------------------ register
 def register(app: typer.Typer) -> None:
-    """Add the everyday commands to the ``forgeline`` app."""
-    app.command()(compare)
-    app.command()(models)
-    app.command()(promote)
-    app.command()(rollback)
-    app.command()(generate)
-    app.command()(serve)
-    app.command()(reproduce)
+    """Add the everyday commands to the ``forgeline`` app (each finds a running stack first)."""
+    for command in (compare, models, promote, rollback, generate, serve, reproduce):
+        app.command()(_with_stack(command))
+
+
+def _with_stack(command: Callable[..., None]) -> Callable[..., None]:
+    """``command`` preceded by :func:`flows.stack.stack_env`, before it imports Prefect or MLflow."""
+
+    @functools.wraps(command)  # typer reads the wrapped signature, options and help
+    def wrapper(*args: Any, **kwargs: Any) -> None:
+        from flows.stack import stack_env
+
+        stack_env()  # after `forgeline up`, talk to that stack's servers; variables set by the user win
+        command(*args, **kwargs)
+
+    return wrapper

@@ -1,10 +1,14 @@
 """Work pools and deployments, in Python (the one source of truth; ``forgeline deploy`` calls it).
 
-Pools come from the config's ``deploy:`` section: ``cpu`` runs the ``pipeline``; ``gpu`` runs ``train``
-and ``tune`` under a concurrency limit sized to its GPUs, with the pool's job variables (for example
-``env: {CUDA_VISIBLE_DEVICES: "0"}``) as the defaults of every job on it. Deployments load the flows
-from this project folder (``flow.from_source(<dir>, entrypoint=...)``), so a worker runs them with the
+Pools come from the config's ``deploy:`` section: ``cpu`` runs the ``pipeline``, ``retrain`` and ``watch``;
+``gpu`` runs ``train`` and ``tune`` under a concurrency limit sized to its GPUs, with the pool's job variables
+(for example ``env: {CUDA_VISIBLE_DEVICES: "0"}``) as the defaults of every job on it. Deployments load the
+flows from this project folder (``flow.from_source(<dir>, entrypoint=...)``), so a worker runs them with the
 project as working directory: workers must see the same folder (one machine, or a shared filesystem).
+
+:func:`deployment_specs` describes every deployment in the shape of a ``prefect.yaml`` entry; :func:`deploy_all`
+creates them from it and :func:`prefect_yaml` writes the same list as the ``prefect.yaml`` at the project root
+(``forgeline deploy --write-prefect-yaml``), for ``prefect deploy --all``.
 """
 
 from __future__ import annotations
@@ -13,8 +17,13 @@ import contextlib
 import copy
 import io
 import logging
+import typing
+from datetime import datetime
 from pathlib import Path
 from typing import Any
+
+import yaml
+from pydantic import BaseModel
 
 from tasks.config import PipelineConfig, WorkPoolConfig
 
@@ -29,7 +38,11 @@ DEPLOYMENTS: dict[str, tuple[str, str]] = {
     "train": ("flows/train.py:train_flow", "gpu"),
     "tune": ("flows/tune.py:tune_flow", "gpu"),
     "retrain": ("flows/retrain.py:retrain_flow", "cpu"),
+    "watch": ("flows/watch.py:watch_flow", "cpu"),
 }
+PREFECT_YAML = "prefect.yaml"
+# Interval schedules count from a fixed instant, so redeploying never shifts them and the YAML never changes.
+INTERVAL_ANCHOR = "2026-01-01T00:00:00+00:00"
 
 
 def project_dir() -> Path:
@@ -40,11 +53,13 @@ def project_dir() -> Path:
     return Path(__file__).resolve().parents[1]
 
 
-def base_job_template(pool: WorkPoolConfig) -> dict[str, Any]:
+def base_job_template(pool: WorkPoolConfig, heartbeat_seconds: int | None = None) -> dict[str, Any]:
     """The worker type's default job template with the pool's job variables as defaults.
 
     ``env`` always carries ``FORGELINE_WORK_POOL`` and, on a pool with ``require_cuda``,
-    ``FORGELINE_REQUIRE_CUDA=1`` (what :func:`flows.seam.check_cuda` reads in the flow run).
+    ``FORGELINE_REQUIRE_CUDA=1`` (what :func:`flows.seam.check_cuda` reads in the flow run); with
+    ``heartbeat_seconds``, ``PREFECT_FLOWS_HEARTBEAT_FREQUENCY``, so flow runs beat as often as the crash
+    automation expects whatever their worker's environment says.
     """
     template = copy.deepcopy(_default_template(pool.type))
     props = template.setdefault("variables", {}).setdefault("properties", {})
@@ -53,6 +68,8 @@ def base_job_template(pool: WorkPoolConfig) -> dict[str, Any]:
     env[POOL_ENV] = pool.name
     if pool.require_cuda:
         env[REQUIRE_CUDA_ENV] = "1"
+    if heartbeat_seconds is not None:
+        env["PREFECT_FLOWS_HEARTBEAT_FREQUENCY"] = str(heartbeat_seconds)
     values["env"] = env
     for key, value in values.items():
         if key not in props:
@@ -77,13 +94,13 @@ def _default_template(kind: str) -> dict[str, Any]:
     return template
 
 
-def ensure_pool(pool: WorkPoolConfig) -> str:
+def ensure_pool(pool: WorkPoolConfig, heartbeat_seconds: int | None = None) -> str:
     """Create or update one work pool to match ``pool`` (idempotent). Returns a one-line summary."""
     from prefect import get_client
     from prefect.client.schemas.actions import WorkPoolCreate, WorkPoolUpdate
     from prefect.exceptions import ObjectNotFound
 
-    template = base_job_template(pool)
+    template = base_job_template(pool, heartbeat_seconds)
     with get_client(sync_client=True) as client:
         try:
             existing = client.read_work_pool(pool.name)
@@ -111,54 +128,205 @@ def ensure_pool(pool: WorkPoolConfig) -> str:
     return f"work pool {pool.name} ({pool.type}, concurrency limit {limit}): {verb}"
 
 
-def deploy_all(config: PipelineConfig, source: Path | None = None) -> list[str]:
-    """Ensure both pools, the crash automation and the deployments. Returns summary lines.
+def config_parameter(config: PipelineConfig) -> dict[str, Any]:
+    """``config`` as a deployment parameter: only what differs from the defaults.
+
+    A default that changes in code then reaches deployed runs, and ``prefect.yaml`` only changes when the
+    deployed config does. Lists and union members stay whole (with their tags), and every section that is
+    written keeps its required fields, so the value passes the flow's parameter schema, which the Prefect
+    server checks for every run it creates (an event trigger's run included).
+    """
+    full = config.model_dump(mode="json")
+    short = _differences(full, PipelineConfig().model_dump(mode="json"), PipelineConfig)
+    if PipelineConfig.model_validate(short) != config:  # never deploy something that means another config
+        return full
+    return short
+
+
+def _differences(value: dict[str, Any], default: dict[str, Any], model: type[BaseModel] | None) -> dict[str, Any]:
+    changed: dict[str, Any] = {}
+    for key, item in value.items():
+        base = default.get(key)
+        section = _section_model(model, key)
+        if isinstance(item, dict) and isinstance(base, dict) and item and base and section is not None:
+            nested = _differences(item, base, section)
+            if nested:
+                changed[key] = nested
+        elif key not in default or item != base:
+            changed[key] = item
+    if not changed or model is None:
+        return changed
+    required = {name: value[name] for name, field in model.model_fields.items() if field.is_required()}
+    return required | changed
+
+
+def _section_model(model: type[BaseModel] | None, key: str) -> type[BaseModel] | None:
+    """The pydantic model of field ``key`` of ``model`` (``Optional`` unwrapped), if it is one."""
+    field = model.model_fields.get(key) if model is not None else None
+    if field is None:
+        return None
+    options = [field.annotation, *typing.get_args(field.annotation)]
+    models = [t for t in options if isinstance(t, type) and issubclass(t, BaseModel)]
+    return models[0] if len(models) == 1 else None
+
+
+def deployment_specs(config: PipelineConfig) -> list[dict[str, Any]]:
+    """Every deployment as a ``prefect.yaml`` entry: the one description both deploy paths use.
 
     Args:
-        config: Supplies the ``deploy:`` section and the pipeline deployment's default ``config`` parameter.
-        source: Project folder the workers load the flows from (default :func:`project_dir`).
-    """
-    from prefect import flow as prefect_flow
+        config: Supplies pool names, schedules and the ``config`` default of the cpu-pool deployments.
 
-    lines = [ensure_pool(config.deploy.cpu_pool), ensure_pool(config.deploy.gpu_pool), ensure_crash_automation()]
-    root = (source or project_dir()).resolve()
+    Returns:
+        Mappings with ``name``, ``entrypoint``, ``description``, ``tags``, ``work_pool``, ``parameters`` and,
+        where they apply, ``schedules``, ``triggers`` and ``concurrency_limit``.
+    """
     pools = {"cpu": config.deploy.cpu_pool.name, "gpu": config.deploy.gpu_pool.name}
+    cfg = config_parameter(config)
+    specs: list[dict[str, Any]] = []
     for name, (entrypoint, which) in DEPLOYMENTS.items():
-        loaded = prefect_flow.from_source(str(root), entrypoint=entrypoint)
-        parameters = {"config": config.model_dump(mode="json"), "deployed": True} if which == "cpu" else {}
-        extra = _retrain_options(config) if name == "retrain" else {}
-        with contextlib.redirect_stdout(io.StringIO()):  # Prefect prints a table per deployment
-            deployment_id = loaded.deploy(
-                name=name,
-                work_pool_name=pools[which],
-                parameters=parameters,
-                description=f"Forgeline {name} ({entrypoint}) on the {pools[which]} pool",
-                tags=["forgeline", which],
-                print_next_steps=False,
-                ignore_warnings=True,
-                **extra,
-            )
-        lines.append(f"deployment {loaded.name}/{name} on pool {pools[which]} (id {deployment_id}) from {root}")
-    return lines
+        spec: dict[str, Any] = {
+            "name": name,
+            "entrypoint": entrypoint,
+            "description": f"Forgeline {name} ({entrypoint}) on the {pools[which]} pool",
+            "tags": ["forgeline", which],
+            "work_pool": {"name": pools[which]},
+            "parameters": {},
+        }
+        if name in ("pipeline", "retrain"):
+            spec["parameters"] = {"config": cfg, "deployed": True}
+        elif name == "watch":
+            spec["parameters"] = {"config": cfg}
+        if name == "retrain":
+            spec |= _retrain_options(config)
+        if name == "watch":
+            spec |= _watch_options(config)
+        specs.append(spec)
+    return specs
 
 
 def _retrain_options(config: PipelineConfig) -> dict[str, Any]:
     """Trigger on ``forgeline.dataset.updated`` for this dataset, optional cron schedule, one run at a time."""
-    from prefect.events import DeploymentEventTrigger
-    from prefect.schedules import Cron
-
     from flows.retrain import EVENT, resource_id
 
-    trigger = DeploymentEventTrigger(
-        name=f"retrain {config.name} on new data",
-        expect={EVENT},
-        match={"prefect.resource.id": resource_id(config)},
-        parameters={"fingerprint": "{{ event.payload.fingerprint }}"},
-    )
+    trigger = {
+        "type": "event",
+        "name": f"retrain {config.name} on new data",
+        "enabled": True,
+        "expect": [EVENT],
+        "match": {"prefect.resource.id": resource_id(config)},
+        "parameters": {"fingerprint": "{{ event.payload.fingerprint }}"},
+    }
     options: dict[str, Any] = {"triggers": [trigger], "concurrency_limit": 1}
     if config.deploy.retrain_cron:
-        options["schedules"] = [Cron(config.deploy.retrain_cron, active=config.deploy.retrain_schedule_active)]
+        options["schedules"] = [{"cron": config.deploy.retrain_cron, "active": config.deploy.retrain_schedule_active}]
     return options
+
+
+def _watch_options(config: PipelineConfig) -> dict[str, Any]:
+    """An interval schedule; a run that finds the previous one still going is cancelled, never queued."""
+    options: dict[str, Any] = {"concurrency_limit": {"limit": 1, "collision_strategy": "CANCEL_NEW"}}
+    if config.deploy.watch_interval:
+        options["schedules"] = [
+            {"interval": config.deploy.watch_interval, "anchor_date": INTERVAL_ANCHOR, "active": True}
+        ]
+    return options
+
+
+def deploy_all(config: PipelineConfig, source: Path | None = None) -> list[str]:
+    """Ensure both pools, the crash automation and the deployments of :func:`deployment_specs`.
+
+    Args:
+        config: Supplies the ``deploy:`` section and the cpu-pool deployments' default ``config`` parameter.
+        source: Project folder the workers load the flows from (default :func:`project_dir`).
+
+    Returns:
+        One summary line per pool, automation and deployment.
+    """
+    from prefect import flow as prefect_flow
+
+    beat = config.deploy.heartbeat_seconds
+    lines = [
+        ensure_pool(config.deploy.cpu_pool, beat),
+        ensure_pool(config.deploy.gpu_pool, beat),
+        ensure_crash_automation(beat * config.deploy.missed_heartbeats),
+    ]
+    root = (source or project_dir()).resolve()
+    for spec in deployment_specs(config):
+        loaded = prefect_flow.from_source(str(root), entrypoint=spec["entrypoint"])
+        pool = spec["work_pool"]["name"]
+        with contextlib.redirect_stdout(io.StringIO()):  # Prefect prints a table per deployment
+            deployment_id = loaded.deploy(
+                name=spec["name"],
+                work_pool_name=pool,
+                parameters=spec["parameters"],
+                description=spec["description"],
+                tags=spec["tags"],
+                print_next_steps=False,
+                ignore_warnings=True,
+                **_deploy_options(spec),
+            )
+        lines.append(f"deployment {loaded.name}/{spec['name']} on pool {pool} (id {deployment_id}) from {root}")
+    return lines
+
+
+def _deploy_options(spec: dict[str, Any]) -> dict[str, Any]:
+    """The Prefect objects ``flow.deploy`` takes for a spec's schedules, triggers and concurrency limit."""
+    from prefect.client.schemas.objects import ConcurrencyLimitConfig
+    from prefect.events import DeploymentEventTrigger
+    from prefect.schedules import Cron, Interval
+
+    options: dict[str, Any] = {}
+    schedules = []
+    for item in spec.get("schedules", []):
+        if "cron" in item:
+            schedules.append(Cron(item["cron"], active=item["active"]))
+        else:
+            anchor = datetime.fromisoformat(item["anchor_date"])
+            schedules.append(Interval(item["interval"], anchor_date=anchor, active=item["active"]))
+    if schedules:
+        options["schedules"] = schedules
+    if spec.get("triggers"):
+        options["triggers"] = [
+            DeploymentEventTrigger(**{k: v for k, v in t.items() if k != "type"}) for t in spec["triggers"]
+        ]
+    limit = spec.get("concurrency_limit")
+    if limit is not None:
+        options["concurrency_limit"] = limit if isinstance(limit, int) else ConcurrencyLimitConfig(**limit)
+    return options
+
+
+def prefect_yaml(config: PipelineConfig, origin: str = "configs/default.yaml") -> str:
+    """The ``prefect.yaml`` text describing :func:`deployment_specs` (``prefect deploy --all`` reads it).
+
+    Args:
+        config: The config to describe.
+        origin: Where ``config`` came from, named in the header (the committed file: the default config).
+    """
+    header = (
+        f"# Generated from flows/deploy.py and {origin} by\n"
+        f"#   forgeline deploy --config {origin} --write-prefect-yaml\n"
+        "# Edit the code or the config and regenerate, never this file (tests/unit/test_deploy.py compares).\n"
+        "# `forgeline deploy` creates the same deployments plus the work pools and the crash automation.\n"
+        "# Without it: create the pools (prefect work-pool create cpu --type process; the same for gpu),\n"
+        "# then run `prefect deploy --all` here; with no pull steps listed, Prefect makes workers run the\n"
+        "# flows in the folder you deploy from, as `forgeline deploy` does.\n"
+    )
+    body = {"name": "forgeline", "deployments": deployment_specs(config)}
+    return header + yaml.dump(body, Dumper=_PlainDumper, sort_keys=False, width=120)
+
+
+class _PlainDumper(yaml.SafeDumper):
+    """Writes a value shared by several deployments out in full each time, not as a YAML alias."""
+
+    def ignore_aliases(self, data: Any) -> bool:
+        return True
+
+
+def write_prefect_yaml(config: PipelineConfig, origin: str, root: Path | None = None) -> Path:
+    """Write :func:`prefect_yaml` to ``prefect.yaml`` in the project folder. Returns its path."""
+    path = (root or project_dir()) / PREFECT_YAML
+    path.write_text(prefect_yaml(config, origin), encoding="utf-8")
+    return path
 
 
 CRASH_AUTOMATION = "forgeline: crash flow runs without heartbeats"

@@ -484,10 +484,18 @@ def register(app: typer.Typer) -> None:
         ] = Path("configs/default.yaml"),
         set_: Annotated[list[str] | None, typer.Option("--set", "-s", help="Override a config key.")] = None,
         home: HomeOpt = None,
+        write_prefect_yaml: Annotated[
+            bool, typer.Option("--write-prefect-yaml", help="Only write prefect.yaml (same deployments); no server.")
+        ] = False,
     ) -> None:
-        """Create or update the work pools, the crash automation and the pipeline, train, tune, retrain deployments."""
+        """Create or update the work pools, the crash automation and the deployments (pipeline ... watch)."""
         cli = _cli()
         cfg = cli._load(config, set_)
+        if write_prefect_yaml:
+            from flows.deploy import write_prefect_yaml as write
+
+            cli.out.print(f"wrote {write(cfg, str(config))}", highlight=False, soft_wrap=True)
+            return
         cli._prefect_env()
         if stack_env(home) is None and not os.environ.get("PREFECT_API_URL"):
             cli._fail(f"no running stack under {forgeline_home(home)} and no PREFECT_API_URL; run: forgeline up")

@@ -327,6 +327,14 @@ class DeployConfig(_Strict):
     train_timeout: float | None = Field(
         None, gt=0, description="Seconds the pipeline waits for a deployed tune or train run; null: no limit."
     )
+    gpu_start_timeout: float = Field(
+        300,
+        gt=0,
+        description=(
+            "Seconds a deployed tune or train run may stay Scheduled/Late while its pool has no live worker; "
+            "then it is cancelled and the pipeline fails."
+        ),
+    )
     incoming_dir: str = Field(
         "data/incoming", description="Where `forgeline ingest` puts new data files (content-addressed)."
     )
@@ -338,6 +346,15 @@ class DeployConfig(_Strict):
     )
     retrain_schedule_active: bool = Field(
         False, description="Whether the retrain schedule starts active (switch it on in the Prefect UI)."
+    )
+    drop_dir: str = Field(
+        "data/drop", description="Folder the `watch` deployment scans for data files dropped by other means."
+    )
+    watch_interval: float | None = Field(
+        60, ge=1, description="Seconds between runs of the `watch` deployment; null: no schedule."
+    )
+    watch_settle: float = Field(
+        2.0, ge=0, description="Seconds between the watch's two looks at a file; a file that changed is left alone."
     )
 
     @field_validator("cpu_pool", "gpu_pool", mode="before")

@@ -1,0 +1,170 @@
+"""The ``watch`` flow: ``forgeline ingest`` for files dropped into ``deploy.drop_dir`` by other means.
+
+The ``watch`` deployment runs it on the ``cpu`` pool every ``deploy.watch_interval`` seconds. Each run looks
+at the drop folder twice, ``deploy.watch_settle`` seconds apart, and takes only the files whose size and
+modification time did not change in between: a file still being copied in is left for a later run. Hidden
+files and names ending in ``.part``, ``.partial``, ``.tmp`` or ``.crdownload`` are never taken (writers that
+write under such a name and rename when done are always safe). Each complete file goes through
+:func:`flows.retrain.ingest_files`, exactly like ``forgeline ingest``: validated, then moved atomically into
+``deploy.incoming_dir`` under its content hash. A file that fails validation is moved to ``.rejected/`` in
+the drop folder with a ``.reason.txt`` beside it, so it is reported once instead of every run. When anything
+new arrived the run emits ``forgeline.dataset.updated`` with the incoming fingerprint, which triggers
+``retrain``.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from pathlib import Path
+
+from prefect import flow
+from pydantic import BaseModel
+
+from tasks.config import PipelineConfig
+
+logger = logging.getLogger(__name__)
+
+REJECTED = ".rejected"
+IN_PROGRESS_SUFFIXES = (".part", ".partial", ".tmp", ".crdownload")
+
+Signature = tuple[int, int, int]  # inode, size, mtime_ns
+
+
+class WatchResult(BaseModel):
+    """What one look at the drop folder did: small and serializable."""
+
+    added: list[str] = []  # new files in the incoming folder (their content-hash names)
+    duplicates: list[str] = []  # dropped files whose content was already there (removed from the drop folder)
+    rejected: dict[str, str] = {}  # dropped file name -> why (moved to .rejected/)
+    waiting: list[str] = []  # files still being written, left for the next run
+    fingerprint: str = ""  # the incoming folder's fingerprint after this run
+    emitted: bool = False  # whether forgeline.dataset.updated was emitted
+
+
+def drop_dir(config: PipelineConfig, base_dir: Path | None = None) -> Path:
+    """The absolute drop folder of ``config``."""
+    path = Path(config.deploy.drop_dir)
+    return path if path.is_absolute() else (base_dir or Path.cwd()).resolve() / path
+
+
+def candidates(folder: Path) -> list[Path]:
+    """Files under ``folder`` that may be data: not hidden, not under a hidden folder, not an in-progress name."""
+    if not folder.is_dir():
+        return []
+    found = []
+    for path in sorted(folder.rglob("*")):
+        rel = path.relative_to(folder)
+        if any(part.startswith(".") for part in rel.parts) or path.name.lower().endswith(IN_PROGRESS_SUFFIXES):
+            continue
+        if path.is_file():
+            found.append(path)
+    return found
+
+
+def _signature(path: Path) -> Signature | None:
+    try:
+        st = path.stat()
+    except FileNotFoundError:
+        return None
+    return st.st_ino, st.st_size, st.st_mtime_ns
+
+
+def complete_files(folder: Path, settle: float) -> tuple[list[Path], list[Path]]:
+    """Split the candidates into complete files and files still being written.
+
+    Two looks ``settle`` seconds apart: a file is complete when it is in both with the same inode, size and
+    modification time. A file that vanished in between is in neither list.
+    """
+    first = {path: _signature(path) for path in candidates(folder)}
+    if first and settle > 0:
+        time.sleep(settle)
+    complete: list[Path] = []
+    waiting: list[Path] = []
+    for path, before in first.items():
+        after = _signature(path)
+        if after is None or before is None:
+            continue
+        (complete if after == before else waiting).append(path)
+    waiting += [p for p in candidates(folder) if p not in first]  # appeared during the look
+    return complete, waiting
+
+
+def scan_drop_folder(config: PipelineConfig, base_dir: Path | None = None) -> WatchResult:
+    """Ingest every complete file of the drop folder; reject the invalid ones. No event is emitted here.
+
+    Args:
+        config: Supplies ``deploy.drop_dir``, ``deploy.watch_settle`` and ``deploy.incoming_dir``.
+        base_dir: What relative folders resolve against (default: the working directory).
+
+    Returns:
+        What was added, found already present, rejected and left waiting, and the incoming fingerprint.
+    """
+    from flows.retrain import IngestError, incoming_dir, incoming_fingerprint, ingest_files
+
+    base = (base_dir or Path.cwd()).resolve()
+    folder = drop_dir(config, base)
+    if not Path(config.deploy.incoming_dir).is_absolute():
+        # ingest_files resolves the incoming folder against the working directory: give it an absolute one.
+        config = config.model_copy(
+            update={"deploy": config.deploy.model_copy(update={"incoming_dir": str(incoming_dir(config, base))})}
+        )
+    complete, waiting = complete_files(folder, config.deploy.watch_settle)
+    result = WatchResult(waiting=[str(p.relative_to(folder)) for p in waiting])
+    for path in complete:
+        name = str(path.relative_to(folder))
+        signature = _signature(path)
+        try:
+            added, _ = ingest_files([str(path)], config)
+        except IngestError as exc:
+            if _signature(path) != signature:  # it changed after all: a writer paused longer than the settle time
+                result.waiting.append(name)
+                continue
+            result.rejected[name] = str(exc)
+            _reject(folder, path, str(exc))
+            continue
+        except FileNotFoundError:  # taken by a concurrent run or removed by its owner
+            continue
+        if added:
+            result.added += [p.name for p in added]
+        else:
+            result.duplicates.append(name)
+    result.fingerprint = incoming_fingerprint(incoming_dir(config, base))
+    for name, reason in result.rejected.items():
+        logger.warning("watch: rejected %s: %s (moved to %s)", name, reason, folder / REJECTED)
+    if result.waiting:
+        logger.info("watch: %d file(s) still being written, left for the next run", len(result.waiting))
+    return result
+
+
+def _reject(folder: Path, path: Path, reason: str) -> None:
+    target = folder / REJECTED / path.relative_to(folder)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    os.replace(path, target)
+    target.with_name(target.name + ".reason.txt").write_text(reason + "\n", encoding="utf-8")
+
+
+@flow(name="watch", flow_run_name="watch {config.name}")
+def watch_flow(config: PipelineConfig) -> WatchResult:
+    """Ingest the complete files of ``deploy.drop_dir`` and emit ``forgeline.dataset.updated`` when any was new.
+
+    Args:
+        config: The pipeline config (the deployment's default is the deployed config).
+
+    Returns:
+        What the run added, rejected and left for later, and whether it emitted the event.
+    """
+    from flows.retrain import EVENT, emit_dataset_updated
+
+    result = scan_drop_folder(config)
+    if result.added:
+        result.emitted = emit_dataset_updated(config, result.fingerprint, len(result.added))
+        logger.info(
+            "watch: %d new file(s); %s %s (incoming fingerprint %s)",
+            len(result.added),
+            "emitted" if result.emitted else "no Prefect server: did not emit",
+            EVENT,
+            result.fingerprint,
+        )
+    return result
