@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import atexit
 import logging
 import os
+import socket
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -65,6 +68,126 @@ def _prefect_env() -> None:
     os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
 
 
+class EarlyPrefectServer:
+    """Prefect's temporary API server, started before the heavy imports instead of at the first API call.
+
+    Without ``PREFECT_API_URL`` Prefect starts this same server (uvicorn on ``create_app``, UI off) at a
+    flow's first API call and waits for it: about 5-9 s on the critical path, after 5+ s of importing
+    torch, transformers and MLflow. Started here, the two overlap on two cores. The socket is bound and
+    listening before the child starts (``uvicorn --fd``), so there is no port race and early requests
+    just wait in the backlog. The server stops at interpreter exit, after Prefect's own exit hooks have
+    flushed logs and events to it.
+    """
+
+    def __init__(self, process: subprocess.Popen[bytes], api_url: str, timeout: float) -> None:
+        self.process = process
+        self.api_url = api_url
+        self.timeout = timeout
+        self.started = time.monotonic()
+        atexit.register(self.stop)
+
+    def wait_ready(self) -> None:
+        """Block until ``/health`` answers; fail with one line if the server exits or never answers.
+
+        Raises:
+            RuntimeError: The server exited or did not answer within ``timeout`` seconds.
+        """
+        import urllib.request
+
+        deadline = self.started + self.timeout
+        while True:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"Prefect's temporary server exited with code {self.process.returncode}")
+            try:
+                with urllib.request.urlopen(f"{self.api_url}/health", timeout=2) as response:
+                    if response.status == 200:
+                        return
+            except OSError:
+                pass
+            if time.monotonic() > deadline:
+                raise RuntimeError(
+                    f"Prefect's temporary server did not answer within {self.timeout:.0f} s "
+                    "(raise PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS, or start one: forgeline up)"
+                )
+            time.sleep(0.1)
+
+    def stop(self) -> None:
+        """Terminate the server (idempotent); kill it if it does not stop within 5 s."""
+        if self.process.poll() is not None:
+            return
+        self.process.terminate()
+        try:
+            self.process.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+
+
+def _warm_imports() -> None:
+    """Import what every run imports later anyway (tracking setup, the cleaning chart), while the server boots."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # the only backend the pipeline draws with (tasks/tracking.py)
+    import matplotlib.pyplot  # noqa: F401
+    import mlflow  # noqa: F401
+
+
+def start_prefect_server_early() -> EarlyPrefectServer | None:
+    """Start Prefect's temporary server now when Prefect would start one anyway; else return ``None``.
+
+    Call before importing the flows: the server boots while they import. Nothing changes when an API
+    URL is configured (environment, profile or settings file), or when ``FORGELINE_EARLY_SERVER=0``.
+
+    Returns:
+        The started server (this process's ``PREFECT_API_URL`` now points at it), or ``None``.
+    """
+    if os.environ.get("FORGELINE_EARLY_SERVER", "1") == "0" or os.environ.get("PREFECT_API_URL"):
+        return None
+    import prefect
+    from prefect.context import refresh_global_settings_context
+    from prefect.settings import get_current_settings
+
+    settings = get_current_settings()
+    if settings.api.url:  # a profile or settings file names a server: Prefect will use it
+        return None
+    # The same command and environment Prefect's SubprocessASGIServer uses, on a socket bound here.
+    env = {
+        **os.environ,
+        "PREFECT_UI_ENABLED": "0",
+        "PREFECT__SERVER_EPHEMERAL": "1",
+        "PREFECT__SERVER_FINAL": "1",
+        **settings.to_environment_variables(exclude_unset=True),
+    }
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    try:
+        sock.bind(("127.0.0.1", 0))
+        sock.listen(128)
+        port = sock.getsockname()[1]
+        command = [
+            sys.executable,
+            "-m",
+            "uvicorn",
+            "--app-dir",
+            str(Path(prefect.__file__).resolve().parents[1]),
+            "--factory",
+            "prefect.server.api.server:create_app",
+            "--fd",
+            str(sock.fileno()),
+            "--log-level",
+            "error",
+            "--lifespan",
+            "on",
+        ]
+        process = subprocess.Popen(command, env=env, pass_fds=[sock.fileno()])
+    finally:
+        sock.close()  # the child holds its own copy
+    api_url = f"http://127.0.0.1:{port}/api"
+    os.environ["PREFECT_API_URL"] = api_url
+    refresh_global_settings_context()  # Prefect read its settings at import, before the line above
+    timeout = max(float(settings.server.ephemeral.startup_timeout_seconds), 90.0)  # a first run creates the db
+    return EarlyPrefectServer(process, api_url, timeout)
+
+
 def _fail(message: str, code: int = 1) -> None:
     console.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
     raise typer.Exit(code)
@@ -106,21 +229,26 @@ def run(
       forgeline run --data 'notes/*.md' --data more_texts/ --fresh
     """
     cfg = _load(config, set_)
-    _configure_logging(verbose)
     _prefect_env()
     data_paths = _check_data(data)
     from flows.stack import run_deployed, stack_env
 
     stack_env()  # after `forgeline up`, talk to that stack's servers (docs/deployed.md)
     if deployed:
+        _configure_logging(verbose)
         run_deployed(cfg, data_paths, fresh)
         return
+    server = start_prefect_server_early()  # boots on the other core while torch & co. import below
+    _configure_logging(verbose)
     from flows.pipeline import pipeline_flow
     from tasks import progress
     from tasks.errors import StageInterrupted
 
     progress.enable(console)  # bars on a terminal; plain log lines otherwise
     try:
+        if server is not None:
+            _warm_imports()
+            server.wait_ready()
         result = pipeline_flow(cfg, data=data_paths, fresh=fresh)
     except KeyboardInterrupt:
         _fail("interrupted; re-run the same command to resume from the last checkpoint", code=130)

@@ -14,7 +14,7 @@ pytestmark = pytest.mark.integration
 ROOT = Path(__file__).resolve().parents[2]
 
 
-@pytest.mark.parametrize("script", ["train_step.py", "clean_throughput.py"])
+@pytest.mark.parametrize("script", ["train_step.py", "clean_throughput.py", "fixed_cost.py"])
 def test_benchmark_smoke_mode(script: str, tmp_path: Path) -> None:
     out = tmp_path / "result.json"
     proc = subprocess.run(
@@ -28,3 +28,11 @@ def test_benchmark_smoke_mode(script: str, tmp_path: Path) -> None:
     assert "median" in proc.stdout or "MB/s" in proc.stdout
     payload = json.loads(out.read_text())
     assert payload["date"]
+    if script == "fixed_cost.py":
+        # A real serverless `forgeline run` (the CLI's early temporary server) with its summary breakdown.
+        (run,) = payload["runs"]
+        assert run["variant"] == "early-server"
+        assert run["startup"] > 0 and run["fixed"] >= run["startup"] and run["training_loop"] > 0
+    if script == "clean_throughput.py":
+        (row,) = payload["rows"]
+        assert row["rows_in"] > 10_000 and row["dropped"]["duplicate"] > 1_000 and len(row["fingerprint"]) == 64
