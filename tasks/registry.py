@@ -28,6 +28,10 @@ TIE_TOLERANCE = 1e-6
 PIP_REQUIREMENTS = ["torch", "transformers", "tokenizers", "safetensors", "mlflow"]
 
 
+class RegistryError(RuntimeError):
+    """A registry operation was refused; the message is one line."""
+
+
 class PromotionDecision(BaseModel):
     promoted: bool
     reason: str
@@ -123,7 +127,11 @@ def find_lineage_version(model_name: str, lineage: str) -> Any | None:
 
 
 def register_version(model_name: str, model_uri: str, lineage: str, tags: dict[str, str]) -> tuple[Any, bool]:
-    """Register ``model_uri`` unless this lineage already has a version. Returns (version, existed)."""
+    """Register ``model_uri`` unless this lineage already has a version. Returns (version, existed).
+
+    Raises:
+        RegistryError: ``model_uri`` is a logged model whose upload did not complete (not ``READY``).
+    """
     import mlflow
     from mlflow import MlflowClient
 
@@ -131,6 +139,7 @@ def register_version(model_name: str, model_uri: str, lineage: str, tags: dict[s
         existing = find_lineage_version(model_name, lineage)
         if existing is not None:
             return existing, True
+        _require_ready(model_uri)
         mv = mlflow.register_model(model_uri, model_name, tags={LINEAGE_TAG: lineage, **tags})
     _fault_hook("sigkill_after_register")
     client = MlflowClient()
@@ -140,6 +149,22 @@ def register_version(model_name: str, model_uri: str, lineage: str, tags: dict[s
             break
         time.sleep(0.1)
     return mv, False
+
+
+def _require_ready(model_uri: str) -> None:
+    # RELIABILITY.md B5: MLflow marks a logged model READY only after all its files are uploaded (FAILED
+    # when the upload raised, PENDING when the process died mid-way). A version must never point at one
+    # of those partial artifacts.
+    from mlflow import MlflowClient
+
+    if not model_uri.startswith("models:/m-"):
+        return
+    model_id = model_uri.removeprefix("models:/").split("/", 1)[0]
+    status = str(MlflowClient().get_logged_model(model_id).status)
+    if status != "READY":
+        raise RegistryError(
+            f"logged model {model_id} is {status}, not READY: its upload did not complete; re-run to log it again"
+        )
 
 
 def _fault_hook(point: str) -> None:

@@ -74,14 +74,48 @@ def setup_tracking(cfg: TrackingConfig, base_dir: Path | None = None) -> str:
     mlflow.set_registry_uri(uri)
     if uri.startswith(("http:", "https:")):
         _check_server(uri)
+    elif uri.startswith("sqlite:///"):
+        _open_sqlite_store(uri)
     return uri
 
 
-def _check_server(uri: str) -> None:
+def _open_sqlite_store(uri: str, timeout: float = 300.0) -> None:
+    # MLflow creates and migrates a new SQLite database without a lock, so two processes starting on a
+    # fresh mlruns/ race through the migrations and one crashes ("duplicate column name", "Online
+    # migration expected to match one row"; RELIABILITY.md B2). The first open of the store in each
+    # process happens under a host-wide file lock; later opens hit MLflow's per-process store cache.
+    import fcntl
+
+    from mlflow import MlflowClient
+
+    db = Path(uri.removeprefix("sqlite:///"))
+    lock_path = db.parent / "locks" / "store-init.lock"
+    lock_path.parent.mkdir(parents=True, exist_ok=True)
+    with lock_path.open("a+") as fh:
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() > deadline:
+                    raise TrackingError(
+                        f"store {db}: another process held {lock_path} for over {timeout:.0f}s"
+                    ) from None
+                time.sleep(0.05)
+        try:
+            c = MlflowClient(tracking_uri=uri, registry_uri=uri)
+            c.search_experiments(max_results=1)
+            c.search_registered_models(max_results=1)
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+def _check_server(uri: str, timeout: float = 5) -> None:
     import urllib.request
 
     try:
-        with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=5) as resp:
+        with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=timeout) as resp:
             resp.read()
     except OSError as exc:
         raise TrackingError(f"tracking server {uri} is not reachable ({exc})") from None
@@ -180,22 +214,44 @@ def stage_run(
     run_id = run.info.run_id
     monitor = _start_system_metrics(run_id) if system_metrics else None
     status = "FAILED"
+    answers = True
     try:
         yield run_id
         status = "FINISHED"
     except (StageInterrupted, KeyboardInterrupt):
         status = "KILLED"
+        answers = _store_answers(run_id)
         raise
     except BaseException as exc:
-        with contextlib.suppress(Exception):
-            c.set_tag(run_id, "forgeline.error", f"{type(exc).__name__}: {exc}"[:4000])
+        answers = _store_answers(run_id)
+        if answers:
+            with contextlib.suppress(Exception):
+                c.set_tag(run_id, "forgeline.error", f"{type(exc).__name__}: {exc}"[:4000])
         raise
     finally:
         if monitor is not None:
             with contextlib.suppress(Exception):
                 monitor.finish()
-        with contextlib.suppress(Exception):
-            c.set_terminated(run_id, status)
+        if answers:
+            with contextlib.suppress(Exception):
+                c.set_terminated(run_id, status)
+
+
+def _store_answers(run_id: str) -> bool:
+    # On the way out of a failed stage, a tracking server that is down would hold every cleanup call in
+    # MLflow's own HTTP retries for minutes. Ask its health endpoint once instead; a run left RUNNING
+    # is ended KILLED by reap_orphan_runs at the next start.
+    import mlflow
+
+    uri = mlflow.get_tracking_uri()
+    if not uri.startswith(("http:", "https:")):
+        return True
+    try:
+        _check_server(uri, timeout=3)
+    except TrackingError:
+        logger.warning("tracking server %s is not answering: run %s stays RUNNING until the next start", uri, run_id)
+        return False
+    return True
 
 
 def _start_system_metrics(run_id: str) -> Any:
@@ -213,11 +269,14 @@ def _start_system_metrics(run_id: str) -> Any:
 def reap_orphan_runs(experiment_id: str) -> list[str]:
     """End KILLED every RUNNING run of this project whose owning process on this host is gone.
 
+    Metrics that an earlier process could not deliver (:func:`deliver_spooled_metrics`) are sent first.
+
     Returns:
         The ids of the runs that were ended.
     """
     import psutil
 
+    deliver_spooled_metrics()
     c = client()
     host = socket.gethostname()
     reaped: list[str] = []
@@ -306,19 +365,42 @@ def log_dataset_input(
     client().log_inputs(run_id, datasets=[DatasetInput(dataset, tags=[InputTag("mlflow.data.context", context)])])
 
 
+RETRY_SECONDS_ENV = "FORGELINE_METRIC_RETRY_SECONDS"
+DEFAULT_RETRY_SECONDS = 300.0
+"""How long ``MetricBuffer.close`` keeps retrying undelivered metrics (a tracking server restart fits)."""
+
+
 class MetricBuffer:
     """Per-step metrics, sent as one ``log_batch`` every ``flush_every`` steps on a background thread.
 
-    The training loop only appends to a list; the network or SQLite write happens off the loop. A
-    failed send is retried on the next flush (the metrics stay queued), and ``close`` raises if some
-    metrics could not be delivered, so nothing is dropped silently.
+    The training loop only appends to a list; the network or SQLite write happens off the loop, so an
+    unreachable store never stalls training (checkpoints keep being written). A failed send is retried
+    on the next flush (the metrics stay queued). ``close`` keeps retrying for ``retry_seconds``; what is
+    still undelivered then is written to a spool file (:func:`spool_dir`) and ``close`` raises
+    ``TrackingError``, so nothing is dropped silently: the next pipeline start delivers the spool to the
+    same run (:func:`deliver_spooled_metrics`).
+
+    Args:
+        run_id: The run the metrics belong to.
+        flush_every: Steps between background sends.
+        max_retries: Sends ``close`` attempts at most; ``None``: as many as fit in its time budget.
+        retry_seconds: ``close``'s time budget; default ``$FORGELINE_METRIC_RETRY_SECONDS`` or
+            ``DEFAULT_RETRY_SECONDS``.
     """
 
-    def __init__(self, run_id: str, flush_every: int = 50, max_retries: int = 5) -> None:
+    def __init__(
+        self,
+        run_id: str,
+        flush_every: int = 50,
+        max_retries: int | None = None,
+        retry_seconds: float | None = None,
+    ) -> None:
         self.run_id = run_id
         self.flush_every = flush_every
         self.max_retries = max_retries
+        self.retry_seconds = retry_seconds if retry_seconds is not None else _default_retry_seconds()
         self._pending: list[Any] = []
+        self._inflight: list[Any] = []
         self._lock = threading.Lock()
         self._thread: threading.Thread | None = None
         self._steps = 0
@@ -336,6 +418,7 @@ class MetricBuffer:
         self._steps += 1
         if self._steps % self.flush_every == 0:
             self._flush_async()
+        _pause_fault(step)
 
     def _flush_async(self) -> None:
         if self._thread is not None and self._thread.is_alive():
@@ -346,43 +429,158 @@ class MetricBuffer:
     def _send(self) -> None:
         with self._lock:
             batch, self._pending = self._pending, []
-        c = client()
+            self._inflight = batch
+        done = 0
         try:
+            c = client()
             for start in range(0, len(batch), 1000):
-                c.log_batch(self.run_id, metrics=batch[start : start + 1000])
-                self.sent += len(batch[start : start + 1000])
-                batch_done = start + 1000
+                chunk = batch[start : start + 1000]
+                c.log_batch(self.run_id, metrics=chunk)
+                done = start + len(chunk)
+                self.sent += len(chunk)
         except Exception as exc:  # noqa: BLE001 - re-queued and retried; close() raises if it persists
             self.failures += 1
             self._last_error = exc
-            done = locals().get("batch_done", 0)
             with self._lock:
                 self._pending[:0] = batch[done:]
-            logger.warning("metric upload failed (%s); %d metrics queued for retry", exc, len(self._pending))
+                self._inflight = []
+                queued = len(self._pending)
+            logger.warning("metric upload failed (%s); %d metrics queued for retry", _first_line(exc), queued)
+        else:
+            with self._lock:
+                self._inflight = []
 
-    def close(self, timeout: float = 60.0) -> None:
-        """Send everything still queued; raise ``TrackingError`` if that keeps failing."""
-        if self._thread is not None:
-            self._thread.join()
-        deadline = time.monotonic() + timeout
+    def close(self, timeout: float | None = None) -> None:
+        """Send everything still queued, retrying for ``timeout`` seconds (default ``retry_seconds``).
+
+        Raises:
+            TrackingError: metrics are still undelivered at the end; they are kept in memory (a later
+                ``close`` may deliver them) and in the spool file the message names.
+        """
+        deadline = time.monotonic() + (self.retry_seconds if timeout is None else timeout)
         attempt = 0
         while True:
+            thread = self._thread
+            if thread is not None and thread.is_alive():
+                # A send may sit in the MLflow client's own HTTP retries; wait for it within the budget.
+                thread.join(max(0.0, deadline - time.monotonic()))
+                if thread.is_alive():
+                    break
             with self._lock:
                 remaining = len(self._pending)
             if remaining == 0:
+                if self.failures:
+                    logger.info("metrics of run %s delivered after %d failed upload(s)", self.run_id, self.failures)
+                _remove_spool(self.run_id)
                 return
-            self._send()
+            if (self.max_retries is not None and attempt >= self.max_retries) or time.monotonic() >= deadline:
+                break
+            if attempt:
+                time.sleep(max(0.0, min(2**attempt, 10, deadline - time.monotonic())))
+            self._thread = threading.Thread(target=self._send, name="forgeline-metrics", daemon=True)
+            self._thread.start()
             attempt += 1
-            if attempt >= self.max_retries or time.monotonic() > deadline:
-                with self._lock:
-                    left = len(self._pending)
-                if left:
-                    raise TrackingError(
-                        f"{left} metrics could not be logged to run {self.run_id} at {_tracking_uri_shown()}: "
-                        f"{str(self._last_error).splitlines()[0][:300]}"
-                    )
-                return
-            time.sleep(min(2**attempt, 10))
+        with self._lock:
+            undelivered = [*self._inflight, *self._pending]
+        where = _spool_metrics(self.run_id, undelivered)
+        cause = _first_line(self._last_error) if self._last_error else "the last upload did not return in time"
+        raise TrackingError(
+            f"{len(undelivered)} metrics could not be logged to run {self.run_id} at {_tracking_uri_shown()}: "
+            f"{cause}; kept in {where}, delivered at the next start"
+        )
+
+
+def _default_retry_seconds() -> float:
+    raw = os.environ.get(RETRY_SECONDS_ENV)
+    try:
+        return float(raw) if raw else DEFAULT_RETRY_SECONDS
+    except ValueError:
+        logger.warning("%s=%r is not a number; using %.0f s", RETRY_SECONDS_ENV, raw, DEFAULT_RETRY_SECONDS)
+        return DEFAULT_RETRY_SECONDS
+
+
+def _first_line(exc: BaseException) -> str:
+    lines = str(exc).strip().splitlines()
+    return (lines[0] if lines else type(exc).__name__)[:300]
+
+
+def _pause_fault(step: int) -> None:
+    # Test-only fault injection (RELIABILITY.md B3): FORGELINE_FAULT_KIND=pause_metrics holds the training
+    # loop after queueing step FORGELINE_FAULT_AT_STEP until the file FORGELINE_FAULT_FILE exists (it
+    # writes FILE.reached first), so a test can stop the tracking server at a known step.
+    if os.environ.get("FORGELINE_FAULT_KIND") != "pause_metrics" or os.environ.get("FORGELINE_FAULT_AT_STEP") != str(
+        step
+    ):
+        return
+    release = Path(os.environ["FORGELINE_FAULT_FILE"])
+    Path(f"{release}.reached").write_text(str(step))
+    deadline = time.monotonic() + 600
+    while not release.exists() and time.monotonic() < deadline:
+        time.sleep(0.05)
+
+
+# ------------------------------------------------------------------------------------ metric spool
+def spool_dir(tracking_uri: str | None = None) -> Path:
+    """Where undelivered metrics wait for the next start: one ``RUN_ID.jsonl`` per run.
+
+    Next to the database for SQLite (``mlruns/spool``); for a server, under ``$FORGELINE_HOME``
+    (default ``.forgeline`` in the working directory), one folder per server URI.
+    """
+    import hashlib
+
+    import mlflow
+
+    uri = tracking_uri or mlflow.get_tracking_uri()
+    if uri.startswith("sqlite:///"):
+        return Path(uri.removeprefix("sqlite:///")).parent / "spool"
+    home = Path(os.environ.get("FORGELINE_HOME", ".forgeline")).resolve()
+    return home / "spool" / hashlib.sha256(uri.encode()).hexdigest()[:12]
+
+
+def _spool_metrics(run_id: str, metrics: list[Any]) -> Path:
+    path = spool_dir() / f"{run_id}.jsonl"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    with tmp.open("w", encoding="utf-8") as fh:
+        for m in metrics:
+            fh.write(json.dumps({"key": m.key, "value": m.value, "timestamp": m.timestamp, "step": m.step}) + "\n")
+    tmp.replace(path)
+    return path
+
+
+def _remove_spool(run_id: str) -> None:
+    with contextlib.suppress(Exception):
+        (spool_dir() / f"{run_id}.jsonl").unlink(missing_ok=True)
+
+
+def deliver_spooled_metrics() -> int:
+    """Send the metrics earlier processes could not deliver to their runs, and drop each delivered spool.
+
+    A spool that still cannot be delivered stays for the next start (a warning says why).
+
+    Returns:
+        How many metrics were delivered.
+    """
+    from mlflow.entities import Metric
+
+    folder = spool_dir()
+    if not folder.is_dir():
+        return 0
+    delivered = 0
+    c = client()
+    for path in sorted(folder.glob("*.jsonl")):
+        try:
+            rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+            batch = [Metric(r["key"], float(r["value"]), int(r["timestamp"]), int(r["step"])) for r in rows]
+            for start in range(0, len(batch), 1000):
+                c.log_batch(path.stem, metrics=batch[start : start + 1000])
+        except Exception as exc:  # noqa: BLE001 - kept for the next start; the warning says why
+            logger.warning("spooled metrics %s not delivered yet: %s", path, _first_line(exc))
+            continue
+        path.unlink(missing_ok=True)
+        delivered += len(batch)
+        logger.info("delivered %d spooled metrics to run %s", len(batch), path.stem)
+    return delivered
 
 
 LOCAL_UI = "http://127.0.0.1:5000"

@@ -121,3 +121,47 @@ def test_flatten_and_redact_secrets() -> None:
 def test_missing_file() -> None:
     with pytest.raises(ConfigError, match="nope.yaml: config file not found"):
         load_config("nope.yaml")
+
+
+# E4: secret-named keys can only appear in the free-form sections (pool job variables); wherever they
+# sit, the logged forms of the config (params, resolved_config.yaml, the model card) carry "***".
+E4_SECRETS = {
+    "deploy.gpu_pool.job_variables.env.HF_TOKEN": "hf_unitQ7w2Zk9",
+    "deploy.cpu_pool.job_variables.db_password": "pw-unitXy81",
+    "deploy.cpu_pool.job_variables.client_secret": "sec-unitMn55",
+    "deploy.gpu_pool.job_variables.api_key": "key-unitPz37",
+}
+
+
+def test_secrets_in_job_variables_are_redacted_in_every_logged_form() -> None:
+    cfg = load_config(ROOT / "configs" / "smoke.yaml", [f"{k}={v}" for k, v in E4_SECRETS.items()])
+    assert (
+        cfg.deploy.gpu_pool.job_variables["env"]["HF_TOKEN"] == E4_SECRETS["deploy.gpu_pool.job_variables.env.HF_TOKEN"]
+    )
+    flat = flatten(redact(cfg.model_dump(mode="json")))
+    assert {k: flat[k] for k in E4_SECRETS} == dict.fromkeys(E4_SECRETS, "***")
+    text = dump_config(cfg) + repr(flat)
+    assert [v for v in E4_SECRETS.values() if v in text] == []
+
+
+@pytest.mark.parametrize(
+    ("key", "secret"),
+    [
+        ("HF_TOKEN", True),
+        ("deploy.gpu_pool.job_variables.env.HF_TOKEN", True),
+        ("access_token", True),
+        ("password", True),
+        ("db_password", True),
+        ("client_secret", True),
+        ("api_key", True),
+        ("key", True),
+        ("tokenizer.kind", False),
+        ("eval.max_new_tokens", False),
+        ("tokenizer.vocab_size", False),
+        ("model.n_embd", False),
+    ],
+)
+def test_secret_key_names(key: str, secret: bool) -> None:
+    from tasks.config import is_secret_key
+
+    assert is_secret_key(key) is secret
