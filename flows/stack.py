@@ -1,11 +1,22 @@
 """The local stack: ``forgeline up`` / ``down`` / ``status`` / ``deploy``.
 
-``up`` starts, on 127.0.0.1, a Prefect server (SQLite), an MLflow server (SQLite backend, artifacts
-served by the server) and one Prefect worker per work pool, each a detached process in its own process
-group with its log under ``$FORGELINE_HOME/logs``. The PIDs go to ``$FORGELINE_HOME/stack.json`` so that
-``down`` stops exactly those processes, and so that every other ``forgeline`` command finds the stack
-(:func:`stack_env`). ``FORGELINE_HOME`` defaults to ``.forgeline/`` in the working directory; two stacks
-with different homes and ports never touch each other.
+``up`` starts, on 127.0.0.1, a Prefect server, an MLflow server (artifacts served by the server) and one
+Prefect worker per work pool, each a detached process in its own process group with its log under
+``$FORGELINE_HOME/logs``. The PIDs go to ``$FORGELINE_HOME/stack.json`` so that ``down`` stops exactly
+those processes, and so that every other ``forgeline`` command finds the stack (:func:`stack_env`).
+``FORGELINE_HOME`` defaults to ``.forgeline/`` in the working directory; two stacks with different homes
+and ports never touch each other.
+
+Stores (:class:`Backends`): SQLite under ``FORGELINE_HOME`` unless an option or environment variable
+names a database (PostgreSQL for all three: the Prefect server, MLflow's backend store and the Optuna
+storage the workers' tune runs use). Passwords in those URLs travel only in the environment of the one
+process that needs them; ``stack.json``, logs, process command lines and ``forgeline status`` show them
+masked.
+
+Exposure: both servers bind 127.0.0.1 and answer only requests whose ``Host`` names this machine's
+loopback address and port, and whose ``Origin`` (when sent) is the server's own. MLflow does that itself
+(``--allowed-hosts``, ``--cors-allowed-origins``); Prefect has no such setting, so its app is served
+through :class:`HostOriginGuard` (:func:`serve_prefect`) instead of ``prefect server start``.
 """
 
 from __future__ import annotations
@@ -20,11 +31,14 @@ import subprocess
 import sys
 import time
 import urllib.request
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Annotated, Any
 
 import typer
+
+from tasks.config import mask_url_secrets
 
 logger = logging.getLogger(__name__)
 
@@ -33,6 +47,233 @@ HOST = "127.0.0.1"
 DEFAULT_PREFECT_PORT = 4200
 DEFAULT_MLFLOW_PORT = 5000
 DEFAULT_POOLS = ("cpu", "gpu")
+
+# Where `forgeline up` reads its stores from when no option names them (each tool's own variable second).
+PREFECT_DATABASE_ENV = "FORGELINE_PREFECT_DATABASE_URL"
+MLFLOW_BACKEND_ENV = "FORGELINE_MLFLOW_BACKEND_STORE_URI"
+MLFLOW_ARTIFACTS_ENV = "FORGELINE_MLFLOW_ARTIFACTS_DESTINATION"
+TUNE_STORAGE_ENV = "FORGELINE_TUNE_STORAGE"  # read by tasks.tuning.resolve_storage_url when tune.storage is null
+PREFECT_OWN_DATABASE_ENVS = ("PREFECT_SERVER_DATABASE_CONNECTION_URL", "PREFECT_API_DATABASE_CONNECTION_URL")
+MLFLOW_OWN_BACKEND_ENV = "MLFLOW_BACKEND_STORE_URI"
+MLFLOW_OWN_ARTIFACTS_ENV = "MLFLOW_ARTIFACTS_DESTINATION"
+# Never handed to a process that does not need them (they may hold passwords).
+STORE_ENVS = (
+    PREFECT_DATABASE_ENV,
+    MLFLOW_BACKEND_ENV,
+    MLFLOW_ARTIFACTS_ENV,
+    TUNE_STORAGE_ENV,
+    *PREFECT_OWN_DATABASE_ENVS,
+    MLFLOW_OWN_BACKEND_ENV,
+    MLFLOW_OWN_ARTIFACTS_ENV,
+)
+
+
+# ------------------------------------------------------------------------------------------- stores
+def _split_scheme(url: str) -> tuple[str, str]:
+    """``("postgresql", "user:pw@host/db")`` for ``postgresql+asyncpg://user:pw@host/db``."""
+    scheme, sep, rest = url.partition("://")
+    if not sep:
+        raise ValueError(f"{mask_url_secrets(url)!r} is not a URL (expected SCHEME://...)")
+    return scheme.split("+", 1)[0].lower(), rest
+
+
+def prefect_database_url(url: str) -> str:
+    """The Prefect server's SQLAlchemy URL: PostgreSQL through asyncpg, SQLite through aiosqlite.
+
+    Raises:
+        ValueError: a scheme Prefect's server cannot use (it supports PostgreSQL and SQLite only).
+    """
+    base, rest = _split_scheme(url)
+    if base in ("postgresql", "postgres"):
+        return f"postgresql+asyncpg://{rest}"
+    if base == "sqlite":
+        return f"sqlite+aiosqlite://{rest}"
+    raise ValueError(f"Prefect database {mask_url_secrets(url)!r}: the Prefect server supports postgresql and sqlite")
+
+
+def sync_database_url(url: str) -> str:
+    """A URL for a synchronous SQLAlchemy client (MLflow, Optuna).
+
+    PostgreSQL without a driver, or with asyncpg, gets ``postgresql+psycopg2://``: SQLAlchemy 2.1's default
+    PostgreSQL driver is psycopg 3, which Forgeline does not install (``psycopg2-binary`` is in the
+    ``postgres`` extra). Any other URL, and any other explicit driver, is returned as given.
+    """
+    base, rest = _split_scheme(url)
+    scheme = url.partition("://")[0].lower()
+    if base in ("postgresql", "postgres") and (scheme in ("postgresql", "postgres") or scheme.endswith("+asyncpg")):
+        return f"postgresql+psycopg2://{rest}"
+    return url
+
+
+@dataclass(frozen=True)
+class Backends:
+    """The stores of one stack, as the processes receive them (passwords included: never log this)."""
+
+    prefect_database_url: str
+    mlflow_backend_store_uri: str
+    mlflow_artifacts_destination: str
+    tune_storage: str | None = None
+
+    def described(self) -> dict[str, str]:
+        """What ``stack.json`` and ``forgeline status`` show: every URL with its password masked."""
+        return {
+            "prefect database": mask_url_secrets(self.prefect_database_url),
+            "mlflow backend": mask_url_secrets(self.mlflow_backend_store_uri),
+            "mlflow artifacts": mask_url_secrets(self.mlflow_artifacts_destination),
+            "optuna storage": mask_url_secrets(self.tune_storage)
+            if self.tune_storage
+            else "per config (tune.storage; default sqlite mlruns/optuna.db)",
+        }
+
+
+def resolve_backends(
+    home: Path,
+    *,
+    prefect_database: str | None = None,
+    mlflow_backend_store: str | None = None,
+    mlflow_artifacts: str | None = None,
+    tune_storage: str | None = None,
+    environ: Mapping[str, str] | None = None,
+) -> Backends:
+    """Each store from its argument, else ``FORGELINE_*``, else the tool's own variable, else SQLite in ``home``.
+
+    Args:
+        home: ``FORGELINE_HOME`` (the SQLite files and local artifacts live under it).
+        prefect_database: Prefect server database URL (``postgresql://...`` gets the asyncpg driver).
+        mlflow_backend_store: MLflow backend store URI (``postgresql://...``, ``sqlite:///...``).
+        mlflow_artifacts: MLflow ``--artifacts-destination`` (a folder, or ``s3://...`` and friends).
+        tune_storage: Optuna storage handed to the workers as ``$FORGELINE_TUNE_STORAGE``.
+        environ: The environment to read (default ``os.environ``).
+
+    Raises:
+        ValueError: a URL a server cannot use.
+    """
+    env = os.environ if environ is None else environ
+
+    def pick(value: str | None, *names: str) -> str | None:
+        return value or next((env[n] for n in names if env.get(n)), None)
+
+    prefect = pick(prefect_database, PREFECT_DATABASE_ENV, *PREFECT_OWN_DATABASE_ENVS)
+    mlflow = pick(mlflow_backend_store, MLFLOW_BACKEND_ENV, MLFLOW_OWN_BACKEND_ENV)
+    tune = pick(tune_storage, TUNE_STORAGE_ENV)
+    return Backends(
+        prefect_database_url=prefect_database_url(prefect or f"sqlite:///{home / 'prefect' / 'prefect.db'}"),
+        mlflow_backend_store_uri=sync_database_url(mlflow or f"sqlite:///{home / 'mlflow' / 'mlflow.db'}"),
+        mlflow_artifacts_destination=pick(mlflow_artifacts, MLFLOW_ARTIFACTS_ENV, MLFLOW_OWN_ARTIFACTS_ENV)
+        or str(home / "mlflow" / "artifacts"),
+        tune_storage=sync_database_url(tune) if tune else None,
+    )
+
+
+def check_database_reachable(url: str, what: str, timeout: float = 5.0) -> None:
+    """Fail fast, before any server starts, when a network database does not accept connections.
+
+    Raises:
+        RuntimeError: the host:port of a PostgreSQL (or other networked) URL refuses or times out.
+    """
+    import socket
+
+    from sqlalchemy.engine import make_url
+
+    parsed = make_url(url)
+    if parsed.get_backend_name() == "sqlite" or not parsed.host:
+        return  # a file, or a Unix socket the driver finds itself
+    port = parsed.port or {"postgresql": 5432, "mysql": 3306}.get(parsed.get_backend_name(), 0)
+    try:
+        with socket.create_connection((parsed.host, port), timeout=timeout):
+            return
+    except OSError as exc:
+        raise RuntimeError(
+            f"{what} {mask_url_secrets(url)}: cannot connect to {parsed.host}:{port} ({exc.strerror or exc})"
+        ) from None
+
+
+# ----------------------------------------------------------------------------------------- exposure
+def loopback_hosts(port: int) -> list[str]:
+    """``Host`` header values the stack's servers accept: their own loopback address and port."""
+    return [f"{HOST}:{port}", f"localhost:{port}"]
+
+
+def loopback_origins(port: int) -> list[str]:
+    """``Origin`` header values the stack's servers accept: pages they serve themselves."""
+    return [f"http://{host}" for host in loopback_hosts(port)]
+
+
+Receive = Callable[[], Awaitable[dict[str, Any]]]
+Send = Callable[[dict[str, Any]], Awaitable[None]]
+
+
+class HostOriginGuard:
+    """ASGI middleware: 403 for a request whose ``Host`` is not allowed or whose ``Origin`` is foreign.
+
+    The ``Host`` check defeats DNS rebinding (a page on ``evil.example`` whose name resolves to
+    127.0.0.1); the ``Origin`` check refuses cross-site requests from a browser, reads included, where CORS
+    alone would still let the request through and only hide the answer. Requests without ``Origin``
+    (Python clients, workers, curl) pass on ``Host`` alone. Websocket handshakes get the same checks.
+    """
+
+    def __init__(self, app: Any, hosts: Iterable[str], origins: Iterable[str]) -> None:
+        self.app = app
+        self.hosts = frozenset(h.lower() for h in hosts)
+        self.origins = frozenset(o.lower().rstrip("/") for o in origins)
+
+    def refusal(self, headers: Iterable[tuple[bytes, bytes]]) -> str | None:
+        """Why a request with these headers is refused, or ``None`` when it may pass."""
+        host = origin = None
+        for name, value in headers:
+            if name.lower() == b"host":
+                host = value.decode("latin-1").strip().lower()
+            elif name.lower() == b"origin":
+                origin = value.decode("latin-1").strip().lower().rstrip("/")
+        if host not in self.hosts:
+            return f"Host {host!r} is not allowed (this server answers only {', '.join(sorted(self.hosts))})"
+        if origin is not None and origin not in self.origins:
+            return f"Origin {origin!r} is not allowed"
+        return None
+
+    async def __call__(self, scope: dict[str, Any], receive: Receive, send: Send) -> None:
+        if scope["type"] not in ("http", "websocket"):
+            await self.app(scope, receive, send)  # lifespan: the server's start-up and shutdown
+            return
+        reason = self.refusal(scope.get("headers") or [])
+        if reason is None:
+            await self.app(scope, receive, send)
+            return
+        logger.warning("refused %s %s: %s", scope["type"], scope.get("path", ""), reason)
+        if scope["type"] == "websocket":
+            await receive()  # websocket.connect; closing before accepting answers the handshake with 403
+            await send({"type": "websocket.close", "code": 1008})
+            return
+        body = f"forbidden: {reason}\n".encode()
+        headers = [(b"content-type", b"text/plain; charset=utf-8"), (b"content-length", str(len(body)).encode())]
+        await send({"type": "http.response.start", "status": 403, "headers": headers})
+        await send({"type": "http.response.body", "body": body})
+
+
+def serve_prefect(port: int) -> None:
+    """Run the Prefect server (API, UI and services, as ``prefect server start`` does) behind the guard.
+
+    Prefect settings (database, CORS, logging) come from the environment :func:`start_stack` prepares.
+    """
+    import uvicorn
+    from prefect.server.api.server import create_app
+    from prefect.settings import (
+        PREFECT_SERVER_API_KEEPALIVE_TIMEOUT,
+        PREFECT_SERVER_API_WEBSOCKET_PING_INTERVAL,
+        PREFECT_SERVER_API_WEBSOCKET_PING_TIMEOUT,
+        PREFECT_SERVER_LOGGING_LEVEL,
+    )
+
+    app = HostOriginGuard(create_app(final=True), loopback_hosts(port), loopback_origins(port))
+    uvicorn.run(
+        app,
+        host=HOST,
+        port=port,
+        timeout_keep_alive=PREFECT_SERVER_API_KEEPALIVE_TIMEOUT.value(),
+        ws_ping_interval=PREFECT_SERVER_API_WEBSOCKET_PING_INTERVAL.value(),
+        ws_ping_timeout=PREFECT_SERVER_API_WEBSOCKET_PING_TIMEOUT.value(),
+        log_level=str(PREFECT_SERVER_LOGGING_LEVEL.value()).lower(),
+    )
 
 
 # -------------------------------------------------------------------------------------------- state
@@ -74,6 +315,7 @@ class StackState:
     host: str = HOST
     started_at: float = field(default_factory=time.time)
     procs: list[Proc] = field(default_factory=list)
+    stores: dict[str, str] = field(default_factory=dict)  # Backends.described(): passwords masked
 
     @property
     def prefect_url(self) -> str:
@@ -226,23 +468,25 @@ def start_stack(
     pools: tuple[str, ...] = DEFAULT_POOLS,
     cwd: Path | None = None,
     timeout: float = 120.0,
+    backends: Backends | None = None,
 ) -> StackState:
     """Start both servers, wait for their health endpoints, then one worker per pool.
 
     Args:
-        home: ``FORGELINE_HOME``: state, logs, databases and artifacts live here.
+        home: ``FORGELINE_HOME``: state, logs, and (by default) databases and artifacts live here.
         prefect_port: Port of the Prefect server (UI and API).
         mlflow_port: Port of the MLflow server.
         pools: Work pools to start a worker for (a worker creates its pool if missing).
         cwd: Working directory of the processes (the project; flow runs from a local source chdir anyway).
         timeout: Seconds each process may take to become healthy.
+        backends: The stores; default :func:`resolve_backends` (the environment, else SQLite under ``home``).
 
     Returns:
         The recorded state.
 
     Raises:
-        RuntimeError: a stack already runs under ``home``, a port is taken, or a process failed to start
-            (everything started so far is stopped again).
+        RuntimeError: a stack already runs under ``home``, a port is taken, a database does not answer, or
+            a process failed to start (everything started so far is stopped again).
     """
     existing = read_state(home)
     if existing is not None and any(p.alive() for p in existing.procs):
@@ -252,24 +496,42 @@ def start_stack(
             raise RuntimeError(
                 f"port {port} on {HOST} is already in use (choose another with --prefect-port/--mlflow-port)"
             )
+    try:
+        backends = backends or resolve_backends(home)
+    except ValueError as exc:
+        raise RuntimeError(str(exc)) from None
+    check_database_reachable(backends.prefect_database_url, "Prefect database")
+    check_database_reachable(backends.mlflow_backend_store_uri, "MLflow backend store")
+    if backends.tune_storage:
+        check_database_reachable(backends.tune_storage, "Optuna storage")
     cwd = cwd or Path.cwd()
     (home / "prefect").mkdir(parents=True, exist_ok=True)
-    (home / "mlflow" / "artifacts").mkdir(parents=True, exist_ok=True)
-    state = StackState(home=str(home), prefect_port=prefect_port, mlflow_port=mlflow_port)
+    (home / "mlflow").mkdir(parents=True, exist_ok=True)
+    if "://" not in backends.mlflow_artifacts_destination:
+        Path(backends.mlflow_artifacts_destination).mkdir(parents=True, exist_ok=True)
+    state = StackState(home=str(home), prefect_port=prefect_port, mlflow_port=mlflow_port, stores=backends.described())
     env = base_env(home)
     env.pop("PREFECT_API_URL", None)
+    for name in STORE_ENVS:  # each process gets only the store it uses, below
+        env.pop(name, None)
     server_env = env | {
-        "PREFECT_API_DATABASE_CONNECTION_URL": f"sqlite+aiosqlite:///{home / 'prefect' / 'prefect.db'}",
+        "PREFECT_SERVER_DATABASE_CONNECTION_URL": backends.prefect_database_url,
         "PREFECT_SERVER_API_HOST": HOST,
         "PREFECT_SERVER_API_PORT": str(prefect_port),
         "PREFECT_UI_API_URL": state.prefect_api_url,
+        "PREFECT_SERVER_CORS_ALLOWED_ORIGINS": ",".join(loopback_origins(prefect_port)),
     }
-    mlflow_env = env | {"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
+    # The stores go by environment, not argv: a password in a URL would show in `ps` and stack.json.
+    mlflow_env = env | {
+        "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false",
+        MLFLOW_OWN_BACKEND_ENV: backends.mlflow_backend_store_uri,
+        MLFLOW_OWN_ARTIFACTS_ENV: backends.mlflow_artifacts_destination,
+    }
     mlflow_env.pop("MLFLOW_TRACKING_URI", None)
     try:
         prefect = _spawn(
             "prefect-server",
-            [_bin("prefect"), "server", "start", "--host", HOST, "--port", str(prefect_port)],
+            [sys.executable, "-m", "flows.stack", "serve-prefect", str(prefect_port)],
             server_env,
             home,
             cwd,
@@ -281,16 +543,16 @@ def start_stack(
             [
                 _bin("mlflow"),
                 "server",
-                "--backend-store-uri",
-                f"sqlite:///{home / 'mlflow' / 'mlflow.db'}",
-                "--artifacts-destination",
-                str(home / "mlflow" / "artifacts"),
                 "--host",
                 HOST,
                 "--port",
                 str(mlflow_port),
                 "--workers",
                 "1",
+                "--allowed-hosts",
+                ",".join(loopback_hosts(mlflow_port)),
+                "--cors-allowed-origins",
+                ",".join(loopback_origins(mlflow_port)),
             ],
             mlflow_env,
             home,
@@ -307,6 +569,8 @@ def start_stack(
             # flow runs send heartbeats; `forgeline deploy`'s automation crashes runs whose heartbeats stop
             "PREFECT_FLOWS_HEARTBEAT_FREQUENCY": env.get("PREFECT_FLOWS_HEARTBEAT_FREQUENCY", "30"),
         }
+        if backends.tune_storage:
+            worker_env[TUNE_STORAGE_ENV] = backends.tune_storage  # flow runs inherit the worker's environment
         workers = []
         for pool in pools:
             worker = _spawn(
@@ -432,18 +696,67 @@ def register(app: typer.Typer) -> None:
         pool: Annotated[
             list[str] | None, typer.Option("--pool", help="Start a worker for this work pool (repeatable).")
         ] = None,
+        prefect_database_url: Annotated[
+            str | None,
+            typer.Option(
+                envvar=PREFECT_DATABASE_ENV,
+                help="Prefect server database, e.g. postgresql://USER:PASS@HOST:5432/prefect (asyncpg is added); "
+                "else $PREFECT_SERVER_DATABASE_CONNECTION_URL, else SQLite under --home.",
+            ),
+        ] = None,
+        mlflow_backend_store_uri: Annotated[
+            str | None,
+            typer.Option(
+                envvar=MLFLOW_BACKEND_ENV,
+                help="MLflow backend store, e.g. postgresql://USER:PASS@HOST:5432/mlflow; "
+                "else $MLFLOW_BACKEND_STORE_URI, else SQLite under --home.",
+            ),
+        ] = None,
+        mlflow_artifacts_destination: Annotated[
+            str | None,
+            typer.Option(
+                envvar=MLFLOW_ARTIFACTS_ENV,
+                help="Where the MLflow server keeps artifacts: a folder or an object store (s3://BUCKET/PATH); "
+                "default: under --home.",
+            ),
+        ] = None,
+        tune_storage: Annotated[
+            str | None,
+            typer.Option(
+                envvar=TUNE_STORAGE_ENV,
+                help="Optuna storage for tune runs on the workers (configs with tune.storage: null), "
+                "e.g. postgresql://USER:PASS@HOST:5432/optuna.",
+            ),
+        ] = None,
     ) -> None:
-        """Start the local stack on 127.0.0.1: Prefect server, MLflow server, one worker per work pool."""
+        """Start the local stack on 127.0.0.1: Prefect server, MLflow server, one worker per work pool.
+
+        Stores are SQLite under --home unless a database URL is given (an option, or its environment
+        variable). Passwords are masked in everything the stack prints or records.
+        """
         cli = _cli()
         root = forgeline_home(home)
         t0 = time.monotonic()
         try:
-            state = start_stack(
-                root, prefect_port=prefect_port, mlflow_port=mlflow_port, pools=tuple(pool or DEFAULT_POOLS)
+            backends = resolve_backends(
+                root,
+                prefect_database=prefect_database_url,
+                mlflow_backend_store=mlflow_backend_store_uri,
+                mlflow_artifacts=mlflow_artifacts_destination,
+                tune_storage=tune_storage,
             )
-        except RuntimeError as exc:
-            cli._fail(str(exc))
+            state = start_stack(
+                root,
+                prefect_port=prefect_port,
+                mlflow_port=mlflow_port,
+                pools=tuple(pool or DEFAULT_POOLS),
+                backends=backends,
+            )
+        except (RuntimeError, ValueError) as exc:
+            cli._fail(mask_url_secrets(str(exc)))
         cli.out.print(f"stack up under {root} in {time.monotonic() - t0:.0f} s", highlight=False)
+        for what, where in state.stores.items():
+            cli.out.print(f"{what + ':':18} {where}", highlight=False, soft_wrap=True)
         cli.out.print(f"Prefect UI:  {state.prefect_url}", highlight=False)
         cli.out.print(f"MLflow UI:   {state.mlflow_url}", highlight=False)
         cli.out.print("Next: forgeline deploy; then forgeline run --config PATH --deployed", highlight=False)
@@ -473,6 +786,8 @@ def register(app: typer.Typer) -> None:
         rows = describe(state)
         for role, up_down, detail in rows:
             _cli().out.print(f"{role:16} {up_down:5} {detail}", highlight=False, soft_wrap=True)
+        for what, where in state.stores.items():
+            _cli().out.print(f"{what + ':':18} {mask_url_secrets(where)}", highlight=False, soft_wrap=True)
         _cli().out.print(f"Prefect UI:  {state.prefect_url}\nMLflow UI:   {state.mlflow_url}", highlight=False)
         if any(up_down != "up" for _, up_down, _ in rows):
             raise typer.Exit(1)
@@ -631,3 +946,14 @@ def _print_deployed_summary(cfg: Any, flow_run_id: str) -> None:
         highlight=False,
         soft_wrap=True,
     )
+
+
+def _main(argv: list[str]) -> None:
+    """``python -m flows.stack serve-prefect PORT``: how :func:`start_stack` runs the Prefect server."""
+    if len(argv) != 2 or argv[0] != "serve-prefect" or not argv[1].isdigit():
+        raise SystemExit("usage: python -m flows.stack serve-prefect PORT")
+    serve_prefect(int(argv[1]))
+
+
+if __name__ == "__main__":
+    _main(sys.argv[1:])

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -150,7 +151,11 @@ def tune_with_workers(
     trials_before = len(study.get_trials(deepcopy=False))
     if trials_before:
         logger.info("resuming study %s: %d of %d trials done", spec.study_name, before["done"], config.tune.n_trials)
-    worker_config = config.model_copy(update={"tune": config.tune.model_copy(update={"storage": spec.storage_url})})
+    # A URL from $FORGELINE_TUNE_STORAGE may hold a password: keep it out of the workers' flow-run parameters
+    # (their worker passes them the same variable).
+    from_env = not config.tune.storage and bool(os.environ.get("FORGELINE_TUNE_STORAGE"))
+    pinned = config.tune.storage if from_env else spec.storage_url
+    worker_config = config.model_copy(update={"tune": config.tune.model_copy(update={"storage": pinned})})
     with tune_tracking.study_run(experiment_id, spec, parent_run_id=parent_run_id, tags=tags) as recorder:
         last = 0.0
 

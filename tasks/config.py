@@ -252,7 +252,9 @@ class TuneConfig(_Strict):
     sampler: Literal["tpe", "random", "cmaes"] = "tpe"
     pruner: Literal["median", "hyperband", "successive_halving", "none"] = "median"
     max_steps: int | None = Field(None, ge=1, description="Training steps per trial; null means train.max_steps.")
-    storage: str | None = Field(None, description="SQLAlchemy URL; null means sqlite under mlruns/.")
+    storage: str | None = Field(
+        None, description="SQLAlchemy URL; null means $FORGELINE_TUNE_STORAGE, else sqlite under mlruns/."
+    )
     search_space: dict[str, SearchParam] = Field(default_factory=dict, description="Dotted config key -> range.")
     eval_interval: int | None = Field(
         None, ge=1, description="Evaluate (and report to the pruner) every N steps in trials; null: train's."
@@ -562,10 +564,28 @@ def is_secret_key(key: str) -> bool:
     )
 
 
+# user:password@ in any URL (the password may itself hold ':' or '@': the last '@' before a space ends it),
+# and password-like query parameters (?password=..., as libpq and SQLAlchemy accept them).
+_URL_PASSWORD = re.compile(r"(?P<head>\b[A-Za-z][A-Za-z0-9+.\-]*://[^\s:/@]*:)(?P<password>[^\s]*)@")
+_QUERY_PASSWORD = re.compile(r"(?P<head>[?&](?:password|passwd|pwd|sslpassword)=)[^&\s]*", re.IGNORECASE)
+
+
+def mask_url_secrets(text: str) -> str:
+    """``text`` with the password of every URL in it replaced by ``***``.
+
+    ``postgresql+asyncpg://forgeline:s3cret@db:5432/prefect`` becomes
+    ``postgresql+asyncpg://forgeline:***@db:5432/prefect``; a URL without a password is unchanged.
+    """
+    masked = _URL_PASSWORD.sub(lambda m: f"{m['head']}***@", text)
+    return _QUERY_PASSWORD.sub(lambda m: f"{m['head']}***", masked)
+
+
 def redact(tree: Any, key: str = "") -> Any:
-    """Copy of a nested structure with secret-named keys replaced by ``***``."""
+    """Copy of a nested structure with secret-named keys replaced by ``***`` and URL passwords masked."""
     if isinstance(tree, dict):
         return {k: ("***" if is_secret_key(str(k)) and v else redact(v, str(k))) for k, v in tree.items()}
     if isinstance(tree, list):
         return [redact(v, key) for v in tree]
+    if isinstance(tree, str):
+        return mask_url_secrets(tree)
     return tree

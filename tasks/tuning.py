@@ -223,8 +223,8 @@ def default_storage_url(base_dir: Path | None = None) -> str:
 
 
 def resolve_storage_url(tune: TuneConfig, base_dir: Path | None = None) -> str:
-    """``tune.storage`` (relative SQLite paths resolved against ``base_dir``) or the default."""
-    url = tune.storage or default_storage_url(base_dir)
+    """``tune.storage``, else ``$FORGELINE_TUNE_STORAGE``, else the default (relative SQLite paths resolved)."""
+    url = tune.storage or os.environ.get("FORGELINE_TUNE_STORAGE") or default_storage_url(base_dir)
     prefix = "sqlite:///"
     if url.startswith(prefix) and not url.startswith(prefix + "/") and ":memory:" not in url:
         url = prefix + str((base_dir or Path.cwd()).resolve() / url.removeprefix(prefix))
