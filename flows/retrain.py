@@ -291,12 +291,15 @@ def retrain_flow(config: PipelineConfig, fingerprint: str | None = None, deploye
     Returns:
         The pipeline's MLflow run id, or ``skipped: ...`` when this data was already retrained.
     """
+    from prefect.logging import get_run_logger
+
     from flows.pipeline import pipeline_flow
 
+    log = get_run_logger()  # the deployment loads this module by path: its own logger's name is not ours
     base_dir = Path.cwd()
     key = incoming_fingerprint(incoming_dir(config, base_dir)) or "none"
     if fingerprint and fingerprint != key:
-        logger.info("event for incoming data %s; the folder now holds %s: retraining on that", fingerprint, key)
+        log.info("event for incoming data %s; the folder now holds %s: retraining on that", fingerprint, key)
     tracking.setup_tracking(config.tracking, base_dir)
     experiment_id = tracking.ensure_experiment(config.name, config.tracking, base_dir)
     done = [
@@ -305,7 +308,7 @@ def retrain_flow(config: PipelineConfig, fingerprint: str | None = None, deploye
         if tags.get("forgeline.retrain_status") == "done"
     ]
     if done:
-        logger.info("incoming data %s was already retrained (pipeline run %s); nothing to do", key, done[0])
+        log.info("incoming data %s was already retrained (pipeline run %s); nothing to do", key, done[0])
         return f"skipped: {key} already retrained by {done[0]}"
     cfg = retrain_config(config, base_dir)
     result = pipeline_flow(cfg, deployed=deployed)

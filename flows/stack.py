@@ -656,6 +656,40 @@ def stop_stack(home: Path, grace: float = 10.0) -> dict[str, str]:
     return results
 
 
+def restart_missing_workers(home: Path, timeout: float = 120.0) -> list[str] | None:
+    """Start again the recorded workers that died (killed, crashed) while both servers still run.
+
+    A restarted worker gets the same command and the environment of a live sibling worker (``up`` gives
+    every worker the same one), so its flow runs see the same servers and stores.
+
+    Returns:
+        The roles restarted; ``None`` when there is no running stack or no worker is missing.
+
+    Raises:
+        RuntimeError: every worker is gone (no environment to copy: ``forgeline down``, then ``up``), or a
+            restarted worker did not start.
+    """
+    import psutil
+
+    state = read_state(home)
+    if state is None or not servers_alive(state):
+        return None
+    workers = [p for p in state.procs if p.role.startswith("worker-")]
+    dead = [p for p in workers if not p.alive()]
+    if not dead:
+        return None
+    live = next((p for p in workers if p.alive()), None)
+    if live is None:
+        raise RuntimeError(f"every worker under {home} is gone; restart the stack: forgeline down; forgeline up")
+    env = psutil.Process(live.pid).environ()
+    for old in dead:
+        new = _spawn(old.role, old.cmd, env, home, Path(psutil.Process(live.pid).cwd()))
+        state.procs[state.procs.index(old)] = new
+        write_state(state)
+        _wait_until(lambda w=new: _log_says(w.log, "started!"), new, new.role, timeout)
+    return [p.role for p in dead]
+
+
 def describe(state: StackState) -> list[tuple[str, str, str]]:
     """``(role, up/down, detail)`` rows for ``forgeline status``."""
     rows = []
@@ -737,6 +771,13 @@ def register(app: typer.Typer) -> None:
         cli = _cli()
         root = forgeline_home(home)
         t0 = time.monotonic()
+        try:
+            restarted = restart_missing_workers(root)
+        except RuntimeError as exc:
+            cli._fail(str(exc))
+        if restarted:  # the servers run: bring back only the workers that died
+            cli.out.print(f"stack already up under {root}; restarted {', '.join(restarted)}", highlight=False)
+            return
         try:
             backends = resolve_backends(
                 root,
@@ -832,6 +873,9 @@ def register(app: typer.Typer) -> None:
         set_: Annotated[list[str] | None, typer.Option("--set", "-s", help="Override a config key.")] = None,
         copy: Annotated[bool, typer.Option("--copy", help="Copy the files instead of moving them.")] = False,
         force: Annotated[bool, typer.Option("--force", help="Emit the event even if nothing is new.")] = False,
+        wait: Annotated[
+            float, typer.Option("--wait", min=0, help="Seconds to wait for files still being written, then refuse.")
+        ] = 60.0,
         home: HomeOpt = None,
     ) -> None:
         """Move new data into the incoming folder and emit forgeline.dataset.updated (triggers `retrain`)."""
@@ -842,7 +886,7 @@ def register(app: typer.Typer) -> None:
         from flows.retrain import EVENT, IngestError, emit_dataset_updated, incoming_dir, ingest_files
 
         try:
-            added, fingerprint = ingest_files(paths, cfg, keep=copy)
+            added, fingerprint = ingest_files(paths, cfg, keep=copy, wait=wait)
         except (IngestError, OSError) as exc:
             cli._fail(str(exc), code=2)
         where = incoming_dir(cfg)

@@ -337,6 +337,12 @@ class DeployConfig(_Strict):
             "then it is cancelled and the pipeline fails."
         ),
     )
+    heartbeat_seconds: int = Field(
+        30, ge=30, description="Seconds between a deployed flow run's heartbeats (Prefect's minimum is 30)."
+    )
+    missed_heartbeats: int = Field(
+        3, ge=2, description="A deployed flow run silent for this many heartbeats is marked Crashed."
+    )
     incoming_dir: str = Field(
         "data/incoming", description="Where `forgeline ingest` puts new data files (content-addressed)."
     )
