@@ -14,6 +14,7 @@ interleaved (a, b, a, b, ...), each in a fresh process:
 
     .venv/bin/python bench/fixed_cost.py                        # 4 rounds of the two serverless variants
     .venv/bin/python bench/fixed_cost.py --rounds 3 --servers   # ... and against running servers
+    .venv/bin/python bench/fixed_cost.py --servers-only         # only against running servers
     .venv/bin/python bench/fixed_cost.py --smoke                # one early-server run: checks it works (CI)
 """
 
@@ -134,10 +135,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rounds", type=int, default=4, help="interleaved rounds (one run per variant each)")
     parser.add_argument("--servers", action="store_true", help="also measure against `forgeline up` servers")
+    parser.add_argument("--servers-only", action="store_true", help="only the runs against `forgeline up` servers")
     parser.add_argument("--smoke", action="store_true", help="one early-server run: checks the benchmark works")
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "fixed_cost.json")
     args = parser.parse_args()
     variants = ["early-server"] if args.smoke else ["prefect-default", "early-server"]
+    variants = [] if args.servers_only else variants
     rounds = 1 if args.smoke else args.rounds
     rows: list[dict[str, object]] = []
     with tempfile.TemporaryDirectory(prefix="forgeline-fixed-cost-") as tmp_str:
@@ -146,14 +149,14 @@ def main() -> None:
         project.mkdir()
         shutil.copy(SMOKE, project / "smoke.yaml")
         env = base_env(tmp / "prefect-home", tmp / "no-stack")
-        if not args.smoke:
+        if variants and not args.smoke:
             forgeline(["run", "--config", "smoke.yaml"], project, env)  # warm: stores, cache, Prefect db
         for _ in range(rounds):
             for variant in variants:
                 rows.append(run_once(project, env, variant))
                 print(json.dumps(rows[-1]), flush=True)
-        if args.servers:
-            rows += servers_rounds(tmp, project, env, rounds)
+        if args.servers or args.servers_only:
+            rows += servers_rounds(tmp, env, rounds)
             variants.append("running-servers")
     table = summarize(rows, variants)
     print(f"{'variant':<34} {'measure':<14} {'median':>7} {'min':>7} {'max':>7} {'n':>3}")
@@ -172,8 +175,12 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def servers_rounds(tmp: Path, project: Path, env: dict[str, str], rounds: int) -> list[dict[str, object]]:
+def servers_rounds(tmp: Path, env: dict[str, str], rounds: int) -> list[dict[str, object]]:
     """Runs against a local stack: Prefect and MLflow servers already up (not interleaved: one stack)."""
+    # A project folder of its own: checkpoints of the serverless runs name models in the local store.
+    project = tmp / "project-servers"
+    project.mkdir()
+    shutil.copy(SMOKE, project / "smoke.yaml")
     home = tmp / "stack"
     stack_env = {**env, "FORGELINE_HOME": str(home)}
     ports = [str(free_port()), str(free_port())]
