@@ -175,7 +175,10 @@ def check_database_reachable(url: str, what: str, timeout: float = 5.0) -> None:
 
     from sqlalchemy.engine import make_url
 
-    parsed = make_url(url)
+    try:
+        parsed = make_url(url)
+    except Exception:  # noqa: BLE001 - not SQLAlchemy's syntax: the server itself says what is wrong
+        return
     if parsed.get_backend_name() == "sqlite" or not parsed.host:
         return  # a file, or a Unix socket the driver finds itself
     port = parsed.port or {"postgresql": 5432, "mysql": 3306}.get(parsed.get_backend_name(), 0)
@@ -520,6 +523,8 @@ def start_stack(
         "PREFECT_SERVER_API_PORT": str(prefect_port),
         "PREFECT_UI_API_URL": state.prefect_api_url,
         "PREFECT_SERVER_CORS_ALLOWED_ORIGINS": ",".join(loopback_origins(prefect_port)),
+        # `python -m flows.stack` must find this very package, whatever the working directory.
+        "PYTHONPATH": os.pathsep.join(filter(None, [str(Path(__file__).resolve().parents[1]), env.get("PYTHONPATH")])),
     }
     # The stores go by environment, not argv: a password in a URL would show in `ps` and stack.json.
     mlflow_env = env | {
