@@ -37,6 +37,10 @@ class IngestError(ValueError):
     """A file cannot be ingested; the message is one line."""
 
 
+class StillBeingWritten(IngestError):
+    """A file was still open for writing, or changing, when ingest stopped waiting for it."""
+
+
 SETTLE_SECONDS = 2.0  # a file untouched this long, and open for writing nowhere, is taken as complete
 WAIT_SECONDS = 60.0  # how long ingest waits for a file still being written before refusing it
 
@@ -136,7 +140,8 @@ def read_complete(
     to ``wait`` seconds, so a slow writer's file is never taken half-written.
 
     Raises:
-        IngestError: a file was still being written after ``wait`` seconds, or vanished.
+        StillBeingWritten: a file was still being written after ``wait`` seconds (``wait=0``: not waited for).
+        IngestError: a file vanished.
     """
     deadline = time.monotonic() + wait
     done: dict[Path, bytes] = {}
@@ -160,7 +165,7 @@ def read_complete(
         if not pending:
             break
         if time.monotonic() >= deadline:
-            raise IngestError(
+            raise StillBeingWritten(
                 f"{pending[0]}: still being written after {wait:.0f} s (open for writing or changing); "
                 "ingest it once it is complete"
             )

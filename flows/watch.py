@@ -101,7 +101,7 @@ def scan_drop_folder(config: PipelineConfig, base_dir: Path | None = None) -> Wa
     Returns:
         What was added, found already present, rejected and left waiting, and the incoming fingerprint.
     """
-    from flows.retrain import IngestError, incoming_dir, incoming_fingerprint, ingest_files
+    from flows.retrain import IngestError, StillBeingWritten, incoming_dir, incoming_fingerprint, ingest_files
 
     base = (base_dir or Path.cwd()).resolve()
     folder = drop_dir(config, base)
@@ -116,7 +116,10 @@ def scan_drop_folder(config: PipelineConfig, base_dir: Path | None = None) -> Wa
         name = str(path.relative_to(folder))
         signature = _signature(path)
         try:
-            added, _ = ingest_files([str(path)], config)
+            added, _ = ingest_files([str(path)], config, settle=config.deploy.watch_settle, wait=0)
+        except StillBeingWritten:  # open for writing (a paused writer): never rejected, looked at next run
+            result.waiting.append(name)
+            continue
         except IngestError as exc:
             if _signature(path) != signature:  # it changed after all: a writer paused longer than the settle time
                 result.waiting.append(name)

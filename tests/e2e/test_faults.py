@@ -45,6 +45,8 @@ def _text(tag: str, n: int = 60) -> str:
 
 @pytest.fixture(scope="module")
 def stack(project: Project) -> Iterator[Project]:
+    # A retrain queued behind another (deployment concurrency 1) is retried every 5 s instead of 30 s.
+    project.env["PREFECT_SERVER_DEPLOYMENTS_CONCURRENCY_SLOT_WAIT_SECONDS"] = "5"
     project.forgeline("up", "--prefect-port", str(project.prefect_port), "--mlflow-port", str(project.mlflow_port))
     project.forgeline("deploy", *SMOKE, *SETS)
     yield project

@@ -31,13 +31,13 @@ CHUNK = "".join(f"line {i}: a paragraph the slow writer appends, one piece at a 
 WRITER = textwrap.dedent(
     """
     import sys, time
-    path, chunks, pause, text = sys.argv[1], int(sys.argv[2]), float(sys.argv[3]), sys.argv[4]
+    path, chunks, pause, text, marker = sys.argv[1], int(sys.argv[2]), float(sys.argv[3]), sys.argv[4], sys.argv[5]
     with open(path, "a", encoding="utf-8") as fh:
         for i in range(chunks):
             fh.write(text)
             fh.flush()
             if i == 0:
-                open(path + ".started", "w").close()
+                open(marker, "w").close()
             time.sleep(pause)
     """
 )
@@ -48,9 +48,12 @@ def _config(tmp_path: Path) -> PipelineConfig:
 
 
 def _start_writer(path: Path, chunks: int, pause: float) -> subprocess.Popen[bytes]:
-    proc = subprocess.Popen([sys.executable, "-c", WRITER, str(path), str(chunks), str(pause), CHUNK])  # noqa: S603
+    marker = path.parent.parent / f"{path.name}.started"  # outside the folder being ingested or watched
+    proc = subprocess.Popen(  # noqa: S603
+        [sys.executable, "-c", WRITER, str(path), str(chunks), str(pause), CHUNK, str(marker)]
+    )
     deadline = time.monotonic() + 60
-    while not Path(f"{path}.started").exists():
+    while not marker.exists():
         assert proc.poll() is None and time.monotonic() < deadline, "writer did not start"
         time.sleep(0.05)
     return proc
@@ -201,3 +204,30 @@ def test_content_hash_decides_not_the_name(tmp_path: Path, monkeypatch: pytest.M
     assert not rewritten.cache_hit and rewritten.fingerprint != after.fingerprint
     text = "".join(read_split_text(rewritten.dataset_dir, s) for s in ("train", "validation", "test"))
     assert "bxse paragraph" in text and "base paragraph" not in text
+
+
+def test_watch_leaves_a_file_held_open_by_a_paused_writer(tmp_path: Path) -> None:
+    """The drop-folder watch looks twice; a writer pausing longer than that is still seen as writing."""
+    from flows.watch import REJECTED, scan_drop_folder
+
+    cfg = load_config(
+        None,
+        [
+            f"deploy.incoming_dir={tmp_path / 'incoming'}",
+            f"deploy.drop_dir={tmp_path / 'drop'}",
+            "deploy.watch_settle=0.5",
+        ],
+    )
+    src = tmp_path / "drop" / "paused.txt"
+    src.parent.mkdir()
+    writer = _start_writer(src, chunks=2, pause=3.0)  # unchanged for 3 s between pieces, open all along
+    try:
+        time.sleep(1.0)  # already quiet for longer than the watch's settle time
+        result = scan_drop_folder(cfg, base_dir=tmp_path)
+    finally:
+        assert writer.wait(timeout=30) == 0
+    assert result.waiting == ["paused.txt"] and not result.rejected and not result.added, result
+    assert src.exists() and not (tmp_path / "drop" / REJECTED).exists()
+    assert scan_drop_folder(cfg, base_dir=tmp_path).added  # complete now: taken on the next look
+    assert (tmp_path / "incoming").is_dir() and len(list((tmp_path / "incoming").iterdir())) == 1
+    assert next((tmp_path / "incoming").iterdir()).read_text(encoding="utf-8") == CHUNK * 2
