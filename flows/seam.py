@@ -108,7 +108,8 @@ def run_tune(
         def launch(worker_config: PipelineConfig, on_poll: Callable[[], None]) -> None:
             shared = parameters | {"config": worker_config.model_dump(mode="json")}
             runs = [submit(TUNE_DEPLOYMENT, shared | {"worker": i}) for i in range(config.tune.parallelism)]
-            logger.info("%d tune worker flow runs on pool %s: %s", len(runs), config.deploy.gpu_pool.name, runs)
+            ids = ", ".join(str(run.id) for run in runs)
+            logger.info("%d tune worker flow runs on pool %s: %s", len(runs), config.deploy.gpu_pool.name, ids)
             wait_for_runs(runs, config, "tune", on_poll=on_poll)
 
         result = tune_with_workers(config, dataset_dir, fingerprint, launch, parent_run_id=parent_run_id)

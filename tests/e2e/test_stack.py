@@ -136,6 +136,8 @@ def _check_shared_study(project: Project, api: str) -> None:
     assert all(r.state.is_completed() and r.work_pool_name == "gpu" for r in tunes), [r.state for r in tunes]
     assert all(r.parent_task_run_id is not None for r in tunes)
     assert len({r.parameters["config"]["tune"]["storage"] for r in tunes}) == 1  # pinned to one storage
+    # The pool allows two runs here, so both ran at once (each spends >10 s starting up alone).
+    assert max(r.start_time for r in tunes) < min(r.end_time for r in tunes)
 
     client = MlflowClient(tracking_uri=f"http://127.0.0.1:{project.mlflow_port}")
     experiment = client.get_experiment_by_name("forgeline-smoke")
