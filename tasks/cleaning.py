@@ -3,7 +3,9 @@
 Pure functions (no Prefect, no MLflow) so that the flow, the CLI and the tests share one code path.
 
 Reading streams every input (text files line by line in binary, tables in batches), so memory stays
-bounded by the largest record and by the dedup/leakage sets (a few dozen bytes per record).
+bounded by the largest record. Exact de-duplication runs in bounded memory too (``_ExactDuplicates``:
+past a few MB it spills to the dataset's temporary folder and decides by sorting); the near-duplicate
+index and the ``tail`` split's leakage check without dedup still keep a few bytes to kilobytes per record.
 
 Cleaning, in order, per record:
 
