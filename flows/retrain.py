@@ -146,6 +146,7 @@ def read_complete(
     deadline = time.monotonic() + wait
     done: dict[Path, bytes] = {}
     pending = list(paths)
+    waited = False
     while pending:
         try:
             sigs = {p: _signature(p) for p in pending}
@@ -153,13 +154,12 @@ def read_complete(
             raise IngestError(f"{exc.filename}: no such file or directory") from None
         busy = open_for_writing(pending)
         now_ns = time.time_ns()
-        for path in list(pending):
-            quiet = (now_ns - sigs[path][2]) / 1e9
-            if path in busy or quiet < settle:
-                continue
-            data = path.read_bytes()
+        quiet = [p for p in pending if p not in busy and (now_ns - sigs[p][2]) / 1e9 >= settle]
+        read = {p: p.read_bytes() for p in quiet}
+        busy = open_for_writing(quiet) if quiet else set()
+        for path, data in read.items():
             # Unchanged while we read it, and still nobody writing: this is the whole file.
-            if _signature(path) == sigs[path] and len(data) == sigs[path][1] and not open_for_writing([path]):
+            if path not in busy and _signature(path) == sigs[path] and len(data) == sigs[path][1]:
                 done[path] = data
                 pending.remove(path)
         if not pending:
@@ -169,7 +169,9 @@ def read_complete(
                 f"{pending[0]}: still being written after {wait:.0f} s (open for writing or changing); "
                 "ingest it once it is complete"
             )
-        logger.info("waiting for %d file(s) still being written: %s", len(pending), pending[0])
+        if not waited:
+            logger.info("waiting for %d file(s) still being written, first %s", len(pending), pending[0])
+            waited = True
         time.sleep(min(0.5, max(0.05, settle / 4)))
     return {p: done[p] for p in paths}
 
