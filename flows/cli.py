@@ -9,6 +9,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated
 
@@ -76,7 +77,7 @@ class EarlyPrefectServer:
     torch, transformers and MLflow. Started here, the two overlap on two cores. The socket is bound and
     listening before the child starts (``uvicorn --fd``), so there is no port race and early requests
     just wait in the backlog. The server stops at interpreter exit, after Prefect's own exit hooks have
-    flushed logs and events to it.
+    flushed logs and events to it, and on Linux also when this process is killed (parent-death signal).
     """
 
     def __init__(self, process: subprocess.Popen[bytes], api_url: str, timeout: float) -> None:
@@ -121,6 +122,21 @@ class EarlyPrefectServer:
         except subprocess.TimeoutExpired:
             self.process.kill()
             self.process.wait()
+
+
+def _die_with_parent() -> Callable[[], None] | None:
+    """On Linux, a ``preexec_fn`` making the child get SIGTERM when this process dies, even by SIGKILL.
+
+    Prefect's own temporary server outlives a killed parent; started early, it would for longer.
+    """
+    if not sys.platform.startswith("linux"):
+        return None
+    import ctypes
+    import signal
+
+    prctl = ctypes.CDLL(None, use_errno=True).prctl  # looked up before fork: the child only calls it
+    pr_set_pdeathsig = 1
+    return lambda: prctl(pr_set_pdeathsig, int(signal.SIGTERM))
 
 
 def _warm_imports() -> None:
@@ -178,7 +194,7 @@ def start_prefect_server_early() -> EarlyPrefectServer | None:
             "--lifespan",
             "on",
         ]
-        process = subprocess.Popen(command, env=env, pass_fds=[sock.fileno()])
+        process = subprocess.Popen(command, env=env, pass_fds=[sock.fileno()], preexec_fn=_die_with_parent())
     finally:
         sock.close()  # the child holds its own copy
     api_url = f"http://127.0.0.1:{port}/api"

@@ -58,11 +58,19 @@ def probe(tmp_path: Path, **env: str) -> dict[str, object]:
 
 
 def _alive(pid: int) -> bool:
+    """Running (a zombie left for an init that does not reap counts as gone)."""
     try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except FileNotFoundError:
         return False
-    return True
+    return stat.rsplit(")", 1)[1].split()[0] != "Z"
+
+
+def _gone_within(pid: int, seconds: float) -> bool:
+    deadline = time.monotonic() + seconds
+    while _alive(pid) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    return not _alive(pid)
 
 
 def test_server_started_early_serves_prefect_and_stops_at_exit(tmp_path: Path) -> None:
@@ -72,10 +80,33 @@ def test_server_started_early_serves_prefect_and_stops_at_exit(tmp_path: Path) -
     assert result["setting"] == url  # Prefect's settings follow the variable set after its import
     assert result["health"] == "true"
     assert result["flows"] == 0
-    deadline = time.monotonic() + 10
-    while _alive(int(result["pid"])) and time.monotonic() < deadline:  # type: ignore[arg-type]
-        time.sleep(0.1)
-    assert not _alive(int(result["pid"])), "the temporary server outlived the command"  # type: ignore[arg-type]
+    assert _gone_within(int(result["pid"]), 10), "the temporary server outlived the command"  # type: ignore[arg-type]
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="parent-death signal is Linux-only")
+def test_early_server_dies_with_a_killed_command(tmp_path: Path) -> None:
+    script = (
+        "import json, sys, time\n"
+        "from flows.cli import start_prefect_server_early\n"
+        "server = start_prefect_server_early()\n"
+        "print(json.dumps({'pid': server.process.pid}), flush=True)\n"
+        "time.sleep(600)\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k not in ("PREFECT_API_URL", "PREFECT_PROFILE")}
+    env.update(
+        PYTHONPATH=str(ROOT), PREFECT_HOME=str(tmp_path / "prefect-home"), PREFECT_SERVER_ANALYTICS_ENABLED="false"
+    )
+    command = subprocess.Popen([sys.executable, "-c", script], env=env, stdout=subprocess.PIPE, text=True, cwd=tmp_path)
+    try:
+        assert command.stdout is not None
+        server_pid = int(json.loads(command.stdout.readline())["pid"])
+        assert _alive(server_pid)
+        command.kill()  # SIGKILL: no atexit, no finally
+        command.wait(timeout=30)
+        assert _gone_within(server_pid, 30), "the temporary server outlived a killed command"
+    finally:
+        command.kill()
+        command.wait(timeout=30)
 
 
 def test_no_early_server_when_an_api_url_is_configured(tmp_path: Path) -> None:
