@@ -892,8 +892,8 @@ class _ExactDuplicates:
     Duplicate numbers go to one file per ``window`` of numbers, and pass 2 replays the spill one window
     at a time, a block of bytes at a time. A record is dropped exactly when an earlier record that
     passed the content rules has the same digest: the one-pass set's decisions, in memory bounded by
-    the chunk, one bucket and one window, with sequential disk traffic of about the kept text plus 32
-    bytes a record.
+    the chunk, one bucket and one window, with sequential disk traffic: the text of every record that
+    passed the content rules plus about 40 bytes a record, all deleted when the filter ends.
     """
 
     def __init__(
