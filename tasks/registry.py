@@ -101,6 +101,12 @@ def log_transformers_model(run_id: str, model_dir: str | Path, prompt: str) -> s
     model, tokenizer = load_pretrained_model(str(model_dir))
     context = int(getattr(model.config, "n_positions", 1024))
     generation = {"max_new_tokens": max(1, min(128, context // 2)), "do_sample": True, "top_k": 50}
+    # Given only run_id, MLflow files the logged model under the Default experiment (no active run here);
+    # create it in the run's experiment, where the UI and searches look for it.
+    run = mlflow.MlflowClient().get_run(run_id)
+    logged = mlflow.initialize_logged_model(
+        name="model", source_run_id=run_id, params=dict(run.data.params), experiment_id=run.info.experiment_id
+    )
     info = mlflow.transformers.log_model(
         {"model": model, "tokenizer": tokenizer},
         name="model",
@@ -109,6 +115,7 @@ def log_transformers_model(run_id: str, model_dir: str | Path, prompt: str) -> s
         model_config=generation,
         pip_requirements=PIP_REQUIREMENTS,
         run_id=run_id,
+        model_id=logged.model_id,
     )
     return info.model_uri
 

@@ -201,7 +201,7 @@ def test_server_back_within_the_budget_resumes_logging_and_loses_nothing(
     assert _counts(client, train.info.run_id) == EXPECTED_COUNTS
     steps = sorted(m.step for m in client.get_metric_history(train.info.run_id, "train/loss"))
     assert steps == list(range(1, MAX_STEPS + 1))
-    assert [v.version for v in client.search_model_versions("name = 'forgeline-smoke-lm'")] == ["1"]
+    assert [str(v.version) for v in client.search_model_versions("name = 'forgeline-smoke-lm'")] == ["1"]
 
 
 def test_server_down_past_the_budget_fails_loudly_keeps_checkpoints_and_rerun_fills_the_gap(
@@ -240,7 +240,7 @@ def test_server_down_past_the_budget_fails_loudly_keeps_checkpoints_and_rerun_fi
     assert client.get_run(first.info.run_id).info.status == "KILLED"  # its owner is gone: reaped
     assert not spools[0].exists()
     assert second.data.tags.get("forgeline.already_done") == "true"  # resumed from the kept checkpoint
-    assert [v.version for v in client.search_model_versions("name = 'forgeline-smoke-lm'")] == ["1"]
+    assert [str(v.version) for v in client.search_model_versions("name = 'forgeline-smoke-lm'")] == ["1"]
 
 
 # ------------------------------------------------------------- the spool, on a store held by a lock
