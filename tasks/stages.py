@@ -164,13 +164,20 @@ def record_training(run_id: str, result: TrainResult) -> None:
 
 
 def _logged_model_uri(run_dir: Path, run_id: str, result: TrainResult, prompt: str) -> str:
-    # The model is logged once per lineage; a retry after a crash re-uses the logged model.
+    # The model is logged once per lineage and tracking store; a retry after a crash re-uses the logged model.
+    # The same checkpoint folder may later be tracked by another store (a local run, then `forgeline up`):
+    # a model logged to the old store does not exist in the new one, so log it again there.
+    import mlflow
+
+    store = mlflow.get_tracking_uri()
     marker = run_dir / "logged_model.json"
     if marker.exists():
-        return json.loads(marker.read_text())["model_uri"]
+        logged = json.loads(marker.read_text())
+        if logged.get("tracking_uri") == store:
+            return logged["model_uri"]
     uri = log_transformers_model(run_id, result.model_dir, prompt)
     tmp = marker.with_suffix(".tmp")
-    tmp.write_text(json.dumps({"model_uri": uri, "run_id": run_id}))
+    tmp.write_text(json.dumps({"model_uri": uri, "run_id": run_id, "tracking_uri": store}))
     tmp.replace(marker)
     return uri
 

@@ -259,3 +259,20 @@ def test_champion_is_rescored_on_the_new_test_split(module_project: Project, new
     rescored = float(newest.tags["forgeline.champion_bits_per_byte"])
     assert rescored != pytest.approx(float(champion_v1.tags["test_bits_per_byte"]), abs=1e-6)
     assert "forgeline.decision" in newest.tags
+
+
+# ------------------------------------------------------------------- the same checkpoints, another store
+def test_another_tracking_store_gets_its_own_logged_model(module_project: Project, new_data: CliResult) -> None:
+    # The checkpoint folder outlives a change of store (a local run, then `forgeline up`): the model logged
+    # to the first store does not exist in the second, so the second must log and register its own.
+    other = f"sqlite:///{module_project.root / 'other.db'}"
+    moved = module_project.run_pipeline("--set", f"tracking.uri={other}")
+    assert moved.returncode == 0, moved.describe()
+    from mlflow import MlflowClient
+
+    client = MlflowClient(tracking_uri=other, registry_uri=other)
+    (version,) = client.search_model_versions(f"name = '{MODEL}'")
+    assert str(version.version) == "1"
+    assert version.source.startswith("models:/m-")
+    assert str(client.get_logged_model(version.source.removeprefix("models:/")).status) == "READY"
+    assert str(client.get_model_version_by_alias(MODEL, "champion").version) == "1"
