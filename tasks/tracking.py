@@ -482,7 +482,10 @@ class MetricBuffer:
             attempt += 1
         with self._lock:
             undelivered = [*self._inflight, *self._pending]
-        where = _spool_metrics(self.run_id, undelivered)
+        try:
+            where = str(_spool_metrics(self.run_id, undelivered))
+        except OSError as exc:  # a full or read-only disk must not hide the tracking error itself
+            where = f"memory only (spool not written: {exc})"
         cause = _first_line(self._last_error) if self._last_error else "the last upload did not return in time"
         raise TrackingError(
             f"{len(undelivered)} metrics could not be logged to run {self.run_id} at {_tracking_uri_shown()}: "
