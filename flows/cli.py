@@ -363,7 +363,17 @@ def ui(
     port: Annotated[int, typer.Option(help="Port for the MLflow UI.")] = 5000,
     host: Annotated[str, typer.Option(help="Bind address (keep 127.0.0.1 unless you add auth).")] = "127.0.0.1",
 ) -> None:
-    """Open the MLflow UI on the embedded SQLite store under mlruns/."""
+    """Open the MLflow UI on the embedded SQLite store under mlruns/ (or show the running stack's UIs).
+
+    After `forgeline up` the stack's servers already serve both UIs: this prints their URLs instead of
+    starting a second MLflow server on a store the stack does not use.
+    """
+    from flows.stack import stack_env
+
+    state = stack_env()
+    if state is not None:
+        out.print(f"MLflow UI on {state.mlflow_url}\nPrefect UI on {state.prefect_url}", highlight=False)
+        return
     from tasks.config import TrackingConfig
     from tasks.tracking import resolve_tracking_uri
 

@@ -61,6 +61,9 @@ def test_up_deploy_run_deployed_down(project: Project) -> None:
     # A read-only command finds the stack through FORGELINE_HOME (no MLFLOW_TRACKING_URI in its env).
     models = project.forgeline("models", "forgeline-smoke-lm").stdout
     assert "champion" in models and "alias history" in models, models
+    ui = project.forgeline("ui").stdout  # shows the stack's UIs instead of serving mlruns/ on another port
+    assert f"MLflow UI on http://127.0.0.1:{project.mlflow_port}" in ui, ui
+    assert f"Prefect UI on http://127.0.0.1:{project.prefect_port}" in ui, ui
     _retrain_on_new_data(project, api)
 
     family = stack_family(project.home)
