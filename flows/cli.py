@@ -265,7 +265,7 @@ def run(
         if server is not None:
             _warm_imports()
             server.wait_ready()
-        result = pipeline_flow(cfg, data=data_paths, fresh=fresh)
+        result = pipeline_flow(cfg.for_flow_run(), data=data_paths, fresh=fresh)
     except KeyboardInterrupt:
         _fail("interrupted; re-run the same command to resume from the last checkpoint", code=130)
     except StageInterrupted as exc:

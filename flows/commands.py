@@ -642,7 +642,7 @@ def reproduce(
     from flows.pipeline import pipeline_flow
 
     try:
-        result = pipeline_flow(cfg, data=data_paths, fresh=True)
+        result = pipeline_flow(cfg.for_flow_run(), data=data_paths, fresh=True)
     except KeyboardInterrupt:
         _fail("interrupted", code=130)
     except Exception as exc:  # noqa: BLE001 - one line and a non-zero exit

@@ -136,9 +136,10 @@ def config_parameter(config: PipelineConfig) -> dict[str, Any]:
     written keeps its required fields, so the value passes the flow's parameter schema, which the Prefect
     server checks for every run it creates (an event trigger's run included).
     """
-    full = config.model_dump(mode="json")
+    masked = config.for_flow_run()  # job-variable secrets stay out of the server's stored parameters
+    full = masked.model_dump(mode="json")
     short = _differences(full, PipelineConfig().model_dump(mode="json"), PipelineConfig)
-    if PipelineConfig.model_validate(short) != config:  # never deploy something that means another config
+    if PipelineConfig.model_validate(short) != masked:  # never deploy something that means another config
         return full
     return short
 

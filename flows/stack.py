@@ -925,7 +925,8 @@ def run_deployed(cfg: Any, data: list[str] | None, fresh: bool, poll: float = 1.
     from prefect.deployments import run_deployment
     from prefect.exceptions import ObjectNotFound
 
-    parameters: dict[str, Any] = {"config": cfg.model_dump(mode="json"), "fresh": fresh, "deployed": True}
+    config = cfg.for_flow_run().model_dump(mode="json")  # the server stores and shows parameters
+    parameters: dict[str, Any] = {"config": config, "fresh": fresh, "deployed": True}
     if data:
         # The flow run's working directory is the project folder: hand it absolute paths.
         parameters["data"] = [p if Path(p).is_absolute() else str(Path.cwd() / p) for p in data]

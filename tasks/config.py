@@ -394,6 +394,17 @@ class PipelineConfig(_Strict):
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
     deploy: DeployConfig = Field(default_factory=DeployConfig)
 
+    def for_flow_run(self) -> PipelineConfig:
+        """This config as a Prefect flow-run or deployment parameter, with the secrets under ``deploy`` masked.
+
+        The Prefect server stores parameters and shows them in its UI. The ``deploy`` section's job
+        variables (tokens, passwords for the workers' environment) are read only by ``forgeline deploy``
+        when it creates the pools, never by a flow run, so they travel as ``***``.
+        """
+        tree = self.model_dump(mode="json")
+        tree["deploy"] = redact(tree["deploy"])
+        return type(self).model_validate(tree)
+
     def config_hash(self) -> str:
         """Hash of what determines the trained weights (not tracking, registry or tune settings)."""
         payload = self.model_dump(mode="json", include={"seed", "tokenizer", "model", "train", "data"})

@@ -197,6 +197,16 @@ def _prefect_logs(api_url: str) -> list[Any]:
                 return logs
 
 
+def _prefect_flow_runs(api_url: str) -> list[Any]:
+    from prefect.client.orchestration import get_client
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    with temporary_settings(updates={PREFECT_API_URL: api_url}), get_client(sync_client=True) as client:
+        runs = client.read_flow_runs()
+    assert {r.name.split()[0] for r in runs} >= {"pipeline", "train"}, [r.name for r in runs]
+    return runs
+
+
 def _leaks(blob: bytes) -> list[str]:
     return [key for key, value in SECRETS.items() if value.encode() in blob]
 
@@ -230,6 +240,10 @@ def test_secrets_never_reach_params_tags_artifacts_or_logs(project: Project, pre
     # Every file the run left in the project: the MLflow database, artifacts, checkpoints, the cache.
     leaked = {str(p.relative_to(project.root)): _leaks(p.read_bytes()) for p in project.root.rglob("*") if p.is_file()}
     assert {k: v for k, v in leaked.items() if v} == {}
+
+    # Flow-run parameters are stored by the Prefect server and shown in its UI.
+    for flow_run in _prefect_flow_runs(prefect_server):
+        assert _leaks(json.dumps(flow_run.parameters).encode()) == [], f"secret in parameters of {flow_run.name}"
 
     logs = _prefect_logs(prefect_server)
     ours = [log for log in logs if "val/loss" in log.message or "forgeline-smoke" in log.message]

@@ -165,3 +165,20 @@ def test_secret_key_names(key: str, secret: bool) -> None:
     from tasks.config import is_secret_key
 
     assert is_secret_key(key) is secret
+
+
+def test_flow_run_parameter_masks_deploy_secrets_only() -> None:
+    cfg = PipelineConfig.model_validate(
+        {
+            "deploy": {
+                "gpu_pool": {
+                    "name": "gpu",
+                    "job_variables": {"env": {"HF_TOKEN": "hf_x1", "CUDA_VISIBLE_DEVICES": "0"}},
+                }
+            }
+        }
+    )
+    masked = cfg.for_flow_run()
+    assert masked.deploy.gpu_pool.job_variables["env"] == {"HF_TOKEN": "***", "CUDA_VISIBLE_DEVICES": "0"}
+    assert masked.config_hash() == cfg.config_hash()  # what is trained does not change
+    assert masked.model_dump(exclude={"deploy"}) == cfg.model_dump(exclude={"deploy"})
