@@ -306,7 +306,7 @@ def retrain_flow(config: PipelineConfig, fingerprint: str | None = None, deploye
     base_dir = Path.cwd()
     key = incoming_fingerprint(incoming_dir(config, base_dir)) or "none"
     if fingerprint and fingerprint != key:
-        log.info("event for incoming data %s; the folder now holds %s: retraining on that", fingerprint, key)
+        log.info("event for incoming data %s; the folder now holds %s, which is what counts", fingerprint, key)
     tracking.setup_tracking(config.tracking, base_dir)
     experiment_id = tracking.ensure_experiment(config.name, config.tracking, base_dir)
     done = [

@@ -129,6 +129,11 @@ def _logs(project: Project, flow_run_id: Any) -> str:
     return "\n".join(log.message for log in logs)
 
 
+def _logged(project: Project, runs: list[Any], text: str, timeout: float = 60) -> bool:
+    """Whether one of ``runs`` logged ``text`` (logs reach the server in batches, after the state may)."""
+    return _wait(f"{text!r} in the logs", lambda: any(text in _logs(project, r.id) for r in runs), timeout)
+
+
 def _dataset_text(project: Project, fingerprint: str) -> str:
     from tasks.cleaning import read_split_text
 
@@ -227,7 +232,7 @@ def test_c1_same_data_ingested_twice_at_once_retrains_once(stack: Project) -> No
     (retrained,) = [r for r in trained if r.data.tags.get("forgeline.retrain_fingerprint") == fingerprint]
     assert retrained.data.tags["model_version"] == "2"
     assert _versions(project) == ["1", "2"]
-    assert any("already retrained" in _logs(project, r.id) for r in runs[retrains_before:])
+    assert _logged(project, runs[retrains_before:], "already retrained")
 
 
 # -------------------------------------------------------------------------------------------------- F7
@@ -299,7 +304,7 @@ def test_c2_replayed_old_event_retrains_nothing(stack: Project) -> None:
     runs = _retrains_settled(project, retrains_before + 1, timeout=180)
     replay = runs[-1]
     assert replay.state.is_completed() and replay.parameters["fingerprint"] == old
-    assert "already retrained" in _logs(project, replay.id)
+    assert _logged(project, [replay], "already retrained")
     assert len(_runs(project, "pipeline")) == pipelines_before
     assert _versions(project) == versions_before
 
