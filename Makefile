@@ -26,14 +26,14 @@ run: install
 	$(VENV)/bin/forgeline run --config $(CONFIG)
 
 test: install
-	$(PY) -m pytest -q tests/unit tests/integration
+	$(PY) -m pytest -q --durations=15 tests/unit tests/integration
 
 test-unit: install
 	$(PY) -m pytest -q tests/unit
 
 # Real prefect server, mlflow server and workers on loopback (forgeline up/deploy/run --deployed/ingest/down).
 test-e2e: install
-	$(PY) -m pytest -q tests/e2e $(PYTEST_ARGS)
+	$(PY) -m pytest -q --durations=10 tests/e2e $(PYTEST_ARGS)
 
 lint: install
 	$(VENV)/bin/ruff check flows tasks tests bench
