@@ -258,6 +258,7 @@ def run(
     _configure_logging(verbose)
     from flows.pipeline import pipeline_flow
     from tasks import progress
+    from tasks.cleaning import DataError
     from tasks.errors import StageInterrupted
 
     progress.enable(console)  # bars on a terminal; plain log lines otherwise
@@ -269,11 +270,11 @@ def run(
     except KeyboardInterrupt:
         _fail("interrupted; re-run the same command to resume from the last checkpoint", code=130)
     except StageInterrupted as exc:
-        _fail(f"{exc}; re-run the same command to resume", code=143)
+        _fail(f"{exc}; re-run the same command to resume", code=128 + exc.signum)  # 130 Ctrl-C, 143 SIGTERM
     except Exception as exc:  # noqa: BLE001 - every failure ends as one line and a non-zero exit
         if verbose:
             console.print_exception()
-        _fail(_one_line(exc))
+        _fail(_one_line(exc), code=2 if isinstance(exc, DataError) else 1)  # 2: bad input (docs/troubleshooting.md)
     _print_summary(result)
 
 

@@ -4,7 +4,15 @@ from __future__ import annotations
 
 
 class StageInterrupted(BaseException):  # noqa: N818 - an interrupt, like KeyboardInterrupt
-    """The process was asked to stop (SIGTERM) and the stage saved what it could; runs end KILLED."""
+    """The process was asked to stop (SIGTERM or Ctrl-C) and the stage saved what it could; runs end KILLED.
+
+    Attributes:
+        signum: The signal that asked (15 for SIGTERM, 2 for SIGINT); the CLI exits ``128 + signum``.
+    """
+
+    def __init__(self, message: str, signum: int = 15) -> None:
+        super().__init__(message)
+        self.signum = signum
 
 
 class NonFiniteLossError(RuntimeError):

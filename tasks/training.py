@@ -147,8 +147,13 @@ def _stop_on_sigterm() -> Iterator[threading.Event]:
         return
     # Ctrl-C behaves like SIGTERM while training: finish the step, checkpoint, stop.
     previous = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT)}
+
+    def _stop(signum: int, _frame: object) -> None:
+        event.signum = signum  # type: ignore[attr-defined] - which signal decides the exit code
+        event.set()
+
     for sig in previous:
-        signal.signal(sig, lambda *_: event.set())
+        signal.signal(sig, _stop)
     try:
         yield event
     finally:
@@ -410,7 +415,11 @@ def _loop(
             if stop.is_set():
                 if not saved:
                     _checkpoint(model, optimizer, gen, state, run_dir, config_hash, cfg, device)
-                raise StageInterrupted(f"stopped by a signal after step {state.step}; checkpoint saved")
+                signum = getattr(stop, "signum", signal.SIGTERM)
+                name = "Ctrl-C" if signum == signal.SIGINT else signal.Signals(signum).name
+                raise StageInterrupted(
+                    f"stopped by a signal after step {state.step} ({name}); checkpoint saved", int(signum)
+                )
             if stopped_early:
                 logger.info("early stopping at step %d: no improvement in %d evaluations", state.step, patience)
                 break
@@ -448,6 +457,8 @@ def _apply_process_fault(fault: str | None) -> None:
         os.kill(os.getpid(), signal.SIGKILL)
     elif fault == "sigterm":
         os.kill(os.getpid(), signal.SIGTERM)
+    elif fault == "sigint":  # what Ctrl-C sends
+        os.kill(os.getpid(), signal.SIGINT)
     elif fault == "raise":
         raise RuntimeError("injected fault (FORGELINE_FAULT_KIND=raise)")
     elif fault == "oom":

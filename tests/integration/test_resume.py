@@ -93,6 +93,24 @@ def test_sigterm_ends_runs_killed_with_a_checkpoint_and_resumes(project: Project
     assert "resumed from step 15" in re.sub(r"\s+", " ", resumed.output)
 
 
+def test_ctrl_c_during_training_exits_130_with_a_checkpoint(project: Project) -> None:
+    stopped = project.run_pipeline(extra_env={"FORGELINE_FAULT_AT_STEP": "12", "FORGELINE_FAULT_KIND": "sigint"})
+    assert stopped.returncode == 130, stopped.describe()
+    assert "stopped by a signal after step 12 (Ctrl-C); checkpoint saved" in re.sub(r"\s+", " ", stopped.stderr)
+    client = project.client()
+    runs = runs_by_name(client, client.get_experiment_by_name(EXPERIMENT).experiment_id)
+    assert [r.info.status for r in runs["train"]] == ["KILLED"]
+    assert client.search_registered_models() == []
+
+
+def test_bad_data_found_while_cleaning_exits_2(project: Project) -> None:
+    (project.root / "tiny.txt").write_text("one short line\n", encoding="utf-8")
+    result = project.run_pipeline("--data", "tiny.txt")
+    assert result.returncode == 2, result.describe()
+    assert "error: split 'validation' is empty" in result.stderr  # a data problem, found while cleaning
+    assert project.client().search_registered_models() == []
+
+
 def test_crash_between_version_and_alias_completes_on_rerun(project: Project) -> None:
     crashed = project.run_pipeline(extra_env={"FORGELINE_FAULT_KIND": "sigkill_after_register"})
     assert crashed.returncode in (-signal.SIGKILL, 128 + signal.SIGKILL), crashed.describe()
