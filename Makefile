@@ -3,6 +3,7 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 CONFIG ?= configs/default.yaml
+E2E ?= tests/e2e
 TORCH_SPEC ?= torch==2.13.0
 export PREFECT_SERVER_ANALYTICS_ENABLED ?= false
 export HF_HUB_OFFLINE ?= 1
@@ -33,7 +34,7 @@ test-unit: install
 
 # Real prefect server, mlflow server and workers on loopback (forgeline up/deploy/run --deployed/ingest/down).
 test-e2e: install
-	$(PY) -m pytest -q --durations=10 tests/e2e $(PYTEST_ARGS)
+	$(PY) -m pytest -q --durations=10 $(E2E)
 
 lint: install
 	$(VENV)/bin/ruff check flows tasks tests bench
