@@ -340,7 +340,7 @@ def test_gigabyte_line_fails_clearly_without_reading_it_whole(tmp_path: Path) ->
 def test_gigabyte_line_through_the_cli_ends_in_one_error_line(project: Project) -> None:
     _file_with_line(project.root, 2**30, sparse=True)
     result = project.run_pipeline("--data", "data/big.txt")
-    assert result.returncode == 1, result.describe()
+    assert result.returncode == 2, result.describe()  # bad data: exit 2 (docs/troubleshooting.md)
     lines = [line for line in result.stderr.splitlines() if line.strip()]
     errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and errors[0] == lines[-1], result.describe()
