@@ -220,7 +220,10 @@ def ingest_files(
             raise IngestError(
                 f"{path}: unsupported file type {path.suffix!r} (supported: {', '.join(sorted(SUPPORTED))})"
             )
-    contents = read_complete(files, settle=settle, wait=wait)
+    try:
+        contents = read_complete(files, settle=settle, wait=wait)
+    except FileNotFoundError as exc:  # gone since it was listed: another ingest of the same file moved it
+        raise IngestError(f"{exc.filename}: no such file or directory") from exc
     payloads = [(path, _validate(path, contents[path])) for path in files]
     target = incoming_dir(config)
     target.mkdir(parents=True, exist_ok=True)
