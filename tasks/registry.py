@@ -19,6 +19,8 @@ from typing import Any
 
 from pydantic import BaseModel
 
+from tasks.locks import acquire_within
+
 logger = logging.getLogger(__name__)
 
 LINEAGE_TAG = "forgeline.lineage"
@@ -295,15 +297,8 @@ def registry_lock(model_name: str, timeout: float = 600.0) -> Iterator[None]:
     lock_dir.mkdir(parents=True, exist_ok=True)
     path = lock_dir / f"registry-{model_name}.lock"
     with path.open("a+") as fh:
-        deadline = time.monotonic() + timeout
-        while True:
-            try:
-                fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                break
-            except BlockingIOError:
-                if time.monotonic() > deadline:
-                    raise TimeoutError(f"registry lock {path} held for more than {timeout:.0f}s") from None
-                time.sleep(0.05)
+        if not acquire_within(fh, timeout):
+            raise TimeoutError(f"registry lock {path} held for more than {timeout:.0f}s")
         try:
             yield
         finally:

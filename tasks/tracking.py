@@ -21,6 +21,7 @@ from typing import Any
 
 from tasks.config import PipelineConfig, TrackingConfig, dump_config, flatten, is_secret_key, redact
 from tasks.errors import StageInterrupted
+from tasks.locks import acquire_within
 
 logger = logging.getLogger(__name__)
 
@@ -92,17 +93,8 @@ def _open_sqlite_store(uri: str, timeout: float = 300.0) -> None:
     lock_path = db.parent / "locks" / "store-init.lock"
     lock_path.parent.mkdir(parents=True, exist_ok=True)
     with lock_path.open("a+") as fh:
-        deadline = time.monotonic() + timeout
-        while True:
-            try:
-                fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                break
-            except BlockingIOError:
-                if time.monotonic() > deadline:
-                    raise TrackingError(
-                        f"store {db}: another process held {lock_path} for over {timeout:.0f}s"
-                    ) from None
-                time.sleep(0.05)
+        if not acquire_within(fh, timeout):
+            raise TrackingError(f"store {db}: another process held {lock_path} for over {timeout:.0f}s")
         try:
             c = MlflowClient(tracking_uri=uri, registry_uri=uri)
             c.search_experiments(max_results=1)

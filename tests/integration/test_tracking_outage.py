@@ -23,6 +23,7 @@ from typing import Any
 import pytest
 
 from tests.integration.conftest import CLI_TIMEOUT, CliResult, Project
+from tests.integration.test_tracking_store_faults import HOLDER
 
 pytestmark = pytest.mark.integration
 
@@ -244,14 +245,6 @@ def test_server_down_past_the_budget_fails_loudly_keeps_checkpoints_and_rerun_fi
 
 
 # ------------------------------------------------------------- the spool, on a store held by a lock
-HOLDER = """
-import sqlite3, sys, time
-con = sqlite3.connect(sys.argv[1], timeout=30, isolation_level=None)
-con.execute("BEGIN EXCLUSIVE")
-print("locked", flush=True)
-time.sleep(float(sys.argv[2]))
-con.execute("ROLLBACK")
-"""
 
 
 def test_metrics_undelivered_past_the_budget_are_spooled_then_delivered_at_the_next_start(
