@@ -145,6 +145,16 @@ class ModelConfig(_Strict):
     n_embd: int = Field(128, ge=1, le=16384)
     block_size: int = Field(64, ge=2, le=32768, description="Context length in tokens.")
     dropout: float = Field(0.0, ge=0, lt=1)
+    bias: bool = Field(
+        True,
+        description="Biases in linear layers and layer norms, as GPT-2. false: none (held at zero, not trained), "
+        "as nanoGPT's default: a little better and faster. Models built from sizes only.",
+    )
+    activation: Literal["gelu_new", "gelu"] = Field(
+        "gelu_new",
+        description="MLP activation. gelu_new: GPT-2's tanh approximation (run as one fused PyTorch op); "
+        "gelu: the exact GELU, as nanoGPT. Models built from sizes only.",
+    )
     init_from: str | None = Field(
         None, description="Local directory, hub id, or registered model URI (models:/NAME@champion)."
     )

@@ -108,7 +108,7 @@ def sample_batch(
 
 def lm_loss(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     # Loss from the logits outside the model: scores all T targets (as nanoGPT) and compiles better.
-    logits = model(input_ids=x).logits  # (B, T, V)
+    logits = model(input_ids=x, use_cache=False).logits  # (B, T, V); no KV cache to fill while training
     return F.cross_entropy(logits.flatten(0, 1).float(), y.flatten())
 
 
@@ -129,12 +129,14 @@ def _autocast(device: torch.device, cfg: TrainConfig) -> contextlib.AbstractCont
 
 
 def make_optimizer(model: torch.nn.Module, cfg: TrainConfig, device: torch.device) -> torch.optim.Optimizer:
-    """AdamW with weight decay on matrices only (nanoGPT's grouping); fused on CUDA."""
+    """AdamW with weight decay on matrices only (nanoGPT's grouping), fused (one kernel for all tensors)."""
     params = [p for p in model.parameters() if p.requires_grad]
     decay = [p for p in params if p.dim() >= 2]
     no_decay = [p for p in params if p.dim() < 2]
     groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=cfg.learning_rate, betas=(cfg.beta1, cfg.beta2), fused=device.type == "cuda")
+    return torch.optim.AdamW(
+        groups, lr=cfg.learning_rate, betas=(cfg.beta1, cfg.beta2), fused=device.type in ("cuda", "cpu")
+    )
 
 
 # ---------------------------------------------------------------------------------------- signals
@@ -260,6 +262,7 @@ def train_model(
         "val_tokens": len(val_data),
         "vocab_size": len(tokenizer),
         "device": str(device),
+        "threads": torch.get_num_threads(),
         "start_step": state.step,
     }
     logger.info(

@@ -14,7 +14,7 @@ pytestmark = pytest.mark.integration
 ROOT = Path(__file__).resolve().parents[2]
 
 
-@pytest.mark.parametrize("script", ["train_step.py", "clean_throughput.py", "fixed_cost.py"])
+@pytest.mark.parametrize("script", ["train_step.py", "clean_throughput.py", "fixed_cost.py", "time_to_loss.py"])
 def test_benchmark_smoke_mode(script: str, tmp_path: Path) -> None:
     out = tmp_path / "result.json"
     proc = subprocess.run(
@@ -33,6 +33,11 @@ def test_benchmark_smoke_mode(script: str, tmp_path: Path) -> None:
         (run,) = payload["runs"]
         assert run["variant"] == "early-server"
         assert run["startup"] > 0 and run["fixed"] >= run["startup"] and run["training_loop"] > 0
+    if script == "time_to_loss.py":
+        # The hand-written nanoGPT recipe and a whole `forgeline run`, same seed, same steps, both measured.
+        ref, ours = payload["runs"]["nanoGPT recipe by hand"][0], payload["runs"]["forgeline run"][0]
+        assert ref["steps"] == ours["steps"] == 20
+        assert ours["wall_s"] > 0 and ref["wall_s"] > 0 and ours["final_val"] < 4.6 and ref["final_val"] < 4.6
     if script == "clean_throughput.py":
         (row,) = payload["rows"]
         assert row["rows_in"] > 10_000 and row["dropped"]["duplicate"] > 1_000 and len(row["fingerprint"]) == 64

@@ -131,3 +131,42 @@ def test_models_uri_downloads_then_loads_safely(tok, tmp_path: Path, monkeypatch
     assert find_model_dir(root) == root / "model"
     assert loaded_tok is not None and loaded_tok.get_vocab() == tok.get_vocab()
     assert torch.equal(loaded.transformer.wte.weight, model.transformer.wte.weight)
+
+
+def test_gelu_new_runs_as_the_fused_op_with_the_same_outputs(tok) -> None:
+    from transformers import GPT2LMHeadModel
+
+    model = build_model(TINY, tok)
+    assert model.config.activation_function == "gelu_pytorch_tanh"  # one fused op, GPT-2's function
+    reference_config = model.config.__class__.from_dict({**model.config.to_dict(), "activation_function": "gelu_new"})
+    reference = GPT2LMHeadModel(reference_config)
+    reference.load_state_dict(model.state_dict())
+    x = torch.randint(len(tok), (2, 16))
+    torch.testing.assert_close(model(input_ids=x).logits, reference(input_ids=x).logits, atol=1e-5, rtol=1e-5)
+    exact = build_model(TINY.model_copy(update={"activation": "gelu"}), tok)
+    assert exact.config.activation_function == "gelu"
+
+
+def test_no_bias_model_keeps_biases_at_zero_through_training_and_saving(tok, tmp_path: Path) -> None:
+    from tasks.config import TrainConfig
+    from tasks.training import make_optimizer
+
+    cfg = TINY.model_copy(update={"bias": False})
+    model = build_model(cfg, tok)
+    biases = {n: p for n, p in model.named_parameters() if n.endswith(".bias")}
+    assert biases and all(not p.requires_grad and not p.any() for p in biases.values())
+    with_bias = build_model(TINY, tok)
+    assert count_parameters(model) == count_parameters(with_bias) - sum(p.numel() for p in biases.values())
+
+    opt = make_optimizer(model, TrainConfig(weight_decay=0.1), torch.device("cpu"))
+    assert opt.defaults["fused"] is True  # one kernel for every tensor, on CPU as on CUDA
+    assert all(p.requires_grad for group in opt.param_groups for p in group["params"])
+    x = torch.randint(len(tok), (2, 16))
+    for _ in range(3):
+        model(input_ids=x, labels=x).loss.backward()
+        opt.step()
+        opt.zero_grad()
+    assert all(not p.any() for p in biases.values())  # never trained: no bias, as nanoGPT's bias=False
+    model.save_pretrained(tmp_path)
+    loaded, _ = load_pretrained_model(str(tmp_path))  # a plain GPT-2 any transformers install loads
+    assert all(not p.any() for n, p in loaded.named_parameters() if n.endswith(".bias"))

@@ -74,9 +74,16 @@ def test_prefect_progress_is_throttled(monkeypatch: pytest.MonkeyPatch) -> None:
     calls: list[float] = []
     monkeypatch.setattr(artifacts, "create_progress_artifact", lambda pct, **_: calls.append(pct) or "id")
     monkeypatch.setattr(artifacts, "update_progress_artifact", lambda _id, pct, **_: calls.append(pct) or "id")
-    artifact = PrefectTrainProgress(10_000)
+    artifact = PrefectTrainProgress(10_000, min_seconds=0.0)
     artifact.start()
     for step in range(1, 10_001):
         artifact.update(step, {"train/loss": 1.0})
-    assert len(calls) <= 21  # the start and one update per 5 %
+    assert len(calls) == 21  # the start and one update per 5 %
     assert calls[0] == 0.0 and calls[-1] == 100.0
+
+    calls.clear()
+    fast = PrefectTrainProgress(40)  # a short run: percent steps come faster than min_seconds
+    fast.start()
+    for step in range(1, 41):
+        fast.update(step, {"train/loss": 1.0})
+    assert calls == [0.0, 100.0]  # the start and the last step only

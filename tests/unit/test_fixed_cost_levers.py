@@ -1,0 +1,44 @@
+"""The start-up savings keep their behaviour: heartbeats where they are read, MLflow's requirement check."""
+
+from __future__ import annotations
+
+import pytest
+
+
+def test_heartbeats_off_only_on_our_temporary_server() -> None:
+    from prefect.settings import get_current_settings
+
+    from flows.cli import _no_heartbeats
+
+    default = get_current_settings().flows.heartbeat_frequency
+    assert default is not None  # Prefect 3.9 beats by default
+    with _no_heartbeats(server=None):  # a stack or a configured API: its crash automation reads them
+        assert get_current_settings().flows.heartbeat_frequency == default
+    with _no_heartbeats(server=object()):  # type: ignore[arg-type] - only its presence matters
+        assert get_current_settings().flows.heartbeat_frequency is None
+    assert get_current_settings().flows.heartbeat_frequency == default
+
+
+def test_requirement_check_still_reports_a_mismatch_without_scanning_every_file(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from mlflow.utils import requirements_utils
+
+    from tasks.registry import _skip_installed_files_scan
+
+    monkeypatch.setattr(requirements_utils, "_MODULES_TO_PACKAGES", None)
+    monkeypatch.setattr(requirements_utils, "_PACKAGES_TO_MODULES", None)
+
+    def scan() -> None:
+        raise AssertionError("scanned every installed file")
+
+    monkeypatch.setattr(requirements_utils.importlib_metadata, "packages_distributions", scan)
+    warnings: list[str] = []
+    monkeypatch.setattr(
+        requirements_utils._logger, "warning", lambda msg, *a, **k: warnings.append(msg % a if a else msg)
+    )
+    _skip_installed_files_scan()
+    requirements_utils.warn_dependency_requirement_mismatches(["torch==0.0.1", "transformers"])
+    text = "\n".join(warnings)
+    assert "torch==0.0.1" in text and "mismatches" in text  # the wrong pin is still reported
+    assert "transformers" not in text.split("torch==0.0.1")[1]  # the satisfied one is not
