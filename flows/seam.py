@@ -92,10 +92,12 @@ def run_tune(
     Raises:
         DeployedRunError: a deployed tune run did not complete, or left no result.
     """
+    if config.tune.n_trials == 0:
+        return config  # no search: not even its imports (Optuna) on the way
     from flows.tune import tune_with_workers, tuned_config
     from tasks import tuning
 
-    if config.tune.n_trials == 0 or not deployed:
+    if not deployed:
         return tuned_config(config, dataset_dir, fingerprint, parent_run_id=parent_run_id)
     parameters = {
         "config": config.model_dump(mode="json"),

@@ -615,6 +615,8 @@ def loss_curve_figure(history: list[dict[str, float]]) -> Any:
 
     timed = any("time" in h for h in history)
     fig, axes = plt.subplots(1, 2 if timed else 1, figsize=(12 if timed else 7, 4), dpi=110, squeeze=False)
+    # Fixed margins instead of tight_layout, which measures every label (0.1 s on each run's chart).
+    fig.subplots_adjust(left=0.07 if timed else 0.11, right=0.98, bottom=0.13, top=0.91, wspace=0.2)
     panels = [("step", "step")] + ([("time", "wall time (s since training started)")] if timed else [])
     for ax, (x_key, x_label) in zip(axes[0], panels, strict=True):
         for key, style in (
@@ -629,7 +631,6 @@ def loss_curve_figure(history: list[dict[str, float]]) -> Any:
         ax.set_title(f"Loss against {x_key if x_key == 'step' else 'wall time'}")
         ax.grid(alpha=0.3)
         ax.legend()
-    fig.tight_layout()
     return fig
 
 
