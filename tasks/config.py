@@ -310,7 +310,12 @@ class TrackingConfig(_Strict):
     uri: str | None = None
     artifact_root: str = Field("mlruns/artifacts", description="Artifact folder for the embedded SQLite store.")
     log_system_metrics: bool = Field(True, description="CPU, memory (and GPU) metrics on the train run.")
-    metric_flush_interval: int = Field(50, ge=1, description="Per-step metrics are sent in one batch every N steps.")
+    metric_flush_interval: int = Field(
+        250,
+        ge=1,
+        description="Per-step metrics are sent in one batch every N steps (and at the end). MLflow's SQLite "
+        "store spends about 65 us of CPU per metric plus 5 ms per batch: 250 keeps tracking under 1% of a step.",
+    )
 
 
 class WorkPoolConfig(_Strict):

@@ -197,3 +197,30 @@ def test_prefect_table_artifact(cleaned: dict[str, Any]) -> None:
     ours = [a for a in artifacts if str(a.flow_run_id) == cleaned["prefect_run_id"]]
     assert len(ours) == 2, artifacts
     assert all(a.type == "table" for a in ours)
+
+
+def test_cache_hit_logs_the_kept_chart_without_drawing(
+    cleaned: dict[str, Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from tasks import stages, tracking
+
+    project, first, second = cleaned["project"], cleaned["first"], cleaned["second"]
+    client = project.client()
+    downloaded = []
+    for i, run in enumerate(cleaned["runs"][:2]):  # the first run drew the chart, the cache hit re-used it
+        assert "cleaning_report.png" in {a.path for a in client.list_artifacts(run.info.run_id)}
+        dest = project.root / f"chart-{i}"
+        dest.mkdir()
+        downloaded.append(Path(client.download_artifacts(run.info.run_id, "cleaning_report.png", str(dest))))
+    assert downloaded[0].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert downloaded[0].read_bytes() == downloaded[1].read_bytes()
+    assert list(Path(first.dataset_dir).glob("cleaning_report-*.png"))
+
+    def no_drawing(*_: Any) -> None:
+        raise AssertionError("drew the chart again")
+
+    monkeypatch.setattr(stages, "_draw_cleaning_chart", no_drawing)
+    exp = cleaned["runs"][0].info.experiment_id
+    with tracking.stage_run(exp, "chart-again") as run_id:
+        stages._log_cleaning_chart(run_id, second)
+    assert "cleaning_report.png" in {a.path for a in client.list_artifacts(run_id)}
