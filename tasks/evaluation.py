@@ -119,7 +119,7 @@ def score_text(
         with torch.no_grad():
             for x, y in windows:
                 x, y = x.to(device), y.to(device)
-                logits = model(input_ids=x, use_cache=False).logits
+                logits = model(input_ids=x).logits
                 nll = F.cross_entropy(logits.flatten(0, 1).float(), y.flatten(), reduction="none")
                 total += nll.sum(dtype=torch.float64)
     finally:
@@ -180,9 +180,7 @@ def generate_samples(
                 seq = ids.to(device).unsqueeze(0)
                 new: list[int] = []
                 for _ in range(max_new_tokens):
-                    logits = (
-                        model(input_ids=seq[:, -block_size:], use_cache=False).logits[:, -1, :].float() / temperature
-                    )
+                    logits = model(input_ids=seq[:, -block_size:]).logits[:, -1, :].float() / temperature
                     if top_k is not None and top_k < logits.shape[-1]:
                         kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]
                         logits = logits.masked_fill(logits < kth, float("-inf"))
