@@ -42,3 +42,33 @@ def test_requirement_check_still_reports_a_mismatch_without_scanning_every_file(
     text = "\n".join(warnings)
     assert "torch==0.0.1" in text and "mismatches" in text  # the wrong pin is still reported
     assert "transformers" not in text.split("torch==0.0.1")[1]  # the satisfied one is not
+
+
+@pytest.mark.parametrize("fast", ["1", "0"])
+def test_cli_exit_status_and_output_survive_the_fast_exit(fast: str, tmp_path) -> None:
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "FORGELINE_FAST_EXIT": fast}
+    bad = subprocess.run(
+        [sys.executable, "-m", "flows", "run", "--config", str(tmp_path / "missing.yaml")],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+    )
+    assert bad.returncode == 2
+    assert "config file not found" in bad.stdout + bad.stderr
+    ok = subprocess.run([sys.executable, "-m", "flows", "--help"], capture_output=True, text=True, env=env, timeout=120)
+    assert ok.returncode == 0 and "run" in ok.stdout
+
+
+def test_process_age_is_measured_from_this_process_start() -> None:
+    import time
+
+    from flows.cli import _process_age
+
+    age = _process_age()
+    assert 0.0 < age < time.monotonic()  # pytest has been running a while; never a future or boot-time value
+    assert abs(_process_age() - age) < 1.0
