@@ -14,7 +14,10 @@ pytestmark = pytest.mark.integration
 ROOT = Path(__file__).resolve().parents[2]
 
 
-@pytest.mark.parametrize("script", ["train_step.py", "clean_throughput.py", "fixed_cost.py", "time_to_loss.py"])
+@pytest.mark.parametrize(
+    "script",
+    ["train_step.py", "clean_throughput.py", "fixed_cost.py", "time_to_loss.py", "model_variants.py", "gpu_step.py"],
+)
 def test_benchmark_smoke_mode(script: str, tmp_path: Path) -> None:
     out = tmp_path / "result.json"
     proc = subprocess.run(
@@ -38,6 +41,13 @@ def test_benchmark_smoke_mode(script: str, tmp_path: Path) -> None:
         ref, ours = payload["runs"]["nanoGPT recipe by hand"][0], payload["runs"]["forgeline run"][0]
         assert ref["steps"] == ours["steps"] == 20
         assert ours["wall_s"] > 0 and ref["wall_s"] > 0 and ours["final_val"] < 4.6 and ref["final_val"] < 4.6
+    if script == "gpu_step.py":  # on CPU at tiny sizes; the real run is bench/gpu.sh on a GPU
+        table = payload["table"]
+        assert {"nanoGPT's model by hand", "bare loop (Forgeline's model)", "pipeline"} == set(table)
+        assert all(row["ms_per_step"] > 0 for row in table.values()) and payload["pipeline"]["evals"]
+    if script == "model_variants.py":
+        steps = payload["median ms per step"]
+        assert len(steps) == 8 and all(len(v) == 1 and v[0] > 0 for v in steps.values())
     if script == "clean_throughput.py":
         (row,) = payload["rows"]
         assert row["rows_in"] > 10_000 and row["dropped"]["duplicate"] > 1_000 and len(row["fingerprint"]) == 64
