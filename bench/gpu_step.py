@@ -198,7 +198,7 @@ def main() -> None:
     peak = peak_flops(device, args.peak_tflops)
     rows = {"nanoGPT's model by hand": hand, "bare loop (Forgeline's model)": bare, "pipeline": pipe["ms_per_step"]}
     print(f"device {device} ({torch.cuda.get_device_name(device) if device.type == 'cuda' else 'cpu'})")
-    print(f"{'loop':32} {'ms/step':>8} {'tokens/s':>10} {'MFU':>6} {'vs by hand':>10}")
+    print(f"{'loop (median of the steady state)':34} {'ms/step':>8} {'tokens/s':>10} {'MFU':>6} {'vs by hand':>10}")
     table = {}
     for name, ms in rows.items():
         tps = tokens_per_step / (ms / 1000) if ms else None
@@ -210,9 +210,9 @@ def main() -> None:
             "ratio_to_by_hand": ms / hand if ms else None,
         }
         print(
-            f"{name:32} {ms:8.2f} {tps:10.0f} {(f'{mfu:.1%}' if mfu else '-'):>6} {ms / hand:10.2f}"
+            f"{name:34} {ms:8.2f} {tps:10.0f} {(f'{mfu:.1%}' if mfu else '-'):>6} {ms / hand:10.2f}"
             if ms
-            else f"{name:32} -"
+            else f"{name:34} -"
         )
     print(
         f"pipeline: best val {pipe['best_val_loss']}, val <= {args.target} at step {pipe['step_at_target']} "
