@@ -425,8 +425,16 @@ class PipelineConfig(_Strict):
         payload = self.model_dump(mode="json", include={"seed", "tokenizer", "model", "train", "data"})
         payload["train"].pop("checkpoint_dir", None)
         payload["data"].pop("cache_dir", None)
+        # Keys added after configs were in use count only when set away from their default, so a config
+        # that does not use them keeps its hash (and its checkpoints resume after an upgrade).
+        for key, default in _LATER_MODEL_KEYS.items():
+            if payload["model"].get(key) == default:
+                payload["model"].pop(key)
         blob = json.dumps(payload, sort_keys=True).encode()
         return hashlib.sha256(blob).hexdigest()[:16]
+
+
+_LATER_MODEL_KEYS = {"bias": True, "activation": "gelu_new"}
 
 
 # ------------------------------------------------------------------------------------------ loading

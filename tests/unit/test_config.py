@@ -182,3 +182,12 @@ def test_flow_run_parameter_masks_deploy_secrets_only() -> None:
     assert masked.deploy.gpu_pool.job_variables["env"] == {"HF_TOKEN": "***", "CUDA_VISIBLE_DEVICES": "0"}
     assert masked.config_hash() == cfg.config_hash()  # what is trained does not change
     assert masked.model_dump(exclude={"deploy"}) == cfg.model_dump(exclude={"deploy"})
+
+
+def test_later_model_keys_change_the_hash_only_when_set() -> None:
+    from tasks.config import load_config
+
+    base = load_config(None, [])
+    assert load_config(None, ["model.bias=true", "model.activation=gelu_new"]).config_hash() == base.config_hash()
+    assert load_config(None, ["model.bias=false"]).config_hash() != base.config_hash()
+    assert load_config(None, ["model.activation=gelu"]).config_hash() != base.config_hash()
