@@ -59,7 +59,8 @@ def forgeline(data: Path, seed: int, steps: int, project: Path, env: dict[str, s
     with sqlite3.connect(project / "mlruns" / "mlflow.db") as db:
         rows = db.execute(
             "SELECT m.step, m.value, m.timestamp FROM metrics m JOIN runs r ON r.run_uuid = m.run_uuid "
-            "WHERE m.key = 'val/loss' AND r.start_time >= ? ORDER BY m.step",
+            "JOIN tags t ON t.run_uuid = r.run_uuid AND t.key = 'mlflow.runName' AND t.value = 'train' "
+            "WHERE m.key = 'val/loss' AND r.start_time >= ? ORDER BY m.step",  # the train run's evaluations
             (int(t0 * 1000),),
         ).fetchall()
         whole = db.execute(

@@ -41,6 +41,7 @@ def test_benchmark_smoke_mode(script: str, tmp_path: Path) -> None:
         ref, ours = payload["runs"]["nanoGPT recipe by hand"][0], payload["runs"]["forgeline run"][0]
         assert ref["steps"] == ours["steps"] == 20
         assert ours["wall_s"] > 0 and ref["wall_s"] > 0 and ours["final_val"] < 4.6 and ref["final_val"] < 4.6
+        assert [e["step"] for e in ours["evals"]] == [20]  # the train run's evaluations only
     if script == "gpu_step.py":  # on CPU at tiny sizes; the real run is bench/gpu.sh on a GPU
         table = payload["table"]
         assert {"nanoGPT's model by hand", "bare loop (Forgeline's model)", "pipeline"} == set(table)
