@@ -21,7 +21,6 @@ ms per step). The hand-written module has no dropout, so it is a slightly fast r
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import math
 import os
@@ -37,7 +36,7 @@ sys.path.insert(0, str(ROOT / "bench"))
 
 import nanogpt_reference as ref  # noqa: E402
 import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
+from time_to_loss import median_step_ms  # noqa: E402
 from train_step import make_dataset  # noqa: E402
 
 from tasks.config import PipelineConfig, load_config  # noqa: E402
@@ -75,57 +74,44 @@ def steady_ms(times: list[float]) -> float:
     return 1000 * statistics.median(times[len(times) // 3 :])  # after compile and warm-up
 
 
-def autocast(device: torch.device, cfg: PipelineConfig) -> contextlib.AbstractContextManager:
-    bf16 = cfg.train.dtype == "bfloat16" or (cfg.train.dtype == "auto" and device.type == "cuda")
-    return torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
+def timed_loop(model: torch.nn.Module, loss_of, cfg: PipelineConfig, data: torch.Tensor, steps: int) -> list[float]:  # noqa: ANN001
+    """``steps`` optimizer steps of the training loop's shape (random windows, clip, fused AdamW), timed."""
+    from tasks.training import autocast_context, make_optimizer
 
-
-def by_hand(cfg: PipelineConfig, data: torch.Tensor, vocab: int, steps: int, device: torch.device) -> list[float]:
     m, t = cfg.model, cfg.train
+    device = data.device
+    opt = make_optimizer(model, t, device)
+
+    def step() -> None:
+        ix = torch.randint(len(data) - m.block_size - 1, (t.batch_size,), device=device)
+        window = data[ix[:, None] + torch.arange(m.block_size + 1, device=device)]
+        with autocast_context(device, t):
+            loss = loss_of(window[:, :-1], window[:, 1:])
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    return timed_steps(step, steps, device)
+
+
+def by_hand(cfg: PipelineConfig, data: torch.Tensor, vocab: int, steps: int) -> list[float]:
+    m = cfg.model
     ref.LAYERS, ref.HEADS, ref.WIDTH, ref.BLOCK = m.n_layer, m.n_head, m.n_embd, m.block_size
     torch.manual_seed(cfg.seed)
-    model = ref.GPT(vocab).to(device)
-    decay = [p for p in model.parameters() if p.dim() >= 2]
-    other = [p for p in model.parameters() if p.dim() < 2]
-    groups = [{"params": decay, "weight_decay": t.weight_decay}, {"params": other, "weight_decay": 0.0}]
-    opt = torch.optim.AdamW(groups, lr=t.learning_rate, betas=(t.beta1, t.beta2), fused=device.type == "cuda")
-    fwd = torch.compile(model) if t.compile else model
-
-    def step() -> None:
-        ix = torch.randint(len(data) - m.block_size - 1, (t.batch_size,), device=data.device)
-        window = data[ix[:, None] + torch.arange(m.block_size + 1, device=data.device)]
-        with autocast(device, cfg):
-            loss = fwd(window[:, :-1], window[:, 1:])
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-
-    return timed_steps(step, steps, device)
+    model = ref.GPT(vocab).to(data.device)
+    fwd = torch.compile(model) if cfg.train.compile else model
+    return timed_loop(model, fwd, cfg, data, steps)  # the reference module returns the loss itself
 
 
-def bare_loop(cfg: PipelineConfig, data: torch.Tensor, tokenizer, steps: int, device: torch.device) -> list[float]:  # noqa: ANN001
+def bare_loop(cfg: PipelineConfig, data: torch.Tensor, tokenizer, steps: int) -> list[float]:  # noqa: ANN001
     from tasks.modeling import build_model
-    from tasks.training import make_optimizer
+    from tasks.training import lm_loss
 
-    m, t = cfg.model, cfg.train
     torch.manual_seed(cfg.seed)
-    model = build_model(m, tokenizer).to(device)
-    opt = make_optimizer(model, t, device)
-    fwd = torch.compile(model) if t.compile else model
-
-    def step() -> None:
-        ix = torch.randint(len(data) - m.block_size - 1, (t.batch_size,), device=data.device)
-        window = data[ix[:, None] + torch.arange(m.block_size + 1, device=data.device)]
-        with autocast(device, cfg):
-            logits = fwd(input_ids=window[:, :-1], use_cache=False).logits
-            loss = F.cross_entropy(logits.flatten(0, 1).float(), window[:, 1:].flatten())
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-
-    return timed_steps(step, steps, device)
+    model = build_model(cfg.model, tokenizer).to(data.device)
+    fwd = torch.compile(model) if cfg.train.compile else model
+    return timed_loop(model, lambda x, y: lm_loss(fwd, x, y), cfg, data, steps)
 
 
 def pipeline(cfg: PipelineConfig, dataset_dir: str, tmp: Path, target: float) -> dict:
@@ -143,17 +129,9 @@ def pipeline(cfg: PipelineConfig, dataset_dir: str, tmp: Path, target: float) ->
         )
         wall = time.perf_counter() - t0
         buffer.close()
-    logged = [h for h in result.history if "train/loss" in h]
-    evals = {h["step"] for h in result.history if "val/loss" in h}
-    spans = [
-        1000 * (b["time"] - a["time"]) / (b["step"] - a["step"])
-        for a, b in zip(logged, logged[1:], strict=False)
-        if b["step"] > a["step"] and not any(a["step"] <= e < b["step"] for e in evals)
-    ]
-    steady = spans[len(spans) // 3 :] or spans
     hit = next((h for h in result.history if h.get("val/loss", math.inf) <= target), None)
     return {
-        "ms_per_step": statistics.median(steady) if steady else None,
+        "ms_per_step": median_step_ms(result.history, result.steps, result.loop_seconds),
         "train_wall_s": wall,
         "best_val_loss": result.best_val_loss,
         "final_val_loss": result.final_val_loss,
@@ -191,8 +169,8 @@ def main() -> None:
         tokenizer = prepare_tokenizer(cfg.tokenizer, dataset_dir, tmp / "tok")
         train_data, _ = load_token_splits(tokenizer, dataset_dir, cfg.model.block_size)
         data = train_data.to(device)
-        hand = steady_ms(by_hand(cfg, data, len(tokenizer), args.ref_steps, device))
-        bare = steady_ms(bare_loop(cfg, data, tokenizer, args.ref_steps, device))
+        hand = steady_ms(by_hand(cfg, data, len(tokenizer), args.ref_steps))
+        bare = steady_ms(bare_loop(cfg, data, tokenizer, args.ref_steps))
         pipe = pipeline(cfg, dataset_dir, tmp, args.target)
     tokens_per_step = cfg.train.batch_size * cfg.model.block_size * cfg.train.grad_accum_steps
     peak = peak_flops(device, args.peak_tflops)

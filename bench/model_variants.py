@@ -33,17 +33,9 @@ sys.path.insert(0, str(ROOT / "bench"))
 import nanogpt_reference as ref  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
+from train_step import corpus_text  # noqa: E402
 
 from tasks.config import ModelConfig, TokenizerConfig  # noqa: E402
-
-
-def corpus() -> str:
-    path = ROOT.parent / "shared" / "data" / "tinyshakespeare" / "input.txt"
-    if path.exists():
-        return path.read_text(encoding="utf-8")
-    import pydoc_data.topics
-
-    return "\n".join(pydoc_data.topics.topics.values())
 
 
 def gpt2_variant(tokenizer: object, *, activation: str, bias: bool, legacy_gelu: bool) -> torch.nn.Module:
@@ -97,45 +89,24 @@ def main() -> None:
         args.steps, args.rounds = 6, 1
     from tasks.tokenization import build_tokenizer
 
-    text = corpus()
+    text = corpus_text()
     tokenizer = build_tokenizer(TokenizerConfig(kind="char"), [text])
     data = torch.tensor(tokenizer(text[:900_000])["input_ids"], dtype=torch.long)
     hf = lambda m, x: m(input_ids=x).logits  # noqa: E731
     hf_no_cache = lambda m, x: m(input_ids=x, use_cache=False).logits  # noqa: E731
+    by_hand = lambda m, x: m(x)  # noqa: E731 - the reference module gives logits without targets
 
-    def by_hand(m: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
-        h = m.wte(x) + m.wpe(torch.arange(x.shape[1]))
-        for block in m.blocks:
-            h = block(h)
-        return m.lm_head(m.ln_f(h))
+    def gpt2(activation: str, bias: bool, legacy_gelu: bool = False) -> Callable[[], torch.nn.Module]:
+        return lambda: gpt2_variant(tokenizer, activation=activation, bias=bias, legacy_gelu=legacy_gelu)
 
+    # name: (model builder, forward, fused AdamW); each GPT-2 row adds one change to the row above
     variants: dict[str, tuple[Callable[[], torch.nn.Module], Callable, bool]] = {
-        "gpt2 as before": (
-            lambda: gpt2_variant(tokenizer, activation="gelu_new", bias=True, legacy_gelu=True),
-            hf,
-            False,
-        ),
-        "+ fused gelu": (
-            lambda: gpt2_variant(tokenizer, activation="gelu_new", bias=True, legacy_gelu=False),
-            hf,
-            False,
-        ),
-        "+ fused AdamW": (
-            lambda: gpt2_variant(tokenizer, activation="gelu_new", bias=True, legacy_gelu=False),
-            hf,
-            True,
-        ),
-        "+ no biases": (
-            lambda: gpt2_variant(tokenizer, activation="gelu_new", bias=False, legacy_gelu=False),
-            hf,
-            True,
-        ),
-        "+ exact gelu": (lambda: gpt2_variant(tokenizer, activation="gelu", bias=False, legacy_gelu=False), hf, True),
-        "+ no KV cache": (
-            lambda: gpt2_variant(tokenizer, activation="gelu", bias=False, legacy_gelu=False),
-            hf_no_cache,
-            True,
-        ),
+        "gpt2 as before": (gpt2("gelu_new", bias=True, legacy_gelu=True), hf, False),
+        "+ fused gelu": (gpt2("gelu_new", bias=True), hf, False),
+        "+ fused AdamW": (gpt2("gelu_new", bias=True), hf, True),
+        "+ no biases": (gpt2("gelu_new", bias=False), hf, True),
+        "+ exact gelu": (gpt2("gelu", bias=False), hf, True),
+        "+ no KV cache": (gpt2("gelu", bias=False), hf_no_cache, True),
         "nanoGPT's model by hand, foreach AdamW": (lambda: ref.GPT(len(tokenizer)), by_hand, False),
         "nanoGPT's model by hand, fused AdamW": (lambda: ref.GPT(len(tokenizer)), by_hand, True),
     }

@@ -69,7 +69,7 @@ def forgeline(data: Path, seed: int, steps: int, project: Path, env: dict[str, s
             (int(t0 * 1000),),
         ).fetchone()
     evals = [{"step": s, "val": v, "t": ts / 1000 - t0} for s, v, ts in rows]
-    loop_ms = _median_step_ms(result["history"], result["steps"], result["loop_seconds"])
+    loop_ms = median_step_ms(result["history"], result["steps"], result["loop_seconds"])
     return {
         "seed": seed,
         "steps": result["steps"],
@@ -82,16 +82,16 @@ def forgeline(data: Path, seed: int, steps: int, project: Path, env: dict[str, s
 
 
 def _stand_in_corpus(tmp: Path) -> Path:
-    import pydoc_data.topics
+    from train_step import corpus_text  # Tiny Shakespeare is missing here: this is its stand-in
 
     folder = tmp / "corpus"
     folder.mkdir()
     path = folder / "input.txt"
-    path.write_text("\n".join(pydoc_data.topics.topics.values()), encoding="utf-8")
+    path.write_text(corpus_text(), encoding="utf-8")
     return path
 
 
-def _median_step_ms(history: list[dict], steps: int, loop_seconds: float) -> float:
+def median_step_ms(history: list[dict], steps: int, loop_seconds: float) -> float:
     """Median ms per step between logged train losses, leaving out the spans that hold an evaluation."""
     logged = [h for h in history if "train/loss" in h]
     evals = {h["step"] for h in history if "val/loss" in h}

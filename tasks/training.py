@@ -121,7 +121,8 @@ def resolve_device(cfg: TrainConfig) -> torch.device:
     return torch.device("cpu")
 
 
-def _autocast(device: torch.device, cfg: TrainConfig) -> contextlib.AbstractContextManager[Any]:
+def autocast_context(device: torch.device, cfg: TrainConfig) -> contextlib.AbstractContextManager[Any]:
+    """bf16 autocast when ``train.dtype`` asks for it (``auto``: on CUDA); otherwise a no-op context."""
     use_bf16 = cfg.dtype == "bfloat16" or (cfg.dtype == "auto" and device.type == "cuda")
     if use_bf16:
         return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
@@ -357,7 +358,7 @@ def _loop(
             for _ in range(cfg.grad_accum_steps):
                 x, y = sample_batch(train_data, cfg.batch_size, model_cfg.block_size, gen)
                 x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-                with _autocast(device, cfg):
+                with autocast_context(device, cfg):
                     loss = lm_loss(step_fn, x, y)
                 if fault == "nan":
                     loss = loss * float("nan")
@@ -505,7 +506,7 @@ def estimate_loss(
     model.eval()
     total = 0.0
     for x, y in batches:
-        with _autocast(device, cfg):
+        with autocast_context(device, cfg):
             total += lm_loss(model, x.to(device), y.to(device)).item()
     model.train(was_training)
     return total / len(batches)
