@@ -37,12 +37,12 @@ test-e2e: install
 	$(PY) -m pytest -q --durations=10 $(E2E)
 
 lint: install
-	$(VENV)/bin/ruff check flows tasks tests bench
-	$(VENV)/bin/ruff format --check flows tasks tests bench
+	$(VENV)/bin/ruff check forgeline flows tasks tests bench
+	$(VENV)/bin/ruff format --check forgeline flows tasks tests bench
 
 format: install
-	$(VENV)/bin/ruff format flows tasks tests bench
-	$(VENV)/bin/ruff check --fix flows tasks tests bench
+	$(VENV)/bin/ruff format forgeline flows tasks tests bench
+	$(VENV)/bin/ruff check --fix forgeline flows tasks tests bench
 
 clean:
 	rm -rf .forgeline mlruns/mlflow.db mlruns/artifacts mlruns/cache mlruns/checkpoints

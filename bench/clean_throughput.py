@@ -36,8 +36,8 @@ SHAKESPEARE = ROOT.parent / "shared" / "data" / "tinyshakespeare" / "input.txt"
 CHILD = """
 import json, resource, sys, time
 from pathlib import Path
-from tasks.config import load_config
-from tasks.cleaning import clean_dataset
+from forgeline.tasks.config import load_config
+from forgeline.tasks.data.cleaning import clean_dataset
 cfg = load_config(None, ["data.record=line", "data.cleaning.min_chars=1", "data.cache_dir=" + sys.argv[2]])
 cfg.data.sources = [{"kind": "files", "paths": [sys.argv[1]]}]
 usage = resource.getrusage(resource.RUSAGE_SELF)

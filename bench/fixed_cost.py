@@ -71,7 +71,7 @@ def base_env(prefect_home: Path, forgeline_home: Path) -> dict[str, str]:
 def forgeline(args: list[str], cwd: Path, env: dict[str, str]) -> tuple[subprocess.CompletedProcess[str], float]:
     t0 = time.perf_counter()
     proc = subprocess.run(
-        [sys.executable, "-m", "flows", *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=TIMEOUT
+        [sys.executable, "-m", "forgeline", *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=TIMEOUT
     )
     wall = time.perf_counter() - t0
     if proc.returncode != 0:
@@ -193,7 +193,7 @@ def servers_rounds(tmp: Path, env: dict[str, str], rounds: int) -> list[dict[str
             print(json.dumps(rows[-1]), flush=True)
     finally:
         subprocess.run(
-            [sys.executable, "-m", "flows", "down"], cwd=project, env=stack_env, timeout=TIMEOUT, check=False
+            [sys.executable, "-m", "forgeline", "down"], cwd=project, env=stack_env, timeout=TIMEOUT, check=False
         )
     return rows
 

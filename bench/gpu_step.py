@@ -36,10 +36,9 @@ sys.path.insert(0, str(ROOT / "bench"))
 
 import nanogpt_reference as ref  # noqa: E402
 import torch  # noqa: E402
+from forgeline.tasks.config import PipelineConfig, load_config  # noqa: E402
 from time_to_loss import median_step_ms  # noqa: E402
 from train_step import make_dataset  # noqa: E402
-
-from tasks.config import PipelineConfig, load_config  # noqa: E402
 
 PEAK_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0}  # dense bf16
 
@@ -76,7 +75,7 @@ def steady_ms(times: list[float]) -> float:
 
 def timed_loop(model: torch.nn.Module, loss_of, cfg: PipelineConfig, data: torch.Tensor, steps: int) -> list[float]:  # noqa: ANN001
     """``steps`` optimizer steps of the training loop's shape (random windows, clip, fused AdamW), timed."""
-    from tasks.training import autocast_context, make_optimizer
+    from forgeline.tasks.train.training import autocast_context, make_optimizer
 
     m, t = cfg.model, cfg.train
     device = data.device
@@ -105,8 +104,8 @@ def by_hand(cfg: PipelineConfig, data: torch.Tensor, vocab: int, steps: int) -> 
 
 
 def bare_loop(cfg: PipelineConfig, data: torch.Tensor, tokenizer, steps: int) -> list[float]:  # noqa: ANN001
-    from tasks.modeling import build_model
-    from tasks.training import lm_loss
+    from forgeline.tasks.model.modeling import build_model
+    from forgeline.tasks.train.training import lm_loss
 
     torch.manual_seed(cfg.seed)
     model = build_model(cfg.model, tokenizer).to(data.device)
@@ -115,8 +114,8 @@ def bare_loop(cfg: PipelineConfig, data: torch.Tensor, tokenizer, steps: int) ->
 
 
 def pipeline(cfg: PipelineConfig, dataset_dir: str, tmp: Path, target: float) -> dict:
-    from tasks import tracking
-    from tasks.training import TrainCallbacks, train_from_config
+    from forgeline.tasks.tracking import runs as tracking
+    from forgeline.tasks.train.training import TrainCallbacks, train_from_config
 
     os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{tmp / 'mlflow.db'}"
     tracking.setup_tracking(cfg.tracking, tmp)
@@ -160,7 +159,7 @@ def main() -> None:
         overrides += ["train.compile=false", "train.device=cpu", "train.checkpoint_interval=6"]
     cfg = load_config(args.config, overrides)
 
-    from tasks.training import load_token_splits, prepare_tokenizer, resolve_device
+    from forgeline.tasks.train.training import load_token_splits, prepare_tokenizer, resolve_device
 
     device = resolve_device(cfg.train)
     with tempfile.TemporaryDirectory(prefix="forgeline-gpu-bench-") as tmp_name:

@@ -44,7 +44,7 @@ def reference(data: Path, seed: int, steps: int, tmp: Path) -> dict:
 def forgeline(data: Path, seed: int, steps: int, project: Path, env: dict[str, str], warm: bool = False) -> dict:
     sets = [f"seed={seed}", f"data.roots=['{data.parent}']", f"train.max_steps={steps}"]
     sets += [f"train.lr_decay_steps={steps}", f"train.eval_interval={min(250, steps)}"]
-    cmd = [sys.executable, "-m", "flows", "run", "--config", str(CONFIG), "--data", str(data), "--fresh"]
+    cmd = [sys.executable, "-m", "forgeline", "run", "--config", str(CONFIG), "--data", str(data), "--fresh"]
     for s in sets:
         cmd += ["--set", s]
     t0 = time.time()

@@ -24,8 +24,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
-
-from tasks.config import PipelineConfig, load_config  # noqa: E402
+from forgeline.tasks.config import PipelineConfig, load_config  # noqa: E402
 
 SHAKESPEARE = ROOT.parent / "shared" / "data" / "tinyshakespeare" / "input.txt"
 
@@ -53,8 +52,8 @@ def make_dataset(tmp: Path) -> str:
 
 def bare_loop(cfg: PipelineConfig, train_data: torch.Tensor, tokenizer: object, steps: int) -> list[float]:
     """The loop a person would write by hand: no tracking, no checkpoints, no callbacks."""
-    from tasks.modeling import build_model
-    from tasks.training import get_lr, lm_loss, make_optimizer, sample_batch
+    from forgeline.tasks.model.modeling import build_model
+    from forgeline.tasks.train.training import get_lr, lm_loss, make_optimizer, sample_batch
 
     torch.manual_seed(cfg.seed)
     model = build_model(cfg.model, tokenizer)
@@ -79,8 +78,8 @@ def bare_loop(cfg: PipelineConfig, train_data: torch.Tensor, tokenizer: object, 
 
 def pipeline_loop(cfg: PipelineConfig, dataset_dir: str, run_dir: Path, run_id: str) -> list[float]:
     """``train_model`` with the pipeline's real tracking callbacks (batched MLflow metrics)."""
-    from tasks import tracking
-    from tasks.training import TrainCallbacks, train_from_config
+    from forgeline.tasks.tracking import runs as tracking
+    from forgeline.tasks.train.training import TrainCallbacks, train_from_config
 
     stamps: list[float] = []
     buffer = tracking.MetricBuffer(run_id, flush_every=cfg.tracking.metric_flush_interval)
@@ -117,8 +116,8 @@ def main() -> None:
     ]
     cfg = load_config(ROOT / "configs" / "shakespeare_char.yaml", overrides)
 
-    from tasks import tracking
-    from tasks.training import load_token_splits, prepare_tokenizer
+    from forgeline.tasks.tracking import runs as tracking
+    from forgeline.tasks.train.training import load_token_splits, prepare_tokenizer
 
     bare_ms: list[float] = []
     pipe_ms: list[float] = []

@@ -11,7 +11,7 @@ Reported per row: best validation loss of the search (trial length), total searc
 wall time, and the validation loss of the full-length training (equal steps to the untuned row). The
 claims to check: pruning reaches the same best trial loss for clearly fewer steps, and the tuned
 parameters beat the recipe at an equal number of training steps. No MLflow or Prefect involved: this
-measures the search itself (``tasks.tuning``) and the training loop.
+measures the search itself (``forgeline.tasks.tune.tuning``) and the training loop.
 
     .venv/bin/python bench/tune_pruning.py            # full: 8 trials x 500 steps per search, ~30-40 min on 2 cores
     .venv/bin/python bench/tune_pruning.py --smoke    # < 60 s: a 1-layer model, 4 trials x 20 steps (checks it works)
@@ -34,9 +34,9 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from tasks import tuning  # noqa: E402
-from tasks.cleaning import clean_dataset  # noqa: E402
-from tasks.config import PipelineConfig, load_config  # noqa: E402
+from forgeline.tasks.config import PipelineConfig, load_config  # noqa: E402
+from forgeline.tasks.data.cleaning import clean_dataset  # noqa: E402
+from forgeline.tasks.tune import tuning  # noqa: E402
 
 SHAKESPEARE = ROOT.parent / "shared" / "data" / "tinyshakespeare" / "input.txt"
 RESULTS = ROOT / "bench" / "results"
@@ -86,7 +86,7 @@ def bench_config(args: argparse.Namespace, work: Path) -> PipelineConfig:
 
 def train_full(cfg: PipelineConfig, dataset_dir: str, run_dir: Path) -> dict[str, Any]:
     """Train ``cfg`` for its full ``train.max_steps``; validation loss and wall time."""
-    from tasks.training import train_from_config
+    from forgeline.tasks.train.training import train_from_config
 
     t0 = time.perf_counter()
     result = train_from_config(cfg, dataset_dir=dataset_dir, run_dir=run_dir)

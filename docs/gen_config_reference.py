@@ -46,7 +46,7 @@ pydantic's: `>=`, `>`, `<=`, `<`, `len>=` (list length), `pattern`.
 
 def render() -> str:
     """The whole reference as markdown (deterministic: same schema, same text)."""
-    from tasks.config import PipelineConfig
+    from forgeline.tasks.config import PipelineConfig
 
     parts = [HEADER]
     parts += _section(PipelineConfig, "", "Top level")

@@ -49,7 +49,7 @@ def _configure_logging(verbose: bool) -> None:
     level = logging.DEBUG if verbose else logging.INFO
     handler = RichHandler(console=console, show_path=False, rich_tracebacks=False, markup=False)
     logging.basicConfig(level=logging.WARNING, format="%(message)s", handlers=[handler], force=True)
-    for name in ("tasks", "flows"):
+    for name in ("forgeline",):
         logging.getLogger(name).setLevel(level)
     # Library chatter (hub model cards, weight-loading bars) says nothing useful about a local run.
     for name in ("mlflow.transformers", "mlflow.models.model", "transformers", "optuna"):
@@ -273,7 +273,7 @@ def _fail(message: str, code: int = 1) -> None:
 
 
 def _load(config: Path, overrides: list[str] | None):  # noqa: ANN202 - PipelineConfig, imported lazily
-    from tasks.config import ConfigError, load_config
+    from forgeline.tasks.config import ConfigError, load_config
 
     try:
         return load_config(config, overrides or [])
@@ -310,7 +310,7 @@ def run(
     cfg = _load(config, set_)
     _prefect_env()
     data_paths = _check_data(data)
-    from flows.stack import run_deployed, stack_env
+    from forgeline.flows.stack import run_deployed, stack_env
 
     stack_env()  # after `forgeline up`, talk to that stack's servers (docs/deployed.md)
     if deployed:
@@ -319,10 +319,10 @@ def run(
         return
     server = start_prefect_server_early()  # boots on the other core while torch & co. import below
     _configure_logging(verbose)
-    from flows.pipeline import pipeline_flow
-    from tasks import progress
-    from tasks.cleaning import DataError
-    from tasks.errors import StageInterrupted
+    from forgeline.flows.pipeline import pipeline_flow
+    from forgeline.tasks import progress
+    from forgeline.tasks.data.cleaning import DataError
+    from forgeline.tasks.errors import StageInterrupted
 
     progress.enable(console)  # bars on a terminal; plain log lines otherwise
     try:
@@ -346,7 +346,7 @@ def run(
 def _check_data(data: list[str] | None) -> list[str] | None:
     if not data:
         return None
-    from tasks.cleaning import DataError, resolve_data_override
+    from forgeline.tasks.data.cleaning import DataError, resolve_data_override
 
     try:
         resolve_data_override(data)
@@ -399,9 +399,8 @@ def _process_age() -> float:
 
 
 def _print_summary(result) -> None:  # noqa: ANN001 - PipelineResult
+    from forgeline.flows.pipeline import mlflow_run_url
     from rich.table import Table
-
-    from flows.pipeline import mlflow_run_url
 
     table = Table(title="Forgeline run summary", show_header=False, title_justify="left")
     table.add_row("experiment", f"{result.experiment_name} (id {result.experiment_id})")
@@ -433,7 +432,7 @@ def _print_summary(result) -> None:  # noqa: ANN001 - PipelineResult
 @app.command()
 def validate(config: ConfigOpt = Path("configs/default.yaml"), set_: SetOpt = None) -> None:
     """Check a config (and overrides) without running anything; print the resolved config."""
-    from tasks.config import dump_config
+    from forgeline.tasks.config import dump_config
 
     cfg = _load(config, set_)
     out.print(dump_config(cfg), highlight=False, soft_wrap=True)
@@ -450,14 +449,14 @@ def ui(
     After `forgeline up` the stack's servers already serve both UIs: this prints their URLs instead of
     starting a second MLflow server on a store the stack does not use.
     """
-    from flows.stack import stack_env
+    from forgeline.flows.stack import stack_env
 
     state = stack_env()
     if state is not None:
         out.print(f"MLflow UI on {state.mlflow_url}\nPrefect UI on {state.prefect_url}", highlight=False)
         return
-    from tasks.config import TrackingConfig
-    from tasks.tracking import resolve_tracking_uri
+    from forgeline.tasks.config import TrackingConfig
+    from forgeline.tasks.tracking.runs import resolve_tracking_uri
 
     uri = resolve_tracking_uri(TrackingConfig())
     cmd = [
@@ -476,10 +475,10 @@ def ui(
     os.execvp(cmd[0], cmd)
 
 
-from flows.commands import register  # noqa: E402 - the everyday commands, added to `app` above
+from forgeline.flows.commands import register  # noqa: E402 - the everyday commands, added to `app` above
 
 register(app)
-from flows.stack import register as register_stack  # noqa: E402 - up, down, status, deploy
+from forgeline.flows.stack import register as register_stack  # noqa: E402 - up, down, status, deploy
 
 register_stack(app)
 

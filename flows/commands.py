@@ -2,7 +2,7 @@
 
 They are registered on the ``forgeline`` app by :func:`register` (called at the end of ``flows/cli.py``).
 Each talks to the MLflow store the pipeline uses: the running stack's MLflow server after ``forgeline up``
-(found through ``$FORGELINE_HOME``, see :func:`flows.stack.stack_env`), ``$MLFLOW_TRACKING_URI`` when set
+(found through ``$FORGELINE_HOME``, see :func:`forgeline.flows.stack.stack_env`), ``$MLFLOW_TRACKING_URI`` when set
 (it wins), else SQLite under ``./mlruns`` (or the ``tracking`` section of ``--config`` when one is given).
 Every failure ends as one ``error:`` line and a non-zero exit.
 """
@@ -44,8 +44,8 @@ VerboseOpt = Annotated[bool, typer.Option("--verbose", "-v", help="Debug logging
 
 
 def _cli() -> ModuleType:
-    # flows.cli imports this module at its end; reach back lazily to share its consoles and helpers.
-    from flows import cli
+    # forgeline.flows.cli imports this module at its end; reach back lazily to share its consoles and helpers.
+    from forgeline.flows import cli
 
     return cli
 
@@ -71,8 +71,8 @@ def _config(config: Path | None, *, required: bool) -> Any:
 
 def _tracking(cfg: Any = None, *, must_exist: bool = True) -> str:
     """Point MLflow at the store; refuse to create an empty SQLite store for a read-only command."""
-    from tasks.config import TrackingConfig
-    from tasks.tracking import TrackingError, resolve_tracking_uri, setup_tracking
+    from forgeline.tasks.config import TrackingConfig
+    from forgeline.tasks.tracking.runs import TrackingError, resolve_tracking_uri, setup_tracking
 
     tracking_cfg = cfg.tracking if cfg is not None else TrackingConfig()
     try:
@@ -99,14 +99,14 @@ def _quiet(verbose: bool, *, progress: bool = False) -> None:
     _cli()._configure_logging(verbose)
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     if not (verbose or progress):
-        for name in ("tasks", "flows"):
+        for name in ("forgeline",):
             logging.getLogger(name).setLevel(logging.WARNING)
     for name in ("mlflow", "alembic", "httpx"):
         logging.getLogger(name).setLevel(logging.DEBUG if verbose else logging.WARNING)
 
 
 def _registry_cfg(cfg: Any) -> Any:
-    from tasks.config import RegistryConfig
+    from forgeline.tasks.config import RegistryConfig
 
     return cfg.registry if cfg is not None else RegistryConfig()
 
@@ -247,9 +247,8 @@ def _models_table(registered: list[Any]) -> Any:
 
 
 def _versions_table(name: str, versions: list[Any], aliases: dict[str, list[str]]) -> Any:
+    from forgeline.tasks.registry.versions import BPB_TAG, FINGERPRINT_TAG
     from rich.table import Table
-
-    from tasks.registry import BPB_TAG, FINGERPRINT_TAG
 
     table = Table(title=f"{name}: versions", title_justify="left")
     for head in ("version", "created", "aliases", "test bits/byte", "data", "promoted", "decision", "train run"):
@@ -273,9 +272,8 @@ def _versions_table(name: str, versions: list[Any], aliases: dict[str, list[str]
 
 
 def _history_table(name: str, versions: list[Any]) -> Any:
+    from forgeline.tasks.registry.versions import alias_history
     from rich.table import Table
-
-    from tasks.registry import alias_history
 
     entries = alias_history(name)
     table = Table(title=f"{name}: alias history (newest first)", title_justify="left")
@@ -319,7 +317,7 @@ def promote(
 
         forgeline promote forgeline-demo-lm 3 --force
     """
-    from tasks.registry import champion_version, record_alias_move, registry_lock
+    from forgeline.tasks.registry.versions import champion_version, record_alias_move, registry_lock
 
     _quiet(verbose)
     cfg = _config(config, required=False) if config is not None else None
@@ -361,7 +359,7 @@ def promote(
 
 def manual_gate(candidate: Any, champ: Any, min_improvement: float) -> tuple[bool, str]:
     """The champion gate for a manual promotion. Returns (promote?, reason)."""
-    from tasks.registry import BPB_TAG, FINGERPRINT_TAG, decide_promotion
+    from forgeline.tasks.registry.versions import BPB_TAG, FINGERPRINT_TAG, decide_promotion
 
     cand_bpb = _float(candidate.tags.get(BPB_TAG))
     if cand_bpb is None:
@@ -387,7 +385,7 @@ def _rescore_on(candidate: Any, champion_uri: str) -> tuple[float | None, str]:
     Re-scoring needs the candidate's resolved config (for the scoring settings) and its cleaned data in
     the local cache (``data.cache_dir``); a version trained elsewhere has neither.
     """
-    from tasks.registry import FINGERPRINT_TAG
+    from forgeline.tasks.registry.versions import FINGERPRINT_TAG
 
     fingerprint = candidate.tags.get(FINGERPRINT_TAG)
     if not fingerprint:
@@ -399,7 +397,7 @@ def _rescore_on(candidate: Any, champion_uri: str) -> tuple[float | None, str]:
     dataset_dir = _cache_root(cfg) / "datasets" / fingerprint
     if not (dataset_dir / "test.jsonl").exists() and not (dataset_dir / "validation.jsonl").exists():
         return None, f"the candidate's cleaned data {fingerprint[:12]} is not in {_cache_root(cfg)}"
-    from tasks.stages import rescore_model
+    from forgeline.flows.stages import rescore_model
 
     logger.info("re-scoring %s on %s", champion_uri, dataset_dir)
     return float(rescore_model(champion_uri, cfg, str(dataset_dir))), ""
@@ -418,7 +416,7 @@ def rollback(
 
         forgeline rollback forgeline-demo-lm
     """
-    from tasks.registry import (
+    from forgeline.tasks.registry.versions import (
         alias_history,
         champion_stack,
         champion_version,
@@ -481,9 +479,8 @@ def generate(
         forgeline generate --model models:/forgeline-demo-lm/3 --prompt "import " --max-new-tokens 50
     """
     import torch
-
-    from tasks.evaluation import generate_samples
-    from tasks.modeling import load_pretrained_model
+    from forgeline.tasks.evaluate.evaluation import generate_samples
+    from forgeline.tasks.model.modeling import load_pretrained_model
 
     _quiet(verbose)
     uri = model or _champion_uri(config)
@@ -610,8 +607,8 @@ def reproduce(
 
         forgeline reproduce models:/forgeline-demo-lm/3
     """
-    from tasks.cleaning import DataError, clean_dataset
-    from tasks.registry import FINGERPRINT_TAG
+    from forgeline.tasks.data.cleaning import DataError, clean_dataset
+    from forgeline.tasks.registry.versions import FINGERPRINT_TAG
 
     _quiet(verbose, progress=True)
     _cli()._prefect_env()
@@ -639,7 +636,7 @@ def reproduce(
     except (ValueError, OSError) as exc:
         _fail(str(exc))
     old = _version_metrics(version)
-    from flows.pipeline import pipeline_flow
+    from forgeline.flows.pipeline import pipeline_flow
 
     try:
         result = pipeline_flow(cfg.for_flow_run(), data=data_paths, fresh=True)
@@ -776,9 +773,8 @@ def _version_data_config(version: Any) -> Any:
         ValueError: No config artifact, or a data section that no longer validates.
     """
     import yaml
+    from forgeline.tasks.config import DataConfig
     from pydantic import ValidationError
-
-    from tasks.config import DataConfig
 
     run_id, text = _version_config_text(version)
     tree = yaml.safe_load(text) or {}
@@ -795,8 +791,7 @@ def _version_config(version: Any) -> Any:
         ValueError: No train run, no readable ``resolved_config.yaml`` artifact, or redacted values in it.
     """
     import yaml
-
-    from tasks.config import ConfigError, load_config
+    from forgeline.tasks.config import ConfigError, load_config
 
     run_id, text = _version_config_text(version)
     redacted = _redacted_keys(yaml.safe_load(text))
@@ -893,11 +888,11 @@ def register(app: typer.Typer) -> None:
 
 
 def _with_stack(command: Callable[..., None]) -> Callable[..., None]:
-    """``command`` preceded by :func:`flows.stack.stack_env`, before it imports Prefect or MLflow."""
+    """``command`` preceded by :func:`forgeline.flows.stack.stack_env`, before it imports Prefect or MLflow."""
 
     @functools.wraps(command)  # typer reads the wrapped signature, options and help
     def wrapper(*args: Any, **kwargs: Any) -> None:
-        from flows.stack import stack_env
+        from forgeline.flows.stack import stack_env
 
         stack_env()  # after `forgeline up`, talk to that stack's servers; variables set by the user win
         command(*args, **kwargs)

@@ -23,9 +23,8 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+from forgeline.tasks.config import PipelineConfig, WorkPoolConfig
 from pydantic import BaseModel
-
-from tasks.config import PipelineConfig, WorkPoolConfig
 
 logger = logging.getLogger(__name__)
 
@@ -57,7 +56,7 @@ def base_job_template(pool: WorkPoolConfig, heartbeat_seconds: int | None = None
     """The worker type's default job template with the pool's job variables as defaults.
 
     ``env`` always carries ``FORGELINE_WORK_POOL`` and, on a pool with ``require_cuda``,
-    ``FORGELINE_REQUIRE_CUDA=1`` (what :func:`flows.seam.check_cuda` reads in the flow run); with
+    ``FORGELINE_REQUIRE_CUDA=1`` (what :func:`forgeline.flows.seam.check_cuda` reads in the flow run); with
     ``heartbeat_seconds``, ``PREFECT_FLOWS_HEARTBEAT_FREQUENCY``, so flow runs beat as often as the crash
     automation expects whatever their worker's environment says.
     """
@@ -207,7 +206,7 @@ def deployment_specs(config: PipelineConfig) -> list[dict[str, Any]]:
 
 def _retrain_options(config: PipelineConfig) -> dict[str, Any]:
     """Trigger on ``forgeline.dataset.updated`` for this dataset, optional cron schedule, one run at a time."""
-    from flows.retrain import EVENT, resource_id
+    from forgeline.flows.retrain import EVENT, resource_id
 
     trigger = {
         "type": "event",
@@ -340,7 +339,7 @@ def ensure_crash_automation(silence: float = 3 * HEARTBEAT_SECONDS) -> str:
     A worker killed mid-run leaves its flow run RUNNING; flow runs send ``prefect.flow-run.heartbeat``
     every ``PREFECT_FLOWS_HEARTBEAT_FREQUENCY`` seconds, and this automation crashes a run that sent one
     and then nothing (no heartbeat, no terminal state) for ``silence`` seconds. The MLflow runs it owned end
-    KILLED at the next pipeline start on that host (``tasks.tracking.reap_orphan_runs``).
+    KILLED at the next pipeline start on that host (``forgeline.tasks.tracking.runs.reap_orphan_runs``).
     """
     from datetime import timedelta
 

@@ -6,15 +6,14 @@ import logging
 import time
 from pathlib import Path
 
+from forgeline.flows.seam import run_train, run_tune
+from forgeline.flows.stages import RunContext, clean_task, evaluate_task, read_lineage, register_task, training_dir
+from forgeline.tasks.config import PipelineConfig
+from forgeline.tasks.registry.versions import LINEAGE_TAG, find_lineage_version
+from forgeline.tasks.tracking import runs as tracking
 from prefect import flow
 from prefect.artifacts import create_link_artifact, create_markdown_artifact, create_table_artifact
 from pydantic import BaseModel
-
-from flows.seam import run_train, run_tune
-from tasks import tracking
-from tasks.config import PipelineConfig
-from tasks.registry import LINEAGE_TAG, find_lineage_version
-from tasks.stages import RunContext, clean_task, evaluate_task, read_lineage, register_task, training_dir
 
 logger = logging.getLogger(__name__)
 

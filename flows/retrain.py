@@ -21,10 +21,9 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+from forgeline.tasks.config import PipelineConfig
+from forgeline.tasks.tracking import runs as tracking
 from prefect import flow
-
-from tasks import tracking
-from tasks.config import PipelineConfig
 
 logger = logging.getLogger(__name__)
 
@@ -301,9 +300,8 @@ def retrain_flow(config: PipelineConfig, fingerprint: str | None = None, deploye
     Returns:
         The pipeline's MLflow run id, or ``skipped: ...`` when this data was already retrained.
     """
+    from forgeline.flows.pipeline import pipeline_flow
     from prefect.logging import get_run_logger
-
-    from flows.pipeline import pipeline_flow
 
     log = get_run_logger()  # the deployment loads this module by path: its own logger's name is not ours
     base_dir = Path.cwd()

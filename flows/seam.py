@@ -5,7 +5,7 @@ deployment on the GPU work pool with ``run_deployment`` (Prefect links it as a s
 reads the outcome back through MLflow: the train flow writes its ``TrainOutcome`` as an artifact of its
 ``train`` run, found by the ``prefect.flow_run_id`` tag. Only ids and URIs cross the seam, so no Prefect
 result storage is needed. Tuning goes the same way; with ``tune.parallelism > 1`` it becomes that many
-``tune`` flow runs sharing one study (:func:`flows.tune.tune_with_workers`).
+``tune`` flow runs sharing one study (:func:`forgeline.flows.tune.tune_with_workers`).
 
 While it waits, the seam watches the pool: a child run still Scheduled (or Late) while the pool has no live
 worker for ``deploy.gpu_start_timeout`` seconds is cancelled and the pipeline fails with one line saying so
@@ -23,10 +23,10 @@ from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Any
 
-from flows.deploy import POOL_ENV, REQUIRE_CUDA_ENV
-from tasks import tracking
-from tasks.config import PipelineConfig
-from tasks.stages import TrainOutcome
+from forgeline.flows.deploy import POOL_ENV, REQUIRE_CUDA_ENV
+from forgeline.flows.stages import TrainOutcome
+from forgeline.tasks.config import PipelineConfig
+from forgeline.tasks.tracking import runs as tracking
 
 logger = logging.getLogger(__name__)
 
@@ -65,7 +65,7 @@ def run_train(
         DeployedRunError: the deployed train run failed, crashed, timed out, or left no outcome.
     """
     if not deployed:
-        from flows.train import train_flow
+        from forgeline.flows.train import train_flow
 
         return train_flow(config, dataset_dir, fingerprint, parent_run_id=parent_run_id, fresh=fresh)
     parameters = {
@@ -94,8 +94,8 @@ def run_tune(
     """
     if config.tune.n_trials == 0:
         return config  # no search: not even its imports (Optuna) on the way
-    from flows.tune import tune_with_workers, tuned_config
-    from tasks import tuning
+    from forgeline.flows.tune import tune_with_workers, tuned_config
+    from forgeline.tasks.tune import tuning
 
     if not deployed:
         return tuned_config(config, dataset_dir, fingerprint, parent_run_id=parent_run_id)

@@ -37,8 +37,7 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
-
-from tasks.config import mask_url_secrets
+from forgeline.tasks.config import mask_url_secrets
 
 logger = logging.getLogger(__name__)
 
@@ -52,7 +51,9 @@ DEFAULT_POOLS = ("cpu", "gpu")
 PREFECT_DATABASE_ENV = "FORGELINE_PREFECT_DATABASE_URL"
 MLFLOW_BACKEND_ENV = "FORGELINE_MLFLOW_BACKEND_STORE_URI"
 MLFLOW_ARTIFACTS_ENV = "FORGELINE_MLFLOW_ARTIFACTS_DESTINATION"
-TUNE_STORAGE_ENV = "FORGELINE_TUNE_STORAGE"  # read by tasks.tuning.resolve_storage_url when tune.storage is null
+TUNE_STORAGE_ENV = (
+    "FORGELINE_TUNE_STORAGE"  # read by forgeline.tasks.tune.tuning.resolve_storage_url when tune.storage is null
+)
 PREFECT_OWN_DATABASE_ENVS = ("PREFECT_SERVER_DATABASE_CONNECTION_URL", "PREFECT_API_DATABASE_CONNECTION_URL")
 MLFLOW_OWN_BACKEND_ENV = "MLFLOW_BACKEND_STORE_URI"
 MLFLOW_OWN_ARTIFACTS_ENV = "MLFLOW_ARTIFACTS_DESTINATION"
@@ -523,7 +524,7 @@ def start_stack(
         "PREFECT_SERVER_API_PORT": str(prefect_port),
         "PREFECT_UI_API_URL": state.prefect_api_url,
         "PREFECT_SERVER_CORS_ALLOWED_ORIGINS": ",".join(loopback_origins(prefect_port)),
-        # `python -m flows.stack` must find this very package, whatever the working directory.
+        # `python -m forgeline.flows.stack` must find this very package, whatever the working directory.
         "PYTHONPATH": os.pathsep.join(filter(None, [str(Path(__file__).resolve().parents[1]), env.get("PYTHONPATH")])),
     }
     # The stores go by environment, not argv: a password in a URL would show in `ps` and stack.json.
@@ -536,7 +537,7 @@ def start_stack(
     try:
         prefect = _spawn(
             "prefect-server",
-            [sys.executable, "-m", "flows.stack", "serve-prefect", str(prefect_port)],
+            [sys.executable, "-m", "forgeline.flows.stack", "serve-prefect", str(prefect_port)],
             server_env,
             home,
             cwd,
@@ -723,7 +724,7 @@ def register(app: typer.Typer) -> None:
     """Add ``up``, ``down``, ``status``, ``deploy`` and ``ingest`` to the ``forgeline`` app."""
 
     def _cli() -> Any:
-        from flows import cli
+        from forgeline.flows import cli
 
         return cli
 
@@ -853,14 +854,14 @@ def register(app: typer.Typer) -> None:
         cli = _cli()
         cfg = cli._load(config, set_)
         if write_prefect_yaml:
-            from flows.deploy import write_prefect_yaml as write
+            from forgeline.flows.deploy import write_prefect_yaml as write
 
             cli.out.print(f"wrote {write(cfg, str(config))}", highlight=False, soft_wrap=True)
             return
         cli._prefect_env()
         if stack_env(home) is None and not os.environ.get("PREFECT_API_URL"):
             cli._fail(f"no running stack under {forgeline_home(home)} and no PREFECT_API_URL; run: forgeline up")
-        from flows.deploy import deploy_all
+        from forgeline.flows.deploy import deploy_all
 
         try:
             made = deploy_all(cfg)
@@ -888,7 +889,7 @@ def register(app: typer.Typer) -> None:
         cfg = cli._load(config, set_)
         cli._prefect_env()
         stack_env(home)
-        from flows.retrain import EVENT, IngestError, emit_dataset_updated, incoming_dir, ingest_files
+        from forgeline.flows.retrain import EVENT, IngestError, emit_dataset_updated, incoming_dir, ingest_files
 
         try:
             added, fingerprint = ingest_files(paths, cfg, keep=copy, wait=wait)
@@ -914,7 +915,7 @@ def run_deployed(cfg: Any, data: list[str] | None, fresh: bool, poll: float = 1.
     Called by ``forgeline run --deployed`` after :func:`stack_env`. Child flow runs (``train`` on the GPU
     pool) are reported as they appear. Exits non-zero with one line when the run does not complete.
     """
-    from flows import cli
+    from forgeline.flows import cli
 
     if not os.environ.get("PREFECT_API_URL"):
         cli._fail(
@@ -966,8 +967,8 @@ def run_deployed(cfg: Any, data: list[str] | None, fresh: bool, poll: float = 1.
 
 def _print_deployed_summary(cfg: Any, flow_run_id: str) -> None:
     """What the pipeline's MLflow run says (found by its Prefect flow run id)."""
-    from flows import cli
-    from tasks import tracking
+    from forgeline.flows import cli
+    from forgeline.tasks.tracking import runs as tracking
 
     try:
         uri = tracking.setup_tracking(cfg.tracking)
@@ -999,9 +1000,9 @@ def _print_deployed_summary(cfg: Any, flow_run_id: str) -> None:
 
 
 def _main(argv: list[str]) -> None:
-    """``python -m flows.stack serve-prefect PORT``: how :func:`start_stack` runs the Prefect server."""
+    """``python -m forgeline.flows.stack serve-prefect PORT``: how :func:`start_stack` runs the Prefect server."""
     if len(argv) != 2 or argv[0] != "serve-prefect" or not argv[1].isdigit():
-        raise SystemExit("usage: python -m flows.stack serve-prefect PORT")
+        raise SystemExit("usage: python -m forgeline.flows.stack serve-prefect PORT")
     serve_prefect(int(argv[1]))
 
 

@@ -4,11 +4,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from forgeline.flows.stages import RunContext, TrainOutcome, run_training
+from forgeline.tasks.config import PipelineConfig
+from forgeline.tasks.tracking import runs as tracking
 from prefect import flow
-
-from tasks import tracking
-from tasks.config import PipelineConfig
-from tasks.stages import RunContext, TrainOutcome, run_training
 
 
 @flow(name="train", flow_run_name="train {config.name}", log_prints=False)
@@ -28,7 +27,7 @@ def train_flow(
         parent_run_id: The pipeline's MLflow run, when called from the pipeline.
         fresh: Discard checkpoints of this config and data and train from scratch.
     """
-    from flows.seam import check_cuda, record_outcome
+    from forgeline.flows.seam import check_cuda, record_outcome
 
     check_cuda(config)
     base_dir = Path.cwd()

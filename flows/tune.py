@@ -22,12 +22,14 @@ from collections.abc import Callable
 from pathlib import Path
 
 import optuna
+from forgeline.flows.stages import training_dir
+from forgeline.tasks import progress
+from forgeline.tasks.config import PipelineConfig
+from forgeline.tasks.tracking import runs as tracking
+from forgeline.tasks.tracking import tune_tracking
+from forgeline.tasks.tune import tuning
+from forgeline.tasks.tune.tuning import TuneResult
 from prefect import flow
-
-from tasks import progress, tracking, tune_tracking, tuning
-from tasks.config import PipelineConfig
-from tasks.stages import training_dir
-from tasks.tuning import TuneResult
 
 logger = logging.getLogger(__name__)
 
@@ -58,7 +60,7 @@ def tune_flow(
     Raises:
         TuneError: no trial completed (the ``tune`` run ends FAILED); not raised in worker mode.
     """
-    from flows.seam import check_cuda
+    from forgeline.flows.seam import check_cuda
 
     check_cuda(config)
     base_dir = Path.cwd()

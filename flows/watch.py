@@ -5,7 +5,7 @@ at the drop folder twice, ``deploy.watch_settle`` seconds apart, and takes only 
 modification time did not change in between: a file still being copied in is left for a later run. Hidden
 files and names ending in ``.part``, ``.partial``, ``.tmp`` or ``.crdownload`` are never taken (writers that
 write under such a name and rename when done are always safe). Each complete file goes through
-:func:`flows.retrain.ingest_files`, exactly like ``forgeline ingest``: validated, then moved atomically into
+:func:`forgeline.flows.retrain.ingest_files`, exactly like ``forgeline ingest``: validated, then moved atomically into
 ``deploy.incoming_dir`` under its content hash. A file that fails validation is moved to ``.rejected/`` in
 the drop folder with a ``.reason.txt`` beside it, so it is reported once instead of every run. When anything
 new arrived the run emits ``forgeline.dataset.updated`` with the incoming fingerprint, which triggers
@@ -19,10 +19,9 @@ import os
 import time
 from pathlib import Path
 
+from forgeline.tasks.config import PipelineConfig
 from prefect import flow
 from pydantic import BaseModel
-
-from tasks.config import PipelineConfig
 
 logger = logging.getLogger(__name__)
 
@@ -101,7 +100,7 @@ def scan_drop_folder(config: PipelineConfig, base_dir: Path | None = None) -> Wa
     Returns:
         What was added, found already present, rejected and left waiting, and the incoming fingerprint.
     """
-    from flows.retrain import IngestError, StillBeingWritten, incoming_dir, incoming_fingerprint, ingest_files
+    from forgeline.flows.retrain import IngestError, StillBeingWritten, incoming_dir, incoming_fingerprint, ingest_files
 
     base = (base_dir or Path.cwd()).resolve()
     folder = drop_dir(config, base)
@@ -158,7 +157,7 @@ def watch_flow(config: PipelineConfig) -> WatchResult:
     Returns:
         What the run added, rejected and left for later, and whether it emitted the event.
     """
-    from flows.retrain import EVENT, emit_dataset_updated
+    from forgeline.flows.retrain import EVENT, emit_dataset_updated
 
     result = scan_drop_folder(config)
     if result.added:

@@ -50,7 +50,7 @@ class Project:
 
     def forgeline(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
         proc = subprocess.run(
-            [sys.executable, "-m", "flows", *args],
+            [sys.executable, "-m", "forgeline", *args],
             cwd=self.root,
             env=self.env,
             capture_output=True,
@@ -72,13 +72,13 @@ def project(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Project]:
     try:
         yield proj
     finally:
-        from flows.stack import stop_stack
+        from forgeline.flows.stack import stop_stack
 
         stop_stack(proj.home, grace=5.0)  # no-op when the test already ran `forgeline down`
 
 
 def stack_family(home: Path) -> list[psutil.Process]:
-    from flows.stack import read_state
+    from forgeline.flows.stack import read_state
 
     state = read_state(home)
     assert state is not None

@@ -60,7 +60,7 @@ def _api(project: Project) -> str:
 
 def _spawn(project: Project, *args: str) -> subprocess.Popen[str]:
     return subprocess.Popen(  # noqa: S603 - our own command
-        [sys.executable, "-m", "flows", *args],
+        [sys.executable, "-m", "forgeline", *args],
         cwd=project.root,
         env=project.env,
         stdout=subprocess.PIPE,
@@ -135,7 +135,7 @@ def _logged(project: Project, runs: list[Any], text: str, timeout: float = 60) -
 
 
 def _dataset_text(project: Project, fingerprint: str) -> str:
-    from tasks.cleaning import read_split_text
+    from forgeline.tasks.data.cleaning import read_split_text
 
     folder = project.root / "mlruns" / "cache" / "datasets" / fingerprint
     return "\n".join(read_split_text(folder, split) for split in ("train", "validation", "test"))
@@ -280,7 +280,7 @@ def test_c3_two_datasets_in_a_burst_queue_and_the_last_sees_all(stack: Project) 
 
 
 def _folder_fp(project: Project) -> str:
-    from flows.retrain import incoming_fingerprint
+    from forgeline.flows.retrain import incoming_fingerprint
 
     return incoming_fingerprint(project.root / "data" / "incoming")
 
@@ -295,7 +295,7 @@ def test_c2_replayed_old_event_retrains_nothing(stack: Project) -> None:
     versions_before = _versions(project)
     retrains_before = len(_flow_runs(project, "retrain"))
     emit = (
-        "from flows.retrain import emit_dataset_updated; from tasks.config import load_config; "
+        "from forgeline.flows.retrain import emit_dataset_updated; from forgeline.tasks.config import load_config; "
         f"assert emit_dataset_updated(load_config('configs/smoke.yaml'), {old!r}, 1)"
     )
     env = {**project.env, "PREFECT_API_URL": _api(project)}

@@ -81,7 +81,7 @@ def _check_prefect(project: Project, api: str) -> None:
 
     with prefect_client(api) as client:
         assert str(client.api_url).rstrip("/") == api
-        from flows.deploy import CRASH_AUTOMATION
+        from forgeline.flows.deploy import CRASH_AUTOMATION
 
         assert len(client.read_automations_by_name(CRASH_AUTOMATION)) == 1  # deployed twice, one automation
         retrain = client.read_deployment_by_name("retrain/retrain")
@@ -166,10 +166,9 @@ def _check_shared_study(project: Project, api: str) -> None:
 
 def _no_gpu_worker(project: Project, api: str) -> None:
     """A8: with the gpu worker stopped, `train` stays Late, is cancelled, and the pipeline fails saying why."""
+    from forgeline.flows.stack import _terminate, read_state
     from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterName
     from prefect.client.schemas.sorting import FlowRunSort
-
-    from flows.stack import _terminate, read_state
 
     state = read_state(project.home)
     assert state is not None

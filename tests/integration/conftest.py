@@ -73,7 +73,7 @@ class Project:
         env = {**self.env, **(extra_env or {})}
         t0 = time.monotonic()
         proc = subprocess.run(
-            [sys.executable, "-m", "flows", *args],
+            [sys.executable, "-m", "forgeline", *args],
             cwd=self.root,
             env=env,
             capture_output=True,

@@ -68,12 +68,11 @@ def _write_corpus(folder: Path) -> dict[str, int]:
 @pytest.fixture(scope="module")
 def cleaned(module_project: Any) -> dict[str, Any]:
     """Run a flow that calls ``clean_task`` twice on the same corpus; everything the tests read."""
+    from forgeline.flows.stages import RunContext, clean_task
+    from forgeline.tasks.config import load_config
+    from forgeline.tasks.tracking import runs as tracking
     from prefect import flow
     from prefect.runtime import flow_run
-
-    from tasks import tracking
-    from tasks.config import load_config
-    from tasks.stages import RunContext, clean_task
 
     project = module_project
     expected = _write_corpus(project.root / "corpus")
@@ -202,7 +201,8 @@ def test_prefect_table_artifact(cleaned: dict[str, Any]) -> None:
 def test_cache_hit_logs_the_kept_chart_without_drawing(
     cleaned: dict[str, Any], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from tasks import stages, tracking
+    from forgeline.flows import stages
+    from forgeline.tasks.tracking import runs as tracking
 
     project, first, second = cleaned["project"], cleaned["first"], cleaned["second"]
     client = project.client()

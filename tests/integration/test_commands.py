@@ -42,15 +42,14 @@ def forgeline(registry: Any, monkeypatch: pytest.MonkeyPatch) -> Iterator[Any]:
     """Invoke the ``forgeline`` app in-process; returns ``(exit_code, stdout, stderr)``."""
     import logging
 
+    from forgeline.flows import cli
     from typer.testing import CliRunner
-
-    from flows import cli
 
     monkeypatch.setattr(cli, "_configure_logging", lambda verbose: None)  # keep pytest's log handlers
     monkeypatch.setattr(cli.out, "width", 200)
     monkeypatch.setattr(cli.console, "width", 200)
     monkeypatch.setenv("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
-    names = ("tasks", "flows", "mlflow", "alembic", "httpx")
+    names = ("forgeline", "mlflow", "alembic", "httpx")
     levels = {name: logging.getLogger(name).level for name in names}
     runner = CliRunner()
 
@@ -94,12 +93,11 @@ def test_models_lists_versions_and_aliases(forgeline: Any) -> None:
 
 def test_model_card_is_the_version_description_and_an_artifact(registry: Any, tmp_path: Path) -> None:
     import mlflow
+    from forgeline.tasks.config import load_config
+    from forgeline.tasks.evaluate.evaluation import EvalResult
+    from forgeline.tasks.registry.model_card import ARTIFACT_FILE, write_model_card
+    from forgeline.tasks.registry.versions import RegisterResult
     from mlflow import MlflowClient
-
-    from tasks.config import load_config
-    from tasks.evaluation import EvalResult
-    from tasks.model_card import ARTIFACT_FILE, write_model_card
-    from tasks.registry import RegisterResult
 
     client = MlflowClient()
     pipelined = client.get_model_version(MODEL, "1").description or ""
@@ -207,7 +205,7 @@ def test_serve_answers_the_scoring_protocol_and_stops(registry: Any) -> None:
     log = registry.root / "serve.log"
     with log.open("w") as fh:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "flows", "serve", "--config", "smoke.yaml", "--port", str(port)],
+            [sys.executable, "-m", "forgeline", "serve", "--config", "smoke.yaml", "--port", str(port)],
             cwd=registry.root,
             env=registry.env,
             stdout=fh,
@@ -256,7 +254,9 @@ def test_reproduce_refuses_other_data(registry: Any) -> None:
 def test_reproduce_matches_the_original_metrics(registry: Any) -> None:
     result = registry.cli("reproduce", f"models:/{MODEL}/1")
     if result.returncode != 0 and "has redacted values" in result.stderr:
-        pytest.xfail("resolved_config.yaml is over-redacted by tasks.config.is_secret_key ('token' in 'tokenizer')")
+        pytest.xfail(
+            "resolved_config.yaml is over-redacted by forgeline.tasks.config.is_secret_key ('token' in 'tokenizer')"
+        )
     assert result.returncode == 0, result.describe()
     assert "reproduced: every metric within 0.01 of version 1" in result.stdout, result.describe()
     client = registry.client()

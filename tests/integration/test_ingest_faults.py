@@ -16,10 +16,9 @@ import time
 from pathlib import Path
 
 import pytest
-
-from flows.retrain import IngestError, incoming_dir, incoming_fingerprint, ingest_files, retrain_config
-from tasks.cleaning import clean_dataset, read_split_text
-from tasks.config import PipelineConfig, load_config
+from forgeline.flows.retrain import IngestError, incoming_dir, incoming_fingerprint, ingest_files, retrain_config
+from forgeline.tasks.config import PipelineConfig, load_config
+from forgeline.tasks.data.cleaning import clean_dataset, read_split_text
 
 pytestmark = pytest.mark.integration
 
@@ -122,7 +121,7 @@ def _cli(root: Path, *args: str) -> subprocess.Popen[str]:
     env["PYTHONPATH"] = str(REPO_ROOT)
     env["FORGELINE_HOME"] = str(root / ".forgeline")  # no stack there: ingest emits nothing
     return subprocess.Popen(  # noqa: S603
-        [sys.executable, "-m", "flows", "ingest", "--config", str(REPO_ROOT / "configs" / "smoke.yaml"), *args],
+        [sys.executable, "-m", "forgeline", "ingest", "--config", str(REPO_ROOT / "configs" / "smoke.yaml"), *args],
         cwd=root,
         env=env,
         stdout=subprocess.PIPE,
@@ -208,7 +207,7 @@ def test_content_hash_decides_not_the_name(tmp_path: Path, monkeypatch: pytest.M
 
 def test_watch_leaves_a_file_held_open_by_a_paused_writer(tmp_path: Path) -> None:
     """The drop-folder watch looks twice; a writer pausing longer than that is still seen as writing."""
-    from flows.watch import REJECTED, scan_drop_folder
+    from forgeline.flows.watch import REJECTED, scan_drop_folder
 
     cfg = load_config(
         None,

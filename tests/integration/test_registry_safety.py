@@ -7,10 +7,9 @@ import os
 from pathlib import Path
 
 import pytest
-
-from tasks.config import TrackingConfig
-from tasks.registry import BPB_TAG, FINGERPRINT_TAG, gate_champion, register_version
-from tasks.tracking import TrackingError, resolve_tracking_uri, setup_tracking
+from forgeline.tasks.config import TrackingConfig
+from forgeline.tasks.registry.versions import BPB_TAG, FINGERPRINT_TAG, gate_champion, register_version
+from forgeline.tasks.tracking.runs import TrackingError, resolve_tracking_uri, setup_tracking
 
 pytestmark = pytest.mark.integration
 

@@ -26,8 +26,8 @@ WRITER = """
 import sys, time
 from pathlib import Path
 base, go, name = Path(sys.argv[1]), Path(sys.argv[2]), sys.argv[3]
-from tasks import tracking
-from tasks.config import TrackingConfig
+from forgeline.tasks.tracking import runs as tracking
+from forgeline.tasks.config import TrackingConfig
 while not go.exists():
     time.sleep(0.01)
 tracking.setup_tracking(TrackingConfig(), base)
@@ -101,7 +101,7 @@ def half_then_fail(self, local_dir, artifact_path=None):
 
 LocalArtifactRepository.log_artifacts = half_then_fail
 sys.argv = ["forgeline", *sys.argv[1:]]
-runpy.run_module("flows", run_name="__main__", alter_sys=True)
+runpy.run_module("forgeline", run_name="__main__", alter_sys=True)
 """
 
 
@@ -153,10 +153,10 @@ def test_model_upload_failing_half_way_registers_nothing_and_rerun_gives_one_com
 def test_registering_a_logged_model_that_is_not_ready_is_refused(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    from forgeline.tasks.config import TrackingConfig
+    from forgeline.tasks.registry import versions as registry
+    from forgeline.tasks.tracking import runs as tracking
     from mlflow import MlflowClient
-
-    from tasks import registry, tracking
-    from tasks.config import TrackingConfig
 
     monkeypatch.chdir(tmp_path)
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
@@ -255,8 +255,8 @@ def test_secrets_never_reach_params_tags_artifacts_or_logs(project: Project, pre
 CLEAN_PROBE = """
 import json, sys
 from pathlib import Path
-from tasks.cleaning import clean_dataset
-from tasks.config import DataConfig
+from forgeline.tasks.data.cleaning import clean_dataset
+from forgeline.tasks.config import DataConfig
 base, overrides = Path(sys.argv[1]), json.loads(sys.argv[2])
 cfg = DataConfig(sources=[{"kind": "files", "paths": ["data/big.txt"]}], record="line", **overrides)
 out = {}

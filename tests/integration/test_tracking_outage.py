@@ -124,7 +124,7 @@ def server(tmp_path: Path) -> Iterator[MlflowServer]:
 
 def _start_cli(project: Project, server: MlflowServer, extra_env: dict[str, str]) -> subprocess.Popen[str]:
     return subprocess.Popen(
-        [sys.executable, "-m", "flows", "run", "--config", "smoke.yaml", "--set", f"tracking.uri={server.url}"],
+        [sys.executable, "-m", "forgeline", "run", "--config", "smoke.yaml", "--set", f"tracking.uri={server.url}"],
         cwd=project.root,
         env={**project.env, **extra_env},
         stdout=subprocess.PIPE,
@@ -250,8 +250,8 @@ def test_server_down_past_the_budget_fails_loudly_keeps_checkpoints_and_rerun_fi
 def test_metrics_undelivered_past_the_budget_are_spooled_then_delivered_at_the_next_start(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from tasks import tracking
-    from tasks.config import TrackingConfig
+    from forgeline.tasks.config import TrackingConfig
+    from forgeline.tasks.tracking import runs as tracking
 
     monkeypatch.chdir(tmp_path)
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)

@@ -14,9 +14,8 @@ import time
 from pathlib import Path
 
 import pytest
-
-from tasks import tracking
-from tasks.config import TrackingConfig
+from forgeline.tasks.config import TrackingConfig
+from forgeline.tasks.tracking import runs as tracking
 
 pytestmark = pytest.mark.integration
 

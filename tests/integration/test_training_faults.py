@@ -26,9 +26,9 @@ SCRIPT = textwrap.dedent(
     """
     import json, logging, sys
     logging.basicConfig(level=logging.INFO)
-    from tasks.config import load_config
-    from tasks.training import train_model
-    from tasks.errors import StageInterrupted, NonFiniteLossError
+    from forgeline.tasks.config import load_config
+    from forgeline.tasks.train.training import train_model
+    from forgeline.tasks.errors import StageInterrupted, NonFiniteLossError
     cfg = load_config(None, json.loads(sys.argv[3]))
     try:
         result = train_model(cfg.train, cfg.model, cfg.tokenizer, dataset_dir=sys.argv[1], run_dir=sys.argv[2],
@@ -63,8 +63,8 @@ OVERRIDES = [
 
 @pytest.fixture(scope="module")
 def dataset_dir(tmp_path_factory: pytest.TempPathFactory) -> str:
-    from tasks.cleaning import clean_dataset
-    from tasks.config import load_config
+    from forgeline.tasks.config import load_config
+    from forgeline.tasks.data.cleaning import clean_dataset
 
     base = tmp_path_factory.mktemp("data")
     lines = [f"Line {i}: the quick brown fox {i % 7} jumps over the lazy dog number {i * 3 % 11}." for i in range(800)]

@@ -19,10 +19,9 @@ from typing import Any
 
 import pytest
 import yaml
+from forgeline.tasks.config import PipelineConfig, load_config
+from forgeline.tasks.tune import tuning
 from optuna.trial import TrialState
-
-from tasks import tuning
-from tasks.config import PipelineConfig, load_config
 
 pytestmark = pytest.mark.integration
 
@@ -91,7 +90,7 @@ def _config(*overrides: str) -> PipelineConfig:
 
 
 def _spec(cfg: PipelineConfig) -> tuning.StudySpec:
-    from tasks.cleaning import clean_dataset
+    from forgeline.tasks.data.cleaning import clean_dataset
 
     cleaned = clean_dataset(cfg.data, base_dir=Path.cwd())
     root = Path.cwd() / "mlruns" / "checkpoints" / cfg.name
@@ -104,7 +103,7 @@ def _worker(spec_file: Path, *, faults: str = "", timeout: float = 120) -> subpr
     if faults:
         env["FORGELINE_TUNE_FAULTS"] = faults
     return subprocess.run(
-        [sys.executable, "-m", "tasks.tuning", "worker", "--spec", str(spec_file)],
+        [sys.executable, "-m", "forgeline.tasks.tune.tuning", "worker", "--spec", str(spec_file)],
         env=env,
         capture_output=True,
         text=True,
@@ -119,8 +118,7 @@ def test_pipeline_tunes_then_trains_with_best_params(
 ) -> None:
     """4 finished trials (one pruned by a diverging loss), one NaN trial failed; all recorded under the study."""
     import mlflow
-
-    from flows.pipeline import pipeline_flow
+    from forgeline.flows.pipeline import pipeline_flow
 
     monkeypatch.setenv("FORGELINE_TUNE_FAULTS", "1:diverge,2:nan")
     result = pipeline_flow(_config())
@@ -196,7 +194,7 @@ def test_resume_after_kill_keeps_done_trials_and_retries_the_stale_one(
     assert all(before[n].state in tuning.DONE_STATES for n in (0, 1))
 
     time.sleep(2.5)  # past the 2 s grace period: trial 2's heartbeat is stale
-    with caplog.at_level(logging.INFO, logger="tasks.tuning"):
+    with caplog.at_level(logging.INFO, logger="forgeline.tasks.tune.tuning"):
         result = tuning.run_study(_spec(_config()))
     assert f"resuming study {spec.study_name}: 2 of 4 trials done" in caplog.text
 

@@ -7,8 +7,8 @@ import threading
 import time
 
 import pytest
+from forgeline.tasks.config import load_config
 
-from tasks.config import load_config
 from tests.integration.conftest import Project
 
 pytestmark = pytest.mark.integration
@@ -18,10 +18,9 @@ TEXT = "\n\n".join(f"Paragraph {i}: the watch takes files that are complete and 
 
 def _events(fingerprint: str, timeout: float = 30.0) -> list:
     """``forgeline.dataset.updated`` events with this fingerprint, once the server has stored them."""
+    from forgeline.flows.retrain import EVENT
     from prefect import get_client
     from prefect.events.filters import EventFilter, EventNameFilter
-
-    from flows.retrain import EVENT
 
     deadline = time.monotonic() + timeout
     while True:
@@ -36,7 +35,7 @@ def _events(fingerprint: str, timeout: float = 30.0) -> list:
 def test_watch_ingests_complete_files_only(
     project: Project, prefect_server: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from flows.watch import REJECTED, watch_flow
+    from forgeline.flows.watch import REJECTED, watch_flow
 
     monkeypatch.setenv("PREFECT_API_URL", prefect_server)  # emit_dataset_updated emits only to a server
     config = load_config("smoke.yaml", ["deploy.watch_settle=1.0"])
@@ -99,7 +98,7 @@ def test_watch_ingests_complete_files_only(
 
 
 def test_watch_without_drop_folder_does_nothing(project: Project) -> None:
-    from flows.watch import scan_drop_folder
+    from forgeline.flows.watch import scan_drop_folder
 
     result = scan_drop_folder(load_config("smoke.yaml"), base_dir=project.root)
     assert (result.added, result.waiting, result.fingerprint) == ([], [], "")

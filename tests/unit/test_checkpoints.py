@@ -6,8 +6,12 @@ from pathlib import Path
 
 import pytest
 import torch
-
-from tasks.checkpoints import CheckpointError, complete_checkpoints, load_latest_checkpoint, save_checkpoint
+from forgeline.tasks.train.checkpoints import (
+    CheckpointError,
+    complete_checkpoints,
+    load_latest_checkpoint,
+    save_checkpoint,
+)
 
 
 def _state(step: int, config_hash: str = "abc") -> dict:

@@ -14,9 +14,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-
-from tasks import cleaning
-from tasks.cleaning import (
+from forgeline.tasks.config import BuiltinSource, CleaningConfig, DataConfig, DirectorySource, FilesSource
+from forgeline.tasks.data import cleaning
+from forgeline.tasks.data.cleaning import (
     CleanResult,
     DataError,
     clean_dataset,
@@ -27,7 +27,6 @@ from tasks.cleaning import (
     report_rows,
     resolve_data_override,
 )
-from tasks.config import BuiltinSource, CleaningConfig, DataConfig, DirectorySource, FilesSource
 
 REPO = Path(__file__).resolve().parents[2]
 WORDS = (
@@ -585,7 +584,7 @@ def test_builtin_corpus_deterministic_and_substantial(tmp_path: Path) -> None:
     assert "The" in corpus and "def " in corpus
     assert len(cleaning.builtin_corpus(100_000).encode()) <= 100_000
     script = (
-        "import hashlib; from tasks import cleaning; "
+        "import hashlib; from forgeline.tasks.data import cleaning; "
         "print(hashlib.sha256(cleaning.builtin_corpus(2_000_000).encode()).hexdigest())"
     )
     out = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True, check=True)

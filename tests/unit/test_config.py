@@ -5,8 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-
-from tasks.config import (
+from forgeline.tasks.config import (
     ConfigError,
     PipelineConfig,
     dump_config,
@@ -162,7 +161,7 @@ def test_secrets_in_job_variables_are_redacted_in_every_logged_form() -> None:
     ],
 )
 def test_secret_key_names(key: str, secret: bool) -> None:
-    from tasks.config import is_secret_key
+    from forgeline.tasks.config import is_secret_key
 
     assert is_secret_key(key) is secret
 
@@ -185,7 +184,7 @@ def test_flow_run_parameter_masks_deploy_secrets_only() -> None:
 
 
 def test_later_model_keys_change_the_hash_only_when_set() -> None:
-    from tasks.config import load_config
+    from forgeline.tasks.config import load_config
 
     base = load_config(None, [])
     assert load_config(None, ["model.bias=true", "model.activation=gelu_new"]).config_hash() == base.config_hash()

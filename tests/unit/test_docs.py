@@ -24,7 +24,7 @@ def test_configuration_reference_is_current() -> None:
 
 
 def test_reference_lists_every_leaf_key() -> None:
-    from tasks.config import PipelineConfig, _leaf_keys
+    from forgeline.tasks.config import PipelineConfig, _leaf_keys
 
     text = (ROOT / "docs" / "configuration.md").read_text(encoding="utf-8")
     missing = sorted(k for k in _leaf_keys(PipelineConfig) if f"`{k}`" not in text)

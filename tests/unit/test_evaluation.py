@@ -7,11 +7,10 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-
-from tasks.config import EvalConfig, ModelConfig, TokenizerConfig
-from tasks.evaluation import EvalResult, bits_per_byte, evaluate_model, generate_samples, score_text
-from tasks.modeling import build_model
-from tasks.tokenization import build_tokenizer, encode_text
+from forgeline.tasks.config import EvalConfig, ModelConfig, TokenizerConfig
+from forgeline.tasks.data.tokenization import build_tokenizer, encode_text
+from forgeline.tasks.evaluate.evaluation import EvalResult, bits_per_byte, evaluate_model, generate_samples, score_text
+from forgeline.tasks.model.modeling import build_model
 
 TEXT = "the cat sat on the mat.\nthe dog sat on the log.\n" * 8
 UNICODE_TEXT = "café naïve 日本語 — ok\n" * 5

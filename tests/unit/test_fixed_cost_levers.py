@@ -6,9 +6,8 @@ import pytest
 
 
 def test_heartbeats_off_only_on_our_temporary_server() -> None:
+    from forgeline.flows.cli import _no_heartbeats
     from prefect.settings import get_current_settings
-
-    from flows.cli import _no_heartbeats
 
     default = get_current_settings().flows.heartbeat_frequency
     assert default is not None  # Prefect 3.9 beats by default
@@ -22,9 +21,8 @@ def test_heartbeats_off_only_on_our_temporary_server() -> None:
 def test_requirement_check_still_reports_a_mismatch_without_scanning_every_file(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
+    from forgeline.tasks.registry.versions import _skip_installed_files_scan
     from mlflow.utils import requirements_utils
-
-    from tasks.registry import _skip_installed_files_scan
 
     monkeypatch.setattr(requirements_utils, "_MODULES_TO_PACKAGES", None)
     monkeypatch.setattr(requirements_utils, "_PACKAGES_TO_MODULES", None)
@@ -52,7 +50,7 @@ def test_cli_exit_status_and_output_survive_the_fast_exit(fast: str, tmp_path) -
 
     env = {**os.environ, "FORGELINE_FAST_EXIT": fast}
     bad = subprocess.run(
-        [sys.executable, "-m", "flows", "run", "--config", str(tmp_path / "missing.yaml")],
+        [sys.executable, "-m", "forgeline", "run", "--config", str(tmp_path / "missing.yaml")],
         capture_output=True,
         text=True,
         env=env,
@@ -60,14 +58,16 @@ def test_cli_exit_status_and_output_survive_the_fast_exit(fast: str, tmp_path) -
     )
     assert bad.returncode == 2
     assert "config file not found" in bad.stdout + bad.stderr
-    ok = subprocess.run([sys.executable, "-m", "flows", "--help"], capture_output=True, text=True, env=env, timeout=120)
+    ok = subprocess.run(
+        [sys.executable, "-m", "forgeline", "--help"], capture_output=True, text=True, env=env, timeout=120
+    )
     assert ok.returncode == 0 and "run" in ok.stdout
 
 
 def test_process_age_is_measured_from_this_process_start() -> None:
     import time
 
-    from flows.cli import _process_age
+    from forgeline.flows.cli import _process_age
 
     age = _process_age()
     assert 0.0 < age < time.monotonic()  # pytest has been running a while; never a future or boot-time value

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from types import SimpleNamespace
 
-from tasks.config import PipelineConfig
-from tasks.model_card import DESCRIPTION_LIMIT, build_model_card, card_facts, description_text
+from forgeline.tasks.config import PipelineConfig
+from forgeline.tasks.registry.model_card import DESCRIPTION_LIMIT, build_model_card, card_facts, description_text
 
 FACTS = {
     "model_name": "demo-lm",

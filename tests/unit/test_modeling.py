@@ -8,10 +8,9 @@ from pathlib import Path
 
 import pytest
 import torch
-
-from tasks.config import ModelConfig, TokenizerConfig
-from tasks.modeling import build_model, count_parameters, find_model_dir, load_pretrained_model
-from tasks.tokenization import build_tokenizer
+from forgeline.tasks.config import ModelConfig, TokenizerConfig
+from forgeline.tasks.data.tokenization import build_tokenizer
+from forgeline.tasks.model.modeling import build_model, count_parameters, find_model_dir, load_pretrained_model
 
 TINY = ModelConfig(n_layer=2, n_head=2, n_embd=16, block_size=32)
 
@@ -148,8 +147,8 @@ def test_gelu_new_runs_as_the_fused_op_with_the_same_outputs(tok) -> None:
 
 
 def test_no_bias_model_keeps_biases_at_zero_through_training_and_saving(tok, tmp_path: Path) -> None:
-    from tasks.config import TrainConfig
-    from tasks.training import make_optimizer
+    from forgeline.tasks.config import TrainConfig
+    from forgeline.tasks.train.training import make_optimizer
 
     cfg = TINY.model_copy(update={"bias": False})
     model = build_model(cfg, tok)

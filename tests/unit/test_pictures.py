@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from tasks import tracking
+from forgeline.tasks.tracking import runs as tracking
 
 
 def test_loss_curve_has_a_wall_time_panel_when_history_is_timed() -> None:
@@ -34,7 +34,7 @@ def test_cleaning_report_figure() -> None:
 
 
 def test_summary_markdown_links_run_and_version() -> None:
-    from flows.pipeline import PipelineResult, summary_markdown
+    from forgeline.flows.pipeline import PipelineResult, summary_markdown
 
     summary = PipelineResult(
         experiment_name="demo",

@@ -6,10 +6,9 @@ import io
 import logging
 
 import pytest
+from forgeline.flows.prefect_progress import PrefectTrainProgress
+from forgeline.tasks.progress import ProgressReporter
 from rich.console import Console
-
-from tasks.prefect_progress import PrefectTrainProgress
-from tasks.progress import ProgressReporter
 
 
 def test_off_by_default_and_cheap() -> None:
@@ -47,7 +46,7 @@ def test_terminal_bars_render_and_stop() -> None:
 def test_plain_lines_without_terminal(caplog: pytest.LogCaptureFixture) -> None:
     r = ProgressReporter()
     r.enable(Console(file=io.StringIO()), terminal=False)
-    with caplog.at_level(logging.INFO, logger="tasks.progress"):
+    with caplog.at_level(logging.INFO, logger="forgeline.tasks.progress"):
         r.train_start(10)
         r.train_update(1, {"train/loss": 1.0})
         r.search_update({"complete": 1, "pruned": 0, "failed": 0}, 4, 0.5)

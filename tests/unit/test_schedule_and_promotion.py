@@ -5,10 +5,9 @@ from __future__ import annotations
 import math
 
 import pytest
-
-from tasks.config import TrainConfig
-from tasks.registry import decide_promotion
-from tasks.training import get_lr
+from forgeline.tasks.config import TrainConfig
+from forgeline.tasks.registry.versions import decide_promotion
+from forgeline.tasks.train.training import get_lr
 
 
 def test_lr_warmup_then_cosine_to_min() -> None:

@@ -10,11 +10,10 @@ from pathlib import Path
 
 import psutil
 import pytest
-
-from flows import stack
-from flows.deploy import REQUIRE_CUDA_ENV, base_job_template
-from flows.seam import check_cuda
-from tasks.config import ConfigError, PipelineConfig, load_config
+from forgeline.flows import stack
+from forgeline.flows.deploy import REQUIRE_CUDA_ENV, base_job_template
+from forgeline.flows.seam import check_cuda
+from forgeline.tasks.config import ConfigError, PipelineConfig, load_config
 
 
 def _state(home: Path, procs: list[stack.Proc] | None = None) -> stack.StackState:
@@ -132,7 +131,7 @@ def test_gpu_pool_without_cuda_fails_fast_unless_fallback(monkeypatch: pytest.Mo
 
 # ------------------------------------------------------------------------------------------ ingest
 def test_ingest_is_content_addressed_and_validates_first(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from flows.retrain import IngestError, incoming_fingerprint, ingest_files
+    from forgeline.flows.retrain import IngestError, incoming_fingerprint, ingest_files
 
     monkeypatch.chdir(tmp_path)
     cfg = PipelineConfig()
@@ -157,7 +156,7 @@ def test_ingest_is_content_addressed_and_validates_first(tmp_path: Path, monkeyp
 
 
 def test_retrain_config_adds_the_incoming_folder(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from flows.retrain import retrain_config
+    from forgeline.flows.retrain import retrain_config
 
     cfg = load_config(None, ["deploy.retrain_from=scratch"])
     assert retrain_config(cfg, tmp_path).data.sources == cfg.data.sources  # empty incoming: unchanged
@@ -172,7 +171,7 @@ SECRET = "s3cr:et@x"
 
 
 def test_mask_url_secrets_hides_every_password() -> None:
-    from tasks.config import mask_url_secrets
+    from forgeline.tasks.config import mask_url_secrets
 
     url = f"postgresql+asyncpg://forgeline:{SECRET}@db.internal:5432/prefect"
     assert mask_url_secrets(url) == "postgresql+asyncpg://forgeline:***@db.internal:5432/prefect"
@@ -186,7 +185,7 @@ def test_mask_url_secrets_hides_every_password() -> None:
 
 
 def test_redact_masks_urls_in_params() -> None:
-    from tasks.config import flatten, redact
+    from forgeline.tasks.config import flatten, redact
 
     cfg = load_config(None, [f"tune.storage=postgresql+psycopg2://u:{SECRET}@h/optuna"])
     flat = flatten(redact(cfg.model_dump(mode="json")))
@@ -281,7 +280,7 @@ def test_unreachable_database_fails_before_anything_starts(tmp_path: Path) -> No
 
 
 def test_tune_storage_falls_back_to_the_environment(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from tasks.tuning import resolve_storage_url
+    from forgeline.tasks.tune.tuning import resolve_storage_url
 
     monkeypatch.delenv(stack.TUNE_STORAGE_ENV, raising=False)
     assert resolve_storage_url(PipelineConfig().tune, tmp_path) == f"sqlite:///{tmp_path.resolve()}/mlruns/optuna.db"

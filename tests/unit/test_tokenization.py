@@ -7,10 +7,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from transformers import AutoTokenizer
-
-from tasks.config import TokenizerConfig
-from tasks.tokenization import (
+from forgeline.tasks.config import TokenizerConfig
+from forgeline.tasks.data.tokenization import (
     EOS_TOKEN,
     UNK_TOKEN,
     build_tokenizer,
@@ -18,6 +16,7 @@ from tasks.tokenization import (
     is_char_tokenizer,
     load_tokenizer,
 )
+from transformers import AutoTokenizer
 
 TRAIN = [
     "Hello, world! It's\nThe quick brown fox jumps over the lazy dog.\n\n",

@@ -8,10 +8,9 @@ from typing import Any
 
 import optuna
 import pytest
+from forgeline.tasks.config import ConfigError, PipelineConfig, TuneConfig
+from forgeline.tasks.tune import tuning
 from optuna.trial import FixedTrial, TrialState
-
-from tasks import tuning
-from tasks.config import ConfigError, PipelineConfig, TuneConfig
 
 ROOT = Path(__file__).resolve().parents[2]
 FINGERPRINT = "ab" * 32
@@ -238,7 +237,7 @@ def test_rerun_continues_the_study_instead_of_starting_over(
     monkeypatch.setattr(tuning, "make_objective", lambda spec: lambda trial: float(trial.number))
     first = tuning.run_study(_spec(tmp_path, n_trials=2))
     assert first.counts["done"] == 2 and not first.resumed
-    with caplog.at_level("INFO", logger="tasks.tuning"):
+    with caplog.at_level("INFO", logger="forgeline.tasks.tune.tuning"):
         second = tuning.run_study(_spec(tmp_path, n_trials=5))
     assert f"resuming study {second.study_name}: 2 of 5 trials done" in caplog.text
     assert second.resumed and second.trials_this_run == 3 and second.counts["done"] == 5

@@ -19,6 +19,8 @@ import logging
 import tempfile
 from pathlib import Path
 
+from forgeline.tasks.config import ModelConfig
+from forgeline.tasks.data.tokenization import load_tokenizer
 from transformers import (
     AutoModelForCausalLM,
     GPT2Config,
@@ -26,9 +28,6 @@ from transformers import (
     PreTrainedModel,
     PreTrainedTokenizerBase,
 )
-
-from tasks.config import ModelConfig
-from tasks.tokenization import load_tokenizer
 
 log = logging.getLogger(__name__)
 

@@ -189,7 +189,7 @@ def _signed(diff: float, key: str) -> str:
 # ------------------------------------------------------------------------------------------ writing
 def run_url(tracking_uri: str, experiment_id: str, run_id: str) -> str:
     """The MLflow UI page of a run (the local UI's default address for a database store)."""
-    from tasks.tracking import ui_run_url
+    from forgeline.tasks.tracking.runs import ui_run_url
 
     return ui_run_url(tracking_uri, experiment_id, run_id)
 
@@ -226,7 +226,7 @@ def card_facts(
     """
     import json
 
-    from tasks.config import dump_config
+    from forgeline.tasks.config import dump_config
 
     tags = tags or {}
     metrics = {"test/bits_per_byte": evaluation.bits_per_byte, "test/loss": evaluation.loss}
@@ -306,7 +306,7 @@ def write_model_card(
         The markdown, or ``None`` if it could not be stored.
     """
     try:
-        from tasks import tracking
+        from forgeline.tasks.tracking import runs as tracking
 
         c = tracking.client()
         facts = card_facts(

@@ -11,7 +11,7 @@ storage URL, so the study can be browsed live with::
 
     optuna-dashboard sqlite:////ABS/PATH/mlruns/optuna.db
 
-Only functions of :mod:`tasks.tracking` talk to MLflow.
+Only functions of :mod:`forgeline.tasks.tracking.runs` talk to MLflow.
 """
 
 from __future__ import annotations
@@ -25,10 +25,9 @@ from collections.abc import Iterator
 from typing import Any
 
 import optuna
+from forgeline.tasks.tracking import runs as tracking
+from forgeline.tasks.tune.tuning import FINISHED_STATES, STATE_NAMES, StudySpec, TuneResult, display_url, trial_steps
 from optuna.trial import FrozenTrial, TrialState
-
-from tasks import tracking
-from tasks.tuning import FINISHED_STATES, STATE_NAMES, StudySpec, TuneResult, display_url, trial_steps
 
 logger = logging.getLogger(__name__)
 

@@ -20,11 +20,10 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from forgeline.tasks.config import ModelConfig, PipelineConfig, TokenizerConfig, TrainConfig
+from forgeline.tasks.errors import NonFiniteLossError, StageInterrupted
+from forgeline.tasks.train.checkpoints import load_latest_checkpoint, save_checkpoint
 from pydantic import BaseModel
-
-from tasks.checkpoints import load_latest_checkpoint, save_checkpoint
-from tasks.config import ModelConfig, PipelineConfig, TokenizerConfig, TrainConfig
-from tasks.errors import NonFiniteLossError, StageInterrupted
 
 logger = logging.getLogger(__name__)
 
@@ -213,7 +212,7 @@ def train_model(
     Returns:
         Paths and headline numbers; the model and tokenizer are saved under ``run_dir/model``.
     """
-    from tasks.modeling import build_model, count_parameters
+    from forgeline.tasks.model.modeling import build_model, count_parameters
 
     cb = callbacks or TrainCallbacks()
     run_dir = Path(run_dir)
@@ -528,15 +527,15 @@ def prepare_tokenizer(
     When fine-tuning (``init_from`` set) and no explicit pretrained tokenizer is configured, the model's own
     tokenizer is used: its ids are what the pretrained weights were trained on.
     """
-    from tasks.cleaning import iter_split
-    from tasks.tokenization import build_tokenizer, load_tokenizer
+    from forgeline.tasks.data.cleaning import iter_split
+    from forgeline.tasks.data.tokenization import build_tokenizer, load_tokenizer
 
     saved = run_dir / "tokenizer"
     if (saved / "tokenizer_config.json").exists():
         return load_tokenizer(saved)
     tokenizer = None
     if init_from and not (tok_cfg.kind == "pretrained" and tok_cfg.source):
-        from tasks.modeling import load_pretrained_model
+        from forgeline.tasks.model.modeling import load_pretrained_model
 
         _, tokenizer = load_pretrained_model(init_from)
         if tokenizer is not None:
@@ -554,8 +553,8 @@ def load_token_splits(tokenizer: Any, dataset_dir: str | Path, block_size: int) 
     Raises:
         ValueError: a split holds fewer tokens than one context window.
     """
-    from tasks.cleaning import read_split_text
-    from tasks.tokenization import encode_text
+    from forgeline.tasks.data.cleaning import read_split_text
+    from forgeline.tasks.data.tokenization import encode_text
 
     out = []
     for split in ("train", "validation"):

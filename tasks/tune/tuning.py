@@ -12,7 +12,7 @@ search space and the trial config, so re-running the same config continues the s
 heartbeats; one left RUNNING by a crash is failed once its heartbeat is older than the grace period
 and retried with the same parameters (``tune.max_retries`` times), resuming from its checkpoint.
 
-Parallelism: ``tune.parallelism > 1`` starts that many worker processes (``python -m tasks.tuning
+Parallelism: ``tune.parallelism > 1`` starts that many worker processes (``python -m forgeline.tasks.tune.tuning
 worker --spec FILE --index I``) that share the storage. SQLite serializes writers: the storage is put
 in WAL mode with a 60 s busy timeout, which is enough for a handful of local workers (each trial
 writes a few rows per evaluation). For many workers or several machines use a server database
@@ -46,10 +46,7 @@ from pathlib import Path
 from typing import Any
 
 import optuna
-from optuna.trial import FrozenTrial, TrialState
-from pydantic import BaseModel, ValidationError
-
-from tasks.config import (
+from forgeline.tasks.config import (
     CategoricalParam,
     ConfigError,
     FloatParam,
@@ -58,6 +55,8 @@ from tasks.config import (
     TuneConfig,
     _set_dotted,
 )
+from optuna.trial import FrozenTrial, TrialState
+from pydantic import BaseModel, ValidationError
 
 logger = logging.getLogger(__name__)
 
@@ -403,7 +402,7 @@ def make_objective(spec: StudySpec) -> Callable[[optuna.Trial], float]:
     A trial retried after a crash trains in its original trial's folder and resumes from its last
     checkpoint. Finished trials keep ``done.json`` and the tokenizer, not checkpoints or weights.
     """
-    from tasks.training import TrainCallbacks, train_from_config
+    from forgeline.tasks.train.training import TrainCallbacks, train_from_config
 
     base = spec.config
     trials_dir = Path(spec.trials_dir)
@@ -616,7 +615,16 @@ def _run_worker_processes(spec: StudySpec, progress: Callable[[optuna.Study], No
     env["PYTHONPATH"] = os.pathsep.join(p for p in (repo, env.get("PYTHONPATH", "")) if p)
     procs = [
         subprocess.Popen(
-            [sys.executable, "-m", "tasks.tuning", "worker", "--spec", str(spec_file), "--index", str(i)],
+            [
+                sys.executable,
+                "-m",
+                "forgeline.tasks.tune.tuning",
+                "worker",
+                "--spec",
+                str(spec_file),
+                "--index",
+                str(i),
+            ],
             env=env,
         )
         for i in range(tune.parallelism)
@@ -653,8 +661,8 @@ def _stop_workers(procs: list[subprocess.Popen[bytes]], grace: float = 30.0) -> 
 
 # ----------------------------------------------------------------------------------------- main
 def main(argv: list[str] | None = None) -> int:
-    """Worker entry point: ``python -m tasks.tuning worker --spec FILE --index I``."""
-    parser = argparse.ArgumentParser(prog="python -m tasks.tuning", description=__doc__.splitlines()[0])
+    """Worker entry point: ``python -m forgeline.tasks.tune.tuning worker --spec FILE --index I``."""
+    parser = argparse.ArgumentParser(prog="python -m forgeline.tasks.tune.tuning", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
     worker = sub.add_parser("worker", help="join a study and run trials until it holds n_trials finished ones")
     worker.add_argument("--spec", required=True, help="StudySpec JSON written by run_study")
@@ -679,6 +687,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    from tasks.tuning import main as _main  # the importable module, not __main__ (one set of classes)
+    from forgeline.tasks.tune.tuning import main as _main  # the importable module, not __main__ (one set of classes)
 
     sys.exit(_main())

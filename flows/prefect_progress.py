@@ -86,7 +86,7 @@ class TrainProgressFeed:
     """
 
     def __init__(self, total_steps: int) -> None:
-        from tasks.progress import reporter
+        from forgeline.tasks.progress import reporter
 
         self.reporter = reporter()
         self.artifact = PrefectTrainProgress(total_steps)

@@ -35,7 +35,7 @@ try:  # transformers 5 name
 except ImportError:  # pragma: no cover - transformers 4
     from transformers import PreTrainedTokenizerFast as _FastTokenizer
 
-from tasks.config import TokenizerConfig
+from forgeline.tasks.config import TokenizerConfig
 
 log = logging.getLogger(__name__)
 

@@ -17,9 +17,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from forgeline.tasks.locks import acquire_within
 from pydantic import BaseModel
-
-from tasks.locks import acquire_within
 
 logger = logging.getLogger(__name__)
 
@@ -97,8 +96,7 @@ def log_transformers_model(run_id: str, model_dir: str | Path, prompt: str) -> s
     so ``pyfunc.load_model(...).predict([prompt])`` works for short prompts.
     """
     import mlflow
-
-    from tasks.modeling import load_pretrained_model
+    from forgeline.tasks.model.modeling import load_pretrained_model
 
     model, tokenizer = load_pretrained_model(str(model_dir))
     context = int(getattr(model.config, "n_positions", 1024))

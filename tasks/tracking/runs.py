@@ -19,9 +19,9 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from tasks.config import PipelineConfig, TrackingConfig, dump_config, flatten, is_secret_key, redact
-from tasks.errors import StageInterrupted
-from tasks.locks import acquire_within
+from forgeline.tasks.config import PipelineConfig, TrackingConfig, dump_config, flatten, is_secret_key, redact
+from forgeline.tasks.errors import StageInterrupted
+from forgeline.tasks.locks import acquire_within
 
 logger = logging.getLogger(__name__)
 

@@ -17,17 +17,13 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-from prefect import task
-from prefect.artifacts import create_table_artifact
-from pydantic import BaseModel
-
-from tasks import progress, tracking
-from tasks.cleaning import CleanResult, clean_dataset, read_split_text, report_rows
-from tasks.config import DataConfig, PipelineConfig
-from tasks.evaluation import EvalResult, evaluate_model, score_text
-from tasks.model_card import write_model_card
-from tasks.prefect_progress import TrainProgressFeed
-from tasks.registry import (
+from forgeline.flows.prefect_progress import TrainProgressFeed
+from forgeline.tasks import progress
+from forgeline.tasks.config import DataConfig, PipelineConfig
+from forgeline.tasks.data.cleaning import CleanResult, clean_dataset, read_split_text, report_rows
+from forgeline.tasks.evaluate.evaluation import EvalResult, evaluate_model, score_text
+from forgeline.tasks.registry.model_card import write_model_card
+from forgeline.tasks.registry.versions import (
     BPB_TAG,
     FINGERPRINT_TAG,
     RegisterResult,
@@ -35,7 +31,11 @@ from tasks.registry import (
     log_transformers_model,
     register_version,
 )
-from tasks.training import TrainCallbacks, TrainResult, train_from_config
+from forgeline.tasks.tracking import runs as tracking
+from forgeline.tasks.train.training import TrainCallbacks, TrainResult, train_from_config
+from prefect import task
+from prefect.artifacts import create_table_artifact
+from pydantic import BaseModel
 
 logger = logging.getLogger(__name__)
 
@@ -256,8 +256,8 @@ def test_text(dataset_dir: str) -> str:
 @task(name="evaluate", task_run_name="evaluate candidate")
 def evaluate_task(cfg: PipelineConfig, outcome: TrainOutcome, dataset_dir: str, ctx: RunContext) -> EvalResult:
     """Score the candidate on the held-out split and generate samples from the fixed prompts."""
-    from tasks.modeling import load_pretrained_model
-    from tasks.training import resolve_device
+    from forgeline.tasks.model.modeling import load_pretrained_model
+    from forgeline.tasks.train.training import resolve_device
 
     with tracking.stage_run(ctx.experiment_id, "evaluate", parent_run_id=ctx.parent_run_id, tags=ctx.tags) as run_id:
         device = resolve_device(cfg.train)
@@ -347,9 +347,9 @@ def register_task(
 
 def rescore_model(model_uri: str, cfg: PipelineConfig, dataset_dir: str) -> float:
     """Bits per byte of a registered model on this run's held-out split (same code as the candidate)."""
-    from tasks.evaluation import bits_per_byte
-    from tasks.modeling import load_pretrained_model
-    from tasks.training import resolve_device
+    from forgeline.tasks.evaluate.evaluation import bits_per_byte
+    from forgeline.tasks.model.modeling import load_pretrained_model
+    from forgeline.tasks.train.training import resolve_device
 
     device = resolve_device(cfg.train)
     model, tokenizer = load_pretrained_model(model_uri)

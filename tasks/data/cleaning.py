@@ -59,10 +59,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
 
-from pydantic import BaseModel
-
-from tasks import progress
-from tasks.config import (
+from forgeline.tasks import progress
+from forgeline.tasks.config import (
     BuiltinSource,
     CleaningConfig,
     DataConfig,
@@ -71,6 +69,7 @@ from tasks.config import (
     Source,
     SplitFractions,
 )
+from pydantic import BaseModel
 
 logger = logging.getLogger(__name__)
 

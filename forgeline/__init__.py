@@ -1,0 +1,1 @@
+"""Forgeline: an experiment-tracking pipeline for training and fine-tuning transformer models."""
