@@ -39,6 +39,7 @@ test-e2e: install
 lint: install
 	$(VENV)/bin/ruff check forgeline flows tasks tests bench
 	$(VENV)/bin/ruff format --check forgeline flows tasks tests bench
+	$(PY) -m tests.architecture  # import-linter contracts (pyproject.toml) and no import circles
 
 format: install
 	$(VENV)/bin/ruff format forgeline flows tasks tests bench
