@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import importlib
 import importlib.util
+import re
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -36,3 +38,43 @@ def test_docs_are_linked_from_readme() -> None:
     for page in ("configuration", "architecture", "operations", "troubleshooting"):
         assert (ROOT / "docs" / f"{page}.md").is_file()
         assert f"docs/{page}.md" in readme
+
+
+_PATH = re.compile(r"(?<![\w./-])((?:flows|tasks|forgeline|bench|configs|docs|tests)/[\w./-]*\.(?:py|yaml|md|sh))")
+_DOTTED = re.compile(r"`(?:python -m )?(forgeline\.(?:flows|tasks|api)(?:\.\w+)*)")
+
+
+def _doc_texts() -> dict[str, str]:
+    docs = [ROOT / "README.md", ROOT / "BENCHMARKS.md", ROOT / "RELIABILITY.md", *sorted((ROOT / "docs").glob("*.md"))]
+    return {p.relative_to(ROOT).as_posix(): p.read_text(encoding="utf-8") for p in docs}
+
+
+def test_file_paths_named_in_the_docs_exist() -> None:
+    missing = {
+        f"{doc}: {path}"
+        for doc, text in _doc_texts().items()
+        for path in _PATH.findall(text)
+        if "*" not in path and "<" not in path and not (ROOT / path).exists()
+    }
+    assert not missing, sorted(missing)
+
+
+def test_python_names_in_the_docs_resolve() -> None:
+    broken = set()
+    for doc, text in _doc_texts().items():
+        for dotted in _DOTTED.findall(text):
+            parts = dotted.split(".")
+            for cut in range(len(parts), 0, -1):
+                try:
+                    obj = importlib.import_module(".".join(parts[:cut]))
+                except ImportError:
+                    continue
+                try:
+                    for attr in parts[cut:]:
+                        obj = getattr(obj, attr)
+                except AttributeError:
+                    broken.add(f"{doc}: {dotted}")
+                break
+            else:
+                broken.add(f"{doc}: {dotted}")
+    assert not broken, sorted(broken)
