@@ -11,8 +11,8 @@ from pathlib import Path
 import psutil
 import pytest
 from forgeline.flows import stack
-from forgeline.flows.deploy import REQUIRE_CUDA_ENV, base_job_template
-from forgeline.flows.seam import check_cuda
+from forgeline.flows.contract import REQUIRE_CUDA_ENV, check_cuda
+from forgeline.flows.deploy import base_job_template
 from forgeline.tasks.config import ConfigError, PipelineConfig, load_config
 
 
