@@ -23,13 +23,11 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+from forgeline.flows.contract import EVENT, POOL_ENV, REQUIRE_CUDA_ENV, resource_id
 from forgeline.tasks.config import PipelineConfig, WorkPoolConfig
 from pydantic import BaseModel
 
 logger = logging.getLogger(__name__)
-
-REQUIRE_CUDA_ENV = "FORGELINE_REQUIRE_CUDA"
-POOL_ENV = "FORGELINE_WORK_POOL"
 
 # deployment name -> (entrypoint, which pool: "cpu" or "gpu")
 DEPLOYMENTS: dict[str, tuple[str, str]] = {
@@ -56,7 +54,7 @@ def base_job_template(pool: WorkPoolConfig, heartbeat_seconds: int | None = None
     """The worker type's default job template with the pool's job variables as defaults.
 
     ``env`` always carries ``FORGELINE_WORK_POOL`` and, on a pool with ``require_cuda``,
-    ``FORGELINE_REQUIRE_CUDA=1`` (what :func:`forgeline.flows.seam.check_cuda` reads in the flow run); with
+    ``FORGELINE_REQUIRE_CUDA=1`` (what :func:`forgeline.flows.contract.check_cuda` reads in the flow run); with
     ``heartbeat_seconds``, ``PREFECT_FLOWS_HEARTBEAT_FREQUENCY``, so flow runs beat as often as the crash
     automation expects whatever their worker's environment says.
     """
@@ -206,8 +204,6 @@ def deployment_specs(config: PipelineConfig) -> list[dict[str, Any]]:
 
 def _retrain_options(config: PipelineConfig) -> dict[str, Any]:
     """Trigger on ``forgeline.dataset.updated`` for this dataset, optional cron schedule, one run at a time."""
-    from forgeline.flows.retrain import EVENT, resource_id
-
     trigger = {
         "type": "event",
         "name": f"retrain {config.name} on new data",

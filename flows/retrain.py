@@ -21,13 +21,13 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+from forgeline.flows.contract import EVENT, resource_id
 from forgeline.tasks.config import PipelineConfig
 from forgeline.tasks.tracking import runs as tracking
 from prefect import flow
 
 logger = logging.getLogger(__name__)
 
-EVENT = "forgeline.dataset.updated"
 RETRAIN_TAG = "forgeline.retrain_fingerprint"
 SUPPORTED = {".txt", ".md", ".jsonl", ".json", ".csv", ".parquet"}
 
@@ -62,12 +62,6 @@ def incoming_fingerprint(folder: Path) -> str:
     """Hash of the set of files in ``folder`` (their names are their content hashes); ``""`` when empty."""
     names = [p.name for p in incoming_files(folder)]
     return hashlib.sha256("\n".join(names).encode()).hexdigest()[:32] if names else ""
-
-
-def resource_id(config: PipelineConfig) -> str:
-    """The event resource of this config's dataset (triggers match it exactly)."""
-    safe = "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in config.name)
-    return f"forgeline.dataset.{safe}"
 
 
 def _expand(paths: list[str]) -> list[Path]:

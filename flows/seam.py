@@ -17,23 +17,24 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import time
 from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Any
 
-from forgeline.flows.deploy import POOL_ENV, REQUIRE_CUDA_ENV
+from forgeline.flows.contract import (
+    OUTCOME_ARTIFACT,
+    TRAIN_DEPLOYMENT,
+    TUNE_ARTIFACT,
+    TUNE_DEPLOYMENT,
+    read_outcome_json,
+    read_tune_result_json,
+)
 from forgeline.flows.stages import TrainOutcome
+from forgeline.flows.train import train_flow
 from forgeline.tasks.config import PipelineConfig
-from forgeline.tasks.tracking import runs as tracking
 
 logger = logging.getLogger(__name__)
-
-TRAIN_DEPLOYMENT = "train/train"
-TUNE_DEPLOYMENT = "tune/tune"
-TUNE_ARTIFACT = "tune_result.json"  # written by tasks/tune_tracking.py on the tune run
-OUTCOME_ARTIFACT = "forgeline/train_outcome.json"
 
 
 class DeployedRunError(RuntimeError):
@@ -65,8 +66,6 @@ def run_train(
         DeployedRunError: the deployed train run failed, crashed, timed out, or left no outcome.
     """
     if not deployed:
-        from forgeline.flows.train import train_flow
-
         return train_flow(config, dataset_dir, fingerprint, parent_run_id=parent_run_id, fresh=fresh)
     parameters = {
         "config": config.model_dump(mode="json"),
@@ -94,6 +93,7 @@ def run_tune(
     """
     if config.tune.n_trials == 0:
         return config  # no search: not even its imports (Optuna) on the way
+    # Imported only when tuning: Optuna and the search add about a second to every start-up otherwise.
     from forgeline.flows.tune import tune_with_workers, tuned_config
     from forgeline.tasks.tune import tuning
 
@@ -117,7 +117,9 @@ def run_tune(
         result = tune_with_workers(config, dataset_dir, fingerprint, launch, parent_run_id=parent_run_id)
         return tuning.apply_params(config, result.best_params)
     (child,) = wait_for_runs([submit(TUNE_DEPLOYMENT, parameters)], config, "tune")
-    text = _load_artifact(parent_run_id, str(child.id), "tune", TUNE_ARTIFACT)
+    text = read_tune_result_json(parent_run_id, str(child.id))
+    if text is None:
+        raise DeployedRunError(f"tune flow run {child.id} completed but left no {TUNE_ARTIFACT} in MLflow")
     result = tuning.TuneResult.model_validate(json.loads(text))
     logger.info("deployed tuning done: best %s with %s", result.best_value, result.best_params)
     return tuning.apply_params(config, result.best_params)
@@ -238,49 +240,13 @@ def cancel(client: Any, flow_run_id: Any, reason: str) -> None:
         logger.warning("could not cancel flow run %s: %s", flow_run_id, exc)
 
 
-def _load_artifact(parent_run_id: str, flow_run_id: str, stage: str, artifact: str) -> str:
-    """Text of ``artifact`` on the MLflow ``stage`` run that Prefect flow run ``flow_run_id`` created."""
-    import mlflow
-
-    experiment_id = tracking.client().get_run(parent_run_id).info.experiment_id
-    runs = tracking.find_runs(experiment_id, {"prefect.flow_run_id": flow_run_id, tracking.RUN_NAME_TAG: stage})
-    for run_id, _tags in runs:
-        try:
-            return mlflow.artifacts.load_text(f"runs:/{run_id}/{artifact}")
-        except Exception:  # noqa: BLE001 - a failed attempt of the same flow run has none; try the next
-            continue
-    raise DeployedRunError(f"{stage} flow run {flow_run_id} completed but left no {artifact} in MLflow")
-
-
 def read_outcome(parent_run_id: str, flow_run_id: str) -> TrainOutcome:
-    """The ``TrainOutcome`` the train flow run ``flow_run_id`` recorded in MLflow."""
-    return TrainOutcome.model_validate(
-        json.loads(_load_artifact(parent_run_id, flow_run_id, "train", OUTCOME_ARTIFACT))
-    )
-
-
-def record_outcome(outcome: TrainOutcome) -> None:
-    """Write ``outcome`` to its train run, where :func:`read_outcome` finds it (called by the train flow)."""
-    tracking.log_text(outcome.train_run_id, outcome.model_dump_json(), OUTCOME_ARTIFACT)
-
-
-def check_cuda(config: PipelineConfig) -> None:
-    """Fail fast in a flow run on a GPU pool that finds no CUDA, unless ``deploy.allow_cpu_fallback``.
+    """The ``TrainOutcome`` the train flow run ``flow_run_id`` recorded in MLflow.
 
     Raises:
-        RuntimeError: one line naming the pool and the way out.
+        DeployedRunError: the run left no outcome.
     """
-    if os.environ.get(REQUIRE_CUDA_ENV) != "1":
-        return
-    import torch
-
-    if torch.cuda.is_available():
-        return
-    pool = os.environ.get(POOL_ENV, "gpu")
-    if config.deploy.allow_cpu_fallback:
-        logger.warning("work pool %s: no CUDA device here; training on CPU (deploy.allow_cpu_fallback)", pool)
-        return
-    raise RuntimeError(
-        f"work pool {pool!r} needs CUDA but this worker has none (torch.cuda.is_available() is False); "
-        "start its worker on a GPU machine, or set deploy.allow_cpu_fallback: true to train on CPU"
-    )
+    text = read_outcome_json(parent_run_id, flow_run_id)
+    if text is None:
+        raise DeployedRunError(f"train flow run {flow_run_id} completed but left no {OUTCOME_ARTIFACT} in MLflow")
+    return TrainOutcome.model_validate(json.loads(text))

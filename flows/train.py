@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from forgeline.flows.contract import check_cuda, record_outcome
 from forgeline.flows.stages import RunContext, TrainOutcome, run_training
 from forgeline.tasks.config import PipelineConfig
 from forgeline.tasks.tracking import runs as tracking
@@ -27,8 +28,6 @@ def train_flow(
         parent_run_id: The pipeline's MLflow run, when called from the pipeline.
         fresh: Discard checkpoints of this config and data and train from scratch.
     """
-    from forgeline.flows.seam import check_cuda, record_outcome
-
     check_cuda(config)
     base_dir = Path.cwd()
     tracking.setup_tracking(config.tracking, base_dir)
@@ -36,5 +35,5 @@ def train_flow(
     tags = {**tracking.git_tags(base_dir), **tracking.prefect_tags(), "config_hash": config.config_hash()}
     ctx = RunContext(experiment_id=experiment_id, parent_run_id=parent_run_id, tags=tags, base_dir=str(base_dir))
     outcome = run_training(config, dataset_dir, fingerprint, ctx, fresh=fresh)
-    record_outcome(outcome)  # read back through MLflow when this ran as a deployment (flows/seam.py)
+    record_outcome(outcome)  # read back through MLflow when this ran as a deployment (flows/contract.py)
     return outcome

@@ -22,6 +22,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import optuna
+from forgeline.flows.contract import check_cuda
 from forgeline.flows.stages import training_dir
 from forgeline.tasks import progress
 from forgeline.tasks.config import PipelineConfig
@@ -60,8 +61,6 @@ def tune_flow(
     Raises:
         TuneError: no trial completed (the ``tune`` run ends FAILED); not raised in worker mode.
     """
-    from forgeline.flows.seam import check_cuda
-
     check_cuda(config)
     base_dir = Path.cwd()
     trials_root = training_dir(config, fingerprint, base_dir).parent

@@ -157,7 +157,8 @@ def watch_flow(config: PipelineConfig) -> WatchResult:
     Returns:
         What the run added, rejected and left for later, and whether it emitted the event.
     """
-    from forgeline.flows.retrain import EVENT, emit_dataset_updated
+    from forgeline.flows.contract import EVENT
+    from forgeline.flows.retrain import emit_dataset_updated
 
     result = scan_drop_folder(config)
     if result.added:

@@ -42,19 +42,20 @@ def forgeline(registry: Any, monkeypatch: pytest.MonkeyPatch) -> Iterator[Any]:
     """Invoke the ``forgeline`` app in-process; returns ``(exit_code, stdout, stderr)``."""
     import logging
 
-    from forgeline.flows import cli
+    from forgeline.flows.cli import console
+    from forgeline.flows.cli.main import app
     from typer.testing import CliRunner
 
-    monkeypatch.setattr(cli, "_configure_logging", lambda verbose: None)  # keep pytest's log handlers
-    monkeypatch.setattr(cli.out, "width", 200)
-    monkeypatch.setattr(cli.console, "width", 200)
+    monkeypatch.setattr(console, "configure_logging", lambda verbose: None)  # keep pytest's log handlers
+    monkeypatch.setattr(console.out, "width", 200)
+    monkeypatch.setattr(console.err, "width", 200)
     monkeypatch.setenv("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     names = ("forgeline", "mlflow", "alembic", "httpx")
     levels = {name: logging.getLogger(name).level for name in names}
     runner = CliRunner()
 
     def invoke(*args: str) -> tuple[int, str, str]:
-        result = runner.invoke(cli.app, list(args))
+        result = runner.invoke(app, list(args))
         if result.exception is not None and not isinstance(result.exception, SystemExit):
             raise result.exception
         return result.exit_code, result.stdout, result.stderr

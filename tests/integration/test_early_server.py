@@ -1,4 +1,4 @@
-"""``forgeline run`` starts Prefect's temporary server before its heavy imports (flows/cli.py).
+"""``forgeline run`` starts Prefect's temporary server before its heavy imports (flows/cli/startup.py).
 
 Each case runs in a fresh interpreter with its own ``PREFECT_HOME``: Prefect reads its settings once per
 process, and the server is a real ``uvicorn`` child that must be gone when the interpreter exits.
@@ -22,7 +22,7 @@ TIMEOUT = 240  # seconds; a first start creates Prefect's database (about 36 s o
 
 PROBE = """
 import json, os, urllib.request
-from forgeline.flows.cli import start_prefect_server_early
+from forgeline.flows.cli.startup import start_prefect_server_early
 server = start_prefect_server_early()
 if server is None:
     print(json.dumps({"server": None, "env": os.environ.get("PREFECT_API_URL")}))
@@ -87,7 +87,7 @@ def test_server_started_early_serves_prefect_and_stops_at_exit(tmp_path: Path) -
 def test_early_server_dies_with_a_killed_command(tmp_path: Path) -> None:
     script = (
         "import json, sys, time\n"
-        "from forgeline.flows.cli import start_prefect_server_early\n"
+        "from forgeline.flows.cli.startup import start_prefect_server_early\n"
         "server = start_prefect_server_early()\n"
         "print(json.dumps({'pid': server.process.pid}), flush=True)\n"
         "time.sleep(600)\n"

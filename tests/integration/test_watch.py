@@ -18,7 +18,7 @@ TEXT = "\n\n".join(f"Paragraph {i}: the watch takes files that are complete and 
 
 def _events(fingerprint: str, timeout: float = 30.0) -> list:
     """``forgeline.dataset.updated`` events with this fingerprint, once the server has stored them."""
-    from forgeline.flows.retrain import EVENT
+    from forgeline.flows.contract import EVENT
     from prefect import get_client
     from prefect.events.filters import EventFilter, EventNameFilter
 

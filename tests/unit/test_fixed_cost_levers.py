@@ -6,14 +6,14 @@ import pytest
 
 
 def test_heartbeats_off_only_on_our_temporary_server() -> None:
-    from forgeline.flows.cli import _no_heartbeats
+    from forgeline.flows.cli.startup import no_heartbeats
     from prefect.settings import get_current_settings
 
     default = get_current_settings().flows.heartbeat_frequency
     assert default is not None  # Prefect 3.9 beats by default
-    with _no_heartbeats(server=None):  # a stack or a configured API: its crash automation reads them
+    with no_heartbeats(server=None):  # a stack or a configured API: its crash automation reads them
         assert get_current_settings().flows.heartbeat_frequency == default
-    with _no_heartbeats(server=object()):  # type: ignore[arg-type] - only its presence matters
+    with no_heartbeats(server=object()):  # type: ignore[arg-type] - only its presence matters
         assert get_current_settings().flows.heartbeat_frequency is None
     assert get_current_settings().flows.heartbeat_frequency == default
 
@@ -67,8 +67,8 @@ def test_cli_exit_status_and_output_survive_the_fast_exit(fast: str, tmp_path) -
 def test_process_age_is_measured_from_this_process_start() -> None:
     import time
 
-    from forgeline.flows.cli import _process_age
+    from forgeline.flows.cli.runs import process_age
 
-    age = _process_age()
+    age = process_age()
     assert 0.0 < age < time.monotonic()  # pytest has been running a while; never a future or boot-time value
-    assert abs(_process_age() - age) < 1.0
+    assert abs(process_age() - age) < 1.0

@@ -11,8 +11,9 @@ from pathlib import Path
 import psutil
 import pytest
 from forgeline.flows import stack
-from forgeline.flows.deploy import REQUIRE_CUDA_ENV, base_job_template
-from forgeline.flows.seam import check_cuda
+from forgeline.flows.contract import REQUIRE_CUDA_ENV, check_cuda
+from forgeline.flows.deploy import base_job_template
+from forgeline.flows.stack import processes
 from forgeline.tasks.config import ConfigError, PipelineConfig, load_config
 
 
@@ -54,17 +55,19 @@ def test_home_defaults_to_dot_forgeline(tmp_path: Path, monkeypatch: pytest.Monk
 
 def test_stop_stack_stops_exactly_ours_and_escalates(tmp_path: Path) -> None:
     env = dict(os.environ)
-    polite = stack._spawn("worker-cpu", [sys.executable, "-c", "import time; time.sleep(60)"], env, tmp_path, tmp_path)
+    polite = processes._spawn(
+        "worker-cpu", [sys.executable, "-c", "import time; time.sleep(60)"], env, tmp_path, tmp_path
+    )
     stubborn_code = (
         "import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); "
         "print('rea' + 'dy', flush=True); time.sleep(60)"
     )
-    stubborn = stack._spawn("prefect-server", [sys.executable, "-c", stubborn_code], env, tmp_path, tmp_path)
+    stubborn = processes._spawn("prefect-server", [sys.executable, "-c", stubborn_code], env, tmp_path, tmp_path)
     bystander = psutil.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
     try:
         stack.write_state(_state(tmp_path, [polite, stubborn]))
         deadline = time.monotonic() + 10
-        while not stack._log_says(stubborn.log, "ready") and time.monotonic() < deadline:
+        while not processes._log_says(stubborn.log, "ready") and time.monotonic() < deadline:
             time.sleep(0.1)
         results = stack.stop_stack(tmp_path, grace=1.0)
         assert results == {"worker-cpu": "stopped", "prefect-server": "killed"}

@@ -1,0 +1,188 @@
+"""Commands that look back at recorded runs: ``compare`` (rank them), ``reproduce`` (re-run one exactly)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from forgeline.flows.cli import console, lookup
+from forgeline.flows.cli.console import EXIT_BAD_INPUT, EXIT_INTERRUPTED, fail, show
+from forgeline.flows.cli.format import duration, is_finite, num, when
+from forgeline.flows.cli.options import ConfigOpt, DataOpt, VerboseOpt, check_data, find_config
+
+REPRODUCES_TAG = "forgeline.reproduces"
+
+
+# --------------------------------------------------------------------------------------------- compare
+def compare(
+    experiment: Annotated[
+        str | None, typer.Option("--experiment", "-e", help="Experiment name (default: the config's name).")
+    ] = None,
+    config: ConfigOpt = None,
+    top: Annotated[int, typer.Option("--top", "-n", min=1, help="How many runs to show.")] = 10,
+    metric: Annotated[str, typer.Option("--metric", "-m", help="Metric to rank by.")] = "test/bits_per_byte",
+    higher_is_better: Annotated[
+        bool, typer.Option("--higher-is-better", help="Rank the largest value first (default: smallest).")
+    ] = False,
+    verbose: VerboseOpt = False,
+) -> None:
+    """Table of the best pipeline runs of an experiment: key params, metrics, duration, status.
+
+    Runs without the metric (failed, interrupted or re-used runs) come after the ranked ones.
+
+    Examples:
+
+        forgeline compare --config configs/smoke.yaml
+
+        forgeline compare --experiment forgeline-demo --top 5 --metric val/loss
+    """
+    from forgeline.tasks.tracking import queries
+
+    console.quiet_logging(verbose)
+    cfg = None if experiment is not None and config is None else find_config(config, required=experiment is None)
+    name = experiment or cfg.name
+    lookup.open_store(cfg)
+    experiment_id = queries.experiment_id(name)
+    if experiment_id is None:
+        known = ", ".join(queries.experiment_names()) or "none"
+        fail(f"no experiment named {name!r} in this store (experiments: {known})")
+    runs = queries.pipeline_runs(experiment_id)
+    if not runs:
+        fail(f"experiment {name!r} has no pipeline runs yet; run `forgeline run` first")
+    ranked = rank_runs(runs, metric, higher_is_better=higher_is_better)[:top]
+    show(compare_table(ranked, metric, title=f"{name}: best {len(ranked)} of {len(runs)} pipeline runs by {metric}"))
+
+
+def rank_runs(runs: list[Any], metric: str, *, higher_is_better: bool = False) -> list[Any]:
+    """Runs with ``metric`` best first, then the rest newest first."""
+    scored = [r for r in runs if is_finite(r.data.metrics.get(metric))]
+    rest = [r for r in runs if not is_finite(r.data.metrics.get(metric))]
+    scored.sort(key=lambda r: r.data.metrics[metric], reverse=higher_is_better)
+    rest.sort(key=lambda r: r.info.start_time or 0, reverse=True)
+    return scored + rest
+
+
+def compare_table(runs: list[Any], metric: str, *, title: str) -> Any:
+    """A rich table of pipeline runs (one row each)."""
+    from rich.table import Table
+
+    metric_cols = list(dict.fromkeys([metric, "test/bits_per_byte", "test/loss", "val/loss"]))
+    params = [
+        ("model.n_layer", "layers"),
+        ("model.n_embd", "width"),
+        ("train.max_steps", "steps"),
+        ("train.learning_rate", "lr"),
+    ]
+    table = Table(title=title, title_justify="left")
+    for head in ("run", "started", "status", "duration", "version"):
+        table.add_column(head, no_wrap=True)
+    for _, head in params:
+        table.add_column(head, justify="right")
+    for col in metric_cols:
+        table.add_column(col, justify="right")
+    for run in runs:
+        tags, data = run.data.tags, run.data
+        version = tags.get("model_version") or (
+            f"{tags['forgeline.reused_version']} (reused)" if tags.get("forgeline.reused_version") else "-"
+        )
+        cells = [
+            run.info.run_id[:12],
+            when(run.info.start_time),
+            run.info.status,
+            duration(run.info.start_time, run.info.end_time),
+            version,
+        ]
+        cells += [data.params.get(key, "-") for key, _ in params]
+        cells += [num(data.metrics.get(col)) for col in metric_cols]
+        table.add_row(*cells)
+    return table
+
+
+# ------------------------------------------------------------------------------------------- reproduce
+def reproduce(
+    model: Annotated[str, typer.Argument(help="Registered version: models:/NAME/VERSION or models:/NAME@ALIAS.")],
+    data: DataOpt = None,
+    tolerance: Annotated[
+        float, typer.Option(min=0, help="Largest difference in a metric still called the same.")
+    ] = 0.01,
+    verbose: VerboseOpt = False,
+) -> None:
+    """Re-run a registered version's exact resolved config on its data; compare the new metrics with the old.
+
+    Refuses when the data now cleans to a different fingerprint (point --data at the data the version was
+    trained on, if not its config's). The new run trains from scratch and registers a new version (tagged
+    forgeline.reproduces); the champion gate treats it like any other.
+
+    Example:
+
+        forgeline reproduce models:/forgeline-demo-lm/3
+    """
+    from forgeline.tasks.data.cleaning import DataError, clean_dataset
+    from forgeline.tasks.registry.versions import FINGERPRINT_TAG
+    from forgeline.tasks.tracking import queries
+
+    console.quiet_logging(verbose, progress=True)
+    console.prefect_env()
+    if not model.startswith("models:/"):
+        fail(
+            f"{model}: reproduce needs a registered model URI (models:/NAME/VERSION or models:/NAME@ALIAS)",
+            EXIT_BAD_INPUT,
+        )
+    lookup.open_store()
+    version = lookup.resolve_model_uri(model)
+    expected = version.tags.get(FINGERPRINT_TAG)
+    if not expected:
+        fail(f"{version.name} version {version.version} has no {FINGERPRINT_TAG} tag; cannot check its data")
+    data_paths = check_data(data)
+    try:
+        data_cfg = lookup.version_data_config(version)
+        cleaned = clean_dataset(data_cfg, data_override=data_paths, base_dir=Path.cwd())
+    except (ValueError, OSError) as exc:  # DataError is a ValueError
+        fail(str(exc), code=EXIT_BAD_INPUT if isinstance(exc, DataError) else 1)
+    if cleaned.fingerprint != expected:
+        fail(
+            f"data changed: {version.name} version {version.version} was trained on data {expected[:12]}, "
+            f"the data now cleans to {cleaned.fingerprint[:12]}; refusing to reproduce "
+            "(point --data at the original data)"
+        )
+    try:
+        cfg = lookup.version_config(version)
+    except (ValueError, OSError) as exc:
+        fail(str(exc))
+    old = lookup.version_metrics(version)
+    from forgeline.flows.pipeline import pipeline_flow
+
+    try:
+        result = pipeline_flow(cfg.for_flow_run(), data=data_paths, fresh=True)
+    except KeyboardInterrupt:
+        fail("interrupted", code=EXIT_INTERRUPTED)
+    except Exception as exc:  # noqa: BLE001 - one line and a non-zero exit
+        fail(console.one_line(exc))
+    original = f"models:/{version.name}/{version.version}"
+    queries.tag_quietly(result.run_id, result.model_name, result.version, REPRODUCES_TAG, original)
+    table, same = reproduce_table(old, result.metrics, version.version, result.version, tolerance)
+    show(table)
+    verdict = "reproduced: every metric within" if same else "differs: some metric differs by more than"
+    show(f"{verdict} {tolerance:g} of version {version.version} (new version {result.version})")
+
+
+def reproduce_table(
+    old: dict[str, float], new: dict[str, float], old_version: str, new_version: str | None, tolerance: float
+) -> tuple[Any, bool]:
+    """The old-versus-new metrics table and whether every shared metric is within ``tolerance``."""
+    from rich.table import Table
+
+    table = Table(title="Reproduction", title_justify="left")
+    for head in ("metric", f"version {old_version}", f"reproduced (version {new_version or '-'})", "difference"):
+        table.add_column(head, justify="right")
+    same = True
+    for key in dict.fromkeys([*old, *new]):
+        a, b = old.get(key), new.get(key)
+        diff = "-"
+        if a is not None and b is not None:
+            delta = b - a
+            diff = f"{delta:+.6f}"
+            same = same and abs(delta) <= tolerance
+        table.add_row(key, num(a, 6), num(b, 6), diff)
+    return table, same
