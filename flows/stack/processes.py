@@ -9,6 +9,7 @@ those processes.
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import os
 import shutil
 import signal
@@ -48,9 +49,9 @@ def _bin(name: str) -> str:
 
 def _import_root() -> str:
     """The folder ``forgeline`` is imported from (a clone's root for an editable install, else site-packages)."""
-    import forgeline
-
-    return str(Path(forgeline.__file__).resolve().parents[1])
+    spec = importlib.util.find_spec("forgeline")  # found, not imported: the stack stays below the API
+    assert spec is not None and spec.origin is not None
+    return str(Path(spec.origin).resolve().parents[1])
 
 
 def base_env(home: Path) -> dict[str, str]:
