@@ -225,3 +225,42 @@ def test_cache_hit_logs_the_kept_chart_without_drawing(
     with tracking_runs.stage_run(exp, "chart-again") as run_id:
         stage_records.log_cleaning_chart(run_id, second)
     assert "cleaning_report.png" in {a.path for a in client.list_artifacts(run_id)}
+
+
+def test_clean_retries_a_transient_failure_but_not_bad_input(
+    cleaned: dict[str, Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from forgeline.flows import stages
+    from forgeline.tasks.data.cleaning import DataError
+    from prefect import flow
+
+    cfg, project = cleaned["cfg"], cleaned["project"]
+    ctx = stages.RunContext(experiment_id=cleaned["runs"][0].info.experiment_id, tags={}, base_dir=str(project.root))
+    real = stages.clean_dataset
+    calls: list[str] = []
+
+    def flaky(data_cfg: Any, **kwargs: Any) -> Any:
+        calls.append("flaky")
+        if len(calls) == 1:
+            raise OSError("the network mount went away")
+        return real(data_cfg, **kwargs)
+
+    def bad_input(data_cfg: Any, **kwargs: Any) -> Any:
+        calls.append("bad")
+        raise DataError("no records left after cleaning")
+
+    clean = stages.clean_task.with_options(retry_delay_seconds=0)
+
+    @flow(name="clean-once")
+    def clean_once() -> Any:
+        return clean(cfg.data, ctx)
+
+    monkeypatch.setattr(stages, "clean_dataset", flaky)
+    assert clean_once().fingerprint == cleaned["first"].fingerprint
+    assert calls == ["flaky", "flaky"]  # failed once, retried once
+
+    calls.clear()
+    monkeypatch.setattr(stages, "clean_dataset", bad_input)
+    with pytest.raises(DataError, match="no records"):
+        clean_once()
+    assert calls == ["bad"]  # bad input fails at once
