@@ -6,14 +6,12 @@ tracking package (and the tuner to Optuna's pruner).
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import math
 import os
 import signal
-import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -32,6 +30,7 @@ from forgeline.tasks.train.batches import (
 )
 from forgeline.tasks.train.checkpoints import load_latest_checkpoint, save_checkpoint
 from forgeline.tasks.train.schedule import get_lr, make_optimizer
+from forgeline.tasks.train.signals import stop_on_signal
 from forgeline.tasks.train.tokens import load_token_splits, prepare_tokenizer
 from pydantic import BaseModel
 
@@ -68,29 +67,6 @@ class TrainCallbacks:
     on_start: Callable[[dict[str, Any]], None] | None = None
     on_metrics: Callable[[int, dict[str, float]], None] | None = None
     on_eval: Callable[[int, float], None] | None = None  # may raise (e.g. optuna.TrialPruned)
-
-
-@contextlib.contextmanager
-def _stop_on_sigterm() -> Iterator[threading.Event]:
-    """An event set on SIGTERM or SIGINT (main thread only); the loop checkpoints and stops after the step."""
-    event = threading.Event()
-    if threading.current_thread() is not threading.main_thread():
-        yield event
-        return
-    # Ctrl-C behaves like SIGTERM while training: finish the step, checkpoint, stop.
-    previous = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT)}
-
-    def _stop(signum: int, _frame: object) -> None:
-        event.signum = signum  # type: ignore[attr-defined] - which signal decides the exit code
-        event.set()
-
-    for sig in previous:
-        signal.signal(sig, _stop)
-    try:
-        yield event
-    finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
 
 
 @dataclass
@@ -265,7 +241,7 @@ def _loop(
     # History "time": seconds of training loop since the run began (a resumed run continues the clock).
     t_offset = max((h.get("time", 0.0) for h in state.history or []), default=0.0) - loop_t0
     model.train()
-    with _stop_on_sigterm() as stop:
+    with stop_on_signal() as stop:
         while state.step < cfg.max_steps:
             step = state.step
             lr = get_lr(step, cfg)
