@@ -251,8 +251,9 @@ def test_metrics_undelivered_past_the_budget_are_spooled_then_delivered_at_the_n
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     from forgeline.tasks.config import TrackingConfig
-    from forgeline.tasks.tracking import metrics, spool, store
+    from forgeline.tasks.tracking import metrics, store
     from forgeline.tasks.tracking import runs as tracking_runs
+    from forgeline.tasks.tracking import spool as tracking_spool
 
     monkeypatch.chdir(tmp_path)
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
@@ -284,6 +285,6 @@ def test_metrics_undelivered_past_the_budget_are_spooled_then_delivered_at_the_n
         history = store.client().get_metric_history(run_id, "train/loss")
         assert sorted(m.step for m in history) == list(range(1, 61))
         assert not spool.exists()
-        assert spool.deliver_spooled_metrics() == 0  # delivered once, not again
+        assert tracking_spool.deliver_spooled_metrics() == 0  # delivered once, not again
     finally:
         os.environ.pop("MLFLOW_TRACKING_URI", None)
