@@ -7,7 +7,7 @@ On the lent GPU (``bash bench/gpu.sh``, under 5 minutes of device time) it measu
 - ``nanoGPT's model by hand``: bench/nanogpt_reference.py's module at the recipe's size, compiled, bf16,
   AdamW fused (nanoGPT's own choice on CUDA), ``--ref-steps`` steps: ms per step;
 - ``bare loop``: Forgeline's model (``build_model``) in a hand-written loop, same settings: ms per step;
-- ``pipeline``: ``train_from_config`` with its MLflow tracking (SQLite) for the whole recipe (5000 steps):
+- ``pipeline``: ``train_model`` with its MLflow tracking (SQLite) for the whole recipe (5000 steps):
   ms per step, tokens per second, MFU, and the seconds to the first evaluation at validation loss <= 1.47
   (compile included).
 
@@ -75,7 +75,8 @@ def steady_ms(times: list[float]) -> float:
 
 def timed_loop(model: torch.nn.Module, loss_of, cfg: PipelineConfig, data: torch.Tensor, steps: int) -> list[float]:  # noqa: ANN001
     """``steps`` optimizer steps of the training loop's shape (random windows, clip, fused AdamW), timed."""
-    from forgeline.tasks.train.training import autocast_context, make_optimizer
+    from forgeline.tasks.train.batches import autocast_context
+    from forgeline.tasks.train.schedule import make_optimizer
 
     m, t = cfg.model, cfg.train
     device = data.device
@@ -105,7 +106,7 @@ def by_hand(cfg: PipelineConfig, data: torch.Tensor, vocab: int, steps: int) -> 
 
 def bare_loop(cfg: PipelineConfig, data: torch.Tensor, tokenizer, steps: int) -> list[float]:  # noqa: ANN001
     from forgeline.tasks.model.modeling import build_model
-    from forgeline.tasks.train.training import lm_loss
+    from forgeline.tasks.train.batches import lm_loss
 
     torch.manual_seed(cfg.seed)
     model = build_model(cfg.model, tokenizer).to(data.device)
@@ -114,17 +115,26 @@ def bare_loop(cfg: PipelineConfig, data: torch.Tensor, tokenizer, steps: int) ->
 
 
 def pipeline(cfg: PipelineConfig, dataset_dir: str, tmp: Path, target: float) -> dict:
-    from forgeline.tasks.tracking import runs as tracking
-    from forgeline.tasks.train.training import TrainCallbacks, train_from_config
+    from forgeline.tasks.tracking import store
+    from forgeline.tasks.tracking.metrics import MetricBuffer
+    from forgeline.tasks.tracking.runs import stage_run
+    from forgeline.tasks.train.loop import TrainCallbacks, train_model
 
     os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{tmp / 'mlflow.db'}"
-    tracking.setup_tracking(cfg.tracking, tmp)
-    exp = tracking.ensure_experiment("bench-gpu", cfg.tracking, tmp)
-    with tracking.stage_run(exp, "gpu-pipeline") as run_id:
-        buffer = tracking.MetricBuffer(run_id, flush_every=cfg.tracking.metric_flush_interval)
+    store.setup_tracking(cfg.tracking, tmp)
+    exp = store.ensure_experiment("bench-gpu", cfg.tracking, tmp)
+    with stage_run(exp, "gpu-pipeline") as run_id:
+        buffer = MetricBuffer(run_id, flush_every=cfg.tracking.metric_flush_interval)
         t0 = time.perf_counter()
-        result = train_from_config(
-            cfg, dataset_dir=dataset_dir, run_dir=tmp / "run", callbacks=TrainCallbacks(on_metrics=buffer.add)
+        result = train_model(
+            cfg.train,
+            cfg.model,
+            cfg.tokenizer,
+            dataset_dir=dataset_dir,
+            run_dir=tmp / "run",
+            seed=cfg.seed,
+            config_hash=cfg.config_hash(),
+            callbacks=TrainCallbacks(on_metrics=buffer.add),
         )
         wall = time.perf_counter() - t0
         buffer.close()
@@ -159,7 +169,8 @@ def main() -> None:
         overrides += ["train.compile=false", "train.device=cpu", "train.checkpoint_interval=6"]
     cfg = load_config(args.config, overrides)
 
-    from forgeline.tasks.train.training import load_token_splits, prepare_tokenizer, resolve_device
+    from forgeline.tasks.train.batches import resolve_device
+    from forgeline.tasks.train.tokens import load_token_splits, prepare_tokenizer
 
     device = resolve_device(cfg.train)
     with tempfile.TemporaryDirectory(prefix="forgeline-gpu-bench-") as tmp_name:

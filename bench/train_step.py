@@ -53,7 +53,8 @@ def make_dataset(tmp: Path) -> str:
 def bare_loop(cfg: PipelineConfig, train_data: torch.Tensor, tokenizer: object, steps: int) -> list[float]:
     """The loop a person would write by hand: no tracking, no checkpoints, no callbacks."""
     from forgeline.tasks.model.modeling import build_model
-    from forgeline.tasks.train.training import get_lr, lm_loss, make_optimizer, sample_batch
+    from forgeline.tasks.train.batches import lm_loss, sample_batch
+    from forgeline.tasks.train.schedule import get_lr, make_optimizer
 
     torch.manual_seed(cfg.seed)
     model = build_model(cfg.model, tokenizer)
@@ -78,17 +79,26 @@ def bare_loop(cfg: PipelineConfig, train_data: torch.Tensor, tokenizer: object, 
 
 def pipeline_loop(cfg: PipelineConfig, dataset_dir: str, run_dir: Path, run_id: str) -> list[float]:
     """``train_model`` with the pipeline's real tracking callbacks (batched MLflow metrics)."""
-    from forgeline.tasks.tracking import runs as tracking
-    from forgeline.tasks.train.training import TrainCallbacks, train_from_config
+    from forgeline.tasks.tracking.metrics import MetricBuffer
+    from forgeline.tasks.train.loop import TrainCallbacks, train_model
 
     stamps: list[float] = []
-    buffer = tracking.MetricBuffer(run_id, flush_every=cfg.tracking.metric_flush_interval)
+    buffer = MetricBuffer(run_id, flush_every=cfg.tracking.metric_flush_interval)
 
     def on_metrics(step: int, metrics: dict[str, float]) -> None:
         buffer.add(step, metrics)
         stamps.append(time.perf_counter())
 
-    train_from_config(cfg, dataset_dir=dataset_dir, run_dir=run_dir, callbacks=TrainCallbacks(on_metrics=on_metrics))
+    train_model(
+        cfg.train,
+        cfg.model,
+        cfg.tokenizer,
+        dataset_dir=dataset_dir,
+        run_dir=run_dir,
+        seed=cfg.seed,
+        config_hash=cfg.config_hash(),
+        callbacks=TrainCallbacks(on_metrics=on_metrics),
+    )
     buffer.close()
     return [b - a for a, b in zip(stamps, stamps[1:], strict=False)]
 
@@ -116,8 +126,9 @@ def main() -> None:
     ]
     cfg = load_config(ROOT / "configs" / "shakespeare_char.yaml", overrides)
 
-    from forgeline.tasks.tracking import runs as tracking
-    from forgeline.tasks.train.training import load_token_splits, prepare_tokenizer
+    from forgeline.tasks.tracking import store
+    from forgeline.tasks.tracking.runs import stage_run
+    from forgeline.tasks.train.tokens import load_token_splits, prepare_tokenizer
 
     bare_ms: list[float] = []
     pipe_ms: list[float] = []
@@ -125,14 +136,14 @@ def main() -> None:
         tmp = Path(tmp_str)
         dataset_dir = make_dataset(tmp)
         os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{tmp / 'mlflow.db'}"
-        tracking.setup_tracking(cfg.tracking, tmp)
-        exp = tracking.ensure_experiment("bench-train-step", cfg.tracking, tmp)
+        store.setup_tracking(cfg.tracking, tmp)
+        exp = store.ensure_experiment("bench-train-step", cfg.tracking, tmp)
         tokenizer = prepare_tokenizer(cfg.tokenizer, dataset_dir, tmp / "tok")
         train_data, _ = load_token_splits(tokenizer, dataset_dir, cfg.model.block_size)
         skip = min(10, steps // 3)
         for r in range(rounds):
             bare_ms.append(steady(bare_loop(cfg, train_data, tokenizer, steps), skip))
-            with tracking.stage_run(exp, f"bench-{r}") as run_id:
+            with stage_run(exp, f"bench-{r}") as run_id:
                 pipe_ms.append(steady(pipeline_loop(cfg, dataset_dir, tmp / f"run-{r}", run_id), skip))
     ratios = [b / p for b, p in zip(bare_ms, pipe_ms, strict=True)]
     rows = {

@@ -11,7 +11,7 @@ Reported per row: best validation loss of the search (trial length), total searc
 wall time, and the validation loss of the full-length training (equal steps to the untuned row). The
 claims to check: pruning reaches the same best trial loss for clearly fewer steps, and the tuned
 parameters beat the recipe at an equal number of training steps. No MLflow or Prefect involved: this
-measures the search itself (``forgeline.tasks.tune.tuning``) and the training loop.
+measures the search itself (``forgeline.tasks.tune``) and the training loop.
 
     .venv/bin/python bench/tune_pruning.py            # full: 8 trials x 500 steps per search, ~30-40 min on 2 cores
     .venv/bin/python bench/tune_pruning.py --smoke    # < 60 s: a 1-layer model, 4 trials x 20 steps (checks it works)
@@ -36,7 +36,8 @@ sys.path.insert(0, str(ROOT))
 
 from forgeline.tasks.config import PipelineConfig, load_config  # noqa: E402
 from forgeline.tasks.data.cleaning import clean_dataset  # noqa: E402
-from forgeline.tasks.tune import tuning  # noqa: E402
+from forgeline.tasks.tune import space, workers  # noqa: E402
+from forgeline.tasks.tune import study as studies  # noqa: E402
 
 SHAKESPEARE = ROOT.parent / "shared" / "data" / "tinyshakespeare" / "input.txt"
 RESULTS = ROOT / "bench" / "results"
@@ -86,10 +87,18 @@ def bench_config(args: argparse.Namespace, work: Path) -> PipelineConfig:
 
 def train_full(cfg: PipelineConfig, dataset_dir: str, run_dir: Path) -> dict[str, Any]:
     """Train ``cfg`` for its full ``train.max_steps``; validation loss and wall time."""
-    from forgeline.tasks.train.training import train_from_config
+    from forgeline.tasks.train.loop import train_model
 
     t0 = time.perf_counter()
-    result = train_from_config(cfg, dataset_dir=dataset_dir, run_dir=run_dir)
+    result = train_model(
+        cfg.train,
+        cfg.model,
+        cfg.tokenizer,
+        dataset_dir=dataset_dir,
+        run_dir=run_dir,
+        seed=cfg.seed,
+        config_hash=cfg.config_hash(),
+    )
     return {
         "steps": result.steps,
         "best_val_loss": result.best_val_loss,
@@ -101,12 +110,12 @@ def train_full(cfg: PipelineConfig, dataset_dir: str, run_dir: Path) -> dict[str
 def run_search(cfg: PipelineConfig, pruner: str, dataset_dir: str, fingerprint: str, work: Path) -> dict[str, Any]:
     """One search with ``pruner``, then its best parameters trained at full length."""
     searched = cfg.model_copy(update={"tune": cfg.tune.model_copy(update={"pruner": pruner})})
-    spec = tuning.build_spec(searched, dataset_dir, fingerprint, trials_root=work / f"trials-{pruner}")
+    spec = studies.build_spec(searched, dataset_dir, fingerprint, trials_root=work / f"trials-{pruner}")
     t0 = time.perf_counter()
-    result = tuning.run_study(spec)
+    result = workers.run_study(spec)
     search_seconds = time.perf_counter() - t0
     result.require_best()
-    final = train_full(tuning.apply_params(cfg, result.best_params), dataset_dir, work / f"final-{pruner}")
+    final = train_full(space.apply_params(cfg, result.best_params), dataset_dir, work / f"final-{pruner}")
     return {
         "pruner": pruner,
         "trials": result.counts,

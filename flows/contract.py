@@ -13,8 +13,7 @@ import os
 from typing import Protocol
 
 from forgeline.tasks.config import PipelineConfig
-from forgeline.tasks.tracking import queries
-from forgeline.tasks.tracking import runs as tracking
+from forgeline.tasks.tracking import queries, records
 
 logger = logging.getLogger(__name__)
 
@@ -78,7 +77,7 @@ class Outcome(Protocol):
 
 def record_outcome(outcome: Outcome) -> None:
     """Write ``outcome`` to its train run, where :func:`read_outcome_json` finds it (called by the train flow)."""
-    tracking.log_text(outcome.train_run_id, outcome.model_dump_json(), OUTCOME_ARTIFACT)
+    records.log_text(outcome.train_run_id, outcome.model_dump_json(), OUTCOME_ARTIFACT)
 
 
 def read_outcome_json(parent_run_id: str, flow_run_id: str) -> str | None:

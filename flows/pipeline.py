@@ -7,10 +7,21 @@ import time
 from pathlib import Path
 
 from forgeline.flows.seam import run_train, run_tune
-from forgeline.flows.stages import RunContext, clean_task, evaluate_task, read_lineage, register_task, training_dir
+from forgeline.flows.stages import (
+    RunContext,
+    clean_task,
+    evaluate_task,
+    read_lineage,
+    register_task,
+    run_tags,
+    training_dir,
+)
 from forgeline.tasks.config import PipelineConfig
-from forgeline.tasks.registry.versions import LINEAGE_TAG, find_lineage_version
-from forgeline.tasks.tracking import runs as tracking
+from forgeline.tasks.registry.versions import LINEAGE_TAG
+from forgeline.tasks.tracking import records, store
+from forgeline.tasks.tracking.links import ui_model_version_url, ui_run_url
+from forgeline.tasks.tracking.registry_store import find_lineage_version
+from forgeline.tasks.tracking.runs import reap_orphan_runs, stage_run
 from prefect import flow
 from prefect.artifacts import create_link_artifact, create_markdown_artifact, create_table_artifact
 from pydantic import BaseModel
@@ -51,17 +62,17 @@ def pipeline_flow(
     """
     clock = Laps()
     base_dir = Path.cwd()
-    uri = tracking.setup_tracking(config.tracking, base_dir)
-    experiment_id = tracking.ensure_experiment(config.name, config.tracking, base_dir)
-    tracking.reap_orphan_runs(experiment_id)
-    tags = {**tracking.git_tags(base_dir), **tracking.prefect_tags(), "config_hash": config.config_hash()}
-    with tracking.stage_run(experiment_id, "pipeline", tags=tags) as run_id:
+    uri = store.setup_tracking(config.tracking, base_dir)
+    experiment_id = store.ensure_experiment(config.name, config.tracking, base_dir)
+    reap_orphan_runs(experiment_id)
+    tags = run_tags(config, base_dir)
+    with stage_run(experiment_id, "pipeline", tags=tags) as run_id:
         ctx = RunContext(experiment_id=experiment_id, parent_run_id=run_id, tags=tags, base_dir=str(base_dir))
-        tracking.log_config(run_id, config)
+        records.log_config(run_id, config)
         clock.lap("tracking_setup")
         cleaned = clean_task(config.data, ctx, data)
         ctx = ctx.model_copy(update={"tags": {**tags, "data_fingerprint": cleaned.fingerprint}})
-        tracking.set_tags(run_id, {"data_fingerprint": cleaned.fingerprint})
+        records.set_tags(run_id, {"data_fingerprint": cleaned.fingerprint})
         clock.lap("clean")
         config = run_tune(config, cleaned.dataset_dir, cleaned.fingerprint, run_id, deployed)
         clock.lap("tune")
@@ -89,8 +100,8 @@ def pipeline_flow(
         }
         if outcome.result.final_val_loss is not None:
             metrics["val/loss"] = outcome.result.final_val_loss
-        tracking.log_metrics(run_id, metrics | {f"time/{k}": v for k, v in clock.laps.items()})
-        tracking.set_tags(run_id, {"model_version": registered.version, "promoted": registered.promoted})
+        records.log_metrics(run_id, metrics | {f"time/{k}": v for k, v in clock.laps.items()})
+        records.set_tags(run_id, {"model_version": registered.version, "promoted": registered.promoted})
         summary = summary.model_copy(
             update={
                 "version": registered.version,
@@ -140,7 +151,7 @@ def _reuse(summary: PipelineResult, version: object, run_id: str) -> PipelineRes
         summary.model_name,
         number,
     )
-    tracking.set_tags(run_id, {"forgeline.reused_version": number, LINEAGE_TAG: version.tags.get(LINEAGE_TAG, "")})  # type: ignore[attr-defined]
+    records.set_tags(run_id, {"forgeline.reused_version": number, LINEAGE_TAG: version.tags.get(LINEAGE_TAG, "")})  # type: ignore[attr-defined]
     return summary.model_copy(update={"version": number, "reused": True, "decision": "already registered"})
 
 
@@ -189,9 +200,9 @@ def mlflow_model_version_url(summary: PipelineResult) -> str | None:
     """The MLflow UI link of the registered model version (same UI address as :func:`mlflow_run_url`)."""
     if summary.version is None:
         return None
-    return f"{tracking.ui_base_url(summary.tracking_uri)}/#/models/{summary.model_name}/versions/{summary.version}"
+    return ui_model_version_url(summary.tracking_uri, summary.model_name, summary.version)
 
 
 def mlflow_run_url(summary: PipelineResult) -> str | None:
     """The MLflow UI link of the pipeline run (the local UI's default address for a SQLite store)."""
-    return tracking.ui_run_url(summary.tracking_uri, summary.experiment_id, summary.run_id)
+    return ui_run_url(summary.tracking_uri, summary.experiment_id, summary.run_id)

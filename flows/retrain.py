@@ -12,18 +12,20 @@ the deployment's concurrency limit of 1 queues events that arrive together."""
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import hashlib
 import logging
 import os
 import shutil
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 from forgeline.flows.contract import EVENT, resource_id
 from forgeline.tasks.config import PipelineConfig
-from forgeline.tasks.tracking import runs as tracking
+from forgeline.tasks.locks import host_lock
+from forgeline.tasks.tracking import records, store
+from forgeline.tasks.tracking.registry_store import champion_version
+from forgeline.tasks.tracking.runs import find_runs
+from forgeline.tasks.tracking.tags import RUN_NAME_TAG
 from prefect import flow
 
 logger = logging.getLogger(__name__)
@@ -169,15 +171,13 @@ def read_complete(
     return {p: done[p] for p in paths}
 
 
-@contextlib.contextmanager
-def _folder_lock(folder: Path) -> Iterator[None]:
-    """Exclusive lock on the incoming folder itself (no lock file to leave behind): one ingest at a time."""
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
-        yield
-    finally:
-        os.close(fd)  # closing releases the lock
+def _folder_lock(folder: Path) -> contextlib.AbstractContextManager[None]:
+    """Exclusive lock for the incoming folder: one ingest at a time.
+
+    The lock file sits beside the folder, hidden like the ``.partial`` staging folder: inside, it would show
+    up among the incoming files. It stays there (removing it would race with the next ingest).
+    """
+    return host_lock(folder.parent / f".{folder.name}.lock")
 
 
 def ingest_files(
@@ -264,14 +264,13 @@ def retrain_config(config: PipelineConfig, base_dir: Path) -> PipelineConfig:
     """The config's sources plus the incoming folder; ``init_from`` the champion when configured and present."""
     tree = config.model_dump(mode="json")
     folder = incoming_dir(config, base_dir)
-    if any(folder.glob("*")):
+    if incoming_files(folder):
         tree["data"]["sources"].append({"kind": "directory", "path": str(folder)})
     if config.deploy.retrain_from == "champion" and not config.model.init_from:
         uri = f"models:/{config.registry.model_name}@{config.registry.champion_alias}"
-        try:
-            tracking.client().get_model_version_by_alias(config.registry.model_name, config.registry.champion_alias)
+        if champion_version(config.registry.model_name, config.registry.champion_alias) is not None:
             tree["model"]["init_from"] = uri
-        except Exception:  # noqa: BLE001 - no champion yet: train from scratch
+        else:  # no champion yet: train from scratch
             logger.info("no %s yet; retraining from scratch", uri)
     return PipelineConfig.model_validate(tree)
 
@@ -302,11 +301,11 @@ def retrain_flow(config: PipelineConfig, fingerprint: str | None = None, deploye
     key = incoming_fingerprint(incoming_dir(config, base_dir)) or "none"
     if fingerprint and fingerprint != key:
         log.info("event for incoming data %s; the folder now holds %s, which is what counts", fingerprint, key)
-    tracking.setup_tracking(config.tracking, base_dir)
-    experiment_id = tracking.ensure_experiment(config.name, config.tracking, base_dir)
+    store.setup_tracking(config.tracking, base_dir)
+    experiment_id = store.ensure_experiment(config.name, config.tracking, base_dir)
     done = [
         run_id
-        for run_id, tags in tracking.find_runs(experiment_id, {RETRAIN_TAG: key, tracking.RUN_NAME_TAG: "pipeline"})
+        for run_id, tags in find_runs(experiment_id, {RETRAIN_TAG: key, RUN_NAME_TAG: "pipeline"})
         if tags.get("forgeline.retrain_status") == "done"
     ]
     if done:
@@ -317,5 +316,5 @@ def retrain_flow(config: PipelineConfig, fingerprint: str | None = None, deploye
     tags = {RETRAIN_TAG: key, "forgeline.retrain_status": "done"}
     if fingerprint:
         tags["forgeline.retrain_event_fingerprint"] = fingerprint
-    tracking.set_tags(result.run_id, tags)
+    records.set_tags(result.run_id, tags)
     return result.run_id

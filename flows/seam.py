@@ -95,7 +95,8 @@ def run_tune(
         return config  # no search: not even its imports (Optuna) on the way
     # Imported only when tuning: Optuna and the search add about a second to every start-up otherwise.
     from forgeline.flows.tune import tune_with_workers, tuned_config
-    from forgeline.tasks.tune import tuning
+    from forgeline.tasks.tune.space import apply_params
+    from forgeline.tasks.tune.study import TuneResult
 
     if not deployed:
         return tuned_config(config, dataset_dir, fingerprint, parent_run_id=parent_run_id)
@@ -115,14 +116,14 @@ def run_tune(
             wait_for_runs(runs, config, "tune", on_poll=on_poll)
 
         result = tune_with_workers(config, dataset_dir, fingerprint, launch, parent_run_id=parent_run_id)
-        return tuning.apply_params(config, result.best_params)
+        return apply_params(config, result.best_params)
     (child,) = wait_for_runs([submit(TUNE_DEPLOYMENT, parameters)], config, "tune")
     text = read_tune_result_json(parent_run_id, str(child.id))
     if text is None:
         raise DeployedRunError(f"tune flow run {child.id} completed but left no {TUNE_ARTIFACT} in MLflow")
-    result = tuning.TuneResult.model_validate(json.loads(text))
+    result = TuneResult.model_validate(json.loads(text))
     logger.info("deployed tuning done: best %s with %s", result.best_value, result.best_params)
-    return tuning.apply_params(config, result.best_params)
+    return apply_params(config, result.best_params)
 
 
 def submit(name: str, parameters: dict[str, Any]) -> Any:

@@ -5,9 +5,9 @@ from __future__ import annotations
 from pathlib import Path
 
 from forgeline.flows.contract import check_cuda, record_outcome
-from forgeline.flows.stages import RunContext, TrainOutcome, run_training
+from forgeline.flows.stages import RunContext, TrainOutcome, run_tags, run_training
 from forgeline.tasks.config import PipelineConfig
-from forgeline.tasks.tracking import runs as tracking
+from forgeline.tasks.tracking import store
 from prefect import flow
 
 
@@ -30,10 +30,14 @@ def train_flow(
     """
     check_cuda(config)
     base_dir = Path.cwd()
-    tracking.setup_tracking(config.tracking, base_dir)
-    experiment_id = tracking.ensure_experiment(config.name, config.tracking, base_dir)
-    tags = {**tracking.git_tags(base_dir), **tracking.prefect_tags(), "config_hash": config.config_hash()}
-    ctx = RunContext(experiment_id=experiment_id, parent_run_id=parent_run_id, tags=tags, base_dir=str(base_dir))
+    store.setup_tracking(config.tracking, base_dir)
+    experiment_id = store.ensure_experiment(config.name, config.tracking, base_dir)
+    ctx = RunContext(
+        experiment_id=experiment_id,
+        parent_run_id=parent_run_id,
+        tags=run_tags(config, base_dir),
+        base_dir=str(base_dir),
+    )
     outcome = run_training(config, dataset_dir, fingerprint, ctx, fresh=fresh)
     record_outcome(outcome)  # read back through MLflow when this ran as a deployment (flows/contract.py)
     return outcome

@@ -23,13 +23,14 @@ from pathlib import Path
 
 import optuna
 from forgeline.flows.contract import check_cuda
-from forgeline.flows.stages import training_dir
+from forgeline.flows.stages import run_tags, training_dir
 from forgeline.tasks import progress
 from forgeline.tasks.config import PipelineConfig
-from forgeline.tasks.tracking import runs as tracking
-from forgeline.tasks.tracking import tune_tracking
-from forgeline.tasks.tune import tuning
-from forgeline.tasks.tune.tuning import TuneResult
+from forgeline.tasks.tracking import store, tune_tracking
+from forgeline.tasks.tracking.models import download_model
+from forgeline.tasks.tune.space import apply_params
+from forgeline.tasks.tune.study import TuneResult, build_spec, open_study, state_counts, summarize
+from forgeline.tasks.tune.workers import run_study, run_worker
 from prefect import flow
 
 logger = logging.getLogger(__name__)
@@ -64,21 +65,23 @@ def tune_flow(
     check_cuda(config)
     base_dir = Path.cwd()
     trials_root = training_dir(config, fingerprint, base_dir).parent
-    spec = tuning.build_spec(config, dataset_dir, fingerprint, trials_root=trials_root, base_dir=base_dir)
+    spec = build_spec(config, dataset_dir, fingerprint, trials_root=trials_root, base_dir=base_dir)
     if worker is not None:
-        ran = tuning.run_worker(spec, index=worker)
-        result = tuning.summarize(spec, tuning.open_study(spec)).model_copy(update={"trials_this_run": ran})
+        ran = run_worker(spec, index=worker, fetch_model=download_model)
+        result = summarize(spec, open_study(spec)).model_copy(update={"trials_this_run": ran})
         logger.info("tune worker %d ran %d trial(s) of study %s", worker, ran, spec.study_name)
         return result
-    tracking.setup_tracking(config.tracking, base_dir)
-    experiment_id = tracking.ensure_experiment(config.name, config.tracking, base_dir)
-    tags = {**tracking.git_tags(base_dir), **tracking.prefect_tags(), "config_hash": config.config_hash()}
+    store.setup_tracking(config.tracking, base_dir)
+    experiment_id = store.ensure_experiment(config.name, config.tracking, base_dir)
+    tags = run_tags(config, base_dir)
     with tune_tracking.study_run(experiment_id, spec, parent_run_id=parent_run_id, tags=tags) as recorder:
         try:
-            result = tuning.run_study(spec, on_progress=lambda study: _sweep(recorder, study, config))
+            result = run_study(
+                spec, on_progress=lambda study: _sweep(recorder, study, config), fetch_model=download_model
+            )
         finally:
             progress.reporter().search_done()
-        recorder.finish(tuning.open_study(spec), result)
+        recorder.finish(open_study(spec), result)
         result.require_best()
     logger.info(
         "tuning done: best val/loss %.4f (trial %s) with %s; %s",
@@ -95,7 +98,7 @@ def _sweep(recorder: tune_tracking.StudyRecorder, study: optuna.Study, config: P
     recorder.sweep(study)
     complete = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
     values = [t.value for t in complete if t.value is not None and math.isfinite(t.value)]
-    progress.reporter().search_update(tuning.state_counts(study), config.tune.n_trials, min(values, default=None))
+    progress.reporter().search_update(state_counts(study), config.tune.n_trials, min(values, default=None))
 
 
 def tuned_config(
@@ -105,7 +108,7 @@ def tuned_config(
     if config.tune.n_trials == 0:
         return config
     result = tune_flow(config, dataset_dir, fingerprint, parent_run_id=parent_run_id)
-    return tuning.apply_params(config, result.best_params)
+    return apply_params(config, result.best_params)
 
 
 # A launcher starts the workers with the config they must use (its storage pinned to the study's), calls the
@@ -142,13 +145,13 @@ def tune_with_workers(
         TuneError: no trial completed.
     """
     base_dir = Path.cwd()
-    tracking.setup_tracking(config.tracking, base_dir)
-    experiment_id = tracking.ensure_experiment(config.name, config.tracking, base_dir)
-    tags = {**tracking.git_tags(base_dir), **tracking.prefect_tags(), "config_hash": config.config_hash()}
+    store.setup_tracking(config.tracking, base_dir)
+    experiment_id = store.ensure_experiment(config.name, config.tracking, base_dir)
+    tags = run_tags(config, base_dir)
     trials_root = training_dir(config, fingerprint, base_dir).parent
-    spec = tuning.build_spec(config, dataset_dir, fingerprint, trials_root=trials_root, base_dir=base_dir)
-    study = tuning.open_study(spec, create=True)
-    before = tuning.state_counts(study)
+    spec = build_spec(config, dataset_dir, fingerprint, trials_root=trials_root, base_dir=base_dir)
+    study = open_study(spec, create=True)
+    before = state_counts(study)
     trials_before = len(study.get_trials(deepcopy=False))
     if trials_before:
         logger.info("resuming study %s: %d of %d trials done", spec.study_name, before["done"], config.tune.n_trials)
@@ -174,8 +177,8 @@ def tune_with_workers(
             launch(worker_config, record)
         finally:
             progress.reporter().search_done()
-        study = tuning.open_study(spec)
-        result = tuning.summarize(spec, study, trials_before=trials_before, resumed=trials_before > 0)
+        study = open_study(spec)
+        result = summarize(spec, study, trials_before=trials_before, resumed=trials_before > 0)
         recorder.finish(study, result)
         result.require_best()
     logger.info(

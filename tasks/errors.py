@@ -17,3 +17,13 @@ class StageInterrupted(BaseException):  # noqa: N818 - an interrupt, like Keyboa
 
 class NonFiniteLossError(RuntimeError):
     """The loss stayed NaN or infinite for ``train.max_nonfinite_steps`` steps in a row."""
+
+
+def is_transient(exc: BaseException) -> bool:
+    """Whether a stage that raised ``exc`` may succeed when simply run again.
+
+    Not transient: bad input the user must fix (``ValueError`` and its kin: ``DataError``, ``ConfigError``, a
+    refused model, a split too small), a loss that stayed non-finite, and an interrupt. Anything else (a
+    tracking store that did not answer, a full disk, a flaky network mount) is worth a retry.
+    """
+    return not isinstance(exc, ValueError | NonFiniteLossError | StageInterrupted | KeyboardInterrupt)

@@ -31,7 +31,7 @@ def open_store(cfg: PipelineConfig | None = None, *, must_exist: bool = True) ->
         must_exist: Fail when the store is a SQLite file that does not exist yet.
     """
     from forgeline.tasks.config import TrackingConfig
-    from forgeline.tasks.tracking.runs import TrackingError, resolve_tracking_uri, setup_tracking
+    from forgeline.tasks.tracking.store import TrackingError, resolve_tracking_uri, setup_tracking
 
     tracking_cfg = cfg.tracking if cfg is not None else TrackingConfig()
     try:

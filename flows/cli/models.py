@@ -94,7 +94,7 @@ def versions_table(name: str, versions: list[Any], aliases: dict[str, list[str]]
 
 def history_table(name: str, versions: list[Any]) -> Any:
     """The alias history of ``name``, newest first (the gate's own promotions when nothing is recorded)."""
-    from forgeline.tasks.registry.versions import alias_history
+    from forgeline.tasks.tracking.registry_store import alias_history
     from rich.table import Table
 
     entries = alias_history(name)
@@ -145,8 +145,8 @@ def promote(
 
         forgeline promote forgeline-demo-lm 3 --force
     """
-    from forgeline.tasks.registry.versions import champion_version, record_alias_move, registry_lock
     from forgeline.tasks.tracking import queries
+    from forgeline.tasks.tracking.registry_store import champion_version, record_alias_move, registry_lock
 
     console.quiet_logging(verbose)
     cfg = load_if_given(config)
@@ -245,15 +245,14 @@ def rollback(
 
         forgeline rollback forgeline-demo-lm
     """
-    from forgeline.tasks.registry.versions import (
+    from forgeline.tasks.registry.history import champion_stack, previous_champion
+    from forgeline.tasks.tracking import queries
+    from forgeline.tasks.tracking.registry_store import (
         alias_history,
-        champion_stack,
         champion_version,
-        previous_champion,
         record_alias_move,
         registry_lock,
     )
-    from forgeline.tasks.tracking import queries
 
     console.quiet_logging(verbose)
     cfg = load_if_given(config)

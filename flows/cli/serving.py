@@ -40,7 +40,7 @@ def generate(
     """
     import torch
     from forgeline.tasks.evaluate.evaluation import generate_samples
-    from forgeline.tasks.model.modeling import load_pretrained_model
+    from forgeline.tasks.tracking.models import load_model
 
     console.quiet_logging(verbose)
     uri = model or lookup.champion_uri(config)
@@ -53,7 +53,7 @@ def generate(
         seed = int.from_bytes(os.urandom(4), "little")
         logger.debug("seed %d", seed)
     try:
-        lm, tokenizer = load_pretrained_model(uri)
+        lm, tokenizer = load_model(uri)
     except Exception as exc:  # noqa: BLE001 - one line for any load failure
         fail(f"cannot load {uri}: {console.one_line(exc)}")
     if tokenizer is None:
@@ -165,7 +165,7 @@ def ui(
         out.print(f"MLflow UI on {state.mlflow_url}\nPrefect UI on {state.prefect_url}", highlight=False)
         return
     from forgeline.tasks.config import TrackingConfig
-    from forgeline.tasks.tracking.runs import resolve_tracking_uri
+    from forgeline.tasks.tracking.store import resolve_tracking_uri
 
     uri = resolve_tracking_uri(TrackingConfig())
     cmd = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri, "--host", host, "--port", str(port)]

@@ -233,11 +233,10 @@ def run_deployed(cfg: PipelineConfig, data: list[str] | None, fresh: bool, poll:
 
 def print_deployed_summary(cfg: PipelineConfig, flow_run_id: str) -> None:
     """What the pipeline's MLflow run says (found by its Prefect flow run id)."""
-    from forgeline.tasks.tracking import queries
-    from forgeline.tasks.tracking import runs as tracking
+    from forgeline.tasks.tracking import links, queries, store
 
     try:
-        uri = tracking.setup_tracking(cfg.tracking)
+        uri = store.setup_tracking(cfg.tracking)
         run = queries.pipeline_run_of_flow_run(cfg.name, flow_run_id)
     except Exception as exc:  # noqa: BLE001 - the run completed; the summary is a courtesy
         out.print(f"completed (MLflow summary unavailable: {exc})", highlight=False)
@@ -254,7 +253,7 @@ def print_deployed_summary(cfg: PipelineConfig, flow_run_id: str) -> None:
         if key in metrics:
             out.print(f"{key}: {metrics[key]:.4f}", highlight=False)
     out.print(
-        f"MLflow run: {tracking.ui_run_url(uri, run.info.experiment_id, run.info.run_id)}",
+        f"MLflow run: {links.ui_run_url(uri, run.info.experiment_id, run.info.run_id)}",
         highlight=False,
         soft_wrap=True,
     )

@@ -3,9 +3,9 @@
 Sources accepted by :func:`load_pretrained_model`:
 
 * a local directory written by ``save_pretrained`` (transformers 5 writes ``model.safetensors``);
-* a registered MLflow model URI, ``models:/NAME@alias`` or ``models:/NAME/3`` (downloaded to a temporary
-  directory, checked and loaded like a local one, then the download is deleted; MLflow is imported only
-  here; the tracking URI must already be set);
+* a registered MLflow model URI, ``models:/NAME@alias`` or ``models:/NAME/3``, when the caller passes a
+  ``fetch`` function (``forgeline.tasks.tracking.models.download_model``) that downloads it to a temporary
+  directory; it is checked and loaded like a local one, then the download is deleted;
 * a hub id (loaded with the same flags).
 
 Refused with ``ValueError``: a directory with no safetensors weights (a pickled ``pytorch_model.bin`` is never
@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import logging
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 from forgeline.tasks.config import ModelConfig
@@ -31,12 +32,15 @@ from transformers import (
 
 log = logging.getLogger(__name__)
 
+Fetch = Callable[[str, Path], Path]
+"""Downloads a registry URI into a folder and returns the artifact folder (the tracking package has one)."""
+
 SAFETENSORS_FILES = ("model.safetensors", "model.safetensors.index.json")
 PICKLE_FILES = ("pytorch_model.bin", "pytorch_model.bin.index.json", "model.ckpt", "pytorch_model.pt")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
 
 
-def build_model(cfg: ModelConfig, tokenizer: PreTrainedTokenizerBase) -> PreTrainedModel:
+def build_model(cfg: ModelConfig, tokenizer: PreTrainedTokenizerBase, *, fetch: Fetch | None = None) -> PreTrainedModel:
     """Build a fresh GPT-2 LM sized by ``cfg`` for ``tokenizer``, or load ``cfg.init_from``.
 
     With ``init_from`` set, the size fields of ``cfg`` are ignored (the checkpoint decides), the token
@@ -46,6 +50,7 @@ def build_model(cfg: ModelConfig, tokenizer: PreTrainedTokenizerBase) -> PreTrai
     Args:
         cfg: Model sizes, dropout, context length, optional ``init_from``.
         tokenizer: The tokenizer; its length is the vocabulary size and its eos id the bos/eos id.
+        fetch: Downloads ``init_from`` when it is a registry URI.
 
     Returns:
         The model (in training mode, on CPU).
@@ -54,7 +59,7 @@ def build_model(cfg: ModelConfig, tokenizer: PreTrainedTokenizerBase) -> PreTrai
         ValueError: If ``block_size`` exceeds a pretrained model's positions, or the source is refused.
     """
     if cfg.init_from:
-        model, _ = load_pretrained_model(cfg.init_from)
+        model, _ = load_pretrained_model(cfg.init_from, fetch=fetch)
         n_positions = _n_positions(model)
         if n_positions is not None and cfg.block_size > n_positions:
             raise ValueError(f"model.block_size ({cfg.block_size}) exceeds {cfg.init_from}'s positions ({n_positions})")
@@ -95,11 +100,14 @@ def build_model(cfg: ModelConfig, tokenizer: PreTrainedTokenizerBase) -> PreTrai
     return model
 
 
-def load_pretrained_model(source: str) -> tuple[PreTrainedModel, PreTrainedTokenizerBase | None]:
+def load_pretrained_model(
+    source: str, *, fetch: Fetch | None = None
+) -> tuple[PreTrainedModel, PreTrainedTokenizerBase | None]:
     """Load a causal LM (and its tokenizer, when one is stored with it) from safetensors only.
 
     Args:
         source: Local directory, ``models:/NAME@alias`` / ``models:/NAME/VERSION``, or a hub id.
+        fetch: Downloads a ``models:/`` URI into a folder (required for those URIs).
 
     Returns:
         ``(model, tokenizer or None)``.
@@ -109,8 +117,10 @@ def load_pretrained_model(source: str) -> tuple[PreTrainedModel, PreTrainedToken
             custom code (``auto_map``).
     """
     if source.startswith("models:/"):
+        if fetch is None:
+            raise ValueError(f"{source}: a registry URI needs a fetch function (forgeline.tasks.tracking.models)")
         with tempfile.TemporaryDirectory(prefix="forgeline-model-") as dst:
-            root = _download_mlflow_model(source, Path(dst))
+            root = fetch(source, Path(dst))
             model_dir = find_model_dir(root)
             tok_dir = _find_tokenizer_dir(root, model_dir)
             model = _load_local(model_dir)
@@ -234,14 +244,6 @@ def _find_tokenizer_dir(root: Path, model_dir: Path) -> Path | None:
         key=lambda p: (len(p.relative_to(root).parts), str(p)),
     )
     return found[0] if found else None
-
-
-def _download_mlflow_model(uri: str, dst: Path) -> Path:
-    import mlflow  # lazy: only registered-model URIs need MLflow
-
-    log.info("downloading %s to %s", uri, dst)
-    local = mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=str(dst))
-    return Path(local)
 
 
 def _n_positions(model: PreTrainedModel) -> int | None:

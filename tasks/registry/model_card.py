@@ -1,8 +1,9 @@
 """Model cards: one markdown page per registered version.
 
 :func:`build_model_card` is pure (a dict of facts in, markdown out) and is what the tests exercise.
-:func:`write_model_card` gathers the facts at the end of the register stage, stores the card as the
-``model_card.md`` artifact of the register run and as the model version's description.
+:func:`card_facts` gathers the facts at the end of the register stage; the register wrapper
+(``forgeline.flows.stages.write_model_card``) stores the card as the ``model_card.md`` artifact of the
+register run and as the model version's description.
 
 Facts (every key optional except ``model_name`` and ``version``)::
 
@@ -18,10 +19,14 @@ Facts (every key optional except ``model_name`` and ``version``)::
 
 from __future__ import annotations
 
+import json
 import logging
 import math
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+
+from forgeline.tasks.config import DataConfig
 
 logger = logging.getLogger(__name__)
 
@@ -186,49 +191,41 @@ def _signed(diff: float, key: str) -> str:
     return text
 
 
-# ------------------------------------------------------------------------------------------ writing
-def run_url(tracking_uri: str, experiment_id: str, run_id: str) -> str:
-    """The MLflow UI page of a run (the local UI's default address for a database store)."""
-    from forgeline.tasks.tracking.runs import ui_run_url
-
-    return ui_run_url(tracking_uri, experiment_id, run_id)
-
-
+# -------------------------------------------------------------------------------------------- facts
 def card_facts(
-    cfg: Any,
+    data: DataConfig,
     result: Any,
     evaluation: Any,
     *,
+    config_yaml: str,
+    config_hash: str,
     fingerprint: str,
-    experiment_id: str,
     train_run_id: str,
     pipeline_run_id: str | None = None,
     tags: dict[str, str] | None = None,
     dataset_dir: str | None = None,
-    tracking_uri: str = "",
+    run_url: Callable[[str], str] | None = None,
 ) -> dict[str, Any]:
-    """Collect a card's facts from what the register stage holds (reads nothing from MLflow).
+    """Collect a card's facts from what the register stage holds (reads nothing from a tracking store).
 
     Args:
-        cfg: The ``PipelineConfig``.
+        data: The ``data`` config (sources and split).
         result: The ``RegisterResult`` of the gate.
         evaluation: The candidate's ``EvalResult``.
+        config_yaml: The resolved config as YAML.
+        config_hash: Its hash.
         fingerprint: Cleaned-data fingerprint.
-        experiment_id: MLflow experiment id (for links).
         train_run_id: The train run that logged the model.
         pipeline_run_id: The parent pipeline run.
         tags: The pipeline's run tags (git commit, Prefect flow run id and URL).
         dataset_dir: The cleaned dataset folder (its ``report.json`` gives rows and bytes per split).
-        tracking_uri: For links.
+        run_url: The UI page of a run id, for links (none when not given).
 
     Returns:
         The facts dict :func:`build_model_card` takes.
     """
-    import json
-
-    from forgeline.tasks.config import dump_config
-
     tags = tags or {}
+    link = run_url or (lambda _run_id: None)
     metrics = {"test/bits_per_byte": evaluation.bits_per_byte, "test/loss": evaluation.loss}
     metrics["test/perplexity"] = evaluation.perplexity
     champion = {}
@@ -242,18 +239,18 @@ def card_facts(
         "decision": result.reason,
         "previous_champion": result.previous_champion if result.previous_champion != result.version else None,
         "fingerprint": fingerprint,
-        "sources": [_source_text(s) for s in cfg.data.sources],
-        "split": cfg.data.split,
-        "config_yaml": dump_config(cfg),
-        "config_hash": cfg.config_hash(),
+        "sources": [_source_text(s) for s in data.sources],
+        "split": data.split,
+        "config_yaml": config_yaml,
+        "config_hash": config_hash,
         "metrics": metrics,
         "champion_metrics": champion,
         "samples": list(evaluation.samples),
         "lineage": {
             "mlflow_run_id": train_run_id,
-            "mlflow_run_url": run_url(tracking_uri, experiment_id, train_run_id),
+            "mlflow_run_url": link(train_run_id),
             "pipeline_run_id": pipeline_run_id,
-            "pipeline_run_url": run_url(tracking_uri, experiment_id, pipeline_run_id) if pipeline_run_id else None,
+            "pipeline_run_url": link(pipeline_run_id) if pipeline_run_id else None,
             "prefect_flow_run_id": tags.get("prefect.flow_run_id"),
             "prefect_flow_run_url": tags.get("prefect.flow_run_url"),
             "git_commit": tags.get("forgeline.git_commit") or tags.get("mlflow.source.git.commit"),
@@ -263,83 +260,25 @@ def card_facts(
     report = Path(dataset_dir) / "report.json" if dataset_dir else None
     if report is not None and report.is_file():
         try:
-            data = json.loads(report.read_text(encoding="utf-8"))
-            facts["rows_per_split"] = data.get("rows_per_split") or {}
-            facts["bytes_per_split"] = data.get("bytes_per_split") or {}
-            if data.get("sources"):
-                facts["sources"] = [str(s) for s in data["sources"]]
+            data_report = json.loads(report.read_text(encoding="utf-8"))
+            facts["rows_per_split"] = data_report.get("rows_per_split") or {}
+            facts["bytes_per_split"] = data_report.get("bytes_per_split") or {}
+            if data_report.get("sources"):
+                facts["sources"] = [str(s) for s in data_report["sources"]]
         except (OSError, ValueError) as exc:
             logger.debug("cleaning report %s not read: %s", report, exc)
     return facts
 
 
-def write_model_card(
-    cfg: Any,
-    result: Any,
-    evaluation: Any,
-    *,
-    fingerprint: str,
-    experiment_id: str,
-    train_run_id: str,
-    register_run_id: str,
-    pipeline_run_id: str | None = None,
-    tags: dict[str, str] | None = None,
-    dataset_dir: str | None = None,
-) -> str | None:
-    """Build the card, log it as ``model_card.md`` on the register run and set it as the version's description.
-
-    Never raises: a card that cannot be written is logged as a warning (the model is registered either way).
+def add_champion_metrics(facts: dict[str, Any], champion_tags: dict[str, str], fingerprint: str) -> None:
+    """The champion's stored loss and perplexity, when it was scored on the same data (else not comparable).
 
     Args:
-        cfg: The ``PipelineConfig``.
-        result: The ``RegisterResult`` of the gate.
-        evaluation: The candidate's ``EvalResult``.
-        fingerprint: Cleaned-data fingerprint.
-        experiment_id: MLflow experiment id.
-        train_run_id: The train run that logged the model.
-        register_run_id: The register run (the artifact goes there).
-        pipeline_run_id: The parent pipeline run.
-        tags: The pipeline's run tags (git, Prefect).
-        dataset_dir: The cleaned dataset folder.
-
-    Returns:
-        The markdown, or ``None`` if it could not be stored.
+        facts: From :func:`card_facts` (its ``champion_metrics`` gain the missing values).
+        champion_tags: The tags of the champion's model version (``test_loss``, ``data_fingerprint``...).
+        fingerprint: The candidate's data fingerprint.
     """
-    try:
-        from forgeline.tasks.tracking import runs as tracking
-
-        c = tracking.client()
-        facts = card_facts(
-            cfg,
-            result,
-            evaluation,
-            fingerprint=fingerprint,
-            experiment_id=experiment_id,
-            train_run_id=train_run_id,
-            pipeline_run_id=pipeline_run_id,
-            tags=tags,
-            dataset_dir=dataset_dir,
-            tracking_uri=c._tracking_client.tracking_uri,
-        )
-        _add_champion_tags(c, facts, result, fingerprint)
-        card = build_model_card(facts)
-        tracking.log_text(register_run_id, card, ARTIFACT_FILE)
-        c.update_model_version(result.model_name, result.version, description=description_text(card))
-        c.set_model_version_tag(result.model_name, result.version, "forgeline.model_card_run_id", register_run_id)
-    except Exception as exc:  # noqa: BLE001 - the card is documentation; the registered version stands
-        logger.warning("model card for %s version %s not written: %s", result.model_name, result.version, exc)
-        return None
-    logger.info("model card written for %s version %s", result.model_name, result.version)
-    return card
-
-
-def _add_champion_tags(client: Any, facts: dict[str, Any], result: Any, fingerprint: str) -> None:
-    """The champion's stored loss and perplexity, when it was scored on the same data (else not comparable)."""
-    previous = facts.get("previous_champion")
-    if not previous:
-        return
-    champ = client.get_model_version(result.model_name, previous)
-    if (champ.tags or {}).get("data_fingerprint") != fingerprint:
+    if champion_tags.get("data_fingerprint") != fingerprint:
         return
     champion = facts.setdefault("champion_metrics", {})
     for tag, key in (
@@ -347,9 +286,9 @@ def _add_champion_tags(client: Any, facts: dict[str, Any], result: Any, fingerpr
         ("test_loss", "test/loss"),
         ("test_perplexity", "test/perplexity"),
     ):
-        if key not in champion and tag in champ.tags:
+        if key not in champion and tag in champion_tags:
             try:
-                champion[key] = float(champ.tags[tag])
+                champion[key] = float(champion_tags[tag])
             except ValueError:
                 continue
 

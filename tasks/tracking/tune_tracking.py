@@ -11,7 +11,7 @@ storage URL, so the study can be browsed live with::
 
     optuna-dashboard sqlite:////ABS/PATH/mlruns/optuna.db
 
-Only functions of :mod:`forgeline.tasks.tracking.runs` talk to MLflow.
+It writes through the other modules of this package.
 """
 
 from __future__ import annotations
@@ -25,8 +25,10 @@ from collections.abc import Iterator
 from typing import Any
 
 import optuna
-from forgeline.tasks.tracking import runs as tracking
-from forgeline.tasks.tune.tuning import FINISHED_STATES, STATE_NAMES, StudySpec, TuneResult, display_url, trial_steps
+from forgeline.tasks.tracking.records import log_dict, log_figure, log_metrics, log_params, set_tags
+from forgeline.tasks.tracking.runs import find_runs, record_run, stage_run
+from forgeline.tasks.tune.storage import display_url
+from forgeline.tasks.tune.study import FINISHED_STATES, STATE_NAMES, StudySpec, TuneResult, trial_steps
 from optuna.trial import FrozenTrial, TrialState
 
 logger = logging.getLogger(__name__)
@@ -47,7 +49,7 @@ class StudyRecorder:
         self.spec = spec
         self.recorded: set[int] = {
             int(tags[TRIAL_NUMBER_TAG])
-            for _, tags in tracking.find_runs(experiment_id, {STUDY_TAG: spec.study_name})
+            for _, tags in find_runs(experiment_id, {STUDY_TAG: spec.study_name})
             if TRIAL_NUMBER_TAG in tags
         }
         self.recorded_now = 0
@@ -86,7 +88,7 @@ class StudyRecorder:
             metrics.append(("best_val_loss", trial.value, steps))
         if trial.duration is not None:
             metrics.append(("trial_seconds", trial.duration.total_seconds(), steps))
-        return tracking.record_run(
+        return record_run(
             self.experiment_id,
             f"trial-{trial.number}",
             parent_run_id=self.study_run_id,
@@ -106,12 +108,12 @@ class StudyRecorder:
         metrics |= {"trials/this_run": result.trials_this_run, "steps_spent": result.steps_spent}
         if result.best_value is not None:
             metrics["best_value"] = result.best_value
-        tracking.log_metrics(run_id, metrics)
+        log_metrics(run_id, metrics)
         if result.best_params:
-            tracking.log_params(run_id, {f"best.{k}": v for k, v in result.best_params.items()})
-        tracking.set_tags(run_id, {"best_trial": result.best_trial if result.best_trial is not None else "none"})
+            log_params(run_id, {f"best.{k}": v for k, v in result.best_params.items()})
+        set_tags(run_id, {"best_trial": result.best_trial if result.best_trial is not None else "none"})
         summary = result.model_dump(mode="json") | {"storage_url": display_url(result.storage_url)}
-        tracking.log_dict(run_id, summary, "tune_result.json")
+        log_dict(run_id, summary, "tune_result.json")
         log_study_plots(run_id, study)
 
 
@@ -132,8 +134,8 @@ def study_run(
     study_tags = {**(tags or {}), STUDY_TAG: spec.study_name, STORAGE_TAG: url}
     study_tags[DASHBOARD_TAG] = dashboard_command(url)
     study_tags["data_fingerprint"] = spec.fingerprint
-    with tracking.stage_run(experiment_id, "tune", parent_run_id=parent_run_id, tags=study_tags) as run_id:
-        tracking.log_params(
+    with stage_run(experiment_id, "tune", parent_run_id=parent_run_id, tags=study_tags) as run_id:
+        log_params(
             run_id,
             {
                 "study_name": spec.study_name,
@@ -151,7 +153,7 @@ def study_run(
             },
         )
         if parent_run_id:
-            tracking.set_tags(parent_run_id, {STUDY_TAG: spec.study_name, DASHBOARD_TAG: study_tags[DASHBOARD_TAG]})
+            set_tags(parent_run_id, {STUDY_TAG: spec.study_name, DASHBOARD_TAG: study_tags[DASHBOARD_TAG]})
         yield StudyRecorder(experiment_id, run_id, spec)
 
 
@@ -193,7 +195,7 @@ def log_study_plots(run_id: str, study: optuna.Study) -> list[str]:
             fig = _figure_of(axes)
             fig.set_size_inches(8, 5)
             fig.tight_layout()
-            tracking.log_figure(run_id, fig, name)
+            log_figure(run_id, fig, name)
             plt.close(fig)
             logged.append(name)
         except Exception as exc:  # noqa: BLE001 - a plot is a courtesy, never a failure

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from forgeline.tasks import faults
 
 logger = logging.getLogger(__name__)
 
@@ -43,7 +44,25 @@ def _fsync_dir(directory: Path) -> None:
 
 
 def checkpoint_path(directory: Path, step: int) -> Path:
+    """The checkpoint file of ``step`` in ``directory``."""
     return directory / f"ckpt-{step:08d}.pt"
+
+
+def training_dir(checkpoint_root: str | Path, name: str, fingerprint: str, config_hash: str, base_dir: Path) -> Path:
+    """The run folder of one config and data: re-running the same pair resumes it.
+
+    Args:
+        checkpoint_root: ``train.checkpoint_dir`` (relative paths resolve against ``base_dir``).
+        name: The config's name (the experiment); unsafe characters become ``_``.
+        fingerprint: The cleaned data's fingerprint.
+        config_hash: The (tuned) config's hash.
+        base_dir: The project folder.
+    """
+    root = Path(checkpoint_root)
+    if not root.is_absolute():
+        root = base_dir / root
+    safe_name = "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in name)
+    return root / safe_name / f"{fingerprint[:12]}-{config_hash}"
 
 
 def save_checkpoint(directory: Path, step: int, state: dict[str, Any], keep: int = 2) -> Path:
@@ -66,7 +85,7 @@ def save_checkpoint(directory: Path, step: int, state: dict[str, Any], keep: int
             torch.save(state, fh)
             fh.flush()
             os.fsync(fh.fileno())
-        _fault_hook(step)
+        faults.hit("checkpoint.write", step=step)  # temp file written, not yet renamed
     except OSError as exc:
         tmp.unlink(missing_ok=True)
         raise CheckpointError(f"could not write checkpoint {final}: {exc.strerror or exc}") from exc
@@ -80,22 +99,6 @@ def save_checkpoint(directory: Path, step: int, state: dict[str, Any], keep: int
     _fsync_dir(directory)
     _prune(directory, keep)
     return final
-
-
-def _fault_hook(step: int) -> None:
-    # Test-only fault injection (RELIABILITY.md A3, A7): after the temp file is written, before the rename,
-    # die (sigkill_in_checkpoint) or fail like a full disk (enospc_in_checkpoint).
-    if os.environ.get("FORGELINE_FAULT_AT_STEP") != str(step):
-        return
-    kind = os.environ.get("FORGELINE_FAULT_KIND")
-    if kind == "sigkill_in_checkpoint":
-        import signal
-
-        os.kill(os.getpid(), signal.SIGKILL)
-    elif kind == "enospc_in_checkpoint":
-        import errno
-
-        raise OSError(errno.ENOSPC, "No space left on device (injected)")
 
 
 def complete_checkpoints(directory: Path) -> list[tuple[int, Path]]:

@@ -68,9 +68,10 @@ def _write_corpus(folder: Path) -> dict[str, int]:
 @pytest.fixture(scope="module")
 def cleaned(module_project: Any) -> dict[str, Any]:
     """Run a flow that calls ``clean_task`` twice on the same corpus; everything the tests read."""
+    from forgeline.flows import stages
     from forgeline.flows.stages import RunContext, clean_task
     from forgeline.tasks.config import load_config
-    from forgeline.tasks.tracking import runs as tracking
+    from forgeline.tasks.tracking import store
     from prefect import flow
     from prefect.runtime import flow_run
 
@@ -86,13 +87,13 @@ def cleaned(module_project: Any) -> dict[str, Any]:
             "data.cleaning.min_chars=10",
         ],
     )
-    uri = tracking.setup_tracking(cfg.tracking, project.root)
+    uri = store.setup_tracking(cfg.tracking, project.root)
     assert uri == project.tracking_uri
-    experiment_id = tracking.ensure_experiment(cfg.name, cfg.tracking, project.root)
+    experiment_id = store.ensure_experiment(cfg.name, cfg.tracking, project.root)
 
     @flow(name="clean-twice")
     def clean_twice() -> tuple[Any, Any, str]:
-        tags = {**tracking.prefect_tags(), "config_hash": cfg.config_hash()}
+        tags = {**stages.prefect_tags(), "config_hash": cfg.config_hash()}
         ctx = RunContext(experiment_id=experiment_id, tags=tags, base_dir=str(project.root))
         return clean_task(cfg.data, ctx), clean_task(cfg.data, ctx), str(flow_run.id)
 
@@ -201,8 +202,8 @@ def test_prefect_table_artifact(cleaned: dict[str, Any]) -> None:
 def test_cache_hit_logs_the_kept_chart_without_drawing(
     cleaned: dict[str, Any], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from forgeline.flows import stages
-    from forgeline.tasks.tracking import runs as tracking
+    from forgeline.tasks.tracking import runs as tracking_runs
+    from forgeline.tasks.tracking import stage_records
 
     project, first, second = cleaned["project"], cleaned["first"], cleaned["second"]
     client = project.client()
@@ -219,8 +220,47 @@ def test_cache_hit_logs_the_kept_chart_without_drawing(
     def no_drawing(*_: Any) -> None:
         raise AssertionError("drew the chart again")
 
-    monkeypatch.setattr(stages, "_draw_cleaning_chart", no_drawing)
+    monkeypatch.setattr(stage_records, "_draw_cleaning_chart", no_drawing)
     exp = cleaned["runs"][0].info.experiment_id
-    with tracking.stage_run(exp, "chart-again") as run_id:
-        stages._log_cleaning_chart(run_id, second)
+    with tracking_runs.stage_run(exp, "chart-again") as run_id:
+        stage_records.log_cleaning_chart(run_id, second)
     assert "cleaning_report.png" in {a.path for a in client.list_artifacts(run_id)}
+
+
+def test_clean_retries_a_transient_failure_but_not_bad_input(
+    cleaned: dict[str, Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from forgeline.flows import stages
+    from forgeline.tasks.data.cleaning import DataError
+    from prefect import flow
+
+    cfg, project = cleaned["cfg"], cleaned["project"]
+    ctx = stages.RunContext(experiment_id=cleaned["runs"][0].info.experiment_id, tags={}, base_dir=str(project.root))
+    real = stages.clean_dataset
+    calls: list[str] = []
+
+    def flaky(data_cfg: Any, **kwargs: Any) -> Any:
+        calls.append("flaky")
+        if len(calls) == 1:
+            raise OSError("the network mount went away")
+        return real(data_cfg, **kwargs)
+
+    def bad_input(data_cfg: Any, **kwargs: Any) -> Any:
+        calls.append("bad")
+        raise DataError("no records left after cleaning")
+
+    clean = stages.clean_task.with_options(retry_delay_seconds=0)
+
+    @flow(name="clean-once")
+    def clean_once() -> Any:
+        return clean(cfg.data, ctx)
+
+    monkeypatch.setattr(stages, "clean_dataset", flaky)
+    assert clean_once().fingerprint == cleaned["first"].fingerprint
+    assert calls == ["flaky", "flaky"]  # failed once, retried once
+
+    calls.clear()
+    monkeypatch.setattr(stages, "clean_dataset", bad_input)
+    with pytest.raises(DataError, match="no records"):
+        clean_once()
+    assert calls == ["bad"]  # bad input fails at once

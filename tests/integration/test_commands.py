@@ -94,10 +94,11 @@ def test_models_lists_versions_and_aliases(forgeline: Any) -> None:
 
 def test_model_card_is_the_version_description_and_an_artifact(registry: Any, tmp_path: Path) -> None:
     import mlflow
-    from forgeline.tasks.config import load_config
+    from forgeline.tasks.config import dump_config, load_config
     from forgeline.tasks.evaluate.evaluation import EvalResult
-    from forgeline.tasks.registry.model_card import ARTIFACT_FILE, write_model_card
+    from forgeline.tasks.registry.model_card import ARTIFACT_FILE
     from forgeline.tasks.registry.versions import RegisterResult
+    from forgeline.tasks.tracking.stage_records import write_model_card
     from mlflow import MlflowClient
 
     client = MlflowClient()
@@ -128,9 +129,11 @@ def test_model_card_is_the_version_description_and_an_artifact(registry: Any, tm
         samples=[{"prompt": "def ", "text": "x"}],
     )
     card = write_model_card(
-        cfg,
+        cfg.data,
         result,
         evaluation,
+        config_yaml=dump_config(cfg),
+        config_hash=cfg.config_hash(),
         fingerprint=version.tags["data_fingerprint"],
         experiment_id=exp.experiment_id,
         train_run_id=version.tags["train_run_id"],

@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 from forgeline.tasks.config import TrackingConfig
 from forgeline.tasks.registry.versions import BPB_TAG, FINGERPRINT_TAG, gate_champion, register_version
-from forgeline.tasks.tracking.runs import TrackingError, resolve_tracking_uri, setup_tracking
+from forgeline.tasks.tracking.registry_store import MlflowRegistry
+from forgeline.tasks.tracking.store import TrackingError, resolve_tracking_uri, setup_tracking
 
 pytestmark = pytest.mark.integration
 
@@ -27,7 +28,9 @@ def registry(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> str:
 
 def _version(name: str, bpb: float, lineage: str, source: Path) -> object:
     source.mkdir(parents=True, exist_ok=True)
-    mv, existed = register_version(name, str(source), lineage, {BPB_TAG: f"{bpb}", FINGERPRINT_TAG: "fp"})
+    mv, existed = register_version(
+        MlflowRegistry(), name, str(source), lineage, {BPB_TAG: f"{bpb}", FINGERPRINT_TAG: "fp"}
+    )
     assert not existed
     return mv
 
@@ -41,6 +44,7 @@ def _gate(uri: str, version: str, bpb: float, barrier: mp.Barrier, out: mp.Queue
     mv = MlflowClient().get_model_version(NAME, version)
     barrier.wait(timeout=60)
     result = gate_champion(
+        MlflowRegistry(),
         NAME,
         mv,
         bpb,
@@ -58,6 +62,7 @@ def test_racing_promotions_leave_the_better_model_champion(registry: str, tmp_pa
 
     first = _version(NAME, 2.0, "a", tmp_path / "m1")
     gate_champion(
+        MlflowRegistry(),
         NAME,
         first,
         2.0,
@@ -92,8 +97,8 @@ def test_same_lineage_never_registers_twice(registry: str, tmp_path: Path) -> No
     from mlflow import MlflowClient
 
     (tmp_path / "m").mkdir()
-    first, existed_first = register_version(NAME, str(tmp_path / "m"), "same", {BPB_TAG: "1.0"})
-    again, existed_again = register_version(NAME, str(tmp_path / "m"), "same", {BPB_TAG: "1.0"})
+    first, existed_first = register_version(MlflowRegistry(), NAME, str(tmp_path / "m"), "same", {BPB_TAG: "1.0"})
+    again, existed_again = register_version(MlflowRegistry(), NAME, str(tmp_path / "m"), "same", {BPB_TAG: "1.0"})
     assert (existed_first, existed_again) == (False, True)
     assert str(first.version) == str(again.version)
     assert len(MlflowClient().search_model_versions(f"name = '{NAME}'")) == 1
@@ -104,6 +109,7 @@ def test_worse_candidate_never_moves_the_champion(registry: str, tmp_path: Path)
 
     champ = _version(NAME, 1.2, "x", tmp_path / "m1")
     gate_champion(
+        MlflowRegistry(),
         NAME,
         champ,
         1.2,
@@ -115,6 +121,7 @@ def test_worse_candidate_never_moves_the_champion(registry: str, tmp_path: Path)
     )
     worse = _version(NAME, 1.9, "y", tmp_path / "m2")
     result = gate_champion(
+        MlflowRegistry(),
         NAME,
         worse,
         1.9,

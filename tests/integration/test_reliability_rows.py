@@ -26,14 +26,16 @@ WRITER = """
 import sys, time
 from pathlib import Path
 base, go, name = Path(sys.argv[1]), Path(sys.argv[2]), sys.argv[3]
-from forgeline.tasks.tracking import runs as tracking
+from forgeline.tasks.tracking import metrics
+from forgeline.tasks.tracking import store
+from forgeline.tasks.tracking import runs as tracking_runs
 from forgeline.tasks.config import TrackingConfig
 while not go.exists():
     time.sleep(0.01)
-tracking.setup_tracking(TrackingConfig(), base)
-exp = tracking.ensure_experiment("shared", TrackingConfig(), base)
-with tracking.stage_run(exp, name) as run_id:
-    buffer = tracking.MetricBuffer(run_id, flush_every=10)
+store.setup_tracking(TrackingConfig(), base)
+exp = store.ensure_experiment("shared", TrackingConfig(), base)
+with tracking_runs.stage_run(exp, name) as run_id:
+    buffer = metrics.MetricBuffer(run_id, flush_every=10)
     for step in range(1, 201):
         buffer.add(step, {"a": step, "b": 2.0 * step, "c": 1.0 / step})
     buffer.close()
@@ -155,21 +157,24 @@ def test_registering_a_logged_model_that_is_not_ready_is_refused(
 ) -> None:
     from forgeline.tasks.config import TrackingConfig
     from forgeline.tasks.registry import versions as registry
-    from forgeline.tasks.tracking import runs as tracking
+    from forgeline.tasks.tracking import store
+    from forgeline.tasks.tracking.registry_store import MlflowRegistry
     from mlflow import MlflowClient
 
     monkeypatch.chdir(tmp_path)
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     try:
-        uri = tracking.setup_tracking(TrackingConfig(), tmp_path)
-        exp = tracking.ensure_experiment("b5-direct", TrackingConfig(), tmp_path)
+        uri = store.setup_tracking(TrackingConfig(), tmp_path)
+        exp = store.ensure_experiment("b5-direct", TrackingConfig(), tmp_path)
         client = MlflowClient(tracking_uri=uri, registry_uri=uri)
         pending = client.create_logged_model(experiment_id=exp, name="model")  # as after a crash mid-upload
         failed = client.create_logged_model(experiment_id=exp, name="model")
         client.finalize_logged_model(failed.model_id, "FAILED")  # as after an upload that raised
         for model in (pending, failed):
             with pytest.raises(registry.RegistryError, match=f"{model.model_id} is (PENDING|FAILED), not READY"):
-                registry.register_version("b5-direct-lm", f"models:/{model.model_id}", "lineage-1", {})
+                registry.register_version(
+                    MlflowRegistry(), "b5-direct-lm", f"models:/{model.model_id}", "lineage-1", {}
+                )
         assert client.search_model_versions("name = 'b5-direct-lm'") == []
     finally:
         os.environ.pop("MLFLOW_TRACKING_URI", None)

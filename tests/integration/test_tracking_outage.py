@@ -251,23 +251,25 @@ def test_metrics_undelivered_past_the_budget_are_spooled_then_delivered_at_the_n
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     from forgeline.tasks.config import TrackingConfig
-    from forgeline.tasks.tracking import runs as tracking
+    from forgeline.tasks.tracking import metrics, store
+    from forgeline.tasks.tracking import runs as tracking_runs
+    from forgeline.tasks.tracking import spool as tracking_spool
 
     monkeypatch.chdir(tmp_path)
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     try:
-        tracking.setup_tracking(TrackingConfig(), tmp_path)
-        exp = tracking.ensure_experiment("spool", TrackingConfig(), tmp_path)
-        with tracking.stage_run(exp, "probe") as run_id:
+        store.setup_tracking(TrackingConfig(), tmp_path)
+        exp = store.ensure_experiment("spool", TrackingConfig(), tmp_path)
+        with tracking_runs.stage_run(exp, "probe") as run_id:
             pass
-        buffer = tracking.MetricBuffer(run_id, flush_every=1000, retry_seconds=4)
+        buffer = metrics.MetricBuffer(run_id, flush_every=1000, retry_seconds=4)
         for step in range(1, 61):
             buffer.add(step, {"train/loss": 1.0 / step})
         db = tmp_path / "mlruns" / "mlflow.db"
         holder = subprocess.Popen([sys.executable, "-c", HOLDER, str(db), "120"], stdout=subprocess.PIPE, text=True)
         assert holder.stdout is not None and holder.stdout.readline().strip() == "locked"
         try:
-            with pytest.raises(tracking.TrackingError) as info:
+            with pytest.raises(store.TrackingError) as info:
                 buffer.close()
         finally:
             holder.kill()
@@ -276,13 +278,13 @@ def test_metrics_undelivered_past_the_budget_are_spooled_then_delivered_at_the_n
         assert f"60 metrics could not be logged to run {run_id}" in str(info.value)
         assert f"kept in {spool}" in str(info.value)
         assert len(spool.read_text().splitlines()) == 60
-        assert tracking.client().get_metric_history(run_id, "train/loss") == []
+        assert store.client().get_metric_history(run_id, "train/loss") == []
 
         # The next start (reap_orphan_runs runs first thing in every pipeline) delivers the spool.
-        assert tracking.reap_orphan_runs(exp) == []
-        history = tracking.client().get_metric_history(run_id, "train/loss")
+        assert tracking_runs.reap_orphan_runs(exp) == []
+        history = store.client().get_metric_history(run_id, "train/loss")
         assert sorted(m.step for m in history) == list(range(1, 61))
         assert not spool.exists()
-        assert tracking.deliver_spooled_metrics() == 0  # delivered once, not again
+        assert tracking_spool.deliver_spooled_metrics() == 0  # delivered once, not again
     finally:
         os.environ.pop("MLFLOW_TRACKING_URI", None)

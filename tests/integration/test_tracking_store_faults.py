@@ -15,7 +15,9 @@ from pathlib import Path
 
 import pytest
 from forgeline.tasks.config import TrackingConfig
-from forgeline.tasks.tracking import runs as tracking
+from forgeline.tasks.tracking import metrics
+from forgeline.tasks.tracking import runs as tracking_runs
+from forgeline.tasks.tracking import store as tracking_store
 
 pytestmark = pytest.mark.integration
 
@@ -33,9 +35,9 @@ con.execute("ROLLBACK")
 def store(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> tuple[Path, str]:
     monkeypatch.chdir(tmp_path)
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    tracking.setup_tracking(TrackingConfig(), tmp_path)
-    exp = tracking.ensure_experiment("locks", TrackingConfig(), tmp_path)
-    with tracking.stage_run(exp, "probe") as run_id:
+    tracking_store.setup_tracking(TrackingConfig(), tmp_path)
+    exp = tracking_store.ensure_experiment("locks", TrackingConfig(), tmp_path)
+    with tracking_runs.stage_run(exp, "probe") as run_id:
         pass
     yield tmp_path / "mlruns" / "mlflow.db", run_id
     os.environ.pop("MLFLOW_TRACKING_URI", None)
@@ -48,12 +50,12 @@ def _hold_lock(db: Path, seconds: float) -> subprocess.Popen[str]:
 
 
 def _history_count(run_id: str, key: str) -> int:
-    return len(tracking.client().get_metric_history(run_id, key))
+    return len(tracking_store.client().get_metric_history(run_id, key))
 
 
 def test_short_lock_waits_and_every_metric_lands(store: tuple[Path, str]) -> None:
     db, run_id = store
-    buffer = tracking.MetricBuffer(run_id, flush_every=1000)
+    buffer = metrics.MetricBuffer(run_id, flush_every=1000)
     for step in range(1, 101):
         buffer.add(step, {"train/loss": 1.0 / step})
     holder = _hold_lock(db, 1.5)
@@ -66,12 +68,12 @@ def test_short_lock_waits_and_every_metric_lands(store: tuple[Path, str]) -> Non
 
 def test_long_lock_fails_loudly_naming_the_database(store: tuple[Path, str]) -> None:
     db, run_id = store
-    buffer = tracking.MetricBuffer(run_id, flush_every=1000, max_retries=2)
+    buffer = metrics.MetricBuffer(run_id, flush_every=1000, max_retries=2)
     for step in range(1, 51):
         buffer.add(step, {"train/loss": 1.0 / step})
     holder = _hold_lock(db, 120)
     try:
-        with pytest.raises(tracking.TrackingError) as info:
+        with pytest.raises(tracking_store.TrackingError) as info:
             buffer.close(timeout=30)
     finally:
         holder.kill()
@@ -124,8 +126,8 @@ def test_broken_tracking_server_fails_fast_with_a_clear_error(mode: str, tmp_pat
     stub = _StubServer(mode)
     try:
         t0 = time.monotonic()
-        with pytest.raises(tracking.TrackingError) as info:
-            tracking.setup_tracking(TrackingConfig(uri=stub.url), tmp_path)
+        with pytest.raises(tracking_store.TrackingError) as info:
+            tracking_store.setup_tracking(TrackingConfig(uri=stub.url), tmp_path)
         elapsed = time.monotonic() - t0
     finally:
         stub.stop()

@@ -27,7 +27,7 @@ SCRIPT = textwrap.dedent(
     import json, logging, sys
     logging.basicConfig(level=logging.INFO)
     from forgeline.tasks.config import load_config
-    from forgeline.tasks.train.training import train_model
+    from forgeline.tasks.train.loop import train_model
     from forgeline.tasks.errors import StageInterrupted, NonFiniteLossError
     cfg = load_config(None, json.loads(sys.argv[3]))
     try:

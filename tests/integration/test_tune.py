@@ -20,7 +20,8 @@ from typing import Any
 import pytest
 import yaml
 from forgeline.tasks.config import PipelineConfig, load_config
-from forgeline.tasks.tune import tuning
+from forgeline.tasks.tune import study as studies
+from forgeline.tasks.tune import workers
 from optuna.trial import TrialState
 
 pytestmark = pytest.mark.integration
@@ -89,12 +90,12 @@ def _config(*overrides: str) -> PipelineConfig:
     return load_config("smoke.yaml", list(overrides))
 
 
-def _spec(cfg: PipelineConfig) -> tuning.StudySpec:
+def _spec(cfg: PipelineConfig) -> studies.StudySpec:
     from forgeline.tasks.data.cleaning import clean_dataset
 
     cleaned = clean_dataset(cfg.data, base_dir=Path.cwd())
     root = Path.cwd() / "mlruns" / "checkpoints" / cfg.name
-    return tuning.build_spec(cfg, cleaned.dataset_dir, cleaned.fingerprint, trials_root=root)
+    return studies.build_spec(cfg, cleaned.dataset_dir, cleaned.fingerprint, trials_root=root)
 
 
 def _worker(spec_file: Path, *, faults: str = "", timeout: float = 120) -> subprocess.CompletedProcess[str]:
@@ -103,7 +104,7 @@ def _worker(spec_file: Path, *, faults: str = "", timeout: float = 120) -> subpr
     if faults:
         env["FORGELINE_TUNE_FAULTS"] = faults
     return subprocess.run(
-        [sys.executable, "-m", "forgeline.tasks.tune.tuning", "worker", "--spec", str(spec_file)],
+        [sys.executable, "-m", "forgeline.tasks.tune.workers", "worker", "--spec", str(spec_file)],
         env=env,
         capture_output=True,
         text=True,
@@ -182,23 +183,23 @@ def test_resume_after_kill_keeps_done_trials_and_retries_the_stale_one(
     tune_project: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     spec = _spec(_config())
-    tuning.open_study(spec, create=True)
+    studies.open_study(spec, create=True)
     spec_file = tune_project / "spec.json"
     spec_file.write_text(spec.model_dump_json())
 
     killed = _worker(spec_file, faults="2:sigkill")
     assert killed.returncode == -9, killed.stderr[-3000:]
-    study = tuning.open_study(spec)
+    study = studies.open_study(spec)
     before = {t.number: t for t in study.get_trials()}
     assert before[2].state == TrialState.RUNNING
-    assert all(before[n].state in tuning.DONE_STATES for n in (0, 1))
+    assert all(before[n].state in studies.DONE_STATES for n in (0, 1))
 
     time.sleep(2.5)  # past the 2 s grace period: trial 2's heartbeat is stale
-    with caplog.at_level(logging.INFO, logger="forgeline.tasks.tune.tuning"):
-        result = tuning.run_study(_spec(_config()))
+    with caplog.at_level(logging.INFO, logger="forgeline.tasks.tune.workers"):
+        result = workers.run_study(_spec(_config()))
     assert f"resuming study {spec.study_name}: 2 of 4 trials done" in caplog.text
 
-    after = {t.number: t for t in tuning.open_study(spec).get_trials()}
+    after = {t.number: t for t in studies.open_study(spec).get_trials()}
     for n in (0, 1):  # kept as they were, not re-run
         assert after[n].state == before[n].state
         assert after[n].datetime_complete == before[n].datetime_complete
@@ -206,7 +207,7 @@ def test_resume_after_kill_keeps_done_trials_and_retries_the_stale_one(
     retries = [t for t in after.values() if t.system_attrs.get("failed_trial") == 2]
     assert len(retries) == 1
     assert retries[0].params == before[2].params
-    assert retries[0].state in tuning.DONE_STATES
+    assert retries[0].state in studies.DONE_STATES
     assert not [t for t in after.values() if t.state in (TrialState.RUNNING, TrialState.WAITING)]
     assert result.counts["done"] == 4
     assert result.best_value is not None
@@ -214,15 +215,15 @@ def test_resume_after_kill_keeps_done_trials_and_retries_the_stale_one(
 
 def test_two_parallel_workers_finish_the_study_without_losing_trials(tune_project: Path) -> None:
     spec = _spec(_config("tune.parallelism=2", "tune.n_trials=4"))
-    result = tuning.run_study(spec)
-    trials = tuning.open_study(spec).get_trials()
-    counts = tuning.state_counts(tuning.open_study(spec))
+    result = workers.run_study(spec)
+    trials = studies.open_study(spec).get_trials()
+    counts = studies.state_counts(studies.open_study(spec))
     assert counts["running"] == counts["waiting"] == counts["failed"] == 0
     assert 4 <= counts["done"] <= 5  # a simultaneous last pick by both workers may add one
     assert [t.number for t in trials] == list(range(len(trials)))
     assert all(t.datetime_complete is not None for t in trials)
-    workers = {t.user_attrs["worker"] for t in trials}
-    assert len(workers) == 2, workers
+    seen = {t.user_attrs["worker"] for t in trials}
+    assert len(seen) == 2, seen
     assert result.best_value is not None and result.counts == counts
     assert not list((tune_project / "mlruns").rglob("worker-spec-*.json"))
     shutil.rmtree(tune_project / "mlruns" / "checkpoints", ignore_errors=True)

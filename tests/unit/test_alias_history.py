@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from forgeline.tasks.registry.versions import champion_stack, previous_champion
+from forgeline.tasks.registry.history import champion_stack, previous_champion
 
 
 def move(version: str, previous: str | None, kind: str = "gate", alias: str = "champion") -> dict[str, str | None]:

@@ -21,7 +21,7 @@ def test_heartbeats_off_only_on_our_temporary_server() -> None:
 def test_requirement_check_still_reports_a_mismatch_without_scanning_every_file(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    from forgeline.tasks.registry.versions import _skip_installed_files_scan
+    from forgeline.tasks.tracking.models import skip_installed_files_scan
     from mlflow.utils import requirements_utils
 
     monkeypatch.setattr(requirements_utils, "_MODULES_TO_PACKAGES", None)
@@ -35,11 +35,29 @@ def test_requirement_check_still_reports_a_mismatch_without_scanning_every_file(
     monkeypatch.setattr(
         requirements_utils._logger, "warning", lambda msg, *a, **k: warnings.append(msg % a if a else msg)
     )
-    _skip_installed_files_scan()
+    assert skip_installed_files_scan(), "MLflow changed its module map: log_model scans every installed file again"
     requirements_utils.warn_dependency_requirement_mismatches(["torch==0.0.1", "transformers"])
     text = "\n".join(warnings)
     assert "torch==0.0.1" in text and "mismatches" in text  # the wrong pin is still reported
     assert "transformers" not in text.split("torch==0.0.1")[1]  # the satisfied one is not
+
+
+def test_mlflow_builds_its_module_map_only_when_unset(monkeypatch: pytest.MonkeyPatch) -> None:
+    # The seeding trick relies on MLflow filling _MODULES_TO_PACKAGES lazily, once, and only when it is None.
+    from mlflow.utils import requirements_utils
+
+    assert hasattr(requirements_utils, "_MODULES_TO_PACKAGES"), "MLflow renamed its private module map"
+    seeded = {"torch": ["torch"]}
+    monkeypatch.setattr(requirements_utils, "_MODULES_TO_PACKAGES", seeded)
+    monkeypatch.setattr(requirements_utils, "_PACKAGES_TO_MODULES", None)
+
+    def scan() -> None:
+        raise AssertionError("MLflow rebuilt a map that was already set")
+
+    monkeypatch.setattr(requirements_utils.importlib_metadata, "packages_distributions", scan)
+    requirements_utils._init_packages_to_modules_map()
+    assert requirements_utils._MODULES_TO_PACKAGES is seeded
+    assert requirements_utils._PACKAGES_TO_MODULES == {"torch": "torch"}
 
 
 @pytest.mark.parametrize("fast", ["1", "0"])

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 from types import SimpleNamespace
 
-from forgeline.tasks.config import PipelineConfig
+from forgeline.tasks.config import PipelineConfig, dump_config
 from forgeline.tasks.registry.model_card import DESCRIPTION_LIMIT, build_model_card, card_facts, description_text
+from forgeline.tasks.tracking.links import ui_run_url
 
 FACTS = {
     "model_name": "demo-lm",
@@ -112,16 +113,17 @@ def test_card_facts_from_stage_results(tmp_path) -> None:  # noqa: ANN001 - pyte
     )
     evaluation = SimpleNamespace(bits_per_byte=2.1, loss=1.5, perplexity=4.48, samples=[{"prompt": "a", "text": "b"}])
     facts = card_facts(
-        cfg,
+        cfg.data,
         result,
         evaluation,
+        config_yaml=dump_config(cfg),
+        config_hash=cfg.config_hash(),
         fingerprint="f" * 64,
-        experiment_id="7",
         train_run_id="t" * 32,
         pipeline_run_id="p" * 32,
         tags={"forgeline.git_commit": "abc", "prefect.flow_run_id": "fr"},
         dataset_dir=str(tmp_path),
-        tracking_uri="sqlite:////x/mlflow.db",
+        run_url=lambda run_id: ui_run_url("sqlite:////x/mlflow.db", "7", run_id),
     )
     assert facts["champion_metrics"] == {"test/bits_per_byte": 2.0}
     assert facts["sources"] == ["a.txt"] and facts["rows_per_split"] == {"train": 5}

@@ -11,6 +11,7 @@ import torch
 from forgeline.tasks.config import ModelConfig, TokenizerConfig
 from forgeline.tasks.data.tokenization import build_tokenizer
 from forgeline.tasks.model.modeling import build_model, count_parameters, find_model_dir, load_pretrained_model
+from forgeline.tasks.tracking.models import download_model
 
 TINY = ModelConfig(n_layer=2, n_head=2, n_embd=16, block_size=32)
 
@@ -125,7 +126,9 @@ def test_models_uri_downloads_then_loads_safely(tok, tmp_path: Path, monkeypatch
         return str(root)
 
     monkeypatch.setattr(mlflow.artifacts, "download_artifacts", fake_download)
-    loaded, loaded_tok = load_pretrained_model("models:/forgeline-lm@champion")
+    with pytest.raises(ValueError, match="fetch"):  # stage logic never reaches MLflow by itself
+        load_pretrained_model("models:/forgeline-lm@champion")
+    loaded, loaded_tok = load_pretrained_model("models:/forgeline-lm@champion", fetch=download_model)
     assert seen == ["models:/forgeline-lm@champion"]
     assert find_model_dir(root) == root / "model"
     assert loaded_tok is not None and loaded_tok.get_vocab() == tok.get_vocab()
@@ -148,7 +151,7 @@ def test_gelu_new_runs_as_the_fused_op_with_the_same_outputs(tok) -> None:
 
 def test_no_bias_model_keeps_biases_at_zero_through_training_and_saving(tok, tmp_path: Path) -> None:
     from forgeline.tasks.config import TrainConfig
-    from forgeline.tasks.train.training import make_optimizer
+    from forgeline.tasks.train.schedule import make_optimizer
 
     cfg = TINY.model_copy(update={"bias": False})
     model = build_model(cfg, tok)

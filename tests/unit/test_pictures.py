@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from forgeline.tasks.tracking import runs as tracking
+from forgeline.tasks.tracking import figures
 
 
 def test_loss_curve_has_a_wall_time_panel_when_history_is_timed() -> None:
@@ -13,11 +13,11 @@ def test_loss_curve_has_a_wall_time_panel_when_history_is_timed() -> None:
         {"step": 20, "train/loss": 2.5, "time": 2.1},
         {"step": 20, "val/loss": 2.6, "time": 2.3},
     ]
-    fig = tracking.loss_curve_figure(history)
+    fig = figures.loss_curve_figure(history)
     assert [ax.get_xlabel() for ax in fig.axes] == ["step", "wall time (s since training started)"]
     assert all(len(ax.get_lines()) == 2 for ax in fig.axes)
     plt.close(fig)
-    old = tracking.loss_curve_figure([{"step": 10, "train/loss": 3.0}])  # a history from before "time"
+    old = figures.loss_curve_figure([{"step": 10, "train/loss": 3.0}])  # a history from before "time"
     assert len(old.axes) == 1
     plt.close(old)
 
@@ -25,7 +25,7 @@ def test_loss_curve_has_a_wall_time_panel_when_history_is_timed() -> None:
 def test_cleaning_report_figure() -> None:
     import matplotlib.pyplot as plt
 
-    fig = tracking.cleaning_report_figure(
+    fig = figures.cleaning_report_figure(
         {"empty": 0, "duplicate": 5}, {"train": 90, "validation": 5, "test": 5}, rows_in=105
     )
     titles = [ax.get_title() for ax in fig.axes]

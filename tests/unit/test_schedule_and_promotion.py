@@ -7,7 +7,7 @@ import math
 import pytest
 from forgeline.tasks.config import TrainConfig
 from forgeline.tasks.registry.versions import decide_promotion
-from forgeline.tasks.train.training import get_lr
+from forgeline.tasks.train.schedule import get_lr
 
 
 def test_lr_warmup_then_cosine_to_min() -> None:

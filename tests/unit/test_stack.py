@@ -155,7 +155,9 @@ def test_ingest_is_content_addressed_and_validates_first(tmp_path: Path, monkeyp
     assert fingerprint == incoming_fingerprint(tmp_path / "data" / "incoming")
     again, same = ingest_files([str(good)], cfg)
     assert again == [] and same == fingerprint and not good.exists()  # moved; content already there
-    assert sorted(p.name for p in (tmp_path / "data").iterdir()) == ["incoming"]  # no partial files left
+    assert sorted(p.name for p in (tmp_path / "data").iterdir() if p.suffix != ".lock") == [
+        "incoming"
+    ]  # no partial files left
 
 
 def test_retrain_config_adds_the_incoming_folder(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -283,7 +285,7 @@ def test_unreachable_database_fails_before_anything_starts(tmp_path: Path) -> No
 
 
 def test_tune_storage_falls_back_to_the_environment(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from forgeline.tasks.tune.tuning import resolve_storage_url
+    from forgeline.tasks.tune.storage import resolve_storage_url
 
     monkeypatch.delenv(stack.TUNE_STORAGE_ENV, raising=False)
     assert resolve_storage_url(PipelineConfig().tune, tmp_path) == f"sqlite:///{tmp_path.resolve()}/mlruns/optuna.db"

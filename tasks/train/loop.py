@@ -1,28 +1,37 @@
 """The training loop: nanoGPT-style random windows, warm-up then cosine decay, resumable checkpoints.
 
 Free of Prefect and MLflow: progress leaves through callbacks, which the wiring connects to the
-tracking module (and the tuner to Optuna's pruner).
+tracking package (and the tuner to Optuna's pruner).
 """
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import math
 import os
 import signal
-import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
-from forgeline.tasks.config import ModelConfig, PipelineConfig, TokenizerConfig, TrainConfig
+from forgeline.tasks import faults
+from forgeline.tasks.config import ModelConfig, TokenizerConfig, TrainConfig
 from forgeline.tasks.errors import NonFiniteLossError, StageInterrupted
+from forgeline.tasks.train.batches import (
+    autocast_context,
+    estimate_loss,
+    fixed_batches,
+    lm_loss,
+    resolve_device,
+    sample_batch,
+)
 from forgeline.tasks.train.checkpoints import load_latest_checkpoint, save_checkpoint
+from forgeline.tasks.train.schedule import get_lr, make_optimizer
+from forgeline.tasks.train.signals import stop_on_signal
+from forgeline.tasks.train.tokens import load_token_splits, prepare_tokenizer
 from pydantic import BaseModel
 
 logger = logging.getLogger(__name__)
@@ -60,122 +69,6 @@ class TrainCallbacks:
     on_eval: Callable[[int, float], None] | None = None  # may raise (e.g. optuna.TrialPruned)
 
 
-def train_from_config(
-    cfg: PipelineConfig,
-    *,
-    dataset_dir: str | Path,
-    run_dir: str | Path,
-    callbacks: TrainCallbacks | None = None,
-) -> TrainResult:
-    """``train_model`` with the slices, seed and config hash taken from one pipeline config."""
-    return train_model(
-        cfg.train,
-        cfg.model,
-        cfg.tokenizer,
-        dataset_dir=dataset_dir,
-        run_dir=run_dir,
-        seed=cfg.seed,
-        config_hash=cfg.config_hash(),
-        callbacks=callbacks,
-    )
-
-
-# ------------------------------------------------------------------------------------- schedule
-def get_lr(step: int, cfg: TrainConfig) -> float:
-    """Linear warm-up to ``learning_rate``, then cosine decay to ``min_lr`` (nanoGPT's ``get_lr``)."""
-    decay_steps = cfg.lr_decay_steps or cfg.max_steps
-    if step < cfg.warmup_steps:
-        return cfg.learning_rate * (step + 1) / (cfg.warmup_steps + 1)
-    if step > decay_steps:
-        return cfg.min_lr
-    span = max(1, decay_steps - cfg.warmup_steps)
-    ratio = (step - cfg.warmup_steps) / span
-    coeff = 0.5 * (1.0 + math.cos(math.pi * ratio))
-    return cfg.min_lr + coeff * (cfg.learning_rate - cfg.min_lr)
-
-
-# ---------------------------------------------------------------------------------------- batches
-def sample_batch(
-    data: torch.Tensor, batch_size: int, block_size: int, generator: torch.Generator
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Random windows of the token stream: inputs ``(B, T)`` and next-token targets ``(B, T)``."""
-    starts = torch.randint(len(data) - block_size - 1, (batch_size,), generator=generator)
-    index = starts[:, None] + torch.arange(block_size + 1)  # (B, T+1)
-    window = data[index]
-    return window[:, :-1], window[:, 1:]
-
-
-def lm_loss(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    # Loss from the logits outside the model: scores all T targets (as nanoGPT) and compiles better.
-    logits = model(input_ids=x, use_cache=False).logits  # (B, T, V); no KV cache to fill while training
-    return F.cross_entropy(logits.flatten(0, 1).float(), y.flatten())
-
-
-def resolve_device(cfg: TrainConfig) -> torch.device:
-    """``auto`` picks CUDA when present."""
-    if cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available()):
-        if not torch.cuda.is_available():
-            raise RuntimeError("train.device is 'cuda' but no CUDA device is available")
-        return torch.device("cuda")
-    return torch.device("cpu")
-
-
-def autocast_context(device: torch.device, cfg: TrainConfig) -> contextlib.AbstractContextManager[Any]:
-    """bf16 autocast when ``train.dtype`` asks for it (``auto``: on CUDA); otherwise a no-op context."""
-    use_bf16 = cfg.dtype == "bfloat16" or (cfg.dtype == "auto" and device.type == "cuda")
-    if use_bf16:
-        return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
-    return contextlib.nullcontext()
-
-
-def make_optimizer(model: torch.nn.Module, cfg: TrainConfig, device: torch.device) -> torch.optim.Optimizer:
-    """AdamW with weight decay on matrices only (nanoGPT's grouping), fused (one kernel for all tensors)."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    decay = [p for p in params if p.dim() >= 2]
-    no_decay = [p for p in params if p.dim() < 2]
-    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.AdamW(
-        groups, lr=cfg.learning_rate, betas=(cfg.beta1, cfg.beta2), fused=device.type in ("cuda", "cpu")
-    )
-
-
-# ---------------------------------------------------------------------------------------- signals
-@contextlib.contextmanager
-def _stop_on_sigterm() -> Iterator[threading.Event]:
-    """An event set on SIGTERM or SIGINT (main thread only); the loop checkpoints and stops after the step."""
-    event = threading.Event()
-    if threading.current_thread() is not threading.main_thread():
-        yield event
-        return
-    # Ctrl-C behaves like SIGTERM while training: finish the step, checkpoint, stop.
-    previous = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT)}
-
-    def _stop(signum: int, _frame: object) -> None:
-        event.signum = signum  # type: ignore[attr-defined] - which signal decides the exit code
-        event.set()
-
-    for sig in previous:
-        signal.signal(sig, _stop)
-    try:
-        yield event
-    finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
-
-
-def _fault(step: int) -> str | None:
-    # Test-only fault injection (RELIABILITY.md): FORGELINE_FAULT_AT_STEP + FORGELINE_FAULT_KIND
-    # (sigkill, sigterm, raise, nan at that step; nan_from: a NaN loss on every step from then on).
-    at = os.environ.get("FORGELINE_FAULT_AT_STEP")
-    kind = os.environ.get("FORGELINE_FAULT_KIND")
-    if not at or not kind:
-        return None
-    if kind == "nan_from":
-        return "nan" if step >= int(at) else None
-    return kind if int(at) == step else None
-
-
-# ------------------------------------------------------------------------------------------- loop
 @dataclass
 class _State:
     step: int = 0
@@ -196,6 +89,7 @@ def train_model(
     seed: int,
     config_hash: str,
     callbacks: TrainCallbacks | None = None,
+    fetch_model: Callable[[str, Path], Path] | None = None,
 ) -> TrainResult:
     """Train (or resume, or recognise as finished) a causal LM on a cleaned dataset.
 
@@ -208,11 +102,12 @@ def train_model(
         seed: Seeds weights, batches and dropout.
         config_hash: Stored in checkpoints; a checkpoint of another config is refused.
         callbacks: Progress hooks.
+        fetch_model: Downloads ``model_cfg.init_from`` when it is a registry URI (the tracking package's).
 
     Returns:
         Paths and headline numbers; the model and tokenizer are saved under ``run_dir/model``.
     """
-    from forgeline.tasks.model.modeling import build_model, count_parameters
+    from forgeline.tasks.model.modeling import build_model, count_parameters  # transformers: only when training
 
     cb = callbacks or TrainCallbacks()
     run_dir = Path(run_dir)
@@ -225,9 +120,9 @@ def train_model(
     t_start = time.perf_counter()
     torch.manual_seed(seed)
     device = resolve_device(train_cfg)
-    tokenizer = prepare_tokenizer(tok_cfg, dataset_dir, run_dir, model_cfg.init_from)
+    tokenizer = prepare_tokenizer(tok_cfg, dataset_dir, run_dir, model_cfg.init_from, fetch=fetch_model)
     train_data, val_data = load_token_splits(tokenizer, dataset_dir, model_cfg.block_size)
-    model = build_model(model_cfg, tokenizer).to(device)
+    model = build_model(model_cfg, tokenizer, fetch=fetch_model).to(device)
     optimizer = make_optimizer(model, train_cfg, device)
     gen = torch.Generator().manual_seed(seed)
     state = _State(history=[])
@@ -281,7 +176,7 @@ def train_model(
     if cb.on_start:
         cb.on_start(summary)
 
-    val_batches = _fixed_batches(val_data, train_cfg, model_cfg.block_size, seed + 1)
+    val_batches = fixed_batches(val_data, train_cfg, model_cfg.block_size, seed + 1)
     result = _loop(
         step_fn,
         model,
@@ -346,20 +241,19 @@ def _loop(
     # History "time": seconds of training loop since the run began (a resumed run continues the clock).
     t_offset = max((h.get("time", 0.0) for h in state.history or []), default=0.0) - loop_t0
     model.train()
-    with _stop_on_sigterm() as stop:
+    with stop_on_signal() as stop:
         while state.step < cfg.max_steps:
             step = state.step
             lr = get_lr(step, cfg)
             for group in optimizer.param_groups:
                 group["lr"] = lr
-            fault = _fault(step + 1)
             loss_sum = torch.zeros((), device=device)
             for _ in range(cfg.grad_accum_steps):
                 x, y = sample_batch(train_data, cfg.batch_size, model_cfg.block_size, gen)
                 x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
                 with autocast_context(device, cfg):
                     loss = lm_loss(step_fn, x, y)
-                if fault == "nan":
+                if faults.nan_loss(step + 1):
                     loss = loss * float("nan")
                 (loss / cfg.grad_accum_steps).backward()
                 loss_sum += loss.detach()
@@ -414,7 +308,7 @@ def _loop(
             saved = state.step % cfg.checkpoint_interval == 0 or last or stop.is_set()
             if saved:
                 _checkpoint(model, optimizer, gen, state, run_dir, config_hash, cfg, device)
-            _apply_process_fault(fault)
+            faults.hit("train.step", step=state.step)
             if stop.is_set():
                 if not saved:
                     _checkpoint(model, optimizer, gen, state, run_dir, config_hash, cfg, device)
@@ -455,19 +349,6 @@ def _skip_nonfinite(optimizer: torch.optim.Optimizer, state: _State, cfg: TrainC
         )
 
 
-def _apply_process_fault(fault: str | None) -> None:
-    if fault == "sigkill":
-        os.kill(os.getpid(), signal.SIGKILL)
-    elif fault == "sigterm":
-        os.kill(os.getpid(), signal.SIGTERM)
-    elif fault == "sigint":  # what Ctrl-C sends
-        os.kill(os.getpid(), signal.SIGINT)
-    elif fault == "raise":
-        raise RuntimeError("injected fault (FORGELINE_FAULT_KIND=raise)")
-    elif fault == "oom":
-        raise torch.OutOfMemoryError("injected out of memory (FORGELINE_FAULT_KIND=oom)")
-
-
 def _checkpoint(
     model: torch.nn.Module,
     optimizer: torch.optim.Optimizer,
@@ -494,75 +375,3 @@ def _checkpoint(
         "history": state.history,
     }
     save_checkpoint(run_dir / "checkpoints", state.step, payload, keep=cfg.keep_checkpoints)
-
-
-@torch.no_grad()
-def estimate_loss(
-    model: Any, batches: list[tuple[torch.Tensor, torch.Tensor]], device: torch.device, cfg: TrainConfig
-) -> float:
-    """Mean loss over fixed validation batches."""
-    was_training = model.training
-    model.eval()
-    total = 0.0
-    for x, y in batches:
-        with autocast_context(device, cfg):
-            total += lm_loss(model, x.to(device), y.to(device)).item()
-    model.train(was_training)
-    return total / len(batches)
-
-
-def _fixed_batches(
-    data: torch.Tensor, cfg: TrainConfig, block_size: int, seed: int
-) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    gen = torch.Generator().manual_seed(seed)
-    return [sample_batch(data, cfg.batch_size, block_size, gen) for _ in range(cfg.eval_batches)]
-
-
-# ----------------------------------------------------------------------------------------- tokens
-def prepare_tokenizer(
-    tok_cfg: TokenizerConfig, dataset_dir: str | Path, run_dir: Path, init_from: str | None = None
-) -> Any:
-    """Build the tokenizer on the training split once per run dir; later calls load the saved one.
-
-    When fine-tuning (``init_from`` set) and no explicit pretrained tokenizer is configured, the model's own
-    tokenizer is used: its ids are what the pretrained weights were trained on.
-    """
-    from forgeline.tasks.data.cleaning import iter_split
-    from forgeline.tasks.data.tokenization import build_tokenizer, load_tokenizer
-
-    saved = run_dir / "tokenizer"
-    if (saved / "tokenizer_config.json").exists():
-        return load_tokenizer(saved)
-    tokenizer = None
-    if init_from and not (tok_cfg.kind == "pretrained" and tok_cfg.source):
-        from forgeline.tasks.model.modeling import load_pretrained_model
-
-        _, tokenizer = load_pretrained_model(init_from)
-        if tokenizer is not None:
-            logger.info("fine-tuning %s: using its tokenizer (%d tokens)", init_from, len(tokenizer))
-    if tokenizer is None:
-        tokenizer = build_tokenizer(tok_cfg, iter_split(dataset_dir, "train"))
-    saved.mkdir(parents=True, exist_ok=True)
-    tokenizer.save_pretrained(saved)
-    return tokenizer
-
-
-def load_token_splits(tokenizer: Any, dataset_dir: str | Path, block_size: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Encode the train and validation splits as 1-D int64 token streams.
-
-    Raises:
-        ValueError: a split holds fewer tokens than one context window.
-    """
-    from forgeline.tasks.data.cleaning import read_split_text
-    from forgeline.tasks.data.tokenization import encode_text
-
-    out = []
-    for split in ("train", "validation"):
-        ids = encode_text(tokenizer, read_split_text(dataset_dir, split)).long()
-        if len(ids) < block_size + 2:
-            raise ValueError(
-                f"{dataset_dir}: the {split} split has {len(ids)} tokens, fewer than one context window "
-                f"({block_size + 2}); add data or lower model.block_size"
-            )
-        out.append(ids)
-    return out[0], out[1]
