@@ -163,27 +163,44 @@ def test_dedup_off_keeps_duplicates(tmp_path: Path) -> None:
     assert sum(result.rows_per_split.values()) == 60
 
 
-def test_near_dedup(tmp_path: Path) -> None:
-    pytest.importorskip("datasketch")
+def _near_duplicate_corpus(path: Path) -> tuple[str, str]:
+    """Two near-identical paragraphs among 30 distinct ones; returns the pair."""
     base = "The quick brown fox jumps over the lazy dog while the cat watches from the warm windowsill. "
     rng = random.Random(0)
     distinct = [" ".join(rng.choice(WORDS) for _ in range(30)) for _ in range(30)]
-    paragraphs = [base * 3, base * 3 + "Indeed.", *distinct]
-    (tmp_path / "d.txt").write_text("\n\n".join(paragraphs), encoding="utf-8")
+    pair = ((base * 3).strip(), base * 3 + "Indeed.")
+    path.write_text("\n\n".join([*pair, *distinct]), encoding="utf-8")
+    return pair
+
+
+def test_near_dedup(tmp_path: Path) -> None:
+    pair = _near_duplicate_corpus(tmp_path / "d.txt")
     cfg = data_cfg("d.txt", record="paragraph", cleaning={"near_dedup": True, "near_dedup_threshold": 0.8})
     result = clean_dataset(cfg, base_dir=tmp_path)
     assert result.dropped["near_duplicate"] == 1
-    assert result.rows_in == len(paragraphs)
+    assert result.rows_in == 32
+    kept = all_records(result)
+    assert (pair[0] in kept) != (pair[1] in kept)  # one of the pair is kept
 
 
-def test_near_dedup_skipped_without_datasketch(
+def test_near_dedup_without_datasketch_keeps_both_warns_and_redoes_the_cache_once_installed(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
-    monkeypatch.setattr(cleaning, "_near_dedup_available", lambda: False)
-    (tmp_path / "d.txt").write_text("\n".join(PROSE[:30]), encoding="utf-8")
-    result = clean_dataset(data_cfg("d.txt", cleaning={"near_dedup": True}), base_dir=tmp_path)
+    pair = _near_duplicate_corpus(tmp_path / "d.txt")
+    cfg = data_cfg("d.txt", record="paragraph", cleaning={"near_dedup": True, "near_dedup_threshold": 0.8})
+    with monkeypatch.context() as uninstalled:
+        uninstalled.setitem(sys.modules, "datasketch", None)  # `import datasketch` raises ImportError
+        with pytest.raises(ImportError):
+            import datasketch  # noqa: F401
+        result = clean_dataset(cfg, base_dir=tmp_path)
+    assert "near_dedup is on but datasketch is not installed" in caplog.text
     assert result.dropped["near_duplicate"] == 0
-    assert "datasketch is not installed" in caplog.text
+    assert {pair[0], pair[1]} <= set(all_records(result))  # both kept, nothing silently lost
+
+    # Installed again: the same command does not reuse the dataset cleaned without near-dedup.
+    again = clean_dataset(cfg, base_dir=tmp_path)
+    assert not again.cache_hit and again.fingerprint != result.fingerprint
+    assert again.dropped["near_duplicate"] == 1
 
 
 # ---------------------------------------------------------------------------- BOM / CRLF files

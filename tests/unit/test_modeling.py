@@ -35,9 +35,44 @@ def test_build_model_sizes(tok) -> None:
     assert logits.shape == (1, 5, V)
 
 
-def test_dropout_is_applied(tok) -> None:
+def _zeroed_by_dropout(model: torch.nn.Module, x: torch.Tensor) -> float:
+    """The fraction of activations the model's dropout layers zeroed in one training-mode forward pass."""
+    zeros, total = [], []
+
+    def count(_module: torch.nn.Module, _inputs: object, output: torch.Tensor) -> None:
+        zeros.append(int((output == 0).sum()))
+        total.append(output.numel())
+
+    hooks = [m.register_forward_hook(count) for m in model.modules() if isinstance(m, torch.nn.Dropout)]
+    model.train()
+    with torch.no_grad():
+        model(input_ids=x)
+    for hook in hooks:
+        hook.remove()
+    assert total, "no dropout layer ran"
+    return sum(zeros) / sum(total)
+
+
+def test_dropout_rate_drops_activations_in_training_only(tok) -> None:
+    torch.manual_seed(0)
+    x = torch.randint(len(tok), (8, 32))
     model = build_model(TINY.model_copy(update={"dropout": 0.2}), tok)
-    assert model.config.resid_pdrop == model.config.embd_pdrop == model.config.attn_pdrop == 0.2
+    model.train()
+    with torch.no_grad():
+        assert not torch.equal(model(input_ids=x).logits, model(input_ids=x).logits)  # a new mask each pass
+        model.eval()
+        torch.testing.assert_close(model(input_ids=x).logits, model(input_ids=x).logits, rtol=0, atol=0)
+
+    no_dropout = build_model(TINY.model_copy(update={"dropout": 0.0}), tok)
+    no_dropout.train()
+    with torch.no_grad():
+        assert torch.equal(no_dropout(input_ids=x).logits, no_dropout(input_ids=x).logits)
+    # The configured rate is the share of activations zeroed (8 x 32 x 16 per layer: about 1 % noise).
+    assert _zeroed_by_dropout(no_dropout, x) < 0.01
+    assert _zeroed_by_dropout(model, x) == pytest.approx(0.2, abs=0.03)
+    assert _zeroed_by_dropout(build_model(TINY.model_copy(update={"dropout": 0.5}), tok), x) == pytest.approx(
+        0.5, abs=0.03
+    )
 
 
 def test_saved_model_reloads_with_equal_weights(tok, tmp_path: Path) -> None:
@@ -113,7 +148,7 @@ def test_dir_without_config_is_refused(tmp_path: Path) -> None:
 
 def test_models_uri_downloads_then_loads_safely(tok, tmp_path: Path, monkeypatch) -> None:
     """A ``models:/`` URI goes through mlflow's download, then the same local checks."""
-    mlflow = pytest.importorskip("mlflow")
+    import mlflow
     root = tmp_path / "artifacts"
     model = build_model(TINY, tok)
     model.save_pretrained(root / "model")
