@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.slow]  # six benchmark scripts, two of them whole runs
 
 ROOT = Path(__file__).resolve().parents[2]
 

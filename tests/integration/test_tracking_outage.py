@@ -187,6 +187,7 @@ def _stop_at_pause(project: Project, server: MlflowServer, extra_env: dict[str, 
     return proc, before, t0
 
 
+@pytest.mark.slow  # an mlflow server started twice and a pipeline run held at a step
 def test_server_back_within_the_budget_resumes_logging_and_loses_nothing(
     project: Project, server: MlflowServer
 ) -> None:
@@ -205,6 +206,7 @@ def test_server_back_within_the_budget_resumes_logging_and_loses_nothing(
     assert [str(v.version) for v in client.search_model_versions("name = 'forgeline-smoke-lm'")] == ["1"]
 
 
+@pytest.mark.slow  # the retry budget runs out, then a server restart and a second run
 def test_server_down_past_the_budget_fails_loudly_keeps_checkpoints_and_rerun_fills_the_gap(
     project: Project, server: MlflowServer
 ) -> None:

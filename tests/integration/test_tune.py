@@ -179,6 +179,7 @@ def test_pipeline_tunes_then_trains_with_best_params(
     assert trial_dirs[:3] == ["trial-0000", "trial-0001", "trial-0002"]
 
 
+@pytest.mark.slow  # a study run twice: a worker killed mid-trial, then resumed
 def test_resume_after_kill_keeps_done_trials_and_retries_the_stale_one(
     tune_project: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -213,6 +214,7 @@ def test_resume_after_kill_keeps_done_trials_and_retries_the_stale_one(
     assert result.best_value is not None
 
 
+@pytest.mark.slow  # two worker processes share one study
 def test_two_parallel_workers_finish_the_study_without_losing_trials(tune_project: Path) -> None:
     spec = _spec(_config("tune.parallelism=2", "tune.n_trials=4"))
     result = workers.run_study(spec)
