@@ -9,7 +9,8 @@ import random
 import re
 import subprocess
 import sys
-from collections.abc import Callable
+import tracemalloc
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -709,20 +710,37 @@ def test_exact_duplicates_empty_and_all_same(tmp_path: Path) -> None:
     assert same.dropped == 49
 
 
-def test_exact_duplicates_bounded_buffers(tmp_path: Path) -> None:
-    """Pass 1 never holds more than one chunk of digests, and texts leave memory past the budget."""
-    exact = cleaning._ExactDuplicates(tmp_path / "w", chunk=8, bits=2, window=8, memory_bytes=100)
-    sizes: list[tuple[int, bool]] = []
+def test_exact_duplicates_past_the_budget_hold_a_small_part_of_the_text(tmp_path: Path) -> None:
+    """~8 MB of records through a 100-byte budget: memory stays far below the text's size, decisions unchanged."""
 
-    def observed() -> Any:
-        for text in _skewed_texts(200, seed=3):
-            sizes.append((len(exact._digests), exact._pending is None))
-            yield text
+    def records(n: int) -> Iterator[str]:  # generated, so only the filter can hold them
+        for i in range(n):
+            yield f"{i:06d} " + "x" * 4000
+            if i % 10 == 5:
+                yield f"{i - 5:06d} " + "x" * 4000  # a copy of an earlier record
 
-    kept = list(exact.filter(observed()))
-    assert max(n for n, _ in sizes) <= 16 * 8
-    assert sizes[-1][1]  # the records went to the spill file
-    assert kept == _first_seen(_skewed_texts(200, seed=3))
+    def peak_bytes(memory_bytes: int) -> tuple[int, str, int]:
+        shape = {"chunk": 8, "bits": 2, "window": 8, "memory_bytes": memory_bytes}
+        list(cleaning._ExactDuplicates(tmp_path / f"warm-{memory_bytes}", **shape).filter(records(20)))  # imports
+        exact = cleaning._ExactDuplicates(tmp_path / f"w-{memory_bytes}", **shape)
+        kept = hashlib.sha256()
+        tracemalloc.start()
+        try:
+            for text in exact.filter(records(2000)):
+                kept.update(text.encode() + b"\0")
+            peak = tracemalloc.get_traced_memory()[1]
+        finally:
+            tracemalloc.stop()
+        return peak, kept.hexdigest(), exact.dropped
+
+    first_seen = hashlib.sha256(b"".join(t.encode() + b"\0" for t in _first_seen(list(records(2000)))))
+    text_bytes = 2000 * 4007
+    spilled, spilled_kept, spilled_dropped = peak_bytes(100)
+    in_memory, in_memory_kept, in_memory_dropped = peak_bytes(64 * 2**20)
+    assert spilled_kept == in_memory_kept == first_seen.hexdigest()
+    assert spilled_dropped == in_memory_dropped == 200
+    assert in_memory > text_bytes  # under the budget the kept records wait in memory: the measure sees them
+    assert spilled < text_bytes / 20
 
 
 @pytest.mark.parametrize("split", ["hash", "tail"])

@@ -149,6 +149,7 @@ def test_dir_without_config_is_refused(tmp_path: Path) -> None:
 def test_models_uri_downloads_then_loads_safely(tok, tmp_path: Path, monkeypatch) -> None:
     """A ``models:/`` URI goes through mlflow's download, then the same local checks."""
     import mlflow
+
     root = tmp_path / "artifacts"
     model = build_model(TINY, tok)
     model.save_pretrained(root / "model")

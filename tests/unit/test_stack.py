@@ -97,13 +97,13 @@ def test_state_file_is_plain_json(tmp_path: Path) -> None:
 
 
 # ------------------------------------------------------------------------------------------ config
-def test_deploy_section_defaults_and_partial_overrides() -> None:
-    cfg = PipelineConfig()
-    assert (cfg.deploy.cpu_pool.name, cfg.deploy.gpu_pool.name) == ("cpu", "gpu")
-    assert cfg.deploy.gpu_pool.concurrency_limit == 1 and cfg.deploy.gpu_pool.require_cuda
-    assert not cfg.deploy.allow_cpu_fallback
-    cfg = load_config(None, ["deploy.gpu_pool.job_variables.env.CUDA_VISIBLE_DEVICES=0"])
-    assert cfg.deploy.gpu_pool.name == "gpu" and cfg.deploy.gpu_pool.concurrency_limit == 1
+def test_partial_deploy_override_changes_that_key_and_keeps_the_rest() -> None:
+    base = PipelineConfig().deploy
+    deploy = load_config(None, ["deploy.gpu_pool.job_variables.env.CUDA_VISIBLE_DEVICES=0"]).deploy
+    assert str(deploy.gpu_pool.job_variables["env"]["CUDA_VISIBLE_DEVICES"]) == "0"
+    # The pool's name, concurrency limit and CUDA check are not reset by overriding one nested key.
+    assert deploy.gpu_pool.model_copy(update={"job_variables": base.gpu_pool.job_variables}) == base.gpu_pool
+    assert deploy.model_copy(update={"gpu_pool": base.gpu_pool}) == base
     with pytest.raises(ConfigError, match="deploy.gpu_pool.name"):
         load_config(None, ["deploy.gpu_pool.nme=x"])
 
