@@ -1,7 +1,8 @@
 """The everyday commands against a real registry: two smoke pipeline runs (a good and a worse model).
 
-compare, models, promote, rollback and generate run in-process (Typer's runner, this process pointed at
-the project's store); serve and reproduce run as ``python -m flows`` subprocesses, like a user would.
+The two runs that fill the registry are set-up, run in-process (``forgeline.run``). compare, models,
+promote, rollback and generate run in-process too (Typer's runner, this process pointed at the project's
+store); serve and reproduce run as ``python -m forgeline`` subprocesses, like a user would.
 """
 
 from __future__ import annotations
@@ -30,10 +31,10 @@ SERVE_START_TIMEOUT = 180  # seconds; `mlflow models serve` takes ~10-25 s on 2 
 @pytest.fixture(scope="module")
 def registry(module_project: Any) -> Iterator[Any]:
     """Version 1: the smoke model (champion). Version 2: one training step (worse; the gate refuses it)."""
-    good = module_project.run_pipeline()
-    assert good.returncode == 0, good.describe()
-    worse = module_project.run_pipeline("--set", "train.max_steps=1", "--set", "train.warmup_steps=0")
-    assert worse.returncode == 0, worse.describe()
+    good = module_project.run_in_process()
+    assert (good.version, good.promoted) == ("1", True)
+    worse = module_project.run_in_process("train.max_steps=1", "train.warmup_steps=0")
+    assert (worse.version, worse.promoted) == ("2", False)
     yield module_project
 
 

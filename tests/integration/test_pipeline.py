@@ -1,7 +1,8 @@
-"""The whole pipeline through the CLI on smoke.yaml: what lands in MLflow, the registry and the summary.
+"""The whole pipeline on smoke.yaml: what lands in MLflow, the registry and the summary.
 
-Three CLI runs share one project folder: a first run, the same command again (re-use, no new version),
-and a deliberately worse model (a new lineage: version 2, challenger but not champion).
+Runs share one project folder: a first run through the CLI (its printed summary is under test), then,
+in-process through ``forgeline.run``, the same config again (re-use, no new version), a deliberately
+worse model (a new lineage: version 2, challenger but not champion), new data and another store.
 """
 
 from __future__ import annotations
@@ -47,13 +48,13 @@ def state(module_project: Project, first: CliResult) -> dict[str, Any]:
 
 
 @pytest.fixture(scope="module")
-def again(module_project: Project, state: dict[str, Any]) -> CliResult:
-    return module_project.run_pipeline()
+def again(module_project: Project, state: dict[str, Any]) -> Any:
+    return module_project.run_in_process()
 
 
 @pytest.fixture(scope="module")
-def worse(module_project: Project, again: CliResult) -> CliResult:
-    return module_project.run_pipeline("--set", "train.max_steps=1", "--set", "train.warmup_steps=0")
+def worse(module_project: Project, again: Any) -> Any:
+    return module_project.run_in_process("train.max_steps=1", "train.warmup_steps=0")
 
 
 def _only(runs: dict[str, list[Any]], name: str) -> Any:
@@ -196,11 +197,9 @@ def test_champion_loads_and_generates(state: dict[str, Any]) -> None:
 
 
 # ----------------------------------------------------------------------------- the same command again
-def test_rerun_reuses_version_1(module_project: Project, again: CliResult) -> None:
-    assert again.returncode == 0, again.describe()
-    out = _squash(again.output)
-    assert "already produced" in out
-    assert f"{MODEL} version 1" in out
+def test_rerun_reuses_version_1(module_project: Project, again: Any) -> None:
+    assert again.reused
+    assert (again.model_name, again.version) == (MODEL, "1")
     client = module_project.client()
     assert [str(v.version) for v in client.search_model_versions(f"name = '{MODEL}'")] == ["1"]
     assert str(client.get_model_version_by_alias(MODEL, "champion").version) == "1"
@@ -215,11 +214,9 @@ def test_rerun_reuses_version_1(module_project: Project, again: CliResult) -> No
 
 
 # ------------------------------------------------------------------------------- a worse model
-def test_worse_model_is_challenger_not_champion(module_project: Project, worse: CliResult) -> None:
-    assert worse.returncode == 0, worse.describe()
-    out = _squash(worse.stdout)
-    assert f"{MODEL} version 2" in out
-    assert "not promoted" in out
+def test_worse_model_is_challenger_not_champion(module_project: Project, worse: Any) -> None:
+    assert (worse.version, worse.promoted, worse.champion_version) == ("2", False, "1")
+    assert worse.decision.startswith("not better")
     client = module_project.client()
     assert sorted(str(v.version) for v in client.search_model_versions(f"name = '{MODEL}'")) == ["1", "2"]
     assert str(client.get_model_version_by_alias(MODEL, "challenger").version) == "2"
@@ -230,6 +227,7 @@ def test_worse_model_is_challenger_not_champion(module_project: Project, worse: 
     assert v2[LINEAGE] != v1[LINEAGE]
     assert v2["config_hash"] != v1["config_hash"]
     assert float(v2["test_bits_per_byte"]) > float(v1["test_bits_per_byte"])
+    assert worse.metrics["test/bits_per_byte"] == pytest.approx(float(v2["test_bits_per_byte"]), abs=1e-5)
     # Same data: the champion's stored score is what the candidate was compared with.
     assert float(v2["forgeline.champion_bits_per_byte"]) == pytest.approx(float(v1["test_bits_per_byte"]), abs=1e-5)
 
@@ -241,20 +239,20 @@ def test_worse_model_is_challenger_not_champion(module_project: Project, worse: 
 
 
 @pytest.fixture(scope="module")
-def new_data(module_project: Project, worse: CliResult) -> CliResult:
+def new_data(module_project: Project, worse: Any) -> Any:
     corpus = module_project.root / "new_data.txt"
     paragraphs = [f"def function_{i}(x):\n    return x * {i} + {i % 5}" for i in range(400)]
     corpus.write_text("\n\n".join(paragraphs) + "\n", encoding="utf-8")
-    return module_project.run_pipeline("--data", "new_data.txt", "--set", "train.max_steps=20")
+    return module_project.run_in_process("train.max_steps=20", data=["new_data.txt"])
 
 
-def test_champion_is_rescored_on_the_new_test_split(module_project: Project, new_data: CliResult) -> None:
-    assert new_data.returncode == 0, new_data.describe()
+def test_champion_is_rescored_on_the_new_test_split(module_project: Project, new_data: Any) -> None:
     client = module_project.client()
     champion_v1 = client.get_model_version(MODEL, "1")
     versions = {str(v.version): v for v in client.search_model_versions(f"name = '{MODEL}'")}
     newest = versions[max(versions, key=int)]
-    assert newest.tags["data_fingerprint"] != champion_v1.tags["data_fingerprint"]
+    assert str(newest.version) == new_data.version
+    assert newest.tags["data_fingerprint"] == new_data.fingerprint != champion_v1.tags["data_fingerprint"]
     # The champion's score in the decision is from the new test split, not its stored score on the old data.
     rescored = float(newest.tags["forgeline.champion_bits_per_byte"])
     assert rescored != pytest.approx(float(champion_v1.tags["test_bits_per_byte"]), abs=1e-6)
@@ -262,12 +260,12 @@ def test_champion_is_rescored_on_the_new_test_split(module_project: Project, new
 
 
 # ------------------------------------------------------------------- the same checkpoints, another store
-def test_another_tracking_store_gets_its_own_logged_model(module_project: Project, new_data: CliResult) -> None:
+def test_another_tracking_store_gets_its_own_logged_model(module_project: Project, new_data: Any) -> None:
     # The checkpoint folder outlives a change of store (a local run, then `forgeline up`): the model logged
     # to the first store does not exist in the second, so the second must log and register its own.
     other = f"sqlite:///{module_project.root / 'other.db'}"
-    moved = module_project.run_pipeline("--set", f"tracking.uri={other}")
-    assert moved.returncode == 0, moved.describe()
+    moved = module_project.run_in_process(f"tracking.uri={other}")
+    assert moved.tracking_uri == other and moved.version == "1"
     from mlflow import MlflowClient
 
     client = MlflowClient(tracking_uri=other, registry_uri=other)

@@ -137,9 +137,9 @@ def test_model_upload_failing_half_way_registers_nothing_and_rerun_gives_one_com
     assert str(partial.status) == "FAILED"  # the half-uploaded model is never marked usable
     assert not list((project.root / "mlruns" / "checkpoints").rglob("logged_model.json"))
 
-    rerun = project.run_pipeline()
-    assert rerun.returncode == 0, rerun.describe()
+    rerun = project.run_in_process()  # the same run again; in-process, its output is not under test
     (version,) = client.search_model_versions("name = 'forgeline-smoke-lm'")
+    assert rerun.version == str(version.version)
     assert str(version.version) == "1"
     model_id = version.model_id or str(version.source).removeprefix("models:/").split("/")[0]
     assert model_id.startswith("m-") and model_id != partial.model_id, version.source
