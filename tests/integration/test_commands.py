@@ -256,6 +256,7 @@ def test_reproduce_refuses_other_data(registry: Any) -> None:
     assert lines and "refusing to reproduce" in lines[-1] and "data changed" in lines[-1], result.describe()
 
 
+@pytest.mark.slow  # a whole training run again, through the CLI
 def test_reproduce_matches_the_original_metrics(registry: Any) -> None:
     result = registry.cli("reproduce", f"models:/{MODEL}/1")
     if result.returncode != 0 and "has redacted values" in result.stderr:

@@ -97,7 +97,6 @@ def test_a_pool_with_a_live_worker_is_waited_on(project: Project) -> None:
 
 
 # ------------------------------------------------------------------------------- parallel search
-@pytest.mark.slow  # two tune flow runs share one study
 def test_tune_workers_share_one_study(project: Project) -> None:
     import mlflow
     import optuna
@@ -197,7 +196,6 @@ def _deployments(names: list[str]) -> dict[str, dict[str, Any]]:
     return out
 
 
-@pytest.mark.slow  # `prefect deploy --all` in a subprocess
 def test_prefect_deploy_all_makes_the_same_deployments(project: Project, prefect_server: str) -> None:
     from forgeline.flows.deploy import DEPLOYMENTS, deploy_all
 

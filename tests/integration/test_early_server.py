@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-pytestmark = [pytest.mark.integration, pytest.mark.slow]  # each case starts a server in a fresh PREFECT_HOME
+pytestmark = pytest.mark.integration
 
 ROOT = Path(__file__).resolve().parents[2]
 TIMEOUT = 240  # seconds; a first start creates Prefect's database (about 36 s on a loaded 2-core machine)

@@ -123,6 +123,7 @@ def _cli_with(project: Project, prelude: str, *args: str) -> CliResult:
     return result
 
 
+@pytest.mark.slow  # a failing run, then a second run
 def test_model_upload_failing_half_way_registers_nothing_and_rerun_gives_one_complete_version(
     project: Project,
 ) -> None:

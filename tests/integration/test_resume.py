@@ -75,6 +75,7 @@ def test_missing_data_fails_with_one_line(project: Project) -> None:
         assert client.search_registered_models() == []
 
 
+@pytest.mark.slow  # a stopped run and its resume; the SIGKILL case above is the default suite's resume test
 def test_sigterm_ends_runs_killed_with_a_checkpoint_and_resumes(project: Project) -> None:
     stopped = project.run_pipeline(extra_env={"FORGELINE_FAULT_AT_STEP": "15", "FORGELINE_FAULT_KIND": "sigterm"})
     assert stopped.returncode == 143, stopped.describe()
@@ -110,6 +111,7 @@ def test_bad_data_found_while_cleaning_exits_2(project: Project) -> None:
     assert project.client().search_registered_models() == []
 
 
+@pytest.mark.slow  # a run killed after registering, then a second run
 def test_crash_between_version_and_alias_completes_on_rerun(project: Project) -> None:
     crashed = project.run_pipeline(extra_env={"FORGELINE_FAULT_KIND": "sigkill_after_register"})
     assert crashed.returncode in (-signal.SIGKILL, 128 + signal.SIGKILL), crashed.describe()
