@@ -39,9 +39,10 @@ def _zeroed_by_dropout(model: torch.nn.Module, x: torch.Tensor) -> float:
     """The fraction of activations the model's dropout layers zeroed in one training-mode forward pass."""
     zeros, total = [], []
 
-    def count(_module: torch.nn.Module, _inputs: object, output: torch.Tensor) -> None:
-        zeros.append(int((output == 0).sum()))
-        total.append(output.numel())
+    def count(_module: torch.nn.Module, inputs: tuple[torch.Tensor, ...], output: torch.Tensor) -> None:
+        live = inputs[0] != 0  # what was already zero (masked attention, say) is not dropout's doing
+        zeros.append(int((live & (output == 0)).sum()))
+        total.append(int(live.sum()))
 
     hooks = [m.register_forward_hook(count) for m in model.modules() if isinstance(m, torch.nn.Dropout)]
     model.train()
