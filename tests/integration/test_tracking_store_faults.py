@@ -66,6 +66,7 @@ def test_short_lock_waits_and_every_metric_lands(store: tuple[Path, str]) -> Non
     assert _history_count(run_id, "train/loss") == 100
 
 
+@pytest.mark.slow  # waits out the 30 s close timeout behind a held lock
 def test_long_lock_fails_loudly_naming_the_database(store: tuple[Path, str]) -> None:
     db, run_id = store
     buffer = metrics.MetricBuffer(run_id, flush_every=1000, max_retries=2)
