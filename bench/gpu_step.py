@@ -36,9 +36,10 @@ sys.path.insert(0, str(ROOT / "bench"))
 
 import nanogpt_reference as ref  # noqa: E402
 import torch  # noqa: E402
-from forgeline.tasks.config import PipelineConfig, load_config  # noqa: E402
 from time_to_loss import median_step_ms  # noqa: E402
 from train_step import make_dataset  # noqa: E402
+
+from forgeline.tasks.config import PipelineConfig, load_config  # noqa: E402
 
 PEAK_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0}  # dense bf16
 

@@ -33,13 +33,15 @@ sys.path.insert(0, str(ROOT / "bench"))
 import nanogpt_reference as ref  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
-from forgeline.tasks.config import ModelConfig, TokenizerConfig  # noqa: E402
 from train_step import corpus_text  # noqa: E402
+
+from forgeline.tasks.config import ModelConfig, TokenizerConfig  # noqa: E402
 
 
 def gpt2_variant(tokenizer: object, *, activation: str, bias: bool, legacy_gelu: bool) -> torch.nn.Module:
-    from forgeline.tasks.model.modeling import build_model
     from transformers import GPT2LMHeadModel
+
+    from forgeline.tasks.model.modeling import build_model
 
     cfg = ModelConfig(n_layer=4, n_head=4, n_embd=128, block_size=64, activation=activation, bias=bias)
     model = build_model(cfg, tokenizer)

@@ -23,9 +23,10 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+from pydantic import BaseModel
+
 from forgeline.flows.contract import EVENT, POOL_ENV, REQUIRE_CUDA_ENV, resource_id
 from forgeline.tasks.config import PipelineConfig, WorkPoolConfig
-from pydantic import BaseModel
 
 logger = logging.getLogger(__name__)
 

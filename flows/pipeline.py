@@ -6,6 +6,10 @@ import logging
 import time
 from pathlib import Path
 
+from prefect import flow
+from prefect.artifacts import create_link_artifact, create_markdown_artifact, create_table_artifact
+from pydantic import BaseModel
+
 from forgeline.flows.seam import run_train, run_tune
 from forgeline.flows.stages import (
     RunContext,
@@ -22,9 +26,6 @@ from forgeline.tasks.tracking import records, store
 from forgeline.tasks.tracking.links import ui_model_version_url, ui_run_url
 from forgeline.tasks.tracking.registry_store import find_lineage_version
 from forgeline.tasks.tracking.runs import reap_orphan_runs, stage_run
-from prefect import flow
-from prefect.artifacts import create_link_artifact, create_markdown_artifact, create_table_artifact
-from pydantic import BaseModel
 
 logger = logging.getLogger(__name__)
 

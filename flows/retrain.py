@@ -19,6 +19,8 @@ import shutil
 import time
 from pathlib import Path
 
+from prefect import flow
+
 from forgeline.flows.contract import EVENT, resource_id
 from forgeline.tasks.config import PipelineConfig
 from forgeline.tasks.locks import host_lock
@@ -26,7 +28,6 @@ from forgeline.tasks.tracking import records, store
 from forgeline.tasks.tracking.registry_store import champion_version
 from forgeline.tasks.tracking.runs import find_runs
 from forgeline.tasks.tracking.tags import RUN_NAME_TAG
-from prefect import flow
 
 logger = logging.getLogger(__name__)
 
@@ -293,8 +294,9 @@ def retrain_flow(config: PipelineConfig, fingerprint: str | None = None, deploye
     Returns:
         The pipeline's MLflow run id, or ``skipped: ...`` when this data was already retrained.
     """
-    from forgeline.flows.pipeline import pipeline_flow
     from prefect.logging import get_run_logger
+
+    from forgeline.flows.pipeline import pipeline_flow
 
     log = get_run_logger()  # the deployment loads this module by path: its own logger's name is not ours
     base_dir = Path.cwd()

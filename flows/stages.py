@@ -16,6 +16,10 @@ import uuid
 from pathlib import Path
 from typing import Any
 
+from prefect import task
+from prefect.artifacts import create_table_artifact
+from pydantic import BaseModel
+
 from forgeline.flows.prefect_progress import TrainProgressFeed
 from forgeline.tasks import progress
 from forgeline.tasks.config import DataConfig, PipelineConfig, dump_config
@@ -31,9 +35,6 @@ from forgeline.tasks.tracking.runs import stage_run
 from forgeline.tasks.tracking.tags import git_tags
 from forgeline.tasks.train import checkpoints
 from forgeline.tasks.train.loop import TrainCallbacks, TrainResult, train_model
-from prefect import task
-from prefect.artifacts import create_table_artifact
-from pydantic import BaseModel
 
 logger = logging.getLogger(__name__)
 

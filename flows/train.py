@@ -4,11 +4,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from prefect import flow
+
 from forgeline.flows.contract import check_cuda, record_outcome
 from forgeline.flows.stages import RunContext, TrainOutcome, run_tags, run_training
 from forgeline.tasks.config import PipelineConfig
 from forgeline.tasks.tracking import store
-from prefect import flow
 
 
 @flow(name="train", flow_run_name="train {config.name}", log_prints=False)

@@ -22,6 +22,8 @@ from collections.abc import Callable
 from pathlib import Path
 
 import optuna
+from prefect import flow
+
 from forgeline.flows.contract import check_cuda
 from forgeline.flows.stages import run_tags, training_dir
 from forgeline.tasks import progress
@@ -31,7 +33,6 @@ from forgeline.tasks.tracking.models import download_model
 from forgeline.tasks.tune.space import apply_params
 from forgeline.tasks.tune.study import TuneResult, build_spec, open_study, state_counts, summarize
 from forgeline.tasks.tune.workers import run_study, run_worker
-from prefect import flow
 
 logger = logging.getLogger(__name__)
 

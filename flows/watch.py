@@ -19,9 +19,10 @@ import os
 import time
 from pathlib import Path
 
-from forgeline.tasks.config import PipelineConfig
 from prefect import flow
 from pydantic import BaseModel
+
+from forgeline.tasks.config import PipelineConfig
 
 logger = logging.getLogger(__name__)
 

@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
+
 from forgeline.flows.cli import console, lookup
 from forgeline.flows.cli.console import EXIT_BAD_INPUT, EXIT_INTERRUPTED, fail, show
 from forgeline.flows.cli.format import duration, is_finite, num, when

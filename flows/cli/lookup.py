@@ -120,8 +120,9 @@ def version_data_config(version: Any) -> DataConfig:
         ValueError: No config artifact, or a data section that no longer validates.
     """
     import yaml
-    from forgeline.tasks.config import DataConfig
     from pydantic import ValidationError
+
+    from forgeline.tasks.config import DataConfig
 
     run_id, text = version_config_text(version)
     tree = yaml.safe_load(text) or {}
@@ -138,6 +139,7 @@ def version_config(version: Any) -> PipelineConfig:
         ValueError: No train run, no readable ``resolved_config.yaml`` artifact, or redacted values in it.
     """
     import yaml
+
     from forgeline.tasks.config import ConfigError, load_config
 
     run_id, text = version_config_text(version)

@@ -22,6 +22,7 @@ from collections.abc import Callable
 from typing import Any
 
 import typer
+
 from forgeline.flows.cli import history, models, runs, serving, stack, startup
 
 app = typer.Typer(

@@ -7,6 +7,7 @@ import logging
 from typing import Annotated, Any
 
 import typer
+
 from forgeline.flows.cli import console, lookup
 from forgeline.flows.cli.console import fail, show
 from forgeline.flows.cli.format import now, short, to_float, when, who
@@ -68,8 +69,9 @@ def models_table(registered: list[Any]) -> Any:
 
 def versions_table(name: str, versions: list[Any], aliases: dict[str, list[str]]) -> Any:
     """One row per version of ``name``: aliases, score, data, the gate's decision, the train run."""
-    from forgeline.tasks.registry.versions import BPB_TAG, FINGERPRINT_TAG
     from rich.table import Table
+
+    from forgeline.tasks.registry.versions import BPB_TAG, FINGERPRINT_TAG
 
     table = Table(title=f"{name}: versions", title_justify="left")
     for head in ("version", "created", "aliases", "test bits/byte", "data", "promoted", "decision", "train run"):
@@ -94,8 +96,9 @@ def versions_table(name: str, versions: list[Any], aliases: dict[str, list[str]]
 
 def history_table(name: str, versions: list[Any]) -> Any:
     """The alias history of ``name``, newest first (the gate's own promotions when nothing is recorded)."""
-    from forgeline.tasks.tracking.registry_store import alias_history
     from rich.table import Table
+
+    from forgeline.tasks.tracking.registry_store import alias_history
 
     entries = alias_history(name)
     table = Table(title=f"{name}: alias history (newest first)", title_justify="left")

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
 
 import typer
+
 from forgeline.flows.cli.console import EXIT_BAD_INPUT, fail
 
 if TYPE_CHECKING:

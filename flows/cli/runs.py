@@ -7,6 +7,7 @@ import time
 from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
+
 from forgeline.flows.cli import console, startup
 from forgeline.flows.cli.console import EXIT_BAD_INPUT, EXIT_INTERRUPTED, fail, out
 from forgeline.flows.cli.options import (
@@ -136,8 +137,9 @@ def ingest(
 # ------------------------------------------------------------------------------------------- summary
 def print_summary(result: PipelineResult) -> None:
     """The run summary table, then where to see the run in the MLflow UI."""
-    from forgeline.flows.pipeline import mlflow_run_url
     from rich.table import Table
+
+    from forgeline.flows.pipeline import mlflow_run_url
 
     table = Table(title="Forgeline run summary", show_header=False, title_justify="left")
     table.add_row("experiment", f"{result.experiment_name} (id {result.experiment_id})")

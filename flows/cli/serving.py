@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
+
 from forgeline.flows.cli import console, lookup
 from forgeline.flows.cli.console import err, fail, out
 from forgeline.flows.cli.options import ConfigOpt, VerboseOpt, load_if_given
@@ -39,6 +40,7 @@ def generate(
         forgeline generate --model models:/forgeline-demo-lm/3 --prompt "import " --max-new-tokens 50
     """
     import torch
+
     from forgeline.tasks.evaluate.evaluation import generate_samples
     from forgeline.tasks.tracking.models import load_model
 

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
+
 from forgeline.flows.cli import console
 from forgeline.flows.cli.console import EXIT_INTERRUPTED, fail, out
 from forgeline.flows.cli.options import ConfigOpt, HomeOpt, SetOpt, config_path, load
@@ -186,11 +187,12 @@ def run_deployed(cfg: PipelineConfig, data: list[str] | None, fresh: bool, poll:
     """
     if not os.environ.get("PREFECT_API_URL"):
         fail(f"--deployed needs a running stack: none under {forgeline_home()} (run: forgeline up; forgeline deploy)")
-    from forgeline.flows.contract import PIPELINE_DEPLOYMENT
     from prefect import get_client
     from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterParentFlowRunId
     from prefect.deployments import run_deployment
     from prefect.exceptions import ObjectNotFound
+
+    from forgeline.flows.contract import PIPELINE_DEPLOYMENT
 
     config = cfg.for_flow_run().model_dump(mode="json")  # the server stores and shows parameters
     parameters: dict[str, Any] = {"config": config, "fresh": fresh, "deployed": True}

@@ -214,6 +214,7 @@ def warm_imports() -> None:
 
     matplotlib.use("Agg")  # the only backend the pipeline draws with
     import matplotlib.pyplot  # noqa: F401
+
     from forgeline.tasks.tracking import queries
 
     queries.import_mlflow()

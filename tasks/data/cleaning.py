@@ -59,6 +59,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
 
+from pydantic import BaseModel
+
 from forgeline.tasks import progress
 from forgeline.tasks.config import (
     BuiltinSource,
@@ -69,7 +71,6 @@ from forgeline.tasks.config import (
     Source,
     SplitFractions,
 )
-from pydantic import BaseModel
 
 logger = logging.getLogger(__name__)
 

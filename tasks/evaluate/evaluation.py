@@ -19,10 +19,11 @@ import math
 import numpy as np
 import torch
 import torch.nn.functional as F
-from forgeline.tasks.config import EvalConfig
-from forgeline.tasks.data.tokenization import encode_text, is_char_tokenizer
 from pydantic import BaseModel
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from forgeline.tasks.config import EvalConfig
+from forgeline.tasks.data.tokenization import encode_text, is_char_tokenizer
 
 log = logging.getLogger(__name__)
 

@@ -20,8 +20,6 @@ import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
-from forgeline.tasks.config import ModelConfig
-from forgeline.tasks.data.tokenization import load_tokenizer
 from transformers import (
     AutoModelForCausalLM,
     GPT2Config,
@@ -29,6 +27,9 @@ from transformers import (
     PreTrainedModel,
     PreTrainedTokenizerBase,
 )
+
+from forgeline.tasks.config import ModelConfig
+from forgeline.tasks.data.tokenization import load_tokenizer
 
 log = logging.getLogger(__name__)
 

@@ -14,8 +14,9 @@ import math
 from collections.abc import Callable
 from typing import Any, Protocol
 
-from forgeline.tasks import faults
 from pydantic import BaseModel
+
+from forgeline.tasks import faults
 
 logger = logging.getLogger(__name__)
 

@@ -23,6 +23,7 @@ def log_transformers_model(run_id: str, model_dir: str | Path, prompt: str) -> s
     so ``pyfunc.load_model(...).predict([prompt])`` works for short prompts.
     """
     import mlflow
+
     from forgeline.tasks.model.modeling import load_pretrained_model
 
     model, tokenizer = load_pretrained_model(str(model_dir))

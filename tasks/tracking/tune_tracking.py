@@ -25,11 +25,12 @@ from collections.abc import Iterator
 from typing import Any
 
 import optuna
+from optuna.trial import FrozenTrial, TrialState
+
 from forgeline.tasks.tracking.records import log_dict, log_figure, log_metrics, log_params, set_tags
 from forgeline.tasks.tracking.runs import find_runs, record_run, stage_run
 from forgeline.tasks.tune.storage import display_url
 from forgeline.tasks.tune.study import FINISHED_STATES, STATE_NAMES, StudySpec, TuneResult, trial_steps
-from optuna.trial import FrozenTrial, TrialState
 
 logger = logging.getLogger(__name__)
 

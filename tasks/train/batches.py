@@ -7,6 +7,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+
 from forgeline.tasks.config import TrainConfig
 
 

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+
 from forgeline.tasks import faults
 
 logger = logging.getLogger(__name__)

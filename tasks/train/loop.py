@@ -17,6 +17,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from pydantic import BaseModel
+
 from forgeline.tasks import faults
 from forgeline.tasks.config import ModelConfig, TokenizerConfig, TrainConfig
 from forgeline.tasks.errors import NonFiniteLossError, StageInterrupted
@@ -32,7 +34,6 @@ from forgeline.tasks.train.checkpoints import load_latest_checkpoint, save_check
 from forgeline.tasks.train.schedule import get_lr, make_optimizer
 from forgeline.tasks.train.signals import stop_on_signal
 from forgeline.tasks.train.tokens import load_token_splits, prepare_tokenizer
-from pydantic import BaseModel
 
 logger = logging.getLogger(__name__)
 

@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+
 from forgeline.tasks.config import TokenizerConfig
 
 logger = logging.getLogger(__name__)

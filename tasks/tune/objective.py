@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import optuna
+
 from forgeline.tasks import faults
 from forgeline.tasks.train.loop import TrainCallbacks, train_model
 from forgeline.tasks.tune.space import suggest_params, trial_config

@@ -12,6 +12,8 @@ import json
 from typing import Any
 
 import optuna
+from pydantic import ValidationError
+
 from forgeline.tasks.config import (
     CategoricalParam,
     ConfigError,
@@ -21,7 +23,6 @@ from forgeline.tasks.config import (
     TuneConfig,
     _set_dotted,
 )
-from pydantic import ValidationError
 
 
 def suggest_params(trial: optuna.Trial | optuna.trial.FixedTrial, space: TuneConfig | dict[str, Any]) -> dict[str, Any]:

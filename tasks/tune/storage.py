@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import optuna
+
 from forgeline.tasks.config import TuneConfig
 
 STORAGE_FILE = "optuna.db"

@@ -15,11 +15,12 @@ from pathlib import Path
 from typing import Any
 
 import optuna
+from optuna.trial import FrozenTrial, TrialState
+from pydantic import BaseModel
+
 from forgeline.tasks.config import PipelineConfig, TuneConfig
 from forgeline.tasks.tune.space import study_name, trial_config
 from forgeline.tasks.tune.storage import display_url, make_storage, quiet_experimental, resolve_storage_url
-from optuna.trial import FrozenTrial, TrialState
-from pydantic import BaseModel
 
 DONE_STATES = (TrialState.COMPLETE, TrialState.PRUNED)
 FINISHED_STATES = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)

@@ -37,6 +37,8 @@ from collections.abc import Callable
 from pathlib import Path
 
 import optuna
+from optuna.trial import FrozenTrial, TrialState
+
 from forgeline.tasks.tune.objective import make_objective
 from forgeline.tasks.tune.storage import display_url
 from forgeline.tasks.tune.study import (
@@ -48,7 +50,6 @@ from forgeline.tasks.tune.study import (
     state_counts,
     summarize,
 )
-from optuna.trial import FrozenTrial, TrialState
 
 logger = logging.getLogger(__name__)
 

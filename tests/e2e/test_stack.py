@@ -166,10 +166,11 @@ def _check_shared_study(project: Project, api: str) -> None:
 
 def _no_gpu_worker(project: Project, api: str) -> None:
     """A8: with the gpu worker stopped, `train` stays Late, is cancelled, and the pipeline fails saying why."""
-    from forgeline.flows.stack import read_state
-    from forgeline.flows.stack.processes import _terminate
     from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterName
     from prefect.client.schemas.sorting import FlowRunSort
+
+    from forgeline.flows.stack import read_state
+    from forgeline.flows.stack.processes import _terminate
 
     state = read_state(project.home)
     assert state is not None

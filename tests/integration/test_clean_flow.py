@@ -68,12 +68,13 @@ def _write_corpus(folder: Path) -> dict[str, int]:
 @pytest.fixture(scope="module")
 def cleaned(module_project: Any) -> dict[str, Any]:
     """Run a flow that calls ``clean_task`` twice on the same corpus; everything the tests read."""
+    from prefect import flow
+    from prefect.runtime import flow_run
+
     from forgeline.flows import stages
     from forgeline.flows.stages import RunContext, clean_task
     from forgeline.tasks.config import load_config
     from forgeline.tasks.tracking import store
-    from prefect import flow
-    from prefect.runtime import flow_run
 
     project = module_project
     expected = _write_corpus(project.root / "corpus")
@@ -230,9 +231,10 @@ def test_cache_hit_logs_the_kept_chart_without_drawing(
 def test_clean_retries_a_transient_failure_but_not_bad_input(
     cleaned: dict[str, Any], monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    from prefect import flow
+
     from forgeline.flows import stages
     from forgeline.tasks.data.cleaning import DataError
-    from prefect import flow
 
     cfg, project = cleaned["cfg"], cleaned["project"]
     ctx = stages.RunContext(experiment_id=cleaned["runs"][0].info.experiment_id, tags={}, base_dir=str(project.root))

@@ -43,9 +43,10 @@ def forgeline(registry: Any, monkeypatch: pytest.MonkeyPatch) -> Iterator[Any]:
     """Invoke the ``forgeline`` app in-process; returns ``(exit_code, stdout, stderr)``."""
     import logging
 
+    from typer.testing import CliRunner
+
     from forgeline.flows.cli import console
     from forgeline.flows.cli.main import app
-    from typer.testing import CliRunner
 
     monkeypatch.setattr(console, "configure_logging", lambda verbose: None)  # keep pytest's log handlers
     monkeypatch.setattr(console.out, "width", 200)
@@ -95,12 +96,13 @@ def test_models_lists_versions_and_aliases(forgeline: Any) -> None:
 
 def test_model_card_is_the_version_description_and_an_artifact(registry: Any, tmp_path: Path) -> None:
     import mlflow
+    from mlflow import MlflowClient
+
     from forgeline.tasks.config import dump_config, load_config
     from forgeline.tasks.evaluate.evaluation import EvalResult
     from forgeline.tasks.registry.model_card import ARTIFACT_FILE
     from forgeline.tasks.registry.versions import RegisterResult
     from forgeline.tasks.tracking.stage_records import write_model_card
-    from mlflow import MlflowClient
 
     client = MlflowClient()
     pipelined = client.get_model_version(MODEL, "1").description or ""

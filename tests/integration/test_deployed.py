@@ -18,8 +18,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from forgeline.tasks.config import PipelineConfig, load_config
 
+from forgeline.tasks.config import PipelineConfig, load_config
 from tests.integration.conftest import Project
 
 pytestmark = pytest.mark.integration
@@ -29,9 +29,10 @@ ROOT = Path(__file__).resolve().parents[2]
 
 # -------------------------------------------------------------------------------------------- A8
 def test_run_with_no_live_worker_is_cancelled_with_a_clear_error(project: Project) -> None:
+    from prefect import get_client
+
     from forgeline.flows.deploy import deploy_all
     from forgeline.flows.seam import DeployedRunError, submit, wait_for_runs
-    from prefect import get_client
 
     config = load_config(
         "smoke.yaml",
@@ -54,9 +55,10 @@ def test_run_with_no_live_worker_is_cancelled_with_a_clear_error(project: Projec
 
 
 def test_a_pool_with_a_live_worker_is_waited_on(project: Project) -> None:
+    from prefect import get_client
+
     from forgeline.flows.deploy import deploy_all
     from forgeline.flows.seam import DeployedRunError, pool_has_live_worker, submit, wait_for_runs
-    from prefect import get_client
 
     config = load_config(
         "smoke.yaml",
@@ -100,6 +102,7 @@ def test_a_pool_with_a_live_worker_is_waited_on(project: Project) -> None:
 def test_tune_workers_share_one_study(project: Project) -> None:
     import mlflow
     import optuna
+
     from forgeline.flows.tune import tune_flow, tune_with_workers
     from forgeline.tasks.data.cleaning import clean_dataset
 

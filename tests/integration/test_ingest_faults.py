@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 
 import pytest
+
 from forgeline.flows.retrain import IngestError, incoming_dir, incoming_fingerprint, ingest_files, retrain_config
 from forgeline.tasks.config import PipelineConfig, load_config
 from forgeline.tasks.data.cleaning import clean_dataset, read_split_text

@@ -7,6 +7,7 @@ import os
 from pathlib import Path
 
 import pytest
+
 from forgeline.tasks.config import TrackingConfig
 from forgeline.tasks.registry.versions import BPB_TAG, FINGERPRINT_TAG, gate_champion, register_version
 from forgeline.tasks.tracking.registry_store import MlflowRegistry

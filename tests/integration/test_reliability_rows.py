@@ -156,11 +156,12 @@ def test_model_upload_failing_half_way_registers_nothing_and_rerun_gives_one_com
 def test_registering_a_logged_model_that_is_not_ready_is_refused(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    from mlflow import MlflowClient
+
     from forgeline.tasks.config import TrackingConfig
     from forgeline.tasks.registry import versions as registry
     from forgeline.tasks.tracking import store
     from forgeline.tasks.tracking.registry_store import MlflowRegistry
-    from mlflow import MlflowClient
 
     monkeypatch.chdir(tmp_path)
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)

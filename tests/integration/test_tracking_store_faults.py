@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 
 import pytest
+
 from forgeline.tasks.config import TrackingConfig
 from forgeline.tasks.tracking import metrics
 from forgeline.tasks.tracking import runs as tracking_runs

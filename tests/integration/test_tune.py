@@ -19,10 +19,11 @@ from typing import Any
 
 import pytest
 import yaml
+from optuna.trial import TrialState
+
 from forgeline.tasks.config import PipelineConfig, load_config
 from forgeline.tasks.tune import study as studies
 from forgeline.tasks.tune import workers
-from optuna.trial import TrialState
 
 pytestmark = pytest.mark.integration
 
@@ -119,6 +120,7 @@ def test_pipeline_tunes_then_trains_with_best_params(
 ) -> None:
     """4 finished trials (one pruned by a diverging loss), one NaN trial failed; all recorded under the study."""
     import mlflow
+
     from forgeline.flows.pipeline import pipeline_flow
 
     monkeypatch.setenv("FORGELINE_TUNE_FAULTS", "1:diverge,2:nan")

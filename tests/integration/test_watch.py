@@ -7,8 +7,8 @@ import threading
 import time
 
 import pytest
-from forgeline.tasks.config import load_config
 
+from forgeline.tasks.config import load_config
 from tests.integration.conftest import Project
 
 pytestmark = pytest.mark.integration
@@ -18,9 +18,10 @@ TEXT = "\n\n".join(f"Paragraph {i}: the watch takes files that are complete and 
 
 def _events(fingerprint: str, timeout: float = 30.0) -> list:
     """``forgeline.dataset.updated`` events with this fingerprint, once the server has stored them."""
-    from forgeline.flows.contract import EVENT
     from prefect import get_client
     from prefect.events.filters import EventFilter, EventNameFilter
+
+    from forgeline.flows.contract import EVENT
 
     deadline = time.monotonic() + timeout
     while True:

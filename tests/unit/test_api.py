@@ -5,9 +5,9 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from forgeline.tasks.config import load_config as load_config_cli
 
 import forgeline
+from forgeline.tasks.config import load_config as load_config_cli
 
 ROOT = Path(__file__).resolve().parents[2]
 SMOKE = ROOT / "configs" / "smoke.yaml"

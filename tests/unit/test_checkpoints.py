@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 import torch
+
 from forgeline.tasks.train.checkpoints import (
     CheckpointError,
     complete_checkpoints,

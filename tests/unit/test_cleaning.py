@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+
 from forgeline.tasks.config import BuiltinSource, CleaningConfig, DataConfig, DirectorySource, FilesSource
 from forgeline.tasks.data import cleaning
 from forgeline.tasks.data.cleaning import (

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+
 from forgeline.flows import deploy
 from forgeline.tasks.config import PipelineConfig, load_config
 
@@ -70,9 +71,10 @@ def test_specs_follow_the_config() -> None:
 
 @pytest.mark.parametrize("path", sorted((ROOT / "configs").glob("*.yaml")), ids=lambda p: p.name)
 def test_config_parameter_means_the_same_config_and_passes_the_schema(path: Path) -> None:
-    from forgeline.flows.retrain import retrain_flow
     from prefect.utilities.callables import parameter_schema
     from prefect.utilities.schema_tools.validation import validate
+
+    from forgeline.flows.retrain import retrain_flow
 
     cfg = load_config(path, ["deploy.allow_cpu_fallback=true", "deploy.gpu_pool.concurrency_limit=2"])
     short = deploy.config_parameter(cfg)

@@ -7,6 +7,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+
 from forgeline.tasks.config import EvalConfig, ModelConfig, TokenizerConfig
 from forgeline.tasks.data.tokenization import build_tokenizer, encode_text
 from forgeline.tasks.evaluate.evaluation import EvalResult, bits_per_byte, evaluate_model, generate_samples, score_text

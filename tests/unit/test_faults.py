@@ -5,6 +5,7 @@ from __future__ import annotations
 import errno
 
 import pytest
+
 from forgeline.tasks import faults
 
 

@@ -6,8 +6,9 @@ import pytest
 
 
 def test_heartbeats_off_only_on_our_temporary_server() -> None:
-    from forgeline.flows.cli.startup import no_heartbeats
     from prefect.settings import get_current_settings
+
+    from forgeline.flows.cli.startup import no_heartbeats
 
     default = get_current_settings().flows.heartbeat_frequency
     assert default is not None  # Prefect 3.9 beats by default
@@ -21,8 +22,9 @@ def test_heartbeats_off_only_on_our_temporary_server() -> None:
 def test_requirement_check_still_reports_a_mismatch_without_scanning_every_file(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    from forgeline.tasks.tracking.models import skip_installed_files_scan
     from mlflow.utils import requirements_utils
+
+    from forgeline.tasks.tracking.models import skip_installed_files_scan
 
     monkeypatch.setattr(requirements_utils, "_MODULES_TO_PACKAGES", None)
     monkeypatch.setattr(requirements_utils, "_PACKAGES_TO_MODULES", None)

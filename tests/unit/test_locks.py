@@ -6,6 +6,7 @@ import threading
 from pathlib import Path
 
 import pytest
+
 from forgeline.tasks.config import ConfigError
 from forgeline.tasks.errors import NonFiniteLossError, StageInterrupted, is_transient
 from forgeline.tasks.locks import LockTimeout, host_lock

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+
 from forgeline.tasks.config import ModelConfig, TokenizerConfig
 from forgeline.tasks.data.tokenization import build_tokenizer
 from forgeline.tasks.model.modeling import build_model, count_parameters, find_model_dir, load_pretrained_model

@@ -7,10 +7,11 @@ import logging
 import threading
 
 import pytest
+from rich.console import Console
+
 from forgeline.flows.prefect_progress import PrefectTrainProgress
 from forgeline.tasks import progress
 from forgeline.tasks.progress import ProgressReporter
-from rich.console import Console
 
 
 def _feed(r: ProgressReporter) -> None:

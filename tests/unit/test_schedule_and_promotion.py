@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 
 import pytest
+
 from forgeline.tasks.config import TrainConfig
 from forgeline.tasks.registry.versions import decide_promotion
 from forgeline.tasks.train.schedule import get_lr

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import psutil
 import pytest
+
 from forgeline.flows import stack
 from forgeline.flows.contract import REQUIRE_CUDA_ENV, check_cuda
 from forgeline.flows.deploy import base_job_template

@@ -30,8 +30,9 @@ def _python(code: str, tmp_path: Path, **env: str) -> subprocess.CompletedProces
 def test_temporary_server_factory_asks_create_app_for_an_ephemeral_final_app() -> None:
     import importlib
 
-    from forgeline.flows.cli import startup
     from prefect.server.api.server import create_app
+
+    from forgeline.flows.cli import startup
 
     params = inspect.signature(create_app).parameters
     assert {"ephemeral", "final"} <= set(params)  # the public arguments Prefect's own temporary server uses

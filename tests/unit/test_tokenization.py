@@ -6,6 +6,8 @@ from pathlib import Path
 
 import pytest
 import torch
+from transformers import AutoTokenizer
+
 from forgeline.tasks.config import TokenizerConfig
 from forgeline.tasks.data.tokenization import (
     EOS_TOKEN,
@@ -15,7 +17,6 @@ from forgeline.tasks.data.tokenization import (
     is_char_tokenizer,
     load_tokenizer,
 )
-from transformers import AutoTokenizer
 
 TRAIN = [
     "Hello, world! It's\nThe quick brown fox jumps over the lazy dog.\n\n",

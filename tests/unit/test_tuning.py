@@ -8,10 +8,11 @@ from typing import Any
 
 import optuna
 import pytest
+from optuna.trial import FixedTrial, TrialState
+
 from forgeline.tasks.config import ConfigError, PipelineConfig, TuneConfig
 from forgeline.tasks.tune import space, storage, workers
 from forgeline.tasks.tune import study as studies
-from optuna.trial import FixedTrial, TrialState
 
 ROOT = Path(__file__).resolve().parents[2]
 FINGERPRINT = "ab" * 32
