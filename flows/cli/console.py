@@ -47,16 +47,30 @@ def one_line(exc: BaseException) -> str:
     return first if type(exc).__name__ in _SELF_EXPLAINING and first else f"{type(exc).__name__}: {first}"
 
 
+_ENGINE_LOGGERS = ("prefect.flow_runs", "prefect.task_runs")
+
+
+def _drop_engine_failures(record: logging.LogRecord) -> bool:
+    """Prefect's engine logs every failed task and flow run, traceback included; the command says it in one line.
+
+    Only the terminal copy is dropped: the records still reach the Prefect API (the run's logs in the UI),
+    and ``--verbose`` shows them here too.
+    """
+    return not (record.levelno >= logging.ERROR and record.name.startswith(_ENGINE_LOGGERS))
+
+
 def configure_logging(verbose: bool) -> None:
     """Our log lines at INFO (DEBUG with ``verbose``) on standard error; libraries only when they fail."""
     from rich.logging import RichHandler
 
     level = logging.DEBUG if verbose else logging.INFO
     handler = RichHandler(console=err, show_path=False, rich_tracebacks=False, markup=False)
+    if not verbose:
+        handler.addFilter(_drop_engine_failures)
     logging.basicConfig(level=logging.WARNING, format="%(message)s", handlers=[handler], force=True)
     logging.getLogger("forgeline").setLevel(level)
     # Library chatter (hub model cards, weight-loading bars) says nothing useful about a local run.
-    for name in ("mlflow.transformers", "mlflow.models.model", "transformers", "optuna"):
+    for name in ("mlflow.transformers", "mlflow.models.model", "mlflow.store.db.utils", "transformers", "optuna"):
         logging.getLogger(name).setLevel(logging.ERROR)
     try:
         from transformers.utils import logging as hf_logging
