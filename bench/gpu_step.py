@@ -37,7 +37,7 @@ sys.path.insert(0, str(ROOT / "bench"))
 import nanogpt_reference as ref  # noqa: E402
 import torch  # noqa: E402
 from time_to_loss import median_step_ms  # noqa: E402
-from train_step import make_dataset  # noqa: E402
+from train_step import make_dataset, train_pipeline  # noqa: E402
 
 from forgeline.tasks.config import PipelineConfig, load_config  # noqa: E402
 
@@ -119,7 +119,7 @@ def pipeline(cfg: PipelineConfig, dataset_dir: str, tmp: Path, target: float) ->
     from forgeline.tasks.tracking import store
     from forgeline.tasks.tracking.metrics import MetricBuffer
     from forgeline.tasks.tracking.runs import stage_run
-    from forgeline.tasks.train.loop import TrainCallbacks, train_model
+    from forgeline.tasks.train.loop import TrainCallbacks
 
     os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{tmp / 'mlflow.db'}"
     store.setup_tracking(cfg.tracking, tmp)
@@ -127,16 +127,7 @@ def pipeline(cfg: PipelineConfig, dataset_dir: str, tmp: Path, target: float) ->
     with stage_run(exp, "gpu-pipeline") as run_id:
         buffer = MetricBuffer(run_id, flush_every=cfg.tracking.metric_flush_interval)
         t0 = time.perf_counter()
-        result = train_model(
-            cfg.train,
-            cfg.model,
-            cfg.tokenizer,
-            dataset_dir=dataset_dir,
-            run_dir=tmp / "run",
-            seed=cfg.seed,
-            config_hash=cfg.config_hash(),
-            callbacks=TrainCallbacks(on_metrics=buffer.add),
-        )
+        result = train_pipeline(cfg, dataset_dir, tmp / "run", TrainCallbacks(on_metrics=buffer.add))
         wall = time.perf_counter() - t0
         buffer.close()
     hit = next((h for h in result.history if h.get("val/loss", math.inf) <= target), None)

@@ -78,10 +78,26 @@ def bare_loop(cfg: PipelineConfig, train_data: torch.Tensor, tokenizer: object, 
     return times
 
 
+def train_pipeline(cfg: PipelineConfig, dataset_dir: str, run_dir: Path, callbacks: object = None) -> object:
+    """The pipeline's training loop (``train_model``) on ``cfg``'s slices, as the train stage calls it."""
+    from forgeline.tasks.train.loop import train_model
+
+    return train_model(
+        cfg.train,
+        cfg.model,
+        cfg.tokenizer,
+        dataset_dir=dataset_dir,
+        run_dir=run_dir,
+        seed=cfg.seed,
+        config_hash=cfg.config_hash(),
+        callbacks=callbacks,
+    )
+
+
 def pipeline_loop(cfg: PipelineConfig, dataset_dir: str, run_dir: Path, run_id: str) -> list[float]:
     """``train_model`` with the pipeline's real tracking callbacks (batched MLflow metrics)."""
     from forgeline.tasks.tracking.metrics import MetricBuffer
-    from forgeline.tasks.train.loop import TrainCallbacks, train_model
+    from forgeline.tasks.train.loop import TrainCallbacks
 
     stamps: list[float] = []
     buffer = MetricBuffer(run_id, flush_every=cfg.tracking.metric_flush_interval)
@@ -90,16 +106,7 @@ def pipeline_loop(cfg: PipelineConfig, dataset_dir: str, run_dir: Path, run_id: 
         buffer.add(step, metrics)
         stamps.append(time.perf_counter())
 
-    train_model(
-        cfg.train,
-        cfg.model,
-        cfg.tokenizer,
-        dataset_dir=dataset_dir,
-        run_dir=run_dir,
-        seed=cfg.seed,
-        config_hash=cfg.config_hash(),
-        callbacks=TrainCallbacks(on_metrics=on_metrics),
-    )
+    train_pipeline(cfg, dataset_dir, run_dir, TrainCallbacks(on_metrics=on_metrics))
     buffer.close()
     return [b - a for a, b in zip(stamps, stamps[1:], strict=False)]
 

@@ -33,6 +33,9 @@ from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
+
+from train_step import train_pipeline  # noqa: E402
 
 from forgeline.tasks.config import PipelineConfig, load_config  # noqa: E402
 from forgeline.tasks.data.cleaning import clean_dataset  # noqa: E402
@@ -87,18 +90,8 @@ def bench_config(args: argparse.Namespace, work: Path) -> PipelineConfig:
 
 def train_full(cfg: PipelineConfig, dataset_dir: str, run_dir: Path) -> dict[str, Any]:
     """Train ``cfg`` for its full ``train.max_steps``; validation loss and wall time."""
-    from forgeline.tasks.train.loop import train_model
-
     t0 = time.perf_counter()
-    result = train_model(
-        cfg.train,
-        cfg.model,
-        cfg.tokenizer,
-        dataset_dir=dataset_dir,
-        run_dir=run_dir,
-        seed=cfg.seed,
-        config_hash=cfg.config_hash(),
-    )
+    result = train_pipeline(cfg, dataset_dir, run_dir)
     return {
         "steps": result.steps,
         "best_val_loss": result.best_val_loss,

@@ -40,6 +40,17 @@ def resource_id(config: PipelineConfig) -> str:
     return f"forgeline.dataset.{safe}"
 
 
+def set_flow_env_defaults() -> None:
+    """What a process that runs our flows wants from Prefect and the tokenizers; call before Prefect is imported.
+
+    Our log lines in the flow runs' logs, no analytics, no tokenizer fork warnings. ``setdefault``: a user's
+    own setting wins.
+    """
+    os.environ.setdefault("PREFECT_LOGGING_EXTRA_LOGGERS", "forgeline")
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
 def check_cuda(config: PipelineConfig) -> None:
     """Fail fast in a flow run on a GPU pool that finds no CUDA, unless ``deploy.allow_cpu_fallback``.
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -78,10 +77,9 @@ def run(
         cfg = config
     else:
         cfg = load_config(config, overrides)
-    # Before Prefect is imported: library loggers in the run logs, no analytics, no tokenizer fork warnings.
-    os.environ.setdefault("PREFECT_LOGGING_EXTRA_LOGGERS", "forgeline")
-    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    from forgeline.flows.contract import set_flow_env_defaults
+
+    set_flow_env_defaults()  # before the pipeline's imports bring Prefect in
     from forgeline.flows.pipeline import pipeline_flow
 
     return pipeline_flow(cfg.for_flow_run(), data=list(data) if data else None, fresh=fresh)

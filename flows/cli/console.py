@@ -93,7 +93,7 @@ def quiet_logging(verbose: bool, *, progress: bool = False) -> None:
 
 def prefect_env() -> None:
     """Prefect's settings for a command that runs flows; call before Prefect is imported (it reads them once)."""
-    os.environ.setdefault("PREFECT_LOGGING_EXTRA_LOGGERS", "forgeline")  # our log lines in the flow runs' logs
-    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
+    from forgeline.flows.contract import set_flow_env_defaults
+
+    set_flow_env_defaults()
+    os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")  # the command prints its own summary

@@ -249,12 +249,13 @@ def _loop(
             for group in optimizer.param_groups:
                 group["lr"] = lr
             loss_sum = torch.zeros((), device=device)
+            poison = faults.nan_loss(step + 1)
             for _ in range(cfg.grad_accum_steps):
                 x, y = sample_batch(train_data, cfg.batch_size, model_cfg.block_size, gen)
                 x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
                 with autocast_context(device, cfg):
                     loss = lm_loss(step_fn, x, y)
-                if faults.nan_loss(step + 1):
+                if poison:
                     loss = loss * float("nan")
                 (loss / cfg.grad_accum_steps).backward()
                 loss_sum += loss.detach()
