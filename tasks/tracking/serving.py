@@ -1,0 +1,227 @@
+"""The app behind ``forgeline serve``: MLflow's scoring server around a model that batches concurrent requests.
+
+MLflow's own server (``mlflow models serve``) runs each request's ``predict`` in a thread of its own: eight
+clients mean eight forwards at once, each with as many torch threads as there are cores, fighting over them.
+Here the same FastAPI app (:func:`mlflow.pyfunc.scoring_server.init`: same routes, parsing, errors and
+answers) gets a :class:`BatchingModel` instead of the pyfunc model. Its one inference thread runs one forward
+at a time; requests that arrive meanwhile wait in a queue and go into the next forward together (one
+``predict`` per group of equal ``params``, a list of prompts padded into one batch). Each worker process uses
+``cores // workers`` torch threads.
+
+uvicorn builds the app in every worker with :func:`create_app`, which reads its settings from the
+``FORGELINE_SERVE_*`` environment variables that :func:`serve_environment` writes.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import queue
+import threading
+import time
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from typing import Any
+
+logger = logging.getLogger(__name__)
+
+ENV_MODEL_URI = "FORGELINE_SERVE_MODEL_URI"
+ENV_THREADS = "FORGELINE_SERVE_THREADS"
+ENV_MAX_BATCH = "FORGELINE_SERVE_MAX_BATCH"
+ENV_WAIT_MS = "FORGELINE_SERVE_BATCH_WAIT_MS"
+APP_FACTORY = "forgeline.tasks.tracking.serving:create_app"
+
+DEFAULT_MAX_BATCH = 32
+"""Prompts per forward at most (the rest wait for the next one)."""
+
+
+def usable_cores() -> int:
+    """Cores this process may run on (its CPU affinity, not the machine's count)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # macOS has no affinity call
+        return os.cpu_count() or 1
+
+
+def threads_per_worker(workers: int, cores: int | None = None) -> int:
+    """Torch threads per worker process so that all workers together use each core once."""
+    return max(1, (cores or usable_cores()) // max(1, workers))
+
+
+def serve_environment(
+    uri: str, *, workers: int, max_batch: int = DEFAULT_MAX_BATCH, wait_ms: float = 0.0
+) -> dict[str, str]:
+    """Environment variables for the server processes: the model, thread counts, batching settings.
+
+    ``OMP_NUM_THREADS``/``MKL_NUM_THREADS`` size the thread pools before torch starts them; :func:`create_app`
+    also calls ``torch.set_num_threads`` with the same count.
+    """
+    threads = str(threads_per_worker(workers))
+    return {
+        ENV_MODEL_URI: uri,
+        ENV_THREADS: threads,
+        ENV_MAX_BATCH: str(max_batch),
+        ENV_WAIT_MS: str(wait_ms),
+        "OMP_NUM_THREADS": threads,
+        "MKL_NUM_THREADS": threads,
+        "TOKENIZERS_PARALLELISM": "false",
+    }
+
+
+def as_prompts(data: Any) -> list[str] | None:
+    """The prompts of a parsed request when it is a plain list of strings (or a one-column frame of them).
+
+    ``None`` for anything else (a single string, dicts, several columns): such a request runs on its own, so
+    its answer keeps exactly the shape MLflow gives it.
+    """
+    if hasattr(data, "columns") and hasattr(data, "iloc"):  # a pandas DataFrame
+        if len(data.columns) != 1:
+            return None
+        data = data.iloc[:, 0].tolist()
+    elif hasattr(data, "tolist") and getattr(data, "ndim", 0) == 1:  # a 1-D numpy array
+        data = data.tolist()
+    if isinstance(data, list) and data and all(isinstance(item, str) for item in data):
+        return list(data)
+    return None
+
+
+@dataclass
+class _Request:
+    data: Any
+    params: dict[str, Any] | None
+    prompts: list[str] | None
+    future: Future[Any] = field(default_factory=Future)
+
+    @property
+    def key(self) -> str | None:
+        """Requests with the same key may share a forward (``None``: never shared)."""
+        if self.prompts is None:
+            return None
+        return json.dumps(self.params or {}, sort_keys=True, default=str)
+
+
+class BatchingModel:
+    """A pyfunc model whose ``predict`` calls from many threads run one at a time, batched where they can be.
+
+    ``predict`` puts the request on a queue and waits; one inference thread takes everything queued (after
+    waiting ``wait_ms`` for more, up to ``max_batch`` prompts), groups it by ``params`` and calls the wrapped
+    model's ``predict`` once per group with all the group's prompts. When a shared call fails or answers with
+    the wrong number of outputs, each request of the group is run again on its own, so one bad request
+    never fails its neighbours.
+
+    Args:
+        model: The loaded ``PyFuncModel`` (anything with ``predict(data, params=...)`` and ``metadata``).
+        max_batch: Prompts per forward at most.
+        wait_ms: How long the inference thread waits for more requests after the first (0: take what is
+            queued; requests arriving during a forward are batched anyway).
+    """
+
+    def __init__(self, model: Any, *, max_batch: int = DEFAULT_MAX_BATCH, wait_ms: float = 0.0) -> None:
+        self.model = model
+        self.metadata = model.metadata
+        self.max_batch = max(1, max_batch)
+        self.wait_s = max(0.0, wait_ms) / 1000
+        self.forwards = 0
+        """``predict`` calls on the wrapped model so far (tests read it)."""
+        self._queue: queue.Queue[_Request] = queue.Queue()
+        self._thread = threading.Thread(target=self._loop, name="forgeline-inference", daemon=True)
+        self._thread.start()
+
+    def predict(self, data: Any, params: dict[str, Any] | None = None) -> Any:
+        """Predict ``data`` with ``params`` (blocks until its batch has run; raises what the model raised)."""
+        request = _Request(data, params, as_prompts(data))
+        self._queue.put(request)
+        return request.future.result()
+
+    def _take(self) -> list[_Request]:
+        batch = [self._queue.get()]
+        size = len(batch[0].prompts or [None])
+        deadline = time.monotonic() + self.wait_s
+        while size < self.max_batch:
+            try:
+                timeout = deadline - time.monotonic()
+                request = self._queue.get(timeout=timeout) if timeout > 0 else self._queue.get_nowait()
+            except queue.Empty:
+                break
+            batch.append(request)
+            size += len(request.prompts or [None])
+        return batch
+
+    def _loop(self) -> None:
+        while True:
+            groups: dict[str | None, list[_Request]] = {}
+            alone: list[_Request] = []
+            for request in self._take():
+                key = request.key
+                (alone.append(request) if key is None else groups.setdefault(key, []).append(request))
+            for group in groups.values():
+                self._run_group(group)
+            for request in alone:
+                self._run_one(request)
+
+    def _call(self, data: Any, params: dict[str, Any] | None) -> Any:
+        self.forwards += 1
+        return self.model.predict(data, params=params)
+
+    def _run_one(self, request: _Request) -> None:
+        try:
+            request.future.set_result(self._call(request.data, request.params))
+        except BaseException as exc:  # noqa: BLE001 - handed to the waiting request thread
+            request.future.set_exception(exc)
+
+    def _run_group(self, group: list[_Request]) -> None:
+        if len(group) == 1:
+            self._run_one(group[0])
+            return
+        prompts = [prompt for request in group for prompt in request.prompts or []]
+        try:
+            outputs = self._call(prompts, group[0].params)
+        except Exception:  # noqa: BLE001 - retried one by one below, so each request gets its own error
+            logger.debug("a batch of %d requests failed; running them one by one", len(group), exc_info=True)
+            outputs = None
+        if not isinstance(outputs, list) or len(outputs) != len(prompts):
+            for request in group:
+                self._run_one(request)
+            return
+        logger.debug("one forward for %d requests (%d prompts)", len(group), len(prompts))
+        start = 0
+        for request in group:
+            count = len(request.prompts or [])
+            request.future.set_result(outputs[start : start + count])
+            start += count
+
+
+def create_app() -> Any:
+    """The FastAPI app for one uvicorn worker (reads the ``FORGELINE_SERVE_*`` settings)."""
+    import mlflow
+    import torch
+    from mlflow.pyfunc import scoring_server
+
+    uri = os.environ[ENV_MODEL_URI]
+    threads = int(os.environ.get(ENV_THREADS) or threads_per_worker(1))
+    max_batch = int(os.environ.get(ENV_MAX_BATCH) or DEFAULT_MAX_BATCH)
+    torch.set_num_threads(threads)
+    # With a params schema MLflow fills every param, so each request would log that params override the config.
+    logging.getLogger("mlflow.transformers").addFilter(_QuietParamsOverride())
+    model = load_for_serving(mlflow, uri, max_batch)
+    logger.info("serving %s: %d torch threads, up to %d prompts per forward", uri, threads, max_batch)
+    wait_ms = float(os.environ.get(ENV_WAIT_MS) or 0)
+    return scoring_server.init(BatchingModel(model, max_batch=max_batch, wait_ms=wait_ms))
+
+
+class _QuietParamsOverride(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "will override the inference configuration" not in record.getMessage()
+
+
+def load_for_serving(mlflow: Any, uri: str, max_batch: int) -> Any:
+    """``pyfunc.load_model`` with the pipeline's ``batch_size`` raised to ``max_batch`` where the model allows.
+
+    A model logged before its config had ``batch_size`` (pyfunc lets load time override only logged keys)
+    still serves, one prompt per forward, but still one forward at a time.
+    """
+    model = mlflow.pyfunc.load_model(uri, model_config={"batch_size": max_batch})
+    if (model.model_config or {}).get("batch_size") != max_batch:
+        logger.warning("%s was logged without a batch_size: each prompt gets a forward of its own", uri)
+    return model
