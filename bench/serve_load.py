@@ -5,6 +5,7 @@ is trained briefly in a temporary project (or ``--model`` names one in ``$MLFLOW
 on loopback by each server in turn:
 
 - ``mlflow``: ``mlflow models serve --env-manager local`` (what ``forgeline serve`` ran before issue 14);
+- ``mlflow-1thread``: the same with ``OMP_NUM_THREADS=1`` (how much of the difference is threads alone);
 - ``forgeline``: ``forgeline serve`` (MLflow's scoring protocol, one forward at a time per worker, requests
   that wait batched into one forward, torch threads set so workers share the cores).
 
@@ -41,6 +42,7 @@ import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 TIMEOUT = 600  # seconds for training the bench model on a loaded 2-core machine
+SERVERS = ("mlflow", "mlflow-1thread", "forgeline")
 _SCRUB = ("PREFECT_API_URL", "PREFECT_PROFILE", "MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI", "FORGELINE_HOME")
 
 
@@ -85,8 +87,8 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def server_command(kind: str, uri: str, port: int, workers: int) -> list[str]:
-    if kind == "mlflow":
+def server_command(kind: str, uri: str, port: int, workers: int, threads: int | None = None) -> list[str]:
+    if kind.startswith("mlflow"):
         return [sys.executable, "-m", "mlflow", "models", "serve", "-m", uri, "--env-manager", "local"] + [
             "--host",
             "127.0.0.1",
@@ -95,12 +97,16 @@ def server_command(kind: str, uri: str, port: int, workers: int) -> list[str]:
             "--workers",
             str(workers),
         ]
-    return [sys.executable, "-m", "forgeline", "serve", uri, "--port", str(port), "--workers", str(workers)]
+    return [sys.executable, "-m", "forgeline", "serve", uri, "--port", str(port), "--workers", str(workers)] + (
+        ["--threads", str(threads)] if threads else []
+    )
 
 
 def start_server(cmd: list[str], port: int, project: Path, env: dict[str, str], log: Path) -> subprocess.Popen[bytes]:
     with log.open("wb") as sink:
-        proc = subprocess.Popen(cmd, cwd=project, env=env, stdout=sink, stderr=subprocess.STDOUT, start_new_session=True)
+        proc = subprocess.Popen(
+            cmd, cwd=project, env=env, stdout=sink, stderr=subprocess.STDOUT, start_new_session=True
+        )
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline:
         if proc.poll() is not None:
@@ -176,33 +182,50 @@ def measure(port: int, clients: int, seconds: float, body: bytes) -> dict[str, f
     }
 
 
-def bench_server(kind: str, args: argparse.Namespace, uri: str, project: Path, env: dict[str, str]) -> list[dict]:
-    port = free_port()
-    proc = start_server(server_command(kind, uri, port, args.workers), port, project, env, project / f"{kind}.log")
+def run_levels(args: argparse.Namespace, uri: str, project: Path, env: dict[str, str]) -> list[dict[str, object]]:
+    """Start every server, then measure each level on each in turn (interleaved: they see the same load)."""
     body = json.dumps({"inputs": ["def "]}).encode()
+    servers: dict[str, tuple[int, subprocess.Popen[bytes]]] = {}
     try:
-        measure(port, 1, 2.0 if not args.smoke else 0.5, body)  # warm-up: first calls allocate and compile
-        rows = []
-        for clients in args.clients:
-            row = {"server": kind, **measure(port, clients, args.seconds, body)}
-            print(
-                f"{kind:10s} {clients:2d} clients  {row['requests']:5d} requests  {row['errors']} errors  "
-                f"{row['rps']:6.1f} req/s  p50 {row['p50_ms']:7.1f} ms  p95 {row['p95_ms']:7.1f} ms",
-                flush=True,
-            )
-            rows.append(row)
+        for kind in args.servers:
+            port = free_port()
+            cmd = server_command(kind, uri, port, args.workers, args.threads)
+            server_env = {**env, "OMP_NUM_THREADS": "1"} if kind == "mlflow-1thread" else env
+            servers[kind] = port, start_server(cmd, port, project, server_env, project / f"{kind}.log")
+            measure(port, 1, 0.5 if args.smoke else 3.0, body)  # warm-up: first calls allocate and compile
+        rows: list[dict[str, object]] = []
+        for round_ in range(args.rounds):
+            for clients in args.clients:
+                for kind, (port, _) in servers.items():
+                    load = os.getloadavg()[0]
+                    row = {
+                        "server": kind,
+                        "round": round_,
+                        "load_1min": load,
+                        **measure(port, clients, args.seconds, body),
+                    }
+                    print(
+                        f"{kind:10s} {clients:2d} clients  {row['requests']:5d} requests  {row['errors']} errors  "
+                        f"{row['rps']:6.1f} req/s  p50 {row['p50_ms']:7.1f} ms  p95 {row['p95_ms']:7.1f} ms  "
+                        f"(load {load:.1f})",
+                        flush=True,
+                    )
+                    rows.append(row)
         return rows
     finally:
-        stop_server(proc)
+        for _, proc in servers.values():
+            stop_server(proc)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", help="model URI in $MLFLOW_TRACKING_URI (default: train one here)")
-    parser.add_argument("--servers", nargs="+", choices=["mlflow", "forgeline"], default=["mlflow", "forgeline"])
+    parser.add_argument("--servers", nargs="+", choices=SERVERS, default=list(SERVERS))
     parser.add_argument("--clients", type=int, nargs="+", default=[1, 4, 8], help="concurrent clients per level")
     parser.add_argument("--seconds", type=float, default=20.0, help="seconds per level")
     parser.add_argument("--workers", type=int, default=1, help="server worker processes")
+    parser.add_argument("--threads", type=int, help="forgeline serve --threads (default: its own choice)")
+    parser.add_argument("--rounds", type=int, default=1, help="times to measure every level on every server")
     parser.add_argument("--smoke", action="store_true", help="smoke model, forgeline only, 2 s per level (CI)")
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "serve_load.json")
     args = parser.parse_args()
@@ -220,12 +243,14 @@ def main() -> None:
             uri = train_model(project, env, smoke=args.smoke)
             print(f"trained {uri} in {time.perf_counter() - t0:.0f} s", flush=True)
             env["MLFLOW_TRACKING_URI"] = f"sqlite:///{project / 'mlruns' / 'mlflow.db'}"
-        rows = [row for kind in args.servers for row in bench_server(kind, args, uri, project, env)]
+        rows = run_levels(args, uri, project, env)
     finally:
         shutil.rmtree(project, ignore_errors=True)
     payload = {
         "date": time.strftime("%Y-%m-%d %H:%M:%S"),
-        "machine": f"{platform.machine()} {os.cpu_count()} cores, load average (1, 5, 15 min) before {load_before}, after {os.getloadavg()}",
+        "machine": f"{platform.machine()}, {os.cpu_count()} cores",
+        "load_average_before": load_before,
+        "load_average_after": os.getloadavg(),
         "workers": args.workers,
         "seconds_per_level": args.seconds,
         "rows": rows,

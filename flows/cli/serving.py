@@ -88,6 +88,9 @@ def serve(
     workers: Annotated[
         int, typer.Option(min=1, help="Server worker processes (the cores are shared out between them).")
     ] = 1,
+    threads: Annotated[
+        int | None, typer.Option(min=1, help="Torch threads per worker (default: the cores but one, shared out).")
+    ] = None,
     max_batch: Annotated[int, typer.Option(min=1, help="Prompts per forward at most, over waiting requests.")] = 32,
     batch_wait_ms: Annotated[
         float, typer.Option(min=0.0, help="Wait this long for more requests before a forward (0: take what waits).")
@@ -97,8 +100,9 @@ def serve(
     """Serve a model with MLflow's scoring protocol (GET /ping, POST /invocations), by default the champion.
 
     MLflow's scoring server (same requests and answers as `mlflow models serve`, `"params"` included) under
-    uvicorn, in this environment (nothing is downloaded). Each worker runs one forward at a time with
-    cores/workers torch threads; requests that arrive meanwhile share the next forward. Stop it with Ctrl-C
+    uvicorn, in this environment (nothing is downloaded). Each worker runs one forward at a time (torch
+    threads: the cores but one, shared out between the workers); requests that arrive meanwhile share the
+    next forward. Stop it with Ctrl-C
     or SIGTERM.
 
     Examples:
@@ -123,7 +127,7 @@ def serve(
         err.print(f"[yellow]warning:[/] {host}:{port} serves the model without authentication")
     cmd = serve_command(host=host, port=port, workers=workers)
     env = {**os.environ, "MLFLOW_TRACKING_URI": tracking_uri}
-    env.update(serve_environment(uri, workers=workers, max_batch=max_batch, wait_ms=batch_wait_ms))
+    env.update(serve_environment(uri, workers=workers, threads=threads, max_batch=max_batch, wait_ms=batch_wait_ms))
     err.print(
         f'serving {uri} on http://{host}:{port}  (GET /ping, POST /invocations {{"inputs": [...]}})',
         highlight=False,

@@ -45,19 +45,31 @@ def usable_cores() -> int:
 
 
 def threads_per_worker(workers: int, cores: int | None = None) -> int:
-    """Torch threads per worker process so that all workers together use each core once."""
-    return max(1, (cores or usable_cores()) // max(1, workers))
+    """Torch threads per worker process: the cores but one, shared out between the workers (at least one).
+
+    One core is left to the event loops, the clients and everything else on the machine. A forward's torch
+    threads meet at a barrier after every op, so one of them losing its core stalls them all: on 2 busy
+    cores a small model's request took 4 to 15 times longer with 2 threads than with 1 (BENCHMARKS.md).
+    """
+    return max(1, ((cores or usable_cores()) - 1) // max(1, workers))
 
 
 def serve_environment(
-    uri: str, *, workers: int, max_batch: int = DEFAULT_MAX_BATCH, wait_ms: float = 0.0
+    uri: str, *, workers: int, threads: int | None = None, max_batch: int = DEFAULT_MAX_BATCH, wait_ms: float = 0.0
 ) -> dict[str, str]:
     """Environment variables for the server processes: the model, thread counts, batching settings.
 
     ``OMP_NUM_THREADS``/``MKL_NUM_THREADS`` size the thread pools before torch starts them; :func:`create_app`
     also calls ``torch.set_num_threads`` with the same count.
+
+    Args:
+        uri: The model to serve.
+        workers: Worker processes.
+        threads: Torch threads per worker (default: :func:`threads_per_worker`).
+        max_batch: Prompts per forward at most.
+        wait_ms: How long a forward waits for more requests.
     """
-    threads = str(threads_per_worker(workers))
+    threads = str(threads or threads_per_worker(workers))
     return {
         ENV_MODEL_URI: uri,
         ENV_THREADS: threads,
@@ -122,8 +134,10 @@ class BatchingModel:
         self.metadata = model.metadata
         self.max_batch = max(1, max_batch)
         self.wait_s = max(0.0, wait_ms) / 1000
+        self.requests = 0
+        """Requests taken off the queue so far (only the inference thread counts)."""
         self.forwards = 0
-        """``predict`` calls on the wrapped model so far (tests read it)."""
+        """``predict`` calls on the wrapped model so far."""
         self._queue: queue.Queue[_Request] = queue.Queue()
         self._thread = threading.Thread(target=self._loop, name="forgeline-inference", daemon=True)
         self._thread.start()
@@ -133,6 +147,10 @@ class BatchingModel:
         request = _Request(data, params, as_prompts(data))
         self._queue.put(request)
         return request.future.result()
+
+    def stats(self) -> dict[str, int]:
+        """Requests and forwards so far (``GET /batching``): fewer forwards than requests means batching."""
+        return {"requests": self.requests, "forwards": self.forwards, "waiting": self._queue.qsize()}
 
     def _take(self) -> list[_Request]:
         batch = [self._queue.get()]
@@ -146,6 +164,7 @@ class BatchingModel:
                 break
             batch.append(request)
             size += len(request.prompts or [None])
+        self.requests += len(batch)
         return batch
 
     def _loop(self) -> None:
@@ -206,8 +225,10 @@ def create_app() -> Any:
     logging.getLogger("mlflow.transformers").addFilter(_QuietParamsOverride())
     model = load_for_serving(mlflow, uri, max_batch)
     logger.info("serving %s: %d torch threads, up to %d prompts per forward", uri, threads, max_batch)
-    wait_ms = float(os.environ.get(ENV_WAIT_MS) or 0)
-    return scoring_server.init(BatchingModel(model, max_batch=max_batch, wait_ms=wait_ms))
+    batching = BatchingModel(model, max_batch=max_batch, wait_ms=float(os.environ.get(ENV_WAIT_MS) or 0))
+    app = scoring_server.init(batching)
+    app.get("/batching")(batching.stats)
+    return app
 
 
 class _QuietParamsOverride(logging.Filter):
