@@ -93,8 +93,13 @@ def serve(
     ] = None,
     max_batch: Annotated[int, typer.Option(min=1, help="Prompts per forward at most, over waiting requests.")] = 32,
     batch_wait_ms: Annotated[
-        float, typer.Option(min=0.0, help="Wait this long for more requests before a forward (0: take what waits).")
-    ] = 0.0,
+        float,
+        typer.Option(
+            min=0.0,
+            help="Under concurrent load, wait at most this long (and a quarter of a forward) for the requests a "
+            "forward expects (0: take only what waits).",
+        ),
+    ] = 50.0,
     config: ConfigOpt = None,
 ) -> None:
     """Serve a model with MLflow's scoring protocol (GET /ping, POST /invocations), by default the champion.

@@ -14,13 +14,15 @@ uvicorn builds the app in every worker with :func:`create_app`, which reads its 
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import os
 import queue
 import threading
 import time
-from concurrent.futures import Future
+from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -34,6 +36,8 @@ APP_FACTORY = "forgeline.tasks.tracking.serving:create_app"
 
 DEFAULT_MAX_BATCH = 32
 """Prompts per forward at most (the rest wait for the next one)."""
+DEFAULT_WAIT_MS = 50.0
+"""The longest a forward waits for the requests it expects (see :class:`BatchingModel`)."""
 
 
 def usable_cores() -> int:
@@ -55,7 +59,12 @@ def threads_per_worker(workers: int, cores: int | None = None) -> int:
 
 
 def serve_environment(
-    uri: str, *, workers: int, threads: int | None = None, max_batch: int = DEFAULT_MAX_BATCH, wait_ms: float = 0.0
+    uri: str,
+    *,
+    workers: int,
+    threads: int | None = None,
+    max_batch: int = DEFAULT_MAX_BATCH,
+    wait_ms: float = DEFAULT_WAIT_MS,
 ) -> dict[str, str]:
     """Environment variables for the server processes: the model, thread counts, batching settings.
 
@@ -67,7 +76,7 @@ def serve_environment(
         workers: Worker processes.
         threads: Torch threads per worker (default: :func:`threads_per_worker`).
         max_batch: Prompts per forward at most.
-        wait_ms: How long a forward waits for more requests.
+        wait_ms: The longest a forward waits for more requests.
     """
     threads = str(threads or threads_per_worker(workers))
     return {
@@ -116,24 +125,30 @@ class _Request:
 class BatchingModel:
     """A pyfunc model whose ``predict`` calls from many threads run one at a time, batched where they can be.
 
-    ``predict`` puts the request on a queue and waits; one inference thread takes everything queued (after
-    waiting ``wait_ms`` for more, up to ``max_batch`` prompts), groups it by ``params`` and calls the wrapped
-    model's ``predict`` once per group with all the group's prompts. When a shared call fails or answers with
-    the wrong number of outputs, each request of the group is run again on its own, so one bad request
-    never fails its neighbours.
+    ``predict`` puts the request on a queue and waits; one inference thread takes everything queued (up to
+    ``max_batch`` prompts), groups it by ``params`` and calls the wrapped model's ``predict`` once per group
+    with all the group's prompts. When a shared call fails or answers with the wrong number of outputs, each
+    request of the group is run again on its own, so one bad request never fails its neighbours.
+
+    Clients that got their answers from one forward send their next requests a few milliseconds after the
+    next forward has started, so without waiting they would split into cohorts that never meet. When recent
+    forwards saw several requests (served, or queued while they ran), the thread waits for as many as the
+    busiest of them saw, for at most a quarter of the last forward's time and ``wait_ms``. A lone client
+    never waits.
 
     Args:
         model: The loaded ``PyFuncModel`` (anything with ``predict(data, params=...)`` and ``metadata``).
         max_batch: Prompts per forward at most.
-        wait_ms: How long the inference thread waits for more requests after the first (0: take what is
-            queued; requests arriving during a forward are batched anyway).
+        wait_ms: The longest wait for more requests before a forward (0: take only what is queued).
     """
 
-    def __init__(self, model: Any, *, max_batch: int = DEFAULT_MAX_BATCH, wait_ms: float = 0.0) -> None:
+    def __init__(self, model: Any, *, max_batch: int = DEFAULT_MAX_BATCH, wait_ms: float = DEFAULT_WAIT_MS) -> None:
         self.model = model
         self.metadata = model.metadata
         self.max_batch = max(1, max_batch)
         self.wait_s = max(0.0, wait_ms) / 1000
+        self._recent: deque[int] = deque([1], maxlen=16)  # requests seen per forward: the expected concurrency
+        self._last_forward_s = 0.0
         self.requests = 0
         """Requests taken off the queue so far (only the inference thread counts)."""
         self.forwards = 0
@@ -155,11 +170,15 @@ class BatchingModel:
     def _take(self) -> list[_Request]:
         batch = [self._queue.get()]
         size = len(batch[0].prompts or [None])
-        deadline = time.monotonic() + self.wait_s
+        expected = max(self._recent)
+        deadline = time.monotonic() + min(self.wait_s, self._last_forward_s / 4)
         while size < self.max_batch:
             try:
                 timeout = deadline - time.monotonic()
-                request = self._queue.get(timeout=timeout) if timeout > 0 else self._queue.get_nowait()
+                if len(batch) < expected and timeout > 0:
+                    request = self._queue.get(timeout=timeout)
+                else:
+                    request = self._queue.get_nowait()
             except queue.Empty:
                 break
             batch.append(request)
@@ -171,13 +190,19 @@ class BatchingModel:
         while True:
             groups: dict[str | None, list[_Request]] = {}
             alone: list[_Request] = []
-            for request in self._take():
+            batch = self._take()
+            start = time.monotonic()
+            for request in batch:
                 key = request.key
                 (alone.append(request) if key is None else groups.setdefault(key, []).append(request))
             for group in groups.values():
                 self._run_group(group)
             for request in alone:
                 self._run_one(request)
+            self._last_forward_s = time.monotonic() - start
+            # Those served plus those that queued meanwhile: how many clients are about. Counting only the
+            # served would let clients that split into two cohorts stay split.
+            self._recent.append(len(batch) + self._queue.qsize())
 
     def _call(self, data: Any, params: dict[str, Any] | None) -> Any:
         self.forwards += 1
@@ -225,10 +250,31 @@ def create_app() -> Any:
     logging.getLogger("mlflow.transformers").addFilter(_QuietParamsOverride())
     model = load_for_serving(mlflow, uri, max_batch)
     logger.info("serving %s: %d torch threads, up to %d prompts per forward", uri, threads, max_batch)
-    batching = BatchingModel(model, max_batch=max_batch, wait_ms=float(os.environ.get(ENV_WAIT_MS) or 0))
+    batching = BatchingModel(model, max_batch=max_batch, wait_ms=float(os.environ.get(ENV_WAIT_MS) or DEFAULT_WAIT_MS))
     app = scoring_server.init(batching)
     app.get("/batching")(batching.stats)
-    return app
+    return RequestThreads(app, max_batch + 4)
+
+
+class RequestThreads:
+    """An ASGI app with enough threads for a full batch of waiting requests.
+
+    MLflow's app hands each ``predict`` to the event loop's default executor, which has ``cores + 4``
+    threads: on 2 cores at most 6 requests could wait for a forward, so 8 clients never shared one.
+    """
+
+    def __init__(self, app: Any, threads: int) -> None:
+        self.app = app
+        self.threads = threads
+        self._ready = False
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if not self._ready:  # the first call (uvicorn's lifespan start) runs inside the server's event loop
+            asyncio.get_running_loop().set_default_executor(
+                ThreadPoolExecutor(self.threads, thread_name_prefix="forgeline-request")
+            )
+            self._ready = True
+        await self.app(scope, receive, send)
 
 
 class _QuietParamsOverride(logging.Filter):

@@ -81,6 +81,27 @@ def test_concurrent_requests_share_forwards_and_each_gets_its_own_answer() -> No
     assert max(len(data) for data, _ in inner.calls) > 2
 
 
+def test_clients_sending_back_to_back_stay_in_one_batch() -> None:
+    """Answered clients resend a moment after the next forward started: the forward waits for them."""
+    inner = SlowEcho()
+    model = BatchingModel(inner, wait_ms=1000)
+    stop = time.monotonic() + 2.5
+
+    def client(c: int) -> None:
+        while time.monotonic() < stop:
+            assert model.predict([f"c{c}"]) == [f"c{c}|None"]
+            time.sleep(0.005)  # the client's own turnaround
+
+    threads = [threading.Thread(target=client, args=(c,)) for c in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=30)
+    sizes = [len(data) for data, _ in inner.calls]
+    # Without the wait, 4 clients settle into two cohorts of 2 that alternate forever.
+    assert max(set(sizes), key=sizes.count) == 4, sizes
+
+
 def test_requests_with_different_params_never_share_a_forward() -> None:
     inner = SlowEcho()
     model = BatchingModel(inner)
