@@ -184,3 +184,21 @@ def test_mlflow_models_serve_passes_params(served: Any) -> None:
     cmd += ["--host", "127.0.0.1", "--port", str(port)]
     with _server(served, cmd, port) as base:
         _assert_params_reach_generation(_predict_over_http(base))
+
+
+@pytest.mark.slow
+def test_serve_load_benchmark_smoke_mode(tmp_path: Path) -> None:
+    """bench/serve_load.py trains its own model, serves it and reports rps, p50 and p95 per level (no timings)."""
+    out = tmp_path / "serve_load.json"
+    root = Path(__file__).resolve().parents[2]
+    proc = subprocess.run(
+        [sys.executable, str(root / "bench" / "serve_load.py"), "--smoke", "--out", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        cwd=root,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = json.loads(out.read_text())["rows"]
+    assert [(row["server"], row["clients"]) for row in rows] == [("forgeline", 1), ("forgeline", 4), ("forgeline", 8)]
+    assert all(row["errors"] == 0 and row["requests"] > 0 and row["p95_ms"] >= row["p50_ms"] > 0 for row in rows)
