@@ -5,9 +5,11 @@ is trained briefly in a temporary project (or ``--model`` names one in ``$MLFLOW
 on loopback by each server in turn:
 
 - ``mlflow``: ``mlflow models serve --env-manager local`` (what ``forgeline serve`` ran before issue 14);
-- ``mlflow-1thread``: the same with ``OMP_NUM_THREADS=1`` (how much of the difference is threads alone);
 - ``forgeline``: ``forgeline serve`` (MLflow's scoring protocol, one forward at a time per worker, requests
   that wait batched into one forward, torch threads set so workers share the cores).
+
+``NAME:T`` pins torch threads: ``mlflow:1`` runs MLflow's server with ``OMP_NUM_THREADS=1``, ``forgeline:2``
+passes ``--threads 2``. Every level is measured on every server in turn, so they see the same load.
 
 Each client is a thread with its own keep-alive connection that posts ``{"inputs": ["def "]}`` (the model's
 default generation settings: 32 new tokens for the demo's context) back to back for ``--seconds``; a request
@@ -15,7 +17,7 @@ counts as an error unless it answers 200 with one generated string. The clients 
 share the machine with the server (as a client on the same host would).
 
     .venv/bin/python bench/serve_load.py                      # both servers, 1/4/8 clients, 20 s each
-    .venv/bin/python bench/serve_load.py --servers forgeline --seconds 10
+    .venv/bin/python bench/serve_load.py --servers forgeline forgeline:2 --rounds 3 --seconds 10
     .venv/bin/python bench/serve_load.py --model models:/forgeline-demo-lm@champion   # a model already there
     .venv/bin/python bench/serve_load.py --smoke              # tiny run: checks the benchmark works (CI)
 """
@@ -42,7 +44,7 @@ import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 TIMEOUT = 600  # seconds for training the bench model on a loaded 2-core machine
-SERVERS = ("mlflow", "mlflow-1thread", "forgeline")
+SERVERS = ("mlflow", "mlflow:1", "forgeline")
 _SCRUB = ("PREFECT_API_URL", "PREFECT_PROFILE", "MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI", "FORGELINE_HOME")
 
 
@@ -81,14 +83,22 @@ def train_model(project: Path, env: dict[str, str], *, smoke: bool) -> str:
     return "models:/bench-serve-lm@champion"
 
 
+def server_kind(text: str) -> str:
+    name, _, threads = text.partition(":")
+    if name not in ("mlflow", "forgeline") or (threads and not threads.isdigit()):
+        raise argparse.ArgumentTypeError(f"{text!r}: expected mlflow or forgeline, optionally :THREADS")
+    return text
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
 
 
-def server_command(kind: str, uri: str, port: int, workers: int, threads: int | None = None) -> list[str]:
-    if kind.startswith("mlflow"):
+def server_command(kind: str, uri: str, port: int, workers: int) -> list[str]:
+    name, _, threads = kind.partition(":")
+    if name == "mlflow":
         return [sys.executable, "-m", "mlflow", "models", "serve", "-m", uri, "--env-manager", "local"] + [
             "--host",
             "127.0.0.1",
@@ -98,7 +108,7 @@ def server_command(kind: str, uri: str, port: int, workers: int, threads: int | 
             str(workers),
         ]
     return [sys.executable, "-m", "forgeline", "serve", uri, "--port", str(port), "--workers", str(workers)] + (
-        ["--threads", str(threads)] if threads else []
+        ["--threads", threads] if threads else []
     )
 
 
@@ -189,8 +199,9 @@ def run_levels(args: argparse.Namespace, uri: str, project: Path, env: dict[str,
     try:
         for kind in args.servers:
             port = free_port()
-            cmd = server_command(kind, uri, port, args.workers, args.threads)
-            server_env = {**env, "OMP_NUM_THREADS": "1"} if kind == "mlflow-1thread" else env
+            cmd = server_command(kind, uri, port, args.workers)
+            threads = kind.partition(":")[2]
+            server_env = {**env, "OMP_NUM_THREADS": threads} if kind.startswith("mlflow:") else env
             servers[kind] = port, start_server(cmd, port, project, server_env, project / f"{kind}.log")
             measure(port, 1, 0.5 if args.smoke else 3.0, body)  # warm-up: first calls allocate and compile
         rows: list[dict[str, object]] = []
@@ -220,11 +231,12 @@ def run_levels(args: argparse.Namespace, uri: str, project: Path, env: dict[str,
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", help="model URI in $MLFLOW_TRACKING_URI (default: train one here)")
-    parser.add_argument("--servers", nargs="+", choices=SERVERS, default=list(SERVERS))
+    parser.add_argument(
+        "--servers", nargs="+", type=server_kind, default=list(SERVERS), help="mlflow, forgeline, NAME:THREADS"
+    )
     parser.add_argument("--clients", type=int, nargs="+", default=[1, 4, 8], help="concurrent clients per level")
     parser.add_argument("--seconds", type=float, default=20.0, help="seconds per level")
     parser.add_argument("--workers", type=int, default=1, help="server worker processes")
-    parser.add_argument("--threads", type=int, help="forgeline serve --threads (default: its own choice)")
     parser.add_argument("--rounds", type=int, default=1, help="times to measure every level on every server")
     parser.add_argument("--smoke", action="store_true", help="smoke model, forgeline only, 2 s per level (CI)")
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "serve_load.json")
