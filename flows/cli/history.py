@@ -42,9 +42,11 @@ def compare(
 ) -> None:
     """The best pipeline runs of an experiment: key params, metrics, duration, status.
 
-    Runs without the metric (failed, interrupted or re-used runs) come after the ranked ones. A terminal too
-    narrow for the table gets one block per run; --output csv or json prints every metric, the key params and
-    the params that differ between the runs shown, for scripts.
+    Runs without the metric (failed, interrupted or re-used runs) come after the ranked ones.
+
+    A terminal too narrow for the table gets one block per run.
+
+    --output csv or json prints every metric, the key params and the params that differ, for scripts.
 
     Examples:
 

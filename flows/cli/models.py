@@ -27,8 +27,7 @@ def models(
 ) -> None:
     """Registered models; with NAME, its versions, aliases, gate decisions and alias history.
 
-    --output json prints NAME's versions and alias history as one object ({"versions": [...],
-    "alias_history": [...]}); --output csv prints the versions.
+    --output json prints NAME's versions and alias history as one object; --output csv, the versions.
 
     Examples:
 
