@@ -314,7 +314,7 @@ def start_watcher(config: PipelineConfig, timeout: float = 60.0) -> str:
     replaced = f"; {len(old)} earlier watcher run(s) cancelled" if old else ""
     if not config.deploy.watch_interval:
         return f"watch: off (deploy.watch_interval is null){replaced}"
-    run = run_deployment(f"{WATCH}/{WATCH}", timeout=0, as_subflow=False)
+    run = run_deployment(f"{WATCH}/{WATCH}", timeout=0, as_subflow=False, flow_run_name=f"watch {config.name}")
     every = config.deploy.watch_interval
     return f"watcher flow run {run.name} ({run.id}): looks at {config.deploy.drop_dir} every {every:g} s{replaced}"
 

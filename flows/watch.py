@@ -25,7 +25,7 @@ from pydantic import BaseModel
 
 from forgeline.tasks.config import PipelineConfig
 
-logger = logging.getLogger(__name__)
+logger = logging.getLogger("forgeline.flows.watch")  # a deployment loads this file by path: not __name__
 
 REJECTED = ".rejected"
 IN_PROGRESS_SUFFIXES = (".part", ".partial", ".tmp", ".crdownload")
