@@ -74,7 +74,10 @@ def test_watch_deployment_creates_no_run_per_interval() -> None:
     assert options["concurrency_limit"].collision_strategy.value == "CANCEL_NEW"  # a second start is cancelled
     (restart,) = options["triggers"]  # a crashed watcher comes back, a cancelled one does not
     assert restart.expect == {"prefect.flow-run.Crashed"}
-    assert restart.match_related.model_dump() == {"prefect.resource.role": "deployment", "prefect.resource.name": "watch"}
+    assert restart.match_related.model_dump() == {
+        "prefect.resource.role": "deployment",
+        "prefect.resource.name": "watch",
+    }
     assert restart.schedule_after == timedelta(seconds=deploy.WATCH_RESTART_DELAY) and restart.parameters is None
 
 
