@@ -155,7 +155,7 @@ def look_and_emit(config: PipelineConfig) -> WatchResult:
     result = scan_drop_folder(config)
     if result.added:
         result.emitted = emit_dataset_updated(config, result.fingerprint, len(result.added))
-        logger.info(
+        _log().info(
             "watch: %d new file(s); %s %s (incoming fingerprint %s)",
             len(result.added),
             "emitted" if result.emitted else "no Prefect server: did not emit",
@@ -184,7 +184,8 @@ def watch_flow(config: PipelineConfig, looks: int | None = None) -> WatchResult:
     total = WatchResult()
     said: set[str] = set()  # problems already logged: a folder that stays unreadable is reported once
     count = 0
-    logger.info("watch: looking at %s every %g s", drop_dir(config), interval)
+    log = _log()
+    log.info("watch: looking at %s every %g s", drop_dir(config), interval)
     while True:
         try:
             result = look_and_emit(config)
@@ -192,13 +193,13 @@ def watch_flow(config: PipelineConfig, looks: int | None = None) -> WatchResult:
             problem = f"{type(exc).__name__}: {exc}"
             if problem not in said:
                 said.add(problem)
-                logger.warning("watch: a look failed (retried every %g s): %s", interval, problem)
+                log.warning("watch: a look failed (retried every %g s): %s", interval, problem)
         else:
             total.added += result.added
             total.duplicates += result.duplicates
             total.rejected |= result.rejected
             if result.waiting and result.waiting != total.waiting:  # said once, not every look
-                logger.info("watch: still being written, left for a later look: %s", ", ".join(result.waiting))
+                log.info("watch: still being written, left for a later look: %s", ", ".join(result.waiting))
             total.waiting = result.waiting
             total.fingerprint = result.fingerprint or total.fingerprint
             total.emitted = total.emitted or result.emitted
@@ -206,6 +207,17 @@ def watch_flow(config: PipelineConfig, looks: int | None = None) -> WatchResult:
         if (looks is not None and count >= looks) or not _still_running():
             return total
         time.sleep(interval)
+
+
+def _log() -> logging.Logger | logging.LoggerAdapter:
+    """The flow run's logger in a flow run (INFO reaches the Prefect UI whatever the root level), else ours."""
+    from prefect.exceptions import MissingContextError
+    from prefect.logging import get_run_logger
+
+    try:
+        return get_run_logger()
+    except MissingContextError:
+        return logger
 
 
 def _still_running() -> bool:

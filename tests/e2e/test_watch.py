@@ -75,7 +75,7 @@ def test_one_watch_run_one_retrain_per_new_content(project: Project) -> None:
             for i, paragraph in enumerate(paragraphs):
                 fh.write(("\n\n" if i else "") + paragraph)
                 fh.flush()
-                time.sleep(0.1)
+                time.sleep(0.15)
 
     writer = threading.Thread(target=write_slowly)
     writer.start()
@@ -94,7 +94,8 @@ def test_one_watch_run_one_retrain_per_new_content(project: Project) -> None:
     assert [(r.id, r.state_name) for r in _runs(project, "watch")] == [(watcher.id, "Running")]
 
     said = _logs(project, watcher.id)  # some 60 looks so far: a line per event, not per look
-    assert any("1 new file(s); emitted forgeline.dataset.updated" in m for m in said), said
-    assert len(said) < 15, said
+    assert any("1 new file(s); emitted forgeline.dataset.updated" in m for m in said), "\n".join(said)
+    assert any("still being written, left for a later look: notes.txt" in m for m in said), "\n".join(said)
+    assert len(said) < 15, "\n".join(said)
 
     project.forgeline("down")
