@@ -374,11 +374,27 @@ class DeployConfig(_Strict):
         "data/drop", description="Folder the `watch` deployment scans for data files dropped by other means."
     )
     watch_interval: float | None = Field(
-        60, ge=1, description="Seconds between runs of the `watch` deployment; null: no schedule."
+        60,
+        ge=1,
+        description=(
+            "Seconds between the looks of the watcher (the one long-lived flow run of the `watch` deployment "
+            "that `forgeline deploy` starts); null: no watcher."
+        ),
     )
     watch_settle: float = Field(
         2.0, ge=0, description="Seconds between the watch's two looks at a file; a file that changed is left alone."
     )
+
+    @model_validator(mode="after")
+    def _watcher_leaves_a_cpu_slot(self) -> DeployConfig:
+        # The watcher's run holds a cpu-pool slot for good: with a limit of 1 no pipeline would ever start.
+        limit = self.cpu_pool.concurrency_limit
+        if self.watch_interval and limit is not None and limit < 2:
+            raise ValueError(
+                f"deploy.cpu_pool.concurrency_limit {limit} leaves no slot beside the watcher's long-lived run: "
+                "set it to 2 or more, or deploy.watch_interval: null"
+            )
+        return self
 
     @field_validator("cpu_pool", "gpu_pool", mode="before")
     @classmethod
