@@ -30,7 +30,7 @@ from forgeline.tasks.train.batches import (
     resolve_device,
     sample_batch,
 )
-from forgeline.tasks.train.checkpoints import load_latest_checkpoint, save_checkpoint
+from forgeline.tasks.train.checkpoints import CheckpointError, load_latest_checkpoint, save_checkpoint
 from forgeline.tasks.train.journal import JOURNAL_FILE, MetricJournal
 from forgeline.tasks.train.schedule import get_lr, make_optimizer
 from forgeline.tasks.train.signals import stop_on_signal
@@ -115,9 +115,7 @@ def train_model(
     run_dir = Path(run_dir)
     done = run_dir / DONE_FILE
     if done.exists():
-        result = TrainResult.model_validate_json(done.read_text())
-        logger.info("training already complete for this config and data (%d steps): %s", result.steps, run_dir)
-        return result.model_copy(update={"already_done": True})
+        return _finished(run_dir, done)
 
     t_start = time.perf_counter()
     torch.manual_seed(seed)
@@ -220,6 +218,19 @@ def train_model(
     tmp.write_text(out.model_dump_json())
     os.replace(tmp, done)
     return out
+
+
+def _finished(run_dir: Path, done: Path) -> TrainResult:
+    result = TrainResult.model_validate_json(done.read_text())
+    # Paths as of today: the project folder may have moved since the result was written.
+    model_dir = run_dir / "model"
+    if not (model_dir / "config.json").is_file():
+        raise CheckpointError(
+            f"{done} says training finished, but its model folder {model_dir} is missing; "
+            "run with --fresh to train again"
+        )
+    logger.info("training already complete for this config and data (%d steps): %s", result.steps, run_dir)
+    return result.model_copy(update={"already_done": True, "run_dir": str(run_dir), "model_dir": str(model_dir)})
 
 
 def _loop(

@@ -205,3 +205,24 @@ def test_two_runs_of_one_lineage_at_once_have_one_writer_and_one_version(project
     assert [r.data.tags["forgeline.resumed_from"] for r in runs] == ["none", "none"]
     assert version.run_id == runs[0].info.run_id  # the model comes from the run that trained it
     assert _steps(client, runs[0].info.run_id, "train/loss") == list(range(1, 301))
+
+
+def test_a_finished_checkpoint_moved_or_without_its_model(reference: Path, tmp_path: Path) -> None:  # noqa: F811
+    from forgeline.tasks.config import load_config
+    from forgeline.tasks.train.checkpoints import CheckpointError
+    from forgeline.tasks.train.loop import train_model
+
+    moved = tmp_path / "moved"
+    shutil.copytree(reference, moved)  # a project folder copied elsewhere: done.json names the old paths
+    cfg = load_config(None, [])
+
+    def finish() -> Any:
+        return train_model(
+            cfg.train, cfg.model, cfg.tokenizer, dataset_dir=tmp_path, run_dir=moved, seed=0, config_hash="-"
+        )
+
+    result = finish()
+    assert result.already_done and result.model_dir == str(moved / "model") and result.run_dir == str(moved)
+    shutil.rmtree(moved / "model")
+    with pytest.raises(CheckpointError, match=r"model folder .*moved/model is missing; run with --fresh"):
+        finish()
