@@ -82,6 +82,31 @@ def test_deleted_store_gets_the_finished_model_and_its_curve_again(project: Proj
     _one_version(client)
 
 
+def test_a_finished_checkpoint_tracked_by_another_store_brings_its_curve(
+    project: Project, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    first = project.run_in_process()
+    assert first.version == "1"
+    other = f"sqlite:///{project.root / 'elsewhere' / 'mlflow.db'}"  # e.g. the server of `forgeline up`
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", other)
+    moved = project.run_in_process()
+    assert (moved.tracking_uri, moved.version, moved.reused) == (other, "1", False)
+
+    from mlflow import MlflowClient
+
+    client = MlflowClient(tracking_uri=other, registry_uri=other)
+    version, run = _one_version(client)
+    assert run.data.tags["forgeline.already_done"] == "true"
+    assert version.run_id == run.info.run_id
+    _assert_whole_curve(client, run)
+
+    def curve(c: Any, run_id: str) -> list[tuple[int, float]]:
+        return sorted((m.step, m.value) for m in c.get_metric_history(run_id, "train/loss"))
+
+    first_run = project.client().get_model_version(MODEL, "1").tags["train_run_id"]
+    assert curve(client, run.info.run_id) == curve(project.client(), first_run)  # the same curve, replayed
+
+
 def test_store_restored_from_a_backup_older_than_the_checkpoint(project: Project, tmp_path: Path) -> None:
     killed = project.run_pipeline(extra_env=KILL)
     assert killed.returncode in (-signal.SIGKILL, 128 + signal.SIGKILL), killed.describe()
