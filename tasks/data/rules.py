@@ -1,0 +1,185 @@
+"""Cleaning rules for one record, and the batched ``map`` function that applies them to a whole dataset.
+
+Per record, in order:
+
+1. line endings: CRLF and CR become LF; a leading UTF-8 BOM is stripped; lone surrogates are dropped;
+2. ``strip_control``: control characters (Unicode ``Cc``) other than ``\\n`` and ``\\t`` are removed,
+   as are the invisible ZERO WIDTH SPACE, WORD JOINER and ZERO WIDTH NO-BREAK SPACE;
+3. ``unicode_form``: NFC, NFKC (``"ﬁ"`` becomes ``"fi"``) or none;
+4. ``normalize_whitespace``: tabs expand to the next multiple of 4 columns, trailing whitespace of every
+   line goes, runs of 3+ newlines collapse to one blank line, and the record is stripped;
+5. drop rules, the first that applies is counted: ``empty``, ``too_short`` (``min_chars``), ``too_long``
+   (``max_chars``), ``non_text`` (share of characters that are neither letters, combining marks nor
+   whitespace above ``max_nontext_fraction``); the two de-duplications run later, over the whole dataset.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+import unicodedata
+from typing import Any
+
+import numpy as np
+
+from forgeline.tasks.config import CleaningConfig
+
+RULES = ("empty", "too_short", "too_long", "non_text", "duplicate", "near_duplicate")
+KEEP = 0
+"""``rule`` column value of a kept record; a dropped one holds 1 + its index in ``RULES``."""
+TEXT_PREFIX = "_t"
+"""Input columns ``_t0``, ``_t1``... hold the text (several are joined with a newline)."""
+EXTRA_COLUMNS = ("label", "prompt", "completion")
+
+_SURROGATE = re.compile("[\ud800-\udfff]")
+_CONTROL = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f\u200b\u2060\ufeff]")
+_BLANK_RUNS = re.compile(r"\n{3,}")
+_NONTEXT = re.compile(r"[^\w\s]|[\d_]")
+
+
+def clean_text(text: str, cfg: CleaningConfig) -> str:
+    """Apply the normalization steps (line endings, BOM, control, Unicode, whitespace) to one record.
+
+    Args:
+        text: A raw record.
+        cfg: The cleaning rules.
+
+    Returns:
+        The normalized record (possibly empty).
+    """
+    if "\r" in text:
+        text = text.replace("\r\n", "\n").replace("\r", "\n")
+    text = text.removeprefix("\ufeff")
+    plain = text.isascii()  # ASCII has no surrogates and is invariant under every normalization form
+    if not plain:
+        text = _SURROGATE.sub("", text)
+    if cfg.strip_control:
+        text = _CONTROL.sub("", text)
+    if cfg.unicode_form != "none" and not plain:
+        text = unicodedata.normalize(cfg.unicode_form, text)
+    if cfg.normalize_whitespace:
+        text = _normalize_whitespace(text)
+    return text
+
+
+def _normalize_whitespace(text: str) -> str:
+    if "\t" in text:
+        text = text.expandtabs(4)
+    if "\n" in text:
+        text = "\n".join(line.rstrip() for line in text.split("\n"))
+        if "\n\n\n" in text:
+            text = _BLANK_RUNS.sub("\n\n", text)
+    return text.strip()
+
+
+def drop_reason(text: str, cfg: CleaningConfig) -> str | None:
+    """The first content rule (not dedup) that drops a normalized record, or ``None`` to keep it.
+
+    Args:
+        text: A record after ``clean_text``.
+        cfg: The cleaning rules.
+
+    Returns:
+        ``empty``, ``too_short``, ``too_long``, ``non_text`` or ``None``.
+    """
+    if not text.strip():
+        return "empty"
+    if len(text) < cfg.min_chars:
+        return "too_short"
+    if cfg.max_chars is not None and len(text) > cfg.max_chars:
+        return "too_long"
+    if nontext_fraction(text) > cfg.max_nontext_fraction:
+        return "non_text"
+    return None
+
+
+def nontext_fraction(text: str) -> float:
+    """Share of characters that are neither letters, combining marks nor whitespace (0 for "")."""
+    if not text:
+        return 0.0
+    rest = "".join(_NONTEXT.findall(text))
+    marks = 0 if rest.isascii() else sum(1 for ch in rest if unicodedata.category(ch).startswith("M"))
+    return (len(rest) - marks) / len(text)
+
+
+def paragraphs(text: str) -> list[str]:
+    """Cut a text into blank-line separated paragraphs (a line of spaces is blank too)."""
+    out: list[str] = []
+    lines: list[str] = []
+    for line in text.split("\n"):
+        if line.strip():
+            lines.append(line)
+        elif lines:
+            out.append("\n".join(lines))
+            lines = []
+    if lines:
+        out.append("\n".join(lines))
+    return out
+
+
+def clean_batch(
+    batch: dict[str, list[Any]], cfg: dict[str, Any], paragraph: bool, fractions: tuple[float, float, float]
+) -> dict[str, Any]:
+    """The cleaning ``map`` over a batch: normalized text plus the columns later passes decide on.
+
+    Args:
+        batch: Columns ``_t0``... (text parts) and any of ``label``/``prompt``/``completion``.
+        cfg: ``CleaningConfig`` as a dict (cheap to pickle into worker processes).
+        paragraph: Re-cut each text into paragraphs (the text builder splits on ``"\\n\\n"`` only).
+        fractions: Train, validation and test fractions, for the hash split.
+
+    Returns:
+        ``text`` (empty for dropped records), ``rule`` (``KEEP`` or the drop rule), ``hi``/``lo`` (the
+        text's 16-byte BLAKE2b digest, for exact dedup), ``split`` (0, 1, 2, picked by the text's SHA-256
+        read as a number in [0, 1): new data never moves an old record), ``chars`` (length, for the tail
+        split) and the carried columns.
+    """
+    rules = CleaningConfig(**cfg)
+    parts = sorted(k for k in batch if k.startswith(TEXT_PREFIX))
+    raws = ["\n".join(p or "" for p in row) for row in zip(*(batch[k] for k in parts), strict=True)]
+    extras = {k: batch[k] for k in EXTRA_COLUMNS if k in batch}
+    if paragraph:
+        raws = [p for raw in raws for p in paragraphs(raw.replace("\r\n", "\n"))]
+    texts, codes, chars = [], [], []
+    digests, points = bytearray(), bytearray()
+    for raw in raws:
+        text = clean_text(raw, rules)
+        rule = drop_reason(text, rules)
+        if rule is not None:
+            text = ""
+        data = text.encode("utf-8")
+        texts.append(text)
+        codes.append(KEEP if rule is None else 1 + RULES.index(rule))
+        chars.append(len(text))
+        digests += hashlib.blake2b(data, digest_size=16).digest()
+        points += hashlib.sha256(data).digest()[:8]
+    pairs = np.frombuffer(bytes(digests), dtype=">u8").reshape(-1, 2).astype(np.uint64)
+    point = np.frombuffer(bytes(points), dtype=">u8").astype(np.float64) / 2.0**64
+    train, validation, test = fractions
+    split = np.where(point < train, 0, np.where((test == 0) | (point < train + validation), 1, 2)).astype(np.int8)
+    return {"text": texts, "rule": codes, "hi": pairs[:, 0], "lo": pairs[:, 1], "split": split, "chars": chars} | extras
+
+
+class NearDuplicates:
+    """MinHash LSH over character 5-gram shingles (lowercased, whitespace collapsed); sequential."""
+
+    PERMUTATIONS = 128
+
+    def __init__(self, threshold: float) -> None:
+        from datasketch import MinHash, MinHashLSH
+
+        self._minhash = MinHash
+        self._lsh = MinHashLSH(threshold=threshold, num_perm=self.PERMUTATIONS)
+        self._count = 0
+
+    def seen(self, text: str) -> bool:
+        """True if a similar text was offered before; otherwise remember this one."""
+        flat = " ".join(text.lower().split())
+        shingles = {flat[i : i + 5].encode("utf-8") for i in range(max(1, len(flat) - 4))}
+        sketch = self._minhash(num_perm=self.PERMUTATIONS)
+        sketch.update_batch(sorted(shingles))
+        if self._lsh.query(sketch):
+            return True
+        self._lsh.insert(str(self._count), sketch)
+        self._count += 1
+        return False
