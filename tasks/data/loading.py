@@ -108,6 +108,7 @@ def load_input(item: Input, columns: dict[str, str], record: str, cache_dir: Pat
         ds = _build(item, "parquet", cache_dir, columns=list(dict.fromkeys(columns.values())))
     elif item.fmt == "csv":
         header = _csv_header(item.path, columns)
+        _check_csv_rows(item, header)
         features = datasets.Features({name: datasets.Value("string") for name in header})
         ds = _build(item, "csv", cache_dir, features=features, keep_default_na=False, na_filter=False)
     else:
@@ -194,6 +195,21 @@ def _check_parquet(path: Path | None, columns: list[str]) -> None:
             raise DataError(f"{path}: no column {column!r} (columns: {', '.join(schema.names)})")
     if parquet.metadata.num_rows == 0:
         raise DataError(f"{path}: no rows")
+
+
+def _check_csv_rows(item: Input, header: list[str]) -> None:
+    """pyarrow's strict parser over the file: pandas (the csv builder) would fill a short row with blanks."""
+    import pyarrow as pa
+    import pyarrow.csv as pcsv
+
+    parse = pcsv.ParseOptions(newlines_in_values=True)
+    convert = pcsv.ConvertOptions(column_types=dict.fromkeys(header, pa.string()))
+    try:
+        for _ in pcsv.open_csv(item.path, parse_options=parse, convert_options=convert):
+            pass
+    except pa.ArrowInvalid as exc:
+        _diagnose(item, item.text_column)
+        raise DataError(f"{item.label}: malformed CSV ({str(exc).splitlines()[0][:200]})") from None
 
 
 def _csv_header(path: Path | None, columns: dict[str, str]) -> list[str]:
