@@ -13,14 +13,13 @@ logger = logging.getLogger(__name__)
 
 BUILTIN_LABEL = "builtin:python-docs"
 _MODULE_NAMES = (
-    "argparse ast asyncio base64 bisect calendar cmd collections concurrent.futures configparser "
-    "contextlib copy csv dataclasses datetime decimal difflib email.message enum fileinput fnmatch "
-    "fractions ftplib functools getopt gettext glob gzip hashlib heapq hmac html.parser http.client "
-    "http.server imaplib inspect ipaddress json logging logging.handlers mailbox mimetypes numbers "
-    "operator optparse pathlib pickle pkgutil platform poplib pprint queue random re sched secrets "
-    "selectors shelve shlex shutil smtplib socket socketserver statistics string struct subprocess "
-    "tarfile tempfile textwrap threading timeit tokenize trace traceback types typing unittest "
-    "urllib.parse urllib.request uuid warnings weakref xml.dom.minidom zipfile "
+    "argparse ast asyncio base64 bisect calendar cmd collections concurrent.futures configparser  contextlib copy "
+    "csv dataclasses datetime decimal difflib email.message enum fileinput fnmatch  fractions ftplib functools "
+    "getopt gettext glob gzip hashlib heapq hmac html.parser http.client  http.server imaplib inspect ipaddress "
+    "json logging logging.handlers mailbox mimetypes numbers  operator optparse pathlib pickle pkgutil platform "
+    "poplib pprint queue random re sched secrets  selectors shelve shlex shutil smtplib socket socketserver "
+    "statistics string struct subprocess  tarfile tempfile textwrap threading timeit tokenize trace traceback "
+    "types typing unittest  urllib.parse urllib.request uuid warnings weakref xml.dom.minidom zipfile "
 )
 BUILTIN_MODULES = tuple(_MODULE_NAMES.split())
 """Stdlib modules whose docstrings (after ``pydoc_data`` topics) make up the builtin corpus, in order."""

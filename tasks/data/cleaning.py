@@ -305,7 +305,7 @@ def _load_and_clean(cfg: DataConfig, inputs: list[Input], work: Path) -> Any:
                 clean_batch,
                 batched=True,
                 batch_size=2000,
-                num_proc=workers if len(ds) > 2000 * workers else None,
+                num_proc=workers if workers > 1 and len(ds) > 2000 * workers else None,
                 remove_columns=ds.column_names,
                 fn_kwargs={
                     "cfg": cfg.cleaning.model_dump(),

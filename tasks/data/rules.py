@@ -35,6 +35,8 @@ _SURROGATE = re.compile("[\ud800-\udfff]")
 _CONTROL = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f\u200b\u2060\ufeff]")
 _BLANK_RUNS = re.compile(r"\n{3,}")
 _NONTEXT = re.compile(r"[^\w\s]|[\d_]")
+_NONTEXT_ASCII = r"[^A-Za-z \t\n\r\x0b\x0c\x1c-\x1f]"
+"""``_NONTEXT`` on ASCII text in RE2 syntax: not a letter and not what Python's ``\\s`` calls whitespace."""
 
 
 def clean_text(text: str, cfg: CleaningConfig) -> str:
@@ -134,30 +136,38 @@ def clean_batch(
         read as a number in [0, 1): new data never moves an old record), ``chars`` (length, for the tail
         split) and the carried columns.
     """
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
     rules = CleaningConfig(**cfg)
     parts = sorted(k for k in batch if k.startswith(TEXT_PREFIX))
-    raws = ["\n".join(p or "" for p in row) for row in zip(*(batch[k] for k in parts), strict=True)]
+    if len(parts) == 1:
+        raws = [r or "" for r in batch[parts[0]]]
+    else:
+        raws = ["\n".join(p or "" for p in row) for row in zip(*(batch[k] for k in parts), strict=True)]
     extras = {k: batch[k] for k in EXTRA_COLUMNS if k in batch}
     if paragraph:
         raws = [p for raw in raws for p in paragraphs(raw.replace("\r\n", "\n"))]
-    texts, codes, chars = [], [], []
-    digests, points = bytearray(), bytearray()
-    for raw in raws:
-        text = clean_text(raw, rules)
-        rule = drop_reason(text, rules)
-        if rule is not None:
-            text = ""
-        data = text.encode("utf-8")
-        texts.append(text)
-        codes.append(KEEP if rule is None else 1 + RULES.index(rule))
-        chars.append(len(text))
-        digests += hashlib.blake2b(data, digest_size=16).digest()
-        points += hashlib.sha256(data).digest()[:8]
-    pairs = np.frombuffer(bytes(digests), dtype=">u8").reshape(-1, 2).astype(np.uint64)
-    point = np.frombuffer(bytes(points), dtype=">u8").astype(np.float64) / 2.0**64
+    texts = [clean_text(raw, rules) for raw in raws]
+    # drop_reason for the whole batch: the non-text share is counted by Arrow for ASCII records
+    arr = pa.array(texts, pa.string())
+    chars = pc.utf8_length(arr).to_numpy(zero_copy_only=False)
+    share = pc.count_substring_regex(arr, _NONTEXT_ASCII).to_numpy(zero_copy_only=False) / np.maximum(chars, 1)
+    for i in np.flatnonzero(~pc.string_is_ascii(arr).to_numpy(zero_copy_only=False)):
+        share[i] = nontext_fraction(texts[i])
+    empty = np.fromiter((not t.strip() for t in texts), dtype=bool, count=len(texts))
+    too_long = chars > rules.max_chars if rules.max_chars is not None else np.zeros(len(texts), dtype=bool)
+    checks = [empty, chars < rules.min_chars, too_long, share > rules.max_nontext_fraction]
+    rule = np.select(checks, [1, 2, 3, 4], KEEP).astype(np.int8)
+    texts = [t if r == KEEP else "" for t, r in zip(texts, rule.tolist(), strict=True)]
+    digests = b"".join(hashlib.blake2b(t.encode("utf-8"), digest_size=16).digest() for t in texts)
+    points = b"".join(hashlib.sha256(t.encode("utf-8")).digest()[:8] for t in texts)
+    pairs = np.frombuffer(digests, dtype=">u8").reshape(-1, 2).astype(np.uint64)
+    point = np.frombuffer(points, dtype=">u8").astype(np.float64) / 2.0**64
     train, validation, test = fractions
     split = np.where(point < train, 0, np.where((test == 0) | (point < train + validation), 1, 2)).astype(np.int8)
-    return {"text": texts, "rule": codes, "hi": pairs[:, 0], "lo": pairs[:, 1], "split": split, "chars": chars} | extras
+    chars = np.where(rule == KEEP, chars, 0)
+    return {"text": texts, "rule": rule, "hi": pairs[:, 0], "lo": pairs[:, 1], "split": split, "chars": chars} | extras
 
 
 class NearDuplicates:

@@ -108,7 +108,7 @@ def hash_splits(ds: Any, keep: np.ndarray, workdir: Path, extras: list[str]) -> 
     marked = ds.add_column("_dest", dest)
     parts, digest = {}, hashlib.sha256()
     for code, split in enumerate(SPLITS):
-        part = marked.filter(
+        parts[split] = marked.filter(
             lambda d, c=code: np.asarray(d) == c,
             input_columns="_dest",
             batched=True,
@@ -117,13 +117,15 @@ def hash_splits(ds: Any, keep: np.ndarray, workdir: Path, extras: list[str]) -> 
             cache_file_name=str(workdir / f"indices-{split}.arrow"),
             load_from_cache_file=False,
             new_fingerprint=f"forgeline-{split}",
-        )
-        digest.update(f"{split}:{len(part)}\n".encode())
-        for batch in part.with_format("numpy", columns=["hi", "lo", *extras]).iter(batch_size=2**16):
-            digest.update(batch["hi"].tobytes() + batch["lo"].tobytes())
+        ).select_columns(["text", *extras])
+        digest.update(f"{split}:{int((dest == code).sum())}\n".encode())
+        for start in range(0, len(dest), CHUNK):  # record digests (and carried values) in stored order
+            chosen = np.flatnonzero(dest[start : start + CHUNK] == code)
+            digest.update(column(ds, "hi", start, start + len(dest[start : start + CHUNK]))[chosen].tobytes())
+            digest.update(column(ds, "lo", start, start + len(dest[start : start + CHUNK]))[chosen].tobytes())
             for name in extras:
-                digest.update(json.dumps(batch[name].tolist()).encode())
-        parts[split] = part.select_columns(["text", *extras])
+                values = ds.data.column(name).slice(start, CHUNK).take(chosen).to_pylist()
+                digest.update(json.dumps(values).encode())
     return parts, digest.hexdigest()
 
 

@@ -761,3 +761,20 @@ def test_disk_dedup_gives_the_same_dataset(tmp_path: Path, monkeypatch: pytest.M
     assert sorted(p.name for p in Path(on_disk.dataset_dir).iterdir()) == sorted(
         p.name for p in Path(in_memory.dataset_dir).iterdir()
     )  # no spill files left behind
+
+
+def test_batched_rules_agree_with_drop_reason() -> None:
+    """The cleaning map counts the non-text share with Arrow for ASCII records: the same decisions."""
+    from forgeline.tasks.data.rules import RULES, clean_batch
+
+    rng = random.Random(3)
+    alphabet = "ab Z9_#.\t\x0b\x0c\x1c\x1f\x07é\u0301١ "
+    texts = [c[1] for c in CLEAN_CASES + DROP_CASES] + ["".join(rng.choices(alphabet, k=12)) for _ in range(400)]
+    for overrides in ({}, {"strip_control": False, "normalize_whitespace": False, "min_chars": 3, "max_chars": 10}):
+        cfg = CleaningConfig(**overrides)
+        out = clean_batch({"_t0": texts}, cfg.model_dump(), paragraph=False, fractions=(0.8, 0.1, 0.1))
+        expected = [drop_reason(clean_text(t, cfg), cfg) for t in texts]
+        assert [None if r == 0 else RULES[r - 1] for r in out["rule"].tolist()] == expected
+        assert [t for t, e in zip(out["text"], expected, strict=True) if e is None] == [
+            clean_text(t, cfg) for t, e in zip(texts, expected, strict=True) if e is None
+        ]
