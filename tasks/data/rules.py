@@ -119,6 +119,28 @@ def paragraphs(text: str) -> list[str]:
     return out
 
 
+def clean_texts(raws: list[str], cfg: CleaningConfig) -> list[str]:
+    """``clean_text`` over a batch: Arrow normalizes ASCII records without tabs, Python the others."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    arr = pa.array(raws, pa.string())
+    fast = pc.string_is_ascii(arr)
+    if cfg.normalize_whitespace:  # tabs expand by column: Python's expandtabs
+        fast = pc.and_(fast, pc.invert(pc.match_substring(arr, "\t")))
+    out = pc.replace_substring(pc.replace_substring(arr, "\r\n", "\n"), "\r", "\n")
+    if cfg.strip_control:
+        out = pc.replace_substring_regex(out, r"[\x00-\x08\x0b-\x1f\x7f]", "")
+    if cfg.normalize_whitespace:  # what Python's str.strip() calls whitespace, for ASCII
+        out = pc.replace_substring_regex(out, r"[ \t\x0b\x0c\r\x1c-\x1f]+\n", "\n")
+        out = pc.replace_substring_regex(out, r"\n{3,}", "\n\n")
+        out = pc.ascii_trim(out, characters=" \t\n\x0b\x0c\r\x1c\x1d\x1e\x1f")
+    texts = out.to_pylist()
+    for i in np.flatnonzero(~fast.to_numpy(zero_copy_only=False)):
+        texts[i] = clean_text(raws[i], cfg)
+    return texts
+
+
 def clean_batch(
     batch: dict[str, list[Any]], cfg: dict[str, Any], paragraph: bool, fractions: tuple[float, float, float]
 ) -> dict[str, Any]:
@@ -148,7 +170,7 @@ def clean_batch(
     extras = {k: batch[k] for k in EXTRA_COLUMNS if k in batch}
     if paragraph:
         raws = [p for raw in raws for p in paragraphs(raw.replace("\r\n", "\n"))]
-    texts = [clean_text(raw, rules) for raw in raws]
+    texts = clean_texts(raws, rules)
     # drop_reason for the whole batch: the non-text share is counted by Arrow for ASCII records
     arr = pa.array(texts, pa.string())
     chars = pc.utf8_length(arr).to_numpy(zero_copy_only=False)

@@ -118,14 +118,16 @@ def hash_splits(ds: Any, keep: np.ndarray, workdir: Path, extras: list[str]) -> 
             load_from_cache_file=False,
             new_fingerprint=f"forgeline-{split}",
         ).select_columns(["text", *extras])
-        digest.update(f"{split}:{int((dest == code).sum())}\n".encode())
+        streams = [hashlib.sha256() for _ in range(2 + len(extras))]  # one per column: chunking cannot matter
         for start in range(0, len(dest), CHUNK):  # record digests (and carried values) in stored order
-            chosen = np.flatnonzero(dest[start : start + CHUNK] == code)
-            digest.update(column(ds, "hi", start, start + len(dest[start : start + CHUNK]))[chosen].tobytes())
-            digest.update(column(ds, "lo", start, start + len(dest[start : start + CHUNK]))[chosen].tobytes())
-            for name in extras:
-                values = ds.data.column(name).slice(start, CHUNK).take(chosen).to_pylist()
-                digest.update(json.dumps(values).encode())
+            stop = min(start + CHUNK, len(dest))
+            chosen = np.flatnonzero(dest[start:stop] == code)
+            streams[0].update(column(ds, "hi", start, stop)[chosen].tobytes())
+            streams[1].update(column(ds, "lo", start, stop)[chosen].tobytes())
+            for stream, name in zip(streams[2:], extras, strict=True):
+                for value in ds.data.column(name).slice(start, stop - start).take(chosen).to_pylist():
+                    stream.update(json.dumps(value).encode() + b"\n")
+        digest.update(f"{split}:{int((dest == code).sum())}:{[s.hexdigest() for s in streams]}\n".encode())
     return parts, digest.hexdigest()
 
 
