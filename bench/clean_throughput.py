@@ -42,7 +42,8 @@ try:  # revisions from before tasks/ became forgeline.tasks (6272431: tasks/clea
 except ImportError:
     from forgeline.tasks.config import load_config
     from forgeline.tasks.data.cleaning import clean_dataset
-cfg = load_config(None, ["data.record=line", "data.cleaning.min_chars=1", "data.cache_dir=" + sys.argv[2]])
+overrides = ["data.record=line", "data.cleaning.min_chars=1", "data.cache_dir=" + sys.argv[2], *sys.argv[3:]]
+cfg = load_config(None, overrides)
 cfg.data.sources = [{"kind": "files", "paths": [sys.argv[1]]}]
 usage = resource.getrusage(resource.RUSAGE_SELF)
 t0, cpu0 = time.perf_counter(), usage.ru_utime + usage.ru_stime
@@ -95,10 +96,29 @@ def generate(path: Path, megabytes: int, seed: int = 0) -> int:
     return written
 
 
-def measure(corpus: Path, cache: Path, code_root: Path) -> dict:
+def convert(corpus: Path, fmt: str) -> Path:
+    """The corpus as ``txt``, as a parquet ``text`` column, or as a labeled CSV (``text``, ``label``)."""
+    if fmt == "txt":
+        return corpus
+    import pyarrow as pa
+
+    lines = corpus.read_text(encoding="utf-8").splitlines()
+    if fmt == "parquet":
+        import pyarrow.parquet as pq
+
+        pq.write_table(pa.table({"text": lines}), corpus.with_suffix(".parquet"), row_group_size=100_000)
+        return corpus.with_suffix(".parquet")
+    import pyarrow.csv as pcsv
+
+    labels = [str(len(line) % 5) for line in lines]
+    pcsv.write_csv(pa.table({"text": lines, "label": labels}), corpus.with_suffix(".csv"))
+    return corpus.with_suffix(".csv")
+
+
+def measure(corpus: Path, cache: Path, code_root: Path, overrides: list[str] | None = None) -> dict:
     t0 = time.perf_counter()
     proc = subprocess.run(
-        [sys.executable, "-c", CHILD, str(corpus), str(cache)],
+        [sys.executable, "-c", CHILD, str(corpus), str(cache), *(overrides or [])],
         capture_output=True,
         text=True,
         cwd=code_root,
@@ -202,6 +222,12 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=1, help="runs per size (and per variant)")
     parser.add_argument("--baseline", help="git revision whose tasks/ to run interleaved with the working tree's")
     parser.add_argument("--smoke", action="store_true", help="one 2 MB corpus: checks the benchmark works")
+    parser.add_argument(
+        "--format",
+        choices=["txt", "parquet", "csv"],
+        default="txt",
+        help="the same text as plain lines, a parquet text column, or a labeled CSV (label kept by current code)",
+    )
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "clean_throughput.json")
     args = parser.parse_args()
     sizes = [2] if args.smoke else sorted(args.sizes)
@@ -212,15 +238,18 @@ def main() -> None:
         if args.baseline:
             roots = {"baseline": extract_revision(args.baseline, tmp / "baseline"), **roots}
         for mb in sizes:
-            corpus = tmp / f"corpus-{mb}mb.txt"
-            size = generate(corpus, mb)
+            text = tmp / f"corpus-{mb}mb.txt"
+            size = generate(text, mb)
+            corpus = convert(text, args.format)
             for i in range(1 if args.smoke else args.rounds):
                 for variant, code_root in roots.items():
                     cache = tmp / f"cache-{mb}-{variant}-{i}"
-                    report = measure(corpus, cache, code_root)
+                    labeled = args.format == "csv" and variant == "current"  # the baseline has no label_column
+                    report = measure(corpus, cache, code_root, ["data.label_column=label"] if labeled else None)
                     report.update(
                         {
                             "size_mb": mb,
+                            "format": args.format,
                             "variant": variant,
                             "round": i,
                             "megabytes": size / 1e6,
@@ -231,6 +260,7 @@ def main() -> None:
                     print(json.dumps({k: v for k, v in report.items() if k != "rows"}), flush=True)
                     subprocess.run(["rm", "-rf", str(cache)], check=True)
             corpus.unlink()
+            text.unlink(missing_ok=True)
     table = summarize(rows)
     print_table(table)
     load = os.getloadavg()
