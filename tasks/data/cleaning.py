@@ -285,7 +285,7 @@ def _load_and_clean(cfg: DataConfig, inputs: list[Input], work: Path) -> Any:
     size = sum(i.path.stat().st_size for i in inputs if i.path is not None and i.path.is_file())
     workers = cfg.num_proc or os.cpu_count() or 1
     workers = 1 if size < SMALL_INPUT_BYTES else workers
-    fr = cfg.fractions
+    fractions = (cfg.fractions.train, cfg.fractions.validation, cfg.fractions.test)
     segments: list[tuple[bool, list[Any]]] = []
     for n, item in enumerate(inputs):
         if item.fmt == "builtin":
@@ -300,23 +300,18 @@ def _load_and_clean(cfg: DataConfig, inputs: list[Input], work: Path) -> Any:
     mapped = []
     for k, (paragraph, parts) in enumerate(segments):
         ds = parts[0] if len(parts) == 1 else datasets.concatenate_datasets(parts)
-        mapped.append(
-            ds.map(
-                clean_batch,
-                batched=True,
-                batch_size=2000,
-                num_proc=workers if workers > 1 and len(ds) > 2000 * workers else None,
-                remove_columns=ds.column_names,
-                fn_kwargs={
-                    "cfg": cfg.cleaning.model_dump(),
-                    "paragraph": paragraph,
-                    "fractions": (fr.train, fr.validation, fr.test),
-                },
-                cache_file_name=str(work / f"clean-{k}.arrow"),
-                load_from_cache_file=False,
-                new_fingerprint=f"forgeline-clean-{k}",
-            )
+        cleaned = ds.with_format("arrow").map(
+            clean_batch,
+            batched=True,
+            batch_size=4096,
+            num_proc=workers if workers > 1 and len(ds) > 4096 * workers else None,
+            remove_columns=ds.column_names,
+            fn_kwargs={"cfg": cfg.cleaning.model_dump(), "paragraph": paragraph, "fractions": fractions},
+            cache_file_name=str(work / f"clean-{k}.arrow"),
+            load_from_cache_file=False,
+            new_fingerprint=f"forgeline-clean-{k}",
         )
+        mapped.append(cleaned.with_format(None))
     return mapped[0] if len(mapped) == 1 else datasets.concatenate_datasets(mapped)
 
 

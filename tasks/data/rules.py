@@ -37,6 +37,7 @@ _BLANK_RUNS = re.compile(r"\n{3,}")
 _NONTEXT = re.compile(r"[^\w\s]|[\d_]")
 _NONTEXT_ASCII = r"[^A-Za-z \t\n\r\x0b\x0c\x1c-\x1f]"
 """``_NONTEXT`` on ASCII text in RE2 syntax: not a letter and not what Python's ``\\s`` calls whitespace."""
+_ASCII_SPACE = " \t\n\x0b\x0c\r\x1c\x1d\x1e\x1f"
 
 
 def clean_text(text: str, cfg: CleaningConfig) -> str:
@@ -119,77 +120,70 @@ def paragraphs(text: str) -> list[str]:
     return out
 
 
-def clean_texts(raws: list[str], cfg: CleaningConfig) -> list[str]:
-    """``clean_text`` over a batch: Arrow normalizes ASCII records without tabs, Python the others."""
+def clean_array(arr: Any, cfg: CleaningConfig) -> Any:
+    """``clean_text`` over an Arrow string array: Arrow normalizes ASCII records without tabs, Python the rest."""
     import pyarrow as pa
     import pyarrow.compute as pc
 
-    arr = pa.array(raws, pa.string())
-    fast = pc.string_is_ascii(arr)
+    slow = pc.invert(pc.string_is_ascii(arr))
     if cfg.normalize_whitespace:  # tabs expand by column: Python's expandtabs
-        fast = pc.and_(fast, pc.invert(pc.match_substring(arr, "\t")))
+        slow = pc.or_(slow, pc.match_substring(arr, "\t"))
     out = pc.replace_substring(pc.replace_substring(arr, "\r\n", "\n"), "\r", "\n")
     if cfg.strip_control:
         out = pc.replace_substring_regex(out, r"[\x00-\x08\x0b-\x1f\x7f]", "")
     if cfg.normalize_whitespace:  # what Python's str.strip() calls whitespace, for ASCII
         out = pc.replace_substring_regex(out, r"[ \t\x0b\x0c\r\x1c-\x1f]+\n", "\n")
         out = pc.replace_substring_regex(out, r"\n{3,}", "\n\n")
-        out = pc.ascii_trim(out, characters=" \t\n\x0b\x0c\r\x1c\x1d\x1e\x1f")
-    texts = out.to_pylist()
-    for i in np.flatnonzero(~fast.to_numpy(zero_copy_only=False)):
-        texts[i] = clean_text(raws[i], cfg)
-    return texts
+        out = pc.ascii_trim(out, characters=_ASCII_SPACE)
+    if not pc.any(slow).as_py():
+        return out
+    redo = [clean_text(t, cfg) for t in pc.filter(arr, slow).to_pylist()]
+    return pc.replace_with_mask(out, slow, pa.array(redo, pa.string()))
 
 
-def clean_batch(
-    batch: dict[str, list[Any]], cfg: dict[str, Any], paragraph: bool, fractions: tuple[float, float, float]
-) -> dict[str, Any]:
-    """The cleaning ``map`` over a batch: normalized text plus the columns later passes decide on.
+def clean_batch(batch: Any, cfg: dict[str, Any], paragraph: bool, fractions: tuple[float, float, float]) -> Any:
+    """The cleaning ``map`` over an Arrow batch: normalized text plus the columns later passes decide on.
 
     Args:
-        batch: Columns ``_t0``... (text parts) and any of ``label``/``prompt``/``completion``.
+        batch: A ``pyarrow.Table`` with ``_t0``... (text parts) and any of ``label``/``prompt``/``completion``.
         cfg: ``CleaningConfig`` as a dict (cheap to pickle into worker processes).
         paragraph: Re-cut each text into paragraphs (the text builder splits on ``"\\n\\n"`` only).
         fractions: Train, validation and test fractions, for the hash split.
 
     Returns:
-        ``text`` (empty for dropped records), ``rule`` (``KEEP`` or the drop rule), ``hi``/``lo`` (the
-        text's 16-byte BLAKE2b digest, for exact dedup), ``split`` (0, 1, 2, picked by the text's SHA-256
-        read as a number in [0, 1): new data never moves an old record), ``chars`` (length, for the tail
-        split) and the carried columns.
+        A table: ``text`` (empty for dropped records), ``rule`` (``KEEP`` or 1 + the index of the drop rule
+        in ``RULES``), ``hi``/``lo`` (the first 16 bytes of the text's SHA-256, for exact dedup), ``split``
+        (0, 1, 2: ``hi`` read as a number in [0, 1) picks it, so new data never moves an old record),
+        ``chars`` (length, for the tail split) and the carried columns.
     """
     import pyarrow as pa
     import pyarrow.compute as pc
 
     rules = CleaningConfig(**cfg)
-    parts = sorted(k for k in batch if k.startswith(TEXT_PREFIX))
-    if len(parts) == 1:
-        raws = [r or "" for r in batch[parts[0]]]
-    else:
-        raws = ["\n".join(p or "" for p in row) for row in zip(*(batch[k] for k in parts), strict=True)]
-    extras = {k: batch[k] for k in EXTRA_COLUMNS if k in batch}
+    parts = [pc.fill_null(batch.column(n), "") for n in sorted(batch.column_names) if n.startswith(TEXT_PREFIX)]
+    arr = parts[0] if len(parts) == 1 else pc.binary_join_element_wise(*parts, "\n")
+    arr = arr.combine_chunks() if isinstance(arr, pa.ChunkedArray) else arr
+    extras = {k: batch.column(k) for k in EXTRA_COLUMNS if k in batch.column_names}
     if paragraph:
-        raws = [p for raw in raws for p in paragraphs(raw.replace("\r\n", "\n"))]
-    texts = clean_texts(raws, rules)
-    # drop_reason for the whole batch: the non-text share is counted by Arrow for ASCII records
-    arr = pa.array(texts, pa.string())
+        arr = pa.array([p for raw in arr.to_pylist() for p in paragraphs(raw)], pa.string())
+    arr = clean_array(arr, rules)
     chars = pc.utf8_length(arr).to_numpy(zero_copy_only=False)
     share = pc.count_substring_regex(arr, _NONTEXT_ASCII).to_numpy(zero_copy_only=False) / np.maximum(chars, 1)
+    empty = pc.invert(pc.match_substring_regex(arr, f"[^{_ASCII_SPACE}]")).to_numpy(zero_copy_only=False)
     for i in np.flatnonzero(~pc.string_is_ascii(arr).to_numpy(zero_copy_only=False)):
-        share[i] = nontext_fraction(texts[i])
-    empty = np.fromiter((not t.strip() for t in texts), dtype=bool, count=len(texts))
-    too_long = chars > rules.max_chars if rules.max_chars is not None else np.zeros(len(texts), dtype=bool)
+        text = arr[int(i)].as_py()
+        share[i], empty[i] = nontext_fraction(text), not text.strip()
+    too_long = chars > rules.max_chars if rules.max_chars is not None else np.zeros(len(chars), dtype=bool)
     checks = [empty, chars < rules.min_chars, too_long, share > rules.max_nontext_fraction]
     rule = np.select(checks, [1, 2, 3, 4], KEEP).astype(np.int8)
-    texts = [t if r == KEEP else "" for t, r in zip(texts, rule.tolist(), strict=True)]
-    digests = b"".join(hashlib.blake2b(t.encode("utf-8"), digest_size=16).digest() for t in texts)
-    points = b"".join(hashlib.sha256(t.encode("utf-8")).digest()[:8] for t in texts)
+    kept = pc.if_else(pa.array(rule == KEEP), arr, "")
+    digests = b"".join(hashlib.sha256(t.encode("utf-8")).digest()[:16] for t in kept.to_pylist())
     pairs = np.frombuffer(digests, dtype=">u8").reshape(-1, 2).astype(np.uint64)
-    point = np.frombuffer(points, dtype=">u8").astype(np.float64) / 2.0**64
+    point = pairs[:, 0].astype(np.float64) / 2.0**64
     train, validation, test = fractions
     split = np.where(point < train, 0, np.where((test == 0) | (point < train + validation), 1, 2)).astype(np.int8)
-    chars = np.where(rule == KEEP, chars, 0)
-    return {"text": texts, "rule": rule, "hi": pairs[:, 0], "lo": pairs[:, 1], "split": split, "chars": chars} | extras
+    columns = {"text": kept, "rule": rule, "hi": pairs[:, 0], "lo": pairs[:, 1], "split": split}
+    return pa.table(columns | {"chars": np.where(rule == KEEP, chars, 0)} | extras)
 
 
 class NearDuplicates:

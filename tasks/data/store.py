@@ -105,19 +105,12 @@ def near_duplicates(ds: Any, keep: np.ndarray, threshold: float) -> np.ndarray:
 def hash_splits(ds: Any, keep: np.ndarray, workdir: Path, extras: list[str]) -> tuple[dict[str, Any], str]:
     """Each kept record in the split its content hash picked (the ``split`` column); plus their digest."""
     dest = np.where(keep, column(ds, "split"), -1).astype(np.int8)
-    marked = ds.add_column("_dest", dest)
     parts, digest = {}, hashlib.sha256()
     for code, split in enumerate(SPLITS):
-        parts[split] = marked.filter(
-            lambda d, c=code: np.asarray(d) == c,
-            input_columns="_dest",
-            batched=True,
-            batch_size=2**16,
-            writer_batch_size=2**16,
-            cache_file_name=str(workdir / f"indices-{split}.arrow"),
-            load_from_cache_file=False,
-            new_fingerprint=f"forgeline-{split}",
-        ).select_columns(["text", *extras])
+        chosen = np.flatnonzero(dest == code)
+        parts[split] = ds.select(chosen, indices_cache_file_name=str(workdir / f"indices-{split}.arrow"))
+        parts[split] = parts[split].select_columns(["text", *extras])
+        del chosen
         streams = [hashlib.sha256() for _ in range(2 + len(extras))]  # one per column: chunking cannot matter
         for start in range(0, len(dest), CHUNK):  # record digests (and carried values) in stored order
             stop = min(start + CHUNK, len(dest))

@@ -764,6 +764,8 @@ def test_disk_dedup_gives_the_same_dataset(tmp_path: Path, monkeypatch: pytest.M
 
 def test_batched_rules_agree_with_drop_reason() -> None:
     """The cleaning map counts the non-text share with Arrow for ASCII records: the same decisions."""
+    import pyarrow as pa
+
     from forgeline.tasks.data.rules import RULES, clean_batch
 
     rng = random.Random(3)
@@ -773,9 +775,10 @@ def test_batched_rules_agree_with_drop_reason() -> None:
     overrides_list = [{}, {"strip_control": False}, {"normalize_whitespace": False, "min_chars": 3, "max_chars": 10}]
     for overrides in overrides_list:
         cfg = CleaningConfig(**overrides)
-        out = clean_batch({"_t0": texts}, cfg.model_dump(), paragraph=False, fractions=(0.8, 0.1, 0.1))
+        table = pa.table({"_t0": texts})
+        out = clean_batch(table, cfg.model_dump(), paragraph=False, fractions=(0.8, 0.1, 0.1)).to_pydict()
         expected = [drop_reason(clean_text(t, cfg), cfg) for t in texts]
-        assert [None if r == 0 else RULES[r - 1] for r in out["rule"].tolist()] == expected
+        assert [None if r == 0 else RULES[r - 1] for r in out["rule"]] == expected
         assert [t for t, e in zip(out["text"], expected, strict=True) if e is None] == [
             clean_text(t, cfg) for t, e in zip(texts, expected, strict=True) if e is None
         ]
