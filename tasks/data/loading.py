@@ -128,6 +128,9 @@ def load_input(item: Input, columns: dict[str, str], record: str, cache_dir: Pat
 def _build(item: Input, builder: str, cache_dir: Path, **options: Any) -> Any:
     import datasets
 
+    quiet = logging.getLogger("datasets")  # a builder logs its failure at ERROR: ours names the line instead
+    level = quiet.level
+    quiet.setLevel(logging.CRITICAL)
     try:
         return datasets.load_dataset(
             builder, data_files=[str(item.path)], split="train", cache_dir=str(cache_dir / "hf"), **options
@@ -135,6 +138,8 @@ def _build(item: Input, builder: str, cache_dir: Path, **options: Any) -> Any:
     except Exception as exc:  # noqa: BLE001 - every builder error becomes a message naming the line
         _diagnose(item, item.text_column)
         raise DataError(f"{item.label}: cannot be read as {builder} ({str(exc).splitlines()[0][:200]})") from exc
+    finally:
+        quiet.setLevel(level)
 
 
 def _hf_dataset(item: Input, cache_dir: Path) -> Any:

@@ -782,3 +782,11 @@ def test_batched_rules_agree_with_drop_reason() -> None:
         assert [t for t, e in zip(out["text"], expected, strict=True) if e is None] == [
             clean_text(t, cfg) for t, e in zip(texts, expected, strict=True) if e is None
         ]
+
+
+def test_builder_failure_logs_nothing_but_our_error(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """The json builder logs its own failure at ERROR; the CLI must print one line (RELIABILITY F3)."""
+    (tmp_path / "rows.jsonl").write_text('{"text": "one good record here"}\n{"text": oops}\n')
+    with pytest.raises(DataError, match=r"rows\.jsonl:2: invalid JSON"):
+        clean_dataset(data_cfg("rows.jsonl"), base_dir=tmp_path)
+    assert not [r for r in caplog.records if r.name.startswith("datasets") and r.levelno >= 40]
