@@ -34,8 +34,16 @@ ROOT = Path(__file__).resolve().parents[1]
 SHAKESPEARE = ROOT.parent / "shared" / "data" / "tinyshakespeare" / "input.txt"
 
 CHILD = """
-import json, resource, sys, time
+import json, resource, sys, threading, time
 from pathlib import Path
+anon = [0]  # peak RssAnon: ru_maxrss also counts the pages of memory-mapped Arrow files, which the kernel can drop
+def watch():
+    while True:
+        with open("/proc/self/status") as status:
+            kib = [int(line.split()[1]) for line in status if line.startswith("RssAnon:")]
+        anon[0] = max(anon[0], *kib)
+        time.sleep(0.05)
+threading.Thread(target=watch, daemon=True).start()
 try:  # revisions from before tasks/ became forgeline.tasks (6272431: tasks/cleaning.py)
     from tasks.cleaning import clean_dataset
     from tasks.config import load_config
@@ -52,7 +60,8 @@ usage, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resou
 peak, cpu = usage.ru_maxrss / 1024, usage.ru_utime + usage.ru_stime - cpu0 + kids.ru_utime + kids.ru_stime
 print(json.dumps({"seconds": time.perf_counter() - t0, "cpu_seconds": cpu, "rows_in": result.rows_in,
                   "dropped": result.dropped, "rows": result.rows_per_split, "fingerprint": result.fingerprint,
-                  "peak_rss_mib": peak, "peak_rss_worker_mib": kids.ru_maxrss / 1024}))
+                  "peak_rss_mib": peak, "peak_rss_worker_mib": kids.ru_maxrss / 1024,
+                  "peak_anon_mib": anon[0] / 1024}))
 """
 
 
@@ -161,6 +170,8 @@ def summarize(rows: list[dict]) -> list[dict]:
                     "mb_per_s_max": max(speeds),
                     "n": len(mine),
                     "peak_rss_mib_max": max(r["peak_rss_mib"] for r in mine),
+                    "peak_anon_mib_max": max(r.get("peak_anon_mib", 0) for r in mine),
+                    "peak_rss_worker_mib_max": max(r.get("peak_rss_worker_mib", 0) for r in mine),
                 }
             )
         pairs = [
@@ -199,7 +210,7 @@ def summarize(rows: list[dict]) -> list[dict]:
 def print_table(table: list[dict]) -> None:
     print(
         f"{'input MB':>9} {'variant':<24} {'records':>10} {'dup dropped':>12} {'clean s':>8} {'CPU s':>7} "
-        f"{'MB/s median':>11} {'min-max':>11} {'n':>2} {'peak RSS MiB':>13}"
+        f"{'MB/s median':>11} {'min-max':>11} {'n':>2} {'peak RSS MiB':>13} {'anon MiB':>9} {'worker RSS':>10}"
     )
     for t in table:
         if "ratio_median" in t:
@@ -212,7 +223,8 @@ def print_table(table: list[dict]) -> None:
         print(
             f"{t['megabytes']:9.1f} {t['variant']:<24} {t['rows_in']:10d} {t['duplicates']:12d} "
             f"{t['seconds_median']:8.1f} {t['cpu_seconds_median']:7.1f} {t['mb_per_s_median']:11.2f} "
-            f"{t['mb_per_s_min']:5.2f}-{t['mb_per_s_max']:5.2f} {t['n']:2d} {t['peak_rss_mib_max']:13.0f}"
+            f"{t['mb_per_s_min']:5.2f}-{t['mb_per_s_max']:5.2f} {t['n']:2d} {t['peak_rss_mib_max']:13.0f} "
+            f"{t['peak_anon_mib_max']:9.0f} {t['peak_rss_worker_mib_max']:10.0f}"
         )
 
 
