@@ -61,7 +61,8 @@ peak, cpu = usage.ru_maxrss / 1024, usage.ru_utime + usage.ru_stime - cpu0 + kid
 print(json.dumps({"seconds": time.perf_counter() - t0, "cpu_seconds": cpu, "rows_in": result.rows_in,
                   "dropped": result.dropped, "rows": result.rows_per_split, "fingerprint": result.fingerprint,
                   "peak_rss_mib": peak, "peak_rss_worker_mib": kids.ru_maxrss / 1024,
-                  "peak_anon_mib": anon[0] / 1024}))
+                  "peak_anon_mib": anon[0] / 1024,
+                  "worker_cpu_seconds": kids.ru_utime + kids.ru_stime}))
 """
 
 
