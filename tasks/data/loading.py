@@ -43,25 +43,29 @@ def scan_file(path: Path, fmt: str, record: str) -> str:
     digest = hashlib.sha256()
     check = fmt != "parquet"
     offset = line = 0  # bytes and lines before ``carry``
-    carry = b""
+    carry = bytearray()  # the start of a line that has no end yet
     with path.open("rb") as handle:
         while block := handle.read(_BLOCK):
             digest.update(block)
             if not check:
                 continue
-            data = carry + block
-            cut = data.rfind(b"\n") + 1  # b"\n" never sits inside a multi-byte character
-            if not cut and len(data) <= MAX_LINE_BYTES:
-                carry = data
+            cut = block.rfind(b"\n") + 1  # b"\n" never sits inside a multi-byte character
+            if not cut:
+                carry += block
+                if len(carry) > MAX_LINE_BYTES:
+                    raise DataError(f"{path}:{line + 1}: line longer than {MAX_LINE_BYTES} bytes (at byte {offset})")
                 continue
-            whole, carry = (data[:cut], data[cut:]) if cut else (data, b"")
+            whole = bytes(carry) + block[:cut]
             _check_lines(whole, path, offset, line)
             offset, line = offset + len(whole), line + whole.count(b"\n")
+            carry = bytearray(block[cut:])
     if check and carry:
-        _check_lines(carry, path, offset, line)
+        _check_lines(bytes(carry), path, offset, line)
     if check and fmt == "text" and record == "file" and offset + len(carry) > MAX_RECORD_CHARS:
-        with path.open("rb") as handle:  # bytes >= characters: the line holding the limit is named
-            where = handle.read(MAX_RECORD_CHARS).count(b"\n") + 1
+        where, left = 1, MAX_RECORD_CHARS  # bytes >= characters: the line holding the limit is named
+        with path.open("rb") as handle:
+            while left > 0 and (block := handle.read(min(_BLOCK, left))):
+                where, left = where + block.count(b"\n"), left - len(block)
         raise DataError(f"{path}:{where}: record longer than {MAX_RECORD_CHARS} characters; use data.record: line")
     return digest.hexdigest()
 

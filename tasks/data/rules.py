@@ -128,13 +128,19 @@ def clean_array(arr: Any, cfg: CleaningConfig) -> Any:
     slow = pc.invert(pc.string_is_ascii(arr))
     if cfg.normalize_whitespace:  # tabs expand by column: Python's expandtabs
         slow = pc.or_(slow, pc.match_substring(arr, "\t"))
-    out = pc.replace_substring(pc.replace_substring(arr, "\r\n", "\n"), "\r", "\n")
+
+    def sub(array: Any, pattern: str, replacement: str) -> Any:  # a copy only where a record matches
+        hit = pc.any(pc.match_substring_regex(array, pattern)).as_py()
+        return pc.replace_substring_regex(array, pattern, replacement) if hit else array
+
+    out = sub(arr, r"\r\n?", "\n")
     if cfg.strip_control:
-        out = pc.replace_substring_regex(out, r"[\x00-\x08\x0b-\x1f\x7f]", "")
+        out = sub(out, r"[\x00-\x08\x0b-\x1f\x7f]", "")
     if cfg.normalize_whitespace:  # what Python's str.strip() calls whitespace, for ASCII
-        out = pc.replace_substring_regex(out, r"[ \t\x0b\x0c\r\x1c-\x1f]+\n", "\n")
-        out = pc.replace_substring_regex(out, r"\n{3,}", "\n\n")
-        out = pc.ascii_trim(out, characters=_ASCII_SPACE)
+        out = sub(out, r"[ \t\x0b\x0c\r\x1c-\x1f]+\n", "\n")
+        out = sub(out, r"\n{3,}", "\n\n")
+        if pc.any(pc.match_substring_regex(out, rf"^[{_ASCII_SPACE}]|[{_ASCII_SPACE}]$")).as_py():
+            out = pc.ascii_trim(out, characters=_ASCII_SPACE)
     if not pc.any(slow).as_py():
         return out
     redo = [clean_text(t, cfg) for t in pc.filter(arr, slow).to_pylist()]
