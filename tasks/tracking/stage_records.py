@@ -12,10 +12,12 @@ import logging
 import os
 import shutil
 import tempfile
+import warnings
 from pathlib import Path
+from typing import Any
 
 from forgeline.tasks.config import DataConfig
-from forgeline.tasks.data.cleaning import CleanResult
+from forgeline.tasks.data.cleaning import CleanResult, load_split
 from forgeline.tasks.evaluate.evaluation import EvalResult
 from forgeline.tasks.registry.model_card import (
     ARTIFACT_FILE,
@@ -31,7 +33,6 @@ from forgeline.tasks.tracking.metrics import log_metric_history
 from forgeline.tasks.tracking.models import log_transformers_model, logged_model_status
 from forgeline.tasks.tracking.records import (
     log_artifact,
-    log_dataset_input,
     log_dict,
     log_figure,
     log_metrics,
@@ -40,7 +41,7 @@ from forgeline.tasks.tracking.records import (
 )
 from forgeline.tasks.tracking.registry_store import describe_version, get_model_version
 from forgeline.tasks.tracking.runs import find_runs
-from forgeline.tasks.tracking.store import tracking_uri
+from forgeline.tasks.tracking.store import client, tracking_uri
 from forgeline.tasks.tracking.tags import RUN_NAME_TAG
 from forgeline.tasks.train.journal import JOURNAL_FILE, history_entries, read_journal
 from forgeline.tasks.train.loop import TrainResult
@@ -50,24 +51,54 @@ logger = logging.getLogger(__name__)
 
 # ------------------------------------------------------------------------------------------ clean
 def record_cleaning(run_id: str, result: CleanResult) -> None:
-    """Cleaning metrics, the report artifact, and each split as an MLflow dataset input."""
+    """Cleaning metrics, the report (JSON and two MLflow tables), and each split as an MLflow dataset input."""
     set_tags(run_id, {"data_fingerprint": result.fingerprint, "forgeline.cache_hit": result.cache_hit})
     metrics = {"rows_in": result.rows_in, **{f"dropped/{k}": v for k, v in result.dropped.items()}}
     metrics |= {f"rows/{k}": v for k, v in result.rows_per_split.items()}
     metrics |= {f"bytes/{k}": v for k, v in result.bytes_per_split.items()}
     log_metrics(run_id, metrics)
     log_dict(run_id, result.model_dump(mode="json"), "cleaning_report.json")
+    for name, table in cleaning_tables(result).items():
+        client().log_table(run_id, data=table, artifact_file=name)
     log_cleaning_chart(run_id, result)
     for split, rows in result.rows_per_split.items():
         if rows:
-            log_dataset_input(
-                run_id,
-                name=f"cleaned-{split}",
-                digest=result.fingerprint,
-                source=str(Path(result.dataset_dir) / f"{split}.jsonl"),
-                context=split,
-                profile={"rows": rows, "bytes": result.bytes_per_split.get(split, 0)},
-            )
+            _log_split_input(run_id, result, split)
+
+
+def cleaning_tables(result: CleanResult) -> dict[str, Any]:
+    """The cleaning report as pandas tables: records dropped per rule, and rows and bytes per split."""
+    import pandas as pd
+
+    rules = pd.DataFrame({"rule": list(result.dropped), "records": list(result.dropped.values())})
+    rules["share_of_input"] = rules["records"] / max(result.rows_in, 1)
+    splits = pd.DataFrame(
+        {
+            "split": list(result.rows_per_split),
+            "records": list(result.rows_per_split.values()),
+            "bytes": [result.bytes_per_split.get(s, 0) for s in result.rows_per_split],
+        }
+    )
+    return {"cleaning_rules.json": rules, "cleaning_splits.json": splits}
+
+
+def _log_split_input(run_id: str, result: CleanResult, split: str) -> None:
+    """A cleaned split as a dataset input: ``mlflow.data.from_huggingface`` gives the source and schema."""
+    import mlflow.data
+    from mlflow.entities import Dataset, DatasetInput, InputTag
+
+    ds = load_split(result.dataset_dir, split)
+    folder = str(Path(result.dataset_dir) / split)
+    targets = "label" if "label" in ds.column_names else None
+    with warnings.catch_warnings():  # mlflow registers the local-file source twice and warns that it picks one
+        warnings.simplefilter("ignore", UserWarning)
+        hf = mlflow.data.from_huggingface(
+            ds, source=folder, name=f"cleaned-{split}", digest=result.fingerprint[:36], targets=targets
+        )
+        made = hf._to_mlflow_entity()
+    profile = hf.profile | {"rows": len(ds), "bytes": result.bytes_per_split.get(split, 0)}
+    entity = Dataset(made.name, made.digest, made.source_type, made.source, made.schema, json.dumps(profile))
+    client().log_inputs(run_id, datasets=[DatasetInput(entity, tags=[InputTag("mlflow.data.context", split)])])
 
 
 def log_cleaning_chart(run_id: str, result: CleanResult) -> None:
