@@ -8,7 +8,8 @@ project as working directory: workers must see the same folder (one machine, or 
 
 :func:`deployment_specs` describes every deployment in the shape of a ``prefect.yaml`` entry; :func:`deploy_all`
 creates them from it and :func:`prefect_yaml` writes the same list as the ``prefect.yaml`` at the project root
-(``forgeline deploy --write-prefect-yaml``), for ``prefect deploy --all``.
+(``forgeline deploy --write-prefect-yaml``), for ``prefect deploy --all``. ``watch`` has no schedule:
+:func:`start_watcher` starts its one long-lived flow run, and its trigger restarts a crashed one.
 """
 
 from __future__ import annotations
@@ -17,8 +18,8 @@ import contextlib
 import copy
 import io
 import logging
+import time
 import typing
-from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -39,8 +40,8 @@ DEPLOYMENTS: dict[str, tuple[str, str]] = {
     "watch": ("flows/watch.py:watch_flow", "cpu"),
 }
 PREFECT_YAML = "prefect.yaml"
-# Interval schedules count from a fixed instant, so redeploying never shifts them and the YAML never changes.
-INTERVAL_ANCHOR = "2026-01-01T00:00:00+00:00"
+WATCH = "watch"
+WATCH_RESTART_DELAY = 60  # seconds between a crashed watcher and its replacement: a crash loop stays slow
 
 
 def project_dir() -> Path:
@@ -220,24 +221,35 @@ def _retrain_options(config: PipelineConfig) -> dict[str, Any]:
 
 
 def _watch_options(config: PipelineConfig) -> dict[str, Any]:
-    """An interval schedule; a run that finds the previous one still going is cancelled, never queued."""
+    """No schedule (one long-lived run, :func:`start_watcher`); a second run is cancelled; a crashed one restarts.
+
+    The trigger runs the deployment again ``WATCH_RESTART_DELAY`` seconds after a watch flow run crashed (its
+    worker or machine died, or the heartbeat automation gave up on it); a cancelled run is not restarted.
+    """
     options: dict[str, Any] = {"concurrency_limit": {"limit": 1, "collision_strategy": "CANCEL_NEW"}}
     if config.deploy.watch_interval:
-        options["schedules"] = [
-            {"interval": config.deploy.watch_interval, "anchor_date": INTERVAL_ANCHOR, "active": True}
-        ]
+        restart = {
+            "type": "event",
+            "name": f"restart the {config.name} watch after a crash",
+            "enabled": True,
+            "expect": ["prefect.flow-run.Crashed"],
+            "match": {"prefect.resource.id": "prefect.flow-run.*"},
+            "match_related": {"prefect.resource.role": "deployment", "prefect.resource.name": WATCH},
+            "schedule_after": WATCH_RESTART_DELAY,
+        }
+        options["triggers"] = [restart]
     return options
 
 
 def deploy_all(config: PipelineConfig, source: Path | None = None) -> list[str]:
-    """Ensure both pools, the crash automation and the deployments of :func:`deployment_specs`.
+    """Ensure both pools, the crash automation and the deployments of :func:`deployment_specs`; start the watcher.
 
     Args:
         config: Supplies the ``deploy:`` section and the cpu-pool deployments' default ``config`` parameter.
         source: Project folder the workers load the flows from (default :func:`project_dir`).
 
     Returns:
-        One summary line per pool, automation and deployment.
+        One summary line per pool, automation and deployment, and one for the watcher (:func:`start_watcher`).
     """
     from prefect import flow as prefect_flow
 
@@ -263,23 +275,58 @@ def deploy_all(config: PipelineConfig, source: Path | None = None) -> list[str]:
                 **_deploy_options(spec),
             )
         lines.append(f"deployment {loaded.name}/{spec['name']} on pool {pool} (id {deployment_id}) from {root}")
+    lines.append(start_watcher(config))
     return lines
+
+
+def start_watcher(config: PipelineConfig, timeout: float = 60.0) -> str:
+    """Replace the ``watch`` deployment's flow run: cancel the active ones, then start one with the deployed config.
+
+    Runs that no worker cancels within ``timeout`` seconds (their worker is gone) are marked Cancelled; a
+    watcher that still lives sees that at its next look and ends. With ``deploy.watch_interval: null`` none
+    is started. Returns a one-line summary.
+    """
+    from prefect import get_client
+    from prefect.client.schemas.filters import FlowRunFilter as Runs
+    from prefect.client.schemas.filters import FlowRunFilterDeploymentId, FlowRunFilterState, FlowRunFilterStateType
+    from prefect.client.schemas.objects import StateType
+    from prefect.deployments import run_deployment
+    from prefect.states import Cancelled, Cancelling
+
+    live = {StateType.PENDING, StateType.RUNNING, StateType.CANCELLING}
+    active = [StateType.SCHEDULED, StateType.PAUSED, *live]
+    with get_client(sync_client=True) as client:
+        deployment = client.read_deployment_by_name(f"{WATCH}/{WATCH}")
+        flt = Runs(
+            deployment_id=FlowRunFilterDeploymentId(any_=[deployment.id]),
+            state=FlowRunFilterState(type=FlowRunFilterStateType(any_=active)),
+        )
+        old = client.read_flow_runs(flow_run_filter=flt)
+        for run in old:
+            if run.state_type != StateType.CANCELLING:
+                state = Cancelling if run.state_type in live else Cancelled
+                client.set_flow_run_state(run.id, state(message="replaced by forgeline deploy"), force=True)
+        deadline = time.monotonic() + timeout
+        while (left := client.read_flow_runs(flow_run_filter=flt)) and time.monotonic() < deadline:
+            time.sleep(0.5)
+        for run in left:
+            client.set_flow_run_state(run.id, Cancelled(message=f"no worker cancelled it in {timeout:g} s"), force=True)
+    replaced = f"; {len(old)} earlier watcher run(s) cancelled" if old else ""
+    if not config.deploy.watch_interval:
+        return f"watch: off (deploy.watch_interval is null){replaced}"
+    run = run_deployment(f"{WATCH}/{WATCH}", timeout=0, as_subflow=False, flow_run_name=f"watch {config.name}")
+    every = config.deploy.watch_interval
+    return f"watcher flow run {run.name} ({run.id}): looks at {config.deploy.drop_dir} every {every:g} s{replaced}"
 
 
 def _deploy_options(spec: dict[str, Any]) -> dict[str, Any]:
     """The Prefect objects ``flow.deploy`` takes for a spec's schedules, triggers and concurrency limit."""
     from prefect.client.schemas.objects import ConcurrencyLimitConfig
     from prefect.events import DeploymentEventTrigger
-    from prefect.schedules import Cron, Interval
+    from prefect.schedules import Cron
 
     options: dict[str, Any] = {}
-    schedules = []
-    for item in spec.get("schedules", []):
-        if "cron" in item:
-            schedules.append(Cron(item["cron"], active=item["active"]))
-        else:
-            anchor = datetime.fromisoformat(item["anchor_date"])
-            schedules.append(Interval(item["interval"], anchor_date=anchor, active=item["active"]))
+    schedules = [Cron(item["cron"], active=item["active"]) for item in spec.get("schedules", [])]
     if schedules:
         options["schedules"] = schedules
     if spec.get("triggers"):
@@ -303,7 +350,8 @@ def prefect_yaml(config: PipelineConfig, origin: str = "configs/default.yaml") -
         f"# Generated from flows/deploy.py and {origin} by\n"
         f"#   forgeline deploy --config {origin} --write-prefect-yaml\n"
         "# Edit the code or the config and regenerate, never this file (tests/unit/test_deploy.py compares).\n"
-        "# `forgeline deploy` creates the same deployments plus the work pools and the crash automation.\n"
+        "# `forgeline deploy` creates the same deployments plus the work pools and the crash automation,\n"
+        "# and starts the one long-lived watch run (without it: prefect deployment run watch/watch).\n"
         "# Without it: create the pools (prefect work-pool create cpu --type process; the same for gpu),\n"
         "# then run `prefect deploy --all` here; with no pull steps listed, Prefect makes workers run the\n"
         "# flows in the folder you deploy from, as `forgeline deploy` does.\n"

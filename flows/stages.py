@@ -27,6 +27,7 @@ from forgeline.tasks.data.cleaning import CleanResult, clean_dataset, report_row
 from forgeline.tasks.errors import is_transient
 from forgeline.tasks.evaluate.candidate import evaluate_candidate, score_model
 from forgeline.tasks.evaluate.evaluation import EvalResult
+from forgeline.tasks.locks import owned_lock
 from forgeline.tasks.registry.versions import BPB_TAG, FINGERPRINT_TAG, RegisterResult, gate_champion, register_version
 from forgeline.tasks.tracking import models, records, stage_records
 from forgeline.tasks.tracking.metrics import MetricBuffer
@@ -113,8 +114,28 @@ def clean_task(cfg: DataConfig, ctx: RunContext, data: list[str] | None = None) 
 def run_training(
     cfg: PipelineConfig, dataset_dir: str, fingerprint: str, ctx: RunContext, *, fresh: bool
 ) -> TrainOutcome:
-    """Train in a ``train`` MLflow run with batched per-step metrics, then log the model."""
+    """Train in a ``train`` MLflow run with batched per-step metrics, then log the model.
+
+    One process at a time trains a lineage: a second run of the same config and data waits for the first
+    (a log line names it), then finds its finished checkpoint instead of writing into it.
+    """
     run_dir = training_dir(cfg, fingerprint, Path(ctx.base_dir))
+
+    def waiting(holder: str) -> None:
+        logger.warning("waiting for %s, which is training this config and data in %s", holder, run_dir)
+
+    with owned_lock(lineage_lock_path(run_dir), on_wait=waiting):
+        return _train_locked(cfg, dataset_dir, run_dir, fingerprint, ctx, fresh=fresh)
+
+
+def lineage_lock_path(run_dir: Path) -> Path:
+    """The lock of one training lineage: beside its folder, so ``--fresh`` can empty the folder under it."""
+    return run_dir.with_name(run_dir.name + ".lock")
+
+
+def _train_locked(
+    cfg: PipelineConfig, dataset_dir: str, run_dir: Path, fingerprint: str, ctx: RunContext, *, fresh: bool
+) -> TrainOutcome:
     if fresh:
         _clear_run_dir(run_dir)
     lineage = read_lineage(run_dir, create=True)
@@ -154,8 +175,23 @@ def run_training(
             buffer.close()
             live.close()
         stage_records.record_training(run_id, result)
-        model_uri = stage_records.log_model_once(run_dir, run_id, result, cfg.eval.prompts[0])
+        model_uri = stage_records.reusable_model(run_dir)
+        _replay_unseen_steps(run_id, result, ctx.experiment_id, lineage, logs_model=model_uri is None)
+        if model_uri is None:
+            model_uri = stage_records.log_model(run_dir, run_id, result, cfg.eval.prompts[0])
     return TrainOutcome(train_run_id=run_id, model_uri=model_uri, lineage=lineage, result=result)
+
+
+def _replay_unseen_steps(
+    run_id: str, result: TrainResult, experiment_id: str, lineage: str, *, logs_model: bool
+) -> None:
+    # The store in use may never have seen the steps this run did not train: it is new, replaced, or restored
+    # from a backup older than the checkpoint. The version registered from this run must show its curve.
+    if result.already_done:
+        if logs_model:  # the finished checkpoint's model goes into this run: it becomes the version's run
+            stage_records.replay_training_curve(run_id, result)
+    elif result.resumed_from and not stage_records.lineage_seen(experiment_id, lineage, but=run_id):
+        stage_records.replay_training_curve(run_id, result, up_to=result.resumed_from)
 
 
 def training_dir(cfg: PipelineConfig, fingerprint: str, base_dir: Path) -> Path:

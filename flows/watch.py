@@ -1,15 +1,16 @@
 """The ``watch`` flow: ``forgeline ingest`` for files dropped into ``deploy.drop_dir`` by other means.
 
-The ``watch`` deployment runs it on the ``cpu`` pool every ``deploy.watch_interval`` seconds. Each run looks
-at the drop folder twice, ``deploy.watch_settle`` seconds apart, and takes only the files whose size and
-modification time did not change in between: a file still being copied in is left for a later run. Hidden
-files and names ending in ``.part``, ``.partial``, ``.tmp`` or ``.crdownload`` are never taken (writers that
-write under such a name and rename when done are always safe). Each complete file goes through
-:func:`forgeline.flows.retrain.ingest_files`, exactly like ``forgeline ingest``: validated, then moved atomically into
-``deploy.incoming_dir`` under its content hash. A file that fails validation is moved to ``.rejected/`` in
-the drop folder with a ``.reason.txt`` beside it, so it is reported once instead of every run. When anything
-new arrived the run emits ``forgeline.dataset.updated`` with the incoming fingerprint, which triggers
-``retrain``.
+The ``watch`` deployment has no schedule: ``forgeline deploy`` starts one long-lived flow run of it on the
+``cpu`` pool, which looks at the drop folder every ``deploy.watch_interval`` seconds (one run in the Prefect
+UI's run list, not one a minute). Each look takes the folder twice, ``deploy.watch_settle`` seconds apart, and
+takes only the files whose size and modification time did not change in between: a file still being copied in
+is left for a later look. Hidden files and names ending in ``.part``, ``.partial``, ``.tmp`` or
+``.crdownload`` are never taken (writers that write under such a name and rename when done are always safe).
+Each complete file goes through :func:`forgeline.flows.retrain.ingest_files`, exactly like ``forgeline ingest``:
+validated, then moved atomically into ``deploy.incoming_dir`` under its content hash. A file that fails
+validation is moved to ``.rejected/`` in the drop folder with a ``.reason.txt`` beside it, so it is reported
+once instead of every look. When anything new arrived the look emits ``forgeline.dataset.updated`` with the
+incoming fingerprint, which triggers ``retrain``.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from pydantic import BaseModel
 
 from forgeline.tasks.config import PipelineConfig
 
-logger = logging.getLogger(__name__)
+logger = logging.getLogger("forgeline.flows.watch")  # a deployment loads this file by path: not __name__
 
 REJECTED = ".rejected"
 IN_PROGRESS_SUFFIXES = (".part", ".partial", ".tmp", ".crdownload")
@@ -136,8 +137,6 @@ def scan_drop_folder(config: PipelineConfig, base_dir: Path | None = None) -> Wa
     result.fingerprint = incoming_fingerprint(incoming_dir(config, base))
     for name, reason in result.rejected.items():
         logger.warning("watch: rejected %s: %s (moved to %s)", name, reason, folder / REJECTED)
-    if result.waiting:
-        logger.info("watch: %d file(s) still being written, left for the next run", len(result.waiting))
     return result
 
 
@@ -148,23 +147,15 @@ def _reject(folder: Path, path: Path, reason: str) -> None:
     target.with_name(target.name + ".reason.txt").write_text(reason + "\n", encoding="utf-8")
 
 
-@flow(name="watch", flow_run_name="watch {config.name}")
-def watch_flow(config: PipelineConfig) -> WatchResult:
-    """Ingest the complete files of ``deploy.drop_dir`` and emit ``forgeline.dataset.updated`` when any was new.
-
-    Args:
-        config: The pipeline config (the deployment's default is the deployed config).
-
-    Returns:
-        What the run added, rejected and left for later, and whether it emitted the event.
-    """
+def look_and_emit(config: PipelineConfig) -> WatchResult:
+    """One look at the drop folder (:func:`scan_drop_folder`); emit ``forgeline.dataset.updated`` if any was new."""
     from forgeline.flows.contract import EVENT
     from forgeline.flows.retrain import emit_dataset_updated
 
     result = scan_drop_folder(config)
     if result.added:
         result.emitted = emit_dataset_updated(config, result.fingerprint, len(result.added))
-        logger.info(
+        _log().info(
             "watch: %d new file(s); %s %s (incoming fingerprint %s)",
             len(result.added),
             "emitted" if result.emitted else "no Prefect server: did not emit",
@@ -172,3 +163,74 @@ def watch_flow(config: PipelineConfig) -> WatchResult:
             result.fingerprint,
         )
     return result
+
+
+@flow(name="watch", flow_run_name="watch {config.name}")
+def watch_flow(config: PipelineConfig, looks: int | None = None) -> WatchResult:
+    """Watch ``deploy.drop_dir``: every ``deploy.watch_interval`` seconds, :func:`look_and_emit`.
+
+    One long-lived flow run (``forgeline deploy`` starts it) instead of one run per look, so the run list
+    keeps showing the pipelines. It logs only when something happens, keeps going when a look fails, and
+    ends when its run is no longer Running on the server (cancelled, or replaced by a newer deploy).
+
+    Args:
+        config: The pipeline config (the deployment's default is the deployed config).
+        looks: Stop after this many looks (tests; ``None``: until cancelled).
+
+    Returns:
+        Everything its looks added, found again and rejected, the last fingerprint and whether it emitted.
+    """
+    interval = config.deploy.watch_interval or 60.0
+    total = WatchResult()
+    said: set[str] = set()  # problems already logged: a folder that stays unreadable is reported once
+    count = 0
+    log = _log()
+    log.info("watch: looking at %s every %g s", drop_dir(config), interval)
+    while True:
+        try:
+            result = look_and_emit(config)
+        except Exception as exc:  # noqa: BLE001 - one bad look must not end the watcher
+            problem = f"{type(exc).__name__}: {exc}"
+            if problem not in said:
+                said.add(problem)
+                log.warning("watch: a look failed (retried every %g s): %s", interval, problem)
+        else:
+            total.added += result.added
+            total.duplicates += result.duplicates
+            total.rejected |= result.rejected
+            if result.waiting and result.waiting != total.waiting:  # said once, not every look
+                log.info("watch: still being written, left for a later look: %s", ", ".join(result.waiting))
+            total.waiting = result.waiting
+            total.fingerprint = result.fingerprint or total.fingerprint
+            total.emitted = total.emitted or result.emitted
+        count += 1
+        if (looks is not None and count >= looks) or not _still_running():
+            return total
+        time.sleep(interval)
+
+
+def _log() -> logging.Logger | logging.LoggerAdapter:
+    """The flow run's logger in a flow run (INFO reaches the Prefect UI whatever the root level), else ours."""
+    from prefect.exceptions import MissingContextError
+    from prefect.logging import get_run_logger
+
+    try:
+        return get_run_logger()
+    except MissingContextError:
+        return logger
+
+
+def _still_running() -> bool:
+    """Whether this flow run is still Running on the server (not cancelled or replaced); unknown counts as yes."""
+    from prefect import get_client
+    from prefect.runtime import flow_run
+
+    run_id = flow_run.get_id()
+    if not run_id:
+        return True
+    try:
+        with get_client(sync_client=True) as client:
+            state = client.read_flow_run(run_id).state
+    except Exception:  # noqa: BLE001 - a server restart must not end the watcher
+        return True
+    return state is None or state.is_running()

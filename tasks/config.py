@@ -30,21 +30,35 @@ class _Strict(BaseModel):
 
 
 # --------------------------------------------------------------------------------------------- data
-class FilesSource(_Strict):
+class _Columns(_Strict):
+    """Column options shared by the table and dataset sources (JSON keys, CSV headers, Arrow fields)."""
+
+    text_column: str = Field("text", description="Column (or JSON key) holding the text in table files.")
+
+
+class FilesSource(_Columns):
     """Local files or globs: ``.txt``, ``.jsonl``/``.json``, ``.csv``, ``.parquet``."""
 
     kind: Literal["files"] = "files"
     paths: list[str] = Field(min_length=1, description="Files or glob patterns, relative to the working directory.")
-    text_column: str = Field("text", description="Column (or JSON key) holding the text in table files.")
 
 
-class DirectorySource(_Strict):
+class DirectorySource(_Columns):
     """Every supported file under a directory (recursively)."""
 
     kind: Literal["directory"] = "directory"
     path: str = Field(description="Directory to read.")
     pattern: str = Field("**/*", description="Glob of files to take inside the directory.")
-    text_column: str = Field("text", description="Column (or JSON key) holding the text in table files.")
+
+
+class HfSource(_Columns):
+    """A Hugging Face dataset: a ``save_to_disk`` folder, or a hub id (online, or in the local HF cache)."""
+
+    kind: Literal["hf"] = "hf"
+    name: str = Field(description="A folder written by datasets' save_to_disk, or a hub id such as 'user/corpus'.")
+    config: str | None = Field(None, description="Hub dataset configuration name.")
+    split: str = Field("train", description="Which split of the dataset to read.")
+    revision: str | None = Field(None, description="Hub revision (branch, tag or commit) to pin.")
 
 
 class BuiltinSource(_Strict):
@@ -55,7 +69,7 @@ class BuiltinSource(_Strict):
     max_bytes: int = Field(2_000_000, gt=0, description="Stop reading the corpus after this many bytes.")
 
 
-Source = Annotated[FilesSource | DirectorySource | BuiltinSource, Field(discriminator="kind")]
+Source = Annotated[FilesSource | DirectorySource | HfSource | BuiltinSource, Field(discriminator="kind")]
 
 
 class SplitFractions(_Strict):
@@ -117,6 +131,18 @@ class DataConfig(_Strict):
     roots: list[str] = Field(
         default_factory=list,
         description="Directories data may be read from; empty: the working directory and each source's folder.",
+    )
+    text_columns: list[str] = Field(
+        default_factory=list,
+        description="Columns joined with a newline into the text (instead of each source's text_column).",
+    )
+    label_column: str | None = Field(None, description="Column carried into the splits as 'label' (classification).")
+    prompt_column: str | None = Field(None, description="Column carried into the splits as 'prompt' (completion).")
+    completion_column: str | None = Field(
+        None, description="Column carried into the splits as 'completion' (completion)."
+    )
+    num_proc: int | None = Field(
+        None, ge=1, description="Worker processes for cleaning; null: the machine's cores (one for small inputs)."
     )
 
 
@@ -374,11 +400,27 @@ class DeployConfig(_Strict):
         "data/drop", description="Folder the `watch` deployment scans for data files dropped by other means."
     )
     watch_interval: float | None = Field(
-        60, ge=1, description="Seconds between runs of the `watch` deployment; null: no schedule."
+        60,
+        ge=1,
+        description=(
+            "Seconds between the looks of the watcher (the one long-lived flow run of the `watch` deployment "
+            "that `forgeline deploy` starts); null: no watcher."
+        ),
     )
     watch_settle: float = Field(
         2.0, ge=0, description="Seconds between the watch's two looks at a file; a file that changed is left alone."
     )
+
+    @model_validator(mode="after")
+    def _watcher_leaves_a_cpu_slot(self) -> DeployConfig:
+        # The watcher's run holds a cpu-pool slot for good: with a limit of 1 no pipeline would ever start.
+        limit = self.cpu_pool.concurrency_limit
+        if self.watch_interval and limit is not None and limit < 2:
+            raise ValueError(
+                f"deploy.cpu_pool.concurrency_limit {limit} leaves no slot beside the watcher's long-lived run: "
+                "set it to 2 or more, or deploy.watch_interval: null"
+            )
+        return self
 
     @field_validator("cpu_pool", "gpu_pool", mode="before")
     @classmethod
@@ -430,11 +472,21 @@ class PipelineConfig(_Strict):
         for key, default in _LATER_MODEL_KEYS.items():
             if payload["model"].get(key) == default:
                 payload["model"].pop(key)
+        for key, default in _LATER_DATA_KEYS.items():
+            if payload["data"].get(key) == default:
+                payload["data"].pop(key)
         blob = json.dumps(payload, sort_keys=True).encode()
         return hashlib.sha256(blob).hexdigest()[:16]
 
 
 _LATER_MODEL_KEYS = {"bias": True, "activation": "gelu_new"}
+_LATER_DATA_KEYS: dict[str, Any] = {
+    "text_columns": [],
+    "label_column": None,
+    "prompt_column": None,
+    "completion_column": None,
+    "num_proc": None,
+}
 
 
 # ------------------------------------------------------------------------------------------ loading

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
+from enum import StrEnum
 from typing import Any, NoReturn
 
 import typer
@@ -20,6 +21,18 @@ EXIT_INTERRUPTED = 130  # Ctrl-C; SIGTERM during a stage ends 143 (128 + the sig
 
 err = Console(stderr=True)
 out = Console()
+
+LOG_FORMAT = "%(asctime)s %(levelname)-7s %(message)s"
+"""Log lines where standard error is no terminal (a file, a pipe, CI): one event, one line, never wrapped."""
+
+
+class Output(StrEnum):
+    """How a listing command prints its result (``--output``)."""
+
+    TABLE = "table"  # for people: fits the terminal's width
+    CSV = "csv"  # for scripts: every column, nothing cut
+    JSON = "json"
+
 
 # Exceptions whose message already says what went wrong; others get their type name in front.
 _SELF_EXPLAINING = {"ConfigError", "DataError", "TrackingError", "CheckpointError", "NonFiniteLossError", "ValueError"}
@@ -59,12 +72,25 @@ def _drop_engine_failures(record: logging.LogRecord) -> bool:
     return not (record.levelno >= logging.ERROR and record.name.startswith(_ENGINE_LOGGERS))
 
 
+def log_handler() -> logging.Handler:
+    """Rich's columns on a terminal; elsewhere plain :data:`LOG_FORMAT` lines.
+
+    Rich wraps each message to the console's width (80 columns when standard error is a file or a pipe), which
+    splits one event over several lines of a log file or a CI log.
+    """
+    if err.is_terminal:
+        from rich.logging import RichHandler
+
+        return RichHandler(console=err, show_path=False, rich_tracebacks=False, markup=False)
+    handler = logging.StreamHandler()
+    handler.setFormatter(logging.Formatter(LOG_FORMAT, datefmt="%Y-%m-%d %H:%M:%S"))
+    return handler
+
+
 def configure_logging(verbose: bool) -> None:
     """Our log lines at INFO (DEBUG with ``verbose``) on standard error; libraries only when they fail."""
-    from rich.logging import RichHandler
-
     level = logging.DEBUG if verbose else logging.INFO
-    handler = RichHandler(console=err, show_path=False, rich_tracebacks=False, markup=False)
+    handler = log_handler()
     if not verbose:
         handler.addFilter(_drop_engine_failures)
     logging.basicConfig(level=logging.WARNING, format="%(message)s", handlers=[handler], force=True)

@@ -8,9 +8,20 @@ from typing import Annotated, Any
 import typer
 
 from forgeline.flows.cli import console, lookup
-from forgeline.flows.cli.console import EXIT_BAD_INPUT, EXIT_INTERRUPTED, fail, show
-from forgeline.flows.cli.format import duration, is_finite, num, when
-from forgeline.flows.cli.options import ConfigOpt, DataOpt, VerboseOpt, check_data, find_config
+from forgeline.flows.cli.console import EXIT_BAD_INPUT, EXIT_INTERRUPTED, Output, fail, show
+from forgeline.flows.cli.format import (
+    Column,
+    Listing,
+    emit,
+    is_finite,
+    iso,
+    local,
+    num,
+    seconds_between,
+    span,
+    to_float,
+)
+from forgeline.flows.cli.options import ConfigOpt, DataOpt, OutputOpt, VerboseOpt, check_data, find_config
 
 REPRODUCES_TAG = "forgeline.reproduces"
 
@@ -26,17 +37,24 @@ def compare(
     higher_is_better: Annotated[
         bool, typer.Option("--higher-is-better", help="Rank the largest value first (default: smallest).")
     ] = False,
+    output: OutputOpt = Output.TABLE,
     verbose: VerboseOpt = False,
 ) -> None:
-    """Table of the best pipeline runs of an experiment: key params, metrics, duration, status.
+    """The best pipeline runs of an experiment: key params, metrics, duration, status.
 
     Runs without the metric (failed, interrupted or re-used runs) come after the ranked ones.
+
+    A terminal too narrow for the table gets one block per run.
+
+    --output csv or json prints every metric, the key params and the params that differ, for scripts.
 
     Examples:
 
         forgeline compare --config configs/smoke.yaml
 
         forgeline compare --experiment forgeline-demo --top 5 --metric val/loss
+
+        forgeline compare --output csv > runs.csv
     """
     from forgeline.tasks.tracking import queries
 
@@ -52,7 +70,8 @@ def compare(
     if not runs:
         fail(f"experiment {name!r} has no pipeline runs yet; run `forgeline run` first")
     ranked = rank_runs(runs, metric, higher_is_better=higher_is_better)[:top]
-    show(compare_table(ranked, metric, title=f"{name}: best {len(ranked)} of {len(runs)} pipeline runs by {metric}"))
+    title = f"{name}: best {len(ranked)} of {len(runs)} pipeline runs by {metric}"
+    emit(output, compare_listing(ranked, metric, title=title))
 
 
 def rank_runs(runs: list[Any], metric: str, *, higher_is_better: bool = False) -> list[Any]:
@@ -64,40 +83,63 @@ def rank_runs(runs: list[Any], metric: str, *, higher_is_better: bool = False) -
     return scored + rest
 
 
-def compare_table(runs: list[Any], metric: str, *, title: str) -> Any:
-    """A rich table of pipeline runs (one row each)."""
-    from rich.table import Table
+KEY_PARAMS = {
+    "model.n_layer": "layers",
+    "model.n_embd": "width",
+    "train.max_steps": "steps",
+    "train.learning_rate": "lr",
+}
+HEADLINE = ("test/bits_per_byte", "test/loss", "val/loss")
 
-    metric_cols = list(dict.fromkeys([metric, "test/bits_per_byte", "test/loss", "val/loss"]))
-    params = [
-        ("model.n_layer", "layers"),
-        ("model.n_embd", "width"),
-        ("train.max_steps", "steps"),
-        ("train.learning_rate", "lr"),
+
+def metric_head(key: str) -> str:
+    """A short header for a metric key: ``test/bits_per_byte`` reads ``test bpb``."""
+    return key.replace("bits_per_byte", "bpb").replace("/", " ")
+
+
+def compare_listing(runs: list[Any], metric: str, *, title: str) -> Listing:
+    """Pipeline runs, one row each: the table shows the key params and headline metrics; CSV and JSON add
+    every other metric and each param whose value differs between ``runs``."""
+    shown_metrics = list(dict.fromkeys([metric, *HEADLINE]))
+    all_metrics = sorted({key for r in runs for key in r.data.metrics} - set(shown_metrics))
+    param_keys = sorted({key for r in runs for key in r.data.params} - set(KEY_PARAMS))
+    differing = [k for k in param_keys if len({r.data.params.get(k) for r in runs}) > 1]
+
+    def version_cell(row: Any) -> str:
+        reused = row["reused_version"]
+        return row["version"] or (f"{reused} (reused)" if reused else "-")
+
+    def duration_cell(row: Any) -> str:
+        return "running" if row["duration_s"] is None and row["status"] == "RUNNING" else span(row["duration_s"])
+
+    columns = [
+        Column("run_id", "run", lambda r: r["run_id"][:12]),
+        Column("started", "started", lambda r: local(r["started"])),
+        Column("status", "status"),
+        Column("duration_s", "duration", duration_cell),
+        Column("version", "version", version_cell),
+        Column("reused_version"),
+        *(Column(key, head, right=True) for key, head in KEY_PARAMS.items()),
+        *(Column(key, metric_head(key), lambda r, k=key: num(r[k]), right=True) for key in shown_metrics),
+        *(Column(key) for key in all_metrics),
+        *(Column(key) for key in differing),
     ]
-    table = Table(title=title, title_justify="left")
-    for head in ("run", "started", "status", "duration", "version"):
-        table.add_column(head, no_wrap=True)
-    for _, head in params:
-        table.add_column(head, justify="right")
-    for col in metric_cols:
-        table.add_column(col, justify="right")
+    rows = []
     for run in runs:
-        tags, data = run.data.tags, run.data
-        version = tags.get("model_version") or (
-            f"{tags['forgeline.reused_version']} (reused)" if tags.get("forgeline.reused_version") else "-"
-        )
-        cells = [
-            run.info.run_id[:12],
-            when(run.info.start_time),
-            run.info.status,
-            duration(run.info.start_time, run.info.end_time),
-            version,
-        ]
-        cells += [data.params.get(key, "-") for key, _ in params]
-        cells += [num(data.metrics.get(col)) for col in metric_cols]
-        table.add_row(*cells)
-    return table
+        info, data = run.info, run.data
+        seconds = seconds_between(info.start_time, info.end_time)
+        row: dict[str, Any] = {
+            "run_id": info.run_id,
+            "started": iso(info.start_time),
+            "status": info.status,
+            "duration_s": None if seconds is None else round(seconds, 3),
+            "version": data.tags.get("model_version"),
+            "reused_version": data.tags.get("forgeline.reused_version"),
+        }
+        row |= {key: data.params.get(key) for key in [*KEY_PARAMS, *differing]}
+        row |= {key: to_float(data.metrics.get(key)) for key in [*shown_metrics, *all_metrics]}
+        rows.append(row)
+    return Listing("runs", title, columns, rows)
 
 
 # ------------------------------------------------------------------------------------------- reproduce

@@ -4,14 +4,15 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Mapping
 from typing import Annotated, Any
 
 import typer
 
 from forgeline.flows.cli import console, lookup
-from forgeline.flows.cli.console import fail, show
-from forgeline.flows.cli.format import now, short, to_float, when, who
-from forgeline.flows.cli.options import ConfigOpt, VerboseOpt, load_if_given
+from forgeline.flows.cli.console import Output, fail, show
+from forgeline.flows.cli.format import Column, Listing, emit, iso, local, now, num, plain, short, to_float, who
+from forgeline.flows.cli.options import ConfigOpt, OutputOpt, VerboseOpt, load_if_given
 
 logger = logging.getLogger(__name__)
 
@@ -21,15 +22,20 @@ MANUAL_TAG = "forgeline.manual_promotion"
 # ---------------------------------------------------------------------------------------------- models
 def models(
     name: Annotated[str | None, typer.Argument(help="Registered model name (default: list every model).")] = None,
+    output: OutputOpt = Output.TABLE,
     verbose: VerboseOpt = False,
 ) -> None:
     """Registered models; with NAME, its versions, aliases, gate decisions and alias history.
+
+    --output json prints NAME's versions and alias history as one object; --output csv, the versions.
 
     Examples:
 
         forgeline models
 
         forgeline models forgeline-demo-lm
+
+        forgeline models forgeline-demo-lm --output json
     """
     from forgeline.tasks.tracking import queries
 
@@ -39,7 +45,7 @@ def models(
         registered = queries.registered_models()
         if not registered:
             fail("no registered models in this store yet; run `forgeline run` first")
-        show(models_table(registered))
+        emit(output, models_listing(registered))
         return
     model = queries.registered_model(name)
     if model is None:
@@ -49,75 +55,90 @@ def models(
     aliases: dict[str, list[str]] = {}
     for alias, number in (model.aliases or {}).items():
         aliases.setdefault(str(number), []).append(alias)
-    show(versions_table(name, versions, aliases))
-    show(history_table(name, versions))
+    emit(output, versions_listing(name, versions, aliases), history_listing(name, versions))
 
 
-def models_table(registered: list[Any]) -> Any:
+def models_listing(registered: list[Any]) -> Listing:
     """One row per registered model: latest version, aliases, last update."""
-    from rich.table import Table
-
-    table = Table(title="Registered models", title_justify="left")
-    for head in ("name", "latest version", "aliases", "updated"):
-        table.add_column(head)
+    columns = [
+        Column("name", "name"),
+        Column("latest_version", "latest"),
+        Column("aliases", "aliases"),
+        Column("updated", "updated", lambda r: local(r["updated"])),
+    ]
+    rows = []
     for model in sorted(registered, key=lambda m: m.name):
         latest = max((int(v.version) for v in model.latest_versions or []), default=None)
-        aliases = ", ".join(f"{a}→{v}" for a, v in sorted((model.aliases or {}).items())) or "-"
-        table.add_row(model.name, str(latest or "-"), aliases, when(model.last_updated_timestamp))
-    return table
+        rows.append(
+            {
+                "name": model.name,
+                "latest_version": latest,
+                "aliases": {a: str(v) for a, v in sorted((model.aliases or {}).items())},
+                "updated": iso(model.last_updated_timestamp),
+            }
+        )
+    return Listing("models", "Registered models", columns, rows)
 
 
-def versions_table(name: str, versions: list[Any], aliases: dict[str, list[str]]) -> Any:
+def versions_listing(name: str, versions: list[Any], aliases: dict[str, list[str]]) -> Listing:
     """One row per version of ``name``: aliases, score, data, the gate's decision, the train run."""
-    from rich.table import Table
-
     from forgeline.tasks.registry.versions import BPB_TAG, FINGERPRINT_TAG
 
-    table = Table(title=f"{name}: versions", title_justify="left")
-    for head in ("version", "created", "aliases", "test bits/byte", "data", "promoted", "decision", "train run"):
-        table.add_column(head, overflow="fold")
+    columns = [
+        Column("version", "version"),
+        Column("created", "created", lambda r: local(r["created"])),
+        Column("aliases", "aliases"),
+        Column("test_bits_per_byte", "test bpb", lambda r: num(r["test_bits_per_byte"])),
+        Column("data_fingerprint", "data", lambda r: (r["data_fingerprint"] or "-")[:12]),
+        Column("promoted", "promoted", promoted_cell),
+        Column("manual"),
+        Column("decision", "decision", lambda r: short(plain(r["decision"]), 70)),
+        Column("train_run_id", "train run", lambda r: (r["train_run_id"] or "-")[:12]),
+    ]
+    rows = []
     for v in versions:
         tags = v.tags or {}
-        promoted = tags.get("forgeline.promoted", "-")
-        if MANUAL_TAG in tags:
-            promoted += " (manual)"
-        table.add_row(
-            str(v.version),
-            when(v.creation_timestamp),
-            ", ".join(sorted(aliases.get(str(v.version), []))) or "-",
-            tags.get(BPB_TAG, "-"),
-            tags.get(FINGERPRINT_TAG, "-")[:12],
-            promoted,
-            short(tags.get("forgeline.decision", "-"), 70),
-            (tags.get("train_run_id") or v.run_id or "-")[:12],
+        rows.append(
+            {
+                "version": str(v.version),
+                "created": iso(v.creation_timestamp),
+                "aliases": sorted(aliases.get(str(v.version), [])),
+                "test_bits_per_byte": to_float(tags.get(BPB_TAG)),
+                "data_fingerprint": tags.get(FINGERPRINT_TAG),
+                "promoted": {"true": True, "false": False}.get(tags.get("forgeline.promoted", "")),
+                "manual": MANUAL_TAG in tags,
+                "decision": tags.get("forgeline.decision"),
+                "train_run_id": tags.get("train_run_id") or v.run_id,
+            }
         )
-    return table
+    return Listing("versions", f"{name}: versions", columns, rows)
 
 
-def history_table(name: str, versions: list[Any]) -> Any:
+def promoted_cell(row: Mapping[str, Any]) -> str:
+    """``true``, ``false`` or ``-``, and ``(manual)`` when a person promoted the version."""
+    text = {True: "true", False: "false"}.get(row["promoted"], "-")
+    return text + (" (manual)" if row["manual"] else "")
+
+
+def history_listing(name: str, versions: list[Any]) -> Listing:
     """The alias history of ``name``, newest first (the gate's own promotions when nothing is recorded)."""
-    from rich.table import Table
-
     from forgeline.tasks.tracking.registry_store import alias_history
 
     entries = alias_history(name)
-    table = Table(title=f"{name}: alias history (newest first)", title_justify="left")
-    for head in ("when (UTC)", "alias", "version", "previous", "how", "why"):
-        table.add_column(head, overflow="fold")
-    for e in reversed(entries):
-        table.add_row(
-            str(e.get("at", "-")),
-            str(e["alias"]),
-            str(e["version"]),
-            str(e.get("previous") or "-"),
-            str(e.get("kind", "-")),
-            short(str(e.get("reason", "")), 70),
-        )
+    columns = [
+        Column("at", "when (UTC)", lambda r: (r["at"] or "-")[:16].replace("T", " ")),
+        Column("alias", "alias"),
+        Column("version", "version"),
+        Column("previous", "previous"),
+        Column("kind", "how"),
+        Column("reason", "why", lambda r: short(plain(r["reason"]), 70)),
+    ]
+    rows = [{c.key: None if e.get(c.key) is None else str(e[c.key]) for c in columns} for e in reversed(entries)]
+    caption = ""
     if not entries:
         promoted = [str(v.version) for v in sorted(versions, key=lambda v: int(v.version)) if gate_promoted(v)]
-        note = ", ".join(promoted) or "none"
-        table.caption = f"no alias moves recorded yet; versions the gate promoted: {note}"
-    return table
+        caption = f"no alias moves recorded yet; versions the gate promoted: {', '.join(promoted) or 'none'}"
+    return Listing("alias_history", f"{name}: alias history (newest first)", columns, rows, caption)
 
 
 def gate_promoted(version: Any) -> bool:

@@ -1,7 +1,7 @@
 """Options shared by the commands, defined once, and the helpers that turn them into a config.
 
-``--config`` and ``--set`` mean the same in every command that takes them; so do ``--data``, ``--verbose`` and
-``--home``. Each is an ``Annotated`` type a command declares its parameter with.
+``--config`` and ``--set`` mean the same in every command that takes them; so do ``--data``, ``--verbose``,
+``--home`` and ``--output``. Each is an ``Annotated`` type a command declares its parameter with.
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Annotated
 
 import typer
 
-from forgeline.flows.cli.console import EXIT_BAD_INPUT, fail
+from forgeline.flows.cli.console import EXIT_BAD_INPUT, Output, fail
 
 if TYPE_CHECKING:
     from forgeline.tasks.config import PipelineConfig
@@ -39,6 +39,17 @@ VerboseOpt = Annotated[bool, typer.Option("--verbose", "-v", help="Debug logging
 HomeOpt = Annotated[
     Path | None,
     typer.Option("--home", envvar="FORGELINE_HOME", help="Stack state, logs and stores (default: ./.forgeline)."),
+]
+
+OutputOpt = Annotated[
+    Output,
+    typer.Option(
+        "--output",
+        "-o",
+        case_sensitive=False,
+        help="table: for reading, fitted to the terminal (one block per row where a table does not fit); "
+        "csv or json: every column in full, on standard output, for scripts.",
+    ),
 ]
 
 

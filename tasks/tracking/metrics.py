@@ -149,3 +149,20 @@ def _default_retry_seconds() -> float:
     except ValueError:
         logger.warning("%s=%r is not a number; using %.0f s", RETRY_SECONDS_ENV, raw, DEFAULT_RETRY_SECONDS)
         return DEFAULT_RETRY_SECONDS
+
+
+def log_metric_history(run_id: str, entries: list[tuple[int, int, dict[str, float]]], chunk: int = 1000) -> int:
+    """Log recorded per-step metrics (``(step, timestamp ms, {key: value})``) to ``run_id`` in batches.
+
+    Used to replay a checkpoint's training curve into a store that never saw it (a new or restored store).
+
+    Returns:
+        How many metric values were logged.
+    """
+    from mlflow.entities import Metric
+
+    batch = [Metric(key, float(value), ts, step) for step, ts, metrics in entries for key, value in metrics.items()]
+    c = client()
+    for start in range(0, len(batch), chunk):
+        c.log_batch(run_id, metrics=batch[start : start + chunk])
+    return len(batch)

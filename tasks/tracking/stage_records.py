@@ -12,10 +12,12 @@ import logging
 import os
 import shutil
 import tempfile
+import warnings
 from pathlib import Path
+from typing import Any
 
 from forgeline.tasks.config import DataConfig
-from forgeline.tasks.data.cleaning import CleanResult
+from forgeline.tasks.data.cleaning import CleanResult, load_split
 from forgeline.tasks.evaluate.evaluation import EvalResult
 from forgeline.tasks.registry.model_card import (
     ARTIFACT_FILE,
@@ -27,10 +29,10 @@ from forgeline.tasks.registry.model_card import (
 from forgeline.tasks.registry.versions import RegisterResult
 from forgeline.tasks.tracking.figures import cleaning_report_figure, loss_curve_figure
 from forgeline.tasks.tracking.links import ui_run_url
-from forgeline.tasks.tracking.models import log_transformers_model
+from forgeline.tasks.tracking.metrics import log_metric_history
+from forgeline.tasks.tracking.models import log_transformers_model, logged_model_status
 from forgeline.tasks.tracking.records import (
     log_artifact,
-    log_dataset_input,
     log_dict,
     log_figure,
     log_metrics,
@@ -38,7 +40,10 @@ from forgeline.tasks.tracking.records import (
     set_tags,
 )
 from forgeline.tasks.tracking.registry_store import describe_version, get_model_version
-from forgeline.tasks.tracking.store import tracking_uri
+from forgeline.tasks.tracking.runs import find_runs
+from forgeline.tasks.tracking.store import client, tracking_uri
+from forgeline.tasks.tracking.tags import RUN_NAME_TAG
+from forgeline.tasks.train.journal import JOURNAL_FILE, history_entries, read_journal
 from forgeline.tasks.train.loop import TrainResult
 
 logger = logging.getLogger(__name__)
@@ -46,24 +51,54 @@ logger = logging.getLogger(__name__)
 
 # ------------------------------------------------------------------------------------------ clean
 def record_cleaning(run_id: str, result: CleanResult) -> None:
-    """Cleaning metrics, the report artifact, and each split as an MLflow dataset input."""
+    """Cleaning metrics, the report (JSON and two MLflow tables), and each split as an MLflow dataset input."""
     set_tags(run_id, {"data_fingerprint": result.fingerprint, "forgeline.cache_hit": result.cache_hit})
     metrics = {"rows_in": result.rows_in, **{f"dropped/{k}": v for k, v in result.dropped.items()}}
     metrics |= {f"rows/{k}": v for k, v in result.rows_per_split.items()}
     metrics |= {f"bytes/{k}": v for k, v in result.bytes_per_split.items()}
     log_metrics(run_id, metrics)
     log_dict(run_id, result.model_dump(mode="json"), "cleaning_report.json")
+    for name, table in cleaning_tables(result).items():
+        client().log_table(run_id, data=table, artifact_file=name)
     log_cleaning_chart(run_id, result)
     for split, rows in result.rows_per_split.items():
         if rows:
-            log_dataset_input(
-                run_id,
-                name=f"cleaned-{split}",
-                digest=result.fingerprint,
-                source=str(Path(result.dataset_dir) / f"{split}.jsonl"),
-                context=split,
-                profile={"rows": rows, "bytes": result.bytes_per_split.get(split, 0)},
-            )
+            _log_split_input(run_id, result, split)
+
+
+def cleaning_tables(result: CleanResult) -> dict[str, Any]:
+    """The cleaning report as pandas tables: records dropped per rule, and rows and bytes per split."""
+    import pandas as pd
+
+    rules = pd.DataFrame({"rule": list(result.dropped), "records": list(result.dropped.values())})
+    rules["share_of_input"] = rules["records"] / max(result.rows_in, 1)
+    splits = pd.DataFrame(
+        {
+            "split": list(result.rows_per_split),
+            "records": list(result.rows_per_split.values()),
+            "bytes": [result.bytes_per_split.get(s, 0) for s in result.rows_per_split],
+        }
+    )
+    return {"cleaning_rules.json": rules, "cleaning_splits.json": splits}
+
+
+def _log_split_input(run_id: str, result: CleanResult, split: str) -> None:
+    """A cleaned split as a dataset input: ``mlflow.data.from_huggingface`` gives the source and schema."""
+    import mlflow.data
+    from mlflow.entities import Dataset, DatasetInput, InputTag
+
+    ds = load_split(result.dataset_dir, split)
+    folder = str(Path(result.dataset_dir) / split)
+    targets = "label" if "label" in ds.column_names else None
+    with warnings.catch_warnings():  # mlflow registers the local-file source twice and warns that it picks one
+        warnings.simplefilter("ignore", UserWarning)
+        hf = mlflow.data.from_huggingface(
+            ds, source=folder, name=f"cleaned-{split}", digest=result.fingerprint[:36], targets=targets
+        )
+        made = hf._to_mlflow_entity()
+    profile = hf.profile | {"rows": len(ds), "bytes": result.bytes_per_split.get(split, 0)}
+    entity = Dataset(made.name, made.digest, made.source_type, made.source, made.schema, json.dumps(profile))
+    client().log_inputs(run_id, datasets=[DatasetInput(entity, tags=[InputTag("mlflow.data.context", split)])])
 
 
 def log_cleaning_chart(run_id: str, result: CleanResult) -> None:
@@ -131,24 +166,85 @@ def record_training(run_id: str, result: TrainResult) -> None:
         plt.close(fig)
 
 
-def log_model_once(run_dir: Path, run_id: str, result: TrainResult, prompt: str) -> str:
-    """Log the trained model to ``run_id`` unless this run folder already logged it to this store; its URI.
+MODEL_MARKER = "logged_model.json"
 
-    The model is logged once per lineage and tracking store; a retry after a crash re-uses the logged model.
-    The same checkpoint folder may later be tracked by another store (a local run, then ``forgeline up``):
-    a model logged to the old store does not exist in the new one, so it is logged again there.
+
+def log_model(run_dir: Path, run_id: str, result: TrainResult, prompt: str) -> str:
+    """Log the trained model to ``run_id`` and remember it (store and URI) in the run folder; its URI.
+
+    The model is logged once per lineage and tracking store (:func:`reusable_model` finds it again, so a retry
+    after a crash re-uses it). The same checkpoint folder may later be tracked by another store (a local run,
+    then ``forgeline up``), or by the same URI over a new or restored database: there it is logged again.
     """
-    store = tracking_uri()
-    marker = run_dir / "logged_model.json"
-    if marker.exists():
-        logged = json.loads(marker.read_text())
-        if logged.get("tracking_uri") == store:
-            return logged["model_uri"]
     uri = log_transformers_model(run_id, result.model_dir, prompt)
+    marker = run_dir / MODEL_MARKER
     tmp = marker.with_suffix(".tmp")
-    tmp.write_text(json.dumps({"model_uri": uri, "run_id": run_id, "tracking_uri": store}))
+    tmp.write_text(json.dumps({"model_uri": uri, "run_id": run_id, "tracking_uri": tracking_uri()}))
     tmp.replace(marker)
     return uri
+
+
+def reusable_model(run_dir: Path) -> str | None:
+    """The URI of the model this run folder logged, if the store in use holds it complete (``READY``)."""
+    marker = run_dir / MODEL_MARKER
+    try:
+        logged = json.loads(marker.read_text())
+    except (OSError, ValueError):
+        return None
+    uri = str(logged.get("model_uri") or "")
+    if not uri or logged.get("tracking_uri") != tracking_uri():
+        return None
+    status = _model_status(uri)
+    if status in ("READY", None):  # None: not a logged-model URI, nothing to check
+        return uri
+    why = "not in" if status == "MISSING" else f"{status} in"
+    logger.warning(
+        "the model this checkpoint logged (%s) is %s the tracking store %s (a new, replaced or restored store?); "
+        "logging it and its training curve there again",
+        uri.removeprefix("models:/"),
+        why,
+        tracking_uri(),
+    )
+    return None
+
+
+def _model_status(uri: str) -> str | None:
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return logged_model_status(uri)
+    except MlflowException as exc:
+        # A deleted, replaced or restored store no longer knows the id the marker remembers.
+        if exc.error_code == "RESOURCE_DOES_NOT_EXIST":
+            return "MISSING"
+        raise
+
+
+def lineage_seen(experiment_id: str, lineage: str, but: str) -> bool:
+    """Whether the store holds a train run of ``lineage`` other than run ``but`` (it has seen its earlier steps)."""
+    runs = find_runs(experiment_id, {"forgeline.lineage": lineage, RUN_NAME_TAG: "train"}, max_results=2)
+    return any(run_id != but for run_id, _ in runs)
+
+
+def replay_training_curve(run_id: str, result: TrainResult, up_to: int | None = None) -> int:
+    """Log a checkpoint's per-step metrics, up to step ``up_to`` (all when ``None``), into ``run_id``.
+
+    For a store that never saw the steps: the checkpoint's journal (``metrics.jsonl``) is replayed in
+    batches, or, for a checkpoint older than the journal, its loss history at log and eval intervals.
+
+    Returns:
+        How many metric values were logged.
+    """
+    entries = read_journal(Path(result.run_dir) / JOURNAL_FILE, up_to)
+    if not entries:
+        entries = [e for e in history_entries(result.history) if up_to is None or e[0] <= up_to]
+    if not entries:
+        return 0
+    count = log_metric_history(run_id, entries)
+    last = max(step for step, _, _ in entries)
+    set_tags(run_id, {"forgeline.replayed_steps": last})
+    logger.info("logged the checkpoint's training curve (steps 1-%d, %d values) to run %s", last, count, run_id)
+    return count
 
 
 # --------------------------------------------------------------------------------------- register

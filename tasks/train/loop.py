@@ -30,7 +30,8 @@ from forgeline.tasks.train.batches import (
     resolve_device,
     sample_batch,
 )
-from forgeline.tasks.train.checkpoints import load_latest_checkpoint, save_checkpoint
+from forgeline.tasks.train.checkpoints import CheckpointError, load_latest_checkpoint, save_checkpoint
+from forgeline.tasks.train.journal import JOURNAL_FILE, MetricJournal
 from forgeline.tasks.train.schedule import get_lr, make_optimizer
 from forgeline.tasks.train.signals import stop_on_signal
 from forgeline.tasks.train.tokens import load_token_splits, prepare_tokenizer
@@ -114,9 +115,7 @@ def train_model(
     run_dir = Path(run_dir)
     done = run_dir / DONE_FILE
     if done.exists():
-        result = TrainResult.model_validate_json(done.read_text())
-        logger.info("training already complete for this config and data (%d steps): %s", result.steps, run_dir)
-        return result.model_copy(update={"already_done": True})
+        return _finished(run_dir, done)
 
     t_start = time.perf_counter()
     torch.manual_seed(seed)
@@ -178,6 +177,7 @@ def train_model(
         cb.on_start(summary)
 
     val_batches = fixed_batches(val_data, train_cfg, model_cfg.block_size, seed + 1)
+    journal = MetricJournal(run_dir / JOURNAL_FILE, state.step)
     result = _loop(
         step_fn,
         model,
@@ -192,6 +192,7 @@ def train_model(
         run_dir,
         config_hash,
         cb,
+        journal,
     )
     model_dir = run_dir / "model"
     model.save_pretrained(model_dir)
@@ -219,6 +220,19 @@ def train_model(
     return out
 
 
+def _finished(run_dir: Path, done: Path) -> TrainResult:
+    result = TrainResult.model_validate_json(done.read_text())
+    # Paths as of today: the project folder may have moved since the result was written.
+    model_dir = run_dir / "model"
+    if not (model_dir / "config.json").is_file():
+        raise CheckpointError(
+            f"{done} says training finished, but its model folder {model_dir} is missing; "
+            "run with --fresh to train again"
+        )
+    logger.info("training already complete for this config and data (%d steps): %s", result.steps, run_dir)
+    return result.model_copy(update={"already_done": True, "run_dir": str(run_dir), "model_dir": str(model_dir)})
+
+
 def _loop(
     step_fn: Any,
     model: torch.nn.Module,
@@ -233,6 +247,7 @@ def _loop(
     run_dir: Path,
     config_hash: str,
     cb: TrainCallbacks,
+    journal: MetricJournal,
 ) -> dict[str, Any]:
     tokens_per_step = cfg.batch_size * model_cfg.block_size * cfg.grad_accum_steps
     final_train = final_val = None
@@ -300,6 +315,7 @@ def _loop(
                     state.best_val, state.bad_evals = final_val, 0
                 else:
                     state.bad_evals += 1
+            journal.add(state.step, metrics)
             if cb.on_metrics:
                 cb.on_metrics(state.step, metrics)
             if "val/loss" in metrics and cb.on_eval:
@@ -309,10 +325,12 @@ def _loop(
             last = state.step == cfg.max_steps or stopped_early
             saved = state.step % cfg.checkpoint_interval == 0 or last or stop.is_set()
             if saved:
+                journal.flush()  # first: the journal must cover every step of the newest checkpoint
                 _checkpoint(model, optimizer, gen, state, run_dir, config_hash, cfg, device)
             faults.hit("train.step", step=state.step)
             if stop.is_set():
                 if not saved:
+                    journal.flush()
                     _checkpoint(model, optimizer, gen, state, run_dir, config_hash, cfg, device)
                 signum = getattr(stop, "signum", signal.SIGTERM)
                 name = "Ctrl-C" if signum == signal.SIGINT else signal.Signals(signum).name

@@ -88,8 +88,9 @@ def _check_prefect(project: Project, api: str) -> None:
         assert [(str(x.schedule.cron), x.active) for x in retrain.schedules] == [("0 3 * * 1", False)]
         assert retrain.work_pool_name == "cpu"
         watch = client.read_deployment_by_name("watch/watch")
-        assert [(x.schedule.interval.total_seconds(), x.active) for x in watch.schedules] == [(3600.0, True)]
-        assert watch.work_pool_name == "cpu"
+        assert not watch.schedules and watch.work_pool_name == "cpu"  # one long-lived run instead (issue 14.5)
+        watchers = client.read_flow_runs(deployment_filter=DeploymentFilter(name=DeploymentFilterName(any_=["watch"])))
+        assert sorted(r.state_name for r in watchers) == ["Cancelled", "Running"]  # deployed twice: replaced
         pools = {p.name: p for p in client.read_work_pools()}
         assert pools["gpu"].concurrency_limit == 2 and pools["gpu"].type == "process"
         runs = client.read_flow_runs(

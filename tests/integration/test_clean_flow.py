@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+import datasets
 import pytest
 
 pytestmark = pytest.mark.integration
@@ -126,8 +127,7 @@ def test_report_accounts_for_every_record(cleaned: dict[str, Any]) -> None:
     dataset_dir = Path(first.dataset_dir)
     assert dataset_dir.is_relative_to(project.root / "mlruns" / "cache")
     for split, rows in first.rows_per_split.items():
-        lines = (dataset_dir / f"{split}.jsonl").read_text(encoding="utf-8").splitlines()
-        assert len(lines) == rows
+        assert len(datasets.load_from_disk(str(dataset_dir / split))) == rows
 
 
 def test_second_call_is_a_cache_hit(cleaned: dict[str, Any]) -> None:
@@ -171,7 +171,8 @@ def test_splits_are_dataset_inputs_with_the_fingerprint(cleaned: dict[str, Any])
             assert len(ds_input.dataset.digest) >= 12
             assert {t.key: t.value for t in ds_input.tags}["mlflow.data.context"] == split
             assert json.loads(ds_input.dataset.profile)["rows"] == first.rows_per_split[split]
-            assert json.loads(ds_input.dataset.source)["uri"].endswith(f"{split}.jsonl")
+            assert json.loads(ds_input.dataset.source)["uri"].endswith(f"/{split}")
+            assert "text" in json.loads(ds_input.dataset.schema)["mlflow_colspec"][0]["name"]
 
 
 def test_cleaning_report_artifact(cleaned: dict[str, Any]) -> None:
@@ -185,6 +186,18 @@ def test_cleaning_report_artifact(cleaned: dict[str, Any]) -> None:
     assert report["rows_in"] == expected["rows_in"]
     assert report["rows_per_split"] == first.rows_per_split
     assert report["dropped"] == first.dropped
+
+
+def test_cleaning_report_tables_are_mlflow_tables(cleaned: dict[str, Any]) -> None:
+    first, project = cleaned["first"], cleaned["project"]
+    client = project.client()
+    run_id = cleaned["runs"][0].info.run_id
+    assert {"cleaning_rules.json", "cleaning_splits.json"} <= {a.path for a in client.list_artifacts(run_id)}
+    rules = json.loads(Path(client.download_artifacts(run_id, "cleaning_rules.json", str(project.root))).read_text())
+    assert rules["columns"] == ["rule", "records", "share_of_input"]
+    assert {row[0]: row[1] for row in rules["data"]} == first.dropped
+    splits = client.download_artifacts(run_id, "cleaning_splits.json", str(project.root))
+    assert {row[0]: row[1] for row in json.loads(Path(splits).read_text())["data"]} == first.rows_per_split
 
 
 def test_prefect_table_artifact(cleaned: dict[str, Any]) -> None:

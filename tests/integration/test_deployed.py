@@ -205,7 +205,8 @@ def test_prefect_deploy_all_makes_the_same_deployments(project: Project, prefect
     names = list(DEPLOYMENTS)
     deploy_all(load_config(ROOT / "configs" / "default.yaml"), source=ROOT)
     ours = _deployments(names)
-    assert ours["watch"]["concurrency"] == (1, "CANCEL_NEW") and len(ours["watch"]["schedules"]) == 1
+    assert ours["watch"]["concurrency"] == (1, "CANCEL_NEW") and not ours["watch"]["schedules"]
+    assert len(ours["watch"]["triggers"]) == 1 and "prefect.flow-run.Crashed" in ours["watch"]["triggers"][0][1]
     assert ours["retrain"]["concurrency"][0] == 1
     assert len(ours["retrain"]["triggers"]) == 1 and "event.payload.fingerprint" in ours["retrain"]["triggers"][0][2]
     assert str(ROOT) in str(ours["pipeline"]["pull_steps"])  # workers run the flows in the project folder

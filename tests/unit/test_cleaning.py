@@ -1,4 +1,4 @@
-"""Unit tests for the data-cleaning stage (tasks/cleaning.py): rules, readers, splits, cache, bad input."""
+"""Unit tests for the data-cleaning stage (tasks/data/): rules, readers, splits, cache, bad input."""
 
 from __future__ import annotations
 
@@ -10,14 +10,15 @@ import re
 import subprocess
 import sys
 import tracemalloc
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 
 from forgeline.tasks.config import BuiltinSource, CleaningConfig, DataConfig, DirectorySource, FilesSource
-from forgeline.tasks.data import cleaning
+from forgeline.tasks.data import cleaning, loading, store
 from forgeline.tasks.data.cleaning import (
     CleanResult,
     DataError,
@@ -25,6 +26,7 @@ from forgeline.tasks.data.cleaning import (
     clean_text,
     drop_reason,
     iter_split,
+    load_split,
     read_split_text,
     report_rows,
     resolve_data_override,
@@ -388,14 +390,14 @@ def test_bad_input(tmp_path: Path, make: Callable[[Path], str], pattern: str) ->
 
 
 def test_huge_line_fails_with_line_number(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(cleaning, "MAX_LINE_BYTES", 100)
+    monkeypatch.setattr(loading, "MAX_LINE_BYTES", 100)
     (tmp_path / "big.txt").write_text("short line\n" + "x" * 500 + "\n")
     with pytest.raises(DataError, match=r"big\.txt:2: line longer than 100 bytes \(at byte 11\)"):
         clean_dataset(data_cfg("big.txt"), base_dir=tmp_path)
 
 
 def test_huge_record_fails(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(cleaning, "MAX_RECORD_CHARS", 50)
+    monkeypatch.setattr(loading, "MAX_RECORD_CHARS", 50)
     (tmp_path / "big.txt").write_text("line of text\n" * 10)
     with pytest.raises(DataError, match=r"big\.txt:\d+: record longer than 50 characters"):
         clean_dataset(data_cfg("big.txt", record="file"), base_dir=tmp_path)
@@ -502,13 +504,12 @@ def test_hash_split_has_no_overlap_and_empty_test_file(tmp_path: Path) -> None:
     fractions = {"train": 0.8, "validation": 0.2, "test": 0.0}
     result = clean_dataset(data_cfg("d.txt", fractions=fractions, cleaning={"dedup": False}), base_dir=tmp_path)
     parts = splits_of(result)
-    assert parts["test"] == [] and (Path(result.dataset_dir) / "test.jsonl").read_bytes() == b""
+    assert parts["test"] == [] and len(load_split(result.dataset_dir, "test")) == 0
     assert not set(parts["train"]) & set(parts["validation"])
     assert sum(result.rows_per_split.values()) == len(PROSE) * 3
 
 
 def test_tail_split_exact_nanogpt(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(cleaning, "TAIL_CHUNK_CHARS", 7)  # written in many pieces, stored as one record
     line = 'But soft, "what" light \\ yonder window breaks? ü👍'
     text = "".join(f"ROMEO {i}:\n{line}\n\n" for i in range(40))
     (tmp_path / "input.txt").write_text(text)
@@ -559,7 +560,7 @@ def test_cache_hit_skips_cleaning(tmp_path: Path, monkeypatch: pytest.MonkeyPatc
     original = cleaning._clean_and_store
     monkeypatch.setattr(cleaning, "_clean_and_store", lambda *a: calls.append(1) or original(*a))
     first = clean_dataset(data_cfg("d.txt"), base_dir=tmp_path)
-    train = Path(first.dataset_dir) / "train.jsonl"
+    train = next((Path(first.dataset_dir) / "train").glob("*.arrow"))
     mtime = train.stat().st_mtime_ns
     second = clean_dataset(data_cfg("d.txt"), base_dir=tmp_path)
     assert (first.cache_hit, second.cache_hit, len(calls)) == (False, True, 1)
@@ -683,65 +684,64 @@ def _skewed_texts(n: int, seed: int) -> list[str]:
     return [pool[0] if rng.random() < 0.2 else rng.choice(pool) for _ in range(n)]
 
 
+def _digests(texts: list[str]) -> Any:
+    """A dataset of the texts' digest columns, as the cleaning map writes them."""
+    import datasets
+    import pyarrow as pa
+
+    blob = b"".join(hashlib.blake2b(t.encode(), digest_size=16).digest() for t in texts)
+    pairs = np.frombuffer(blob, dtype=">u8").reshape(-1, 2).astype(np.uint64)
+    return datasets.Dataset(pa.table({"hi": pairs[:, 0], "lo": pairs[:, 1]}))
+
+
 EXACT_SHAPES = {
     "in memory": {},
-    "spill after 500 bytes, one chunk": {"memory_bytes": 500},
-    "chunks, buckets, windows": {"chunk": 16, "bits": 2, "window": 8, "memory_bytes": 500},
-    "buckets split again": {"chunk": 16, "bits": 2, "bucket_cap": 8, "window": 16, "memory_bytes": 500},
-    "no bits left to split": {"chunk": 16, "bits": 32, "bucket_cap": 1, "window": 32},
+    "chunks and buckets": {"CHUNK": 16, "BUCKET": 8},
+    "one bucket": {"CHUNK": 16, "BUCKET": 10_000},
 }
 
 
 @pytest.mark.parametrize("shape", list(EXACT_SHAPES), ids=list(EXACT_SHAPES))
 def test_exact_duplicates_match_one_pass_set(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, shape: str) -> None:
-    monkeypatch.setattr(cleaning, "_REPLAY_BLOCK", 64)  # blocks of a few records, and records longer than one
+    for name, value in EXACT_SHAPES[shape].items():
+        monkeypatch.setattr(store, name, value)
     texts = _skewed_texts(600, seed=len(shape))
-    work = tmp_path / "work"
-    exact = cleaning._ExactDuplicates(work, **EXACT_SHAPES[shape])
-    kept = list(exact.filter(iter(texts)))
-    assert kept == _first_seen(texts)
-    assert exact.dropped == len(texts) - len(kept) > 100
-    assert not work.exists()  # spill, bucket and window files are gone
+    keep = np.array([i % 7 != 3 for i in range(len(texts))])  # records a content rule dropped take no part
+    dup = store.later_duplicates(_digests(texts), keep, tmp_path)
+    kept = [t for t, k, d in zip(texts, keep, dup, strict=True) if k and not d]
+    assert kept == _first_seen([t for t, k in zip(texts, keep, strict=True) if k])
+    assert not (dup & ~keep).any() and int(dup.sum()) > 100
+    assert not list((tmp_path / "buckets").glob("*")) if (tmp_path / "buckets").exists() else True
 
 
-def test_exact_duplicates_empty_and_all_same(tmp_path: Path) -> None:
-    assert list(cleaning._ExactDuplicates(tmp_path / "a", chunk=4).filter([])) == []
-    same = cleaning._ExactDuplicates(tmp_path / "b", chunk=4, bits=1, bucket_cap=2, window=4, memory_bytes=10)
-    assert list(same.filter(["one and the same"] * 50)) == ["one and the same"]
-    assert same.dropped == 49
+def test_exact_duplicates_all_same(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(store, "CHUNK", 4)
+    monkeypatch.setattr(store, "BUCKET", 2)
+    dup = store.later_duplicates(_digests(["one and the same"] * 50), np.ones(50, dtype=bool), tmp_path)
+    assert dup.tolist() == [False] + [True] * 49
 
 
-def test_exact_duplicates_past_the_budget_hold_a_small_part_of_the_text(tmp_path: Path) -> None:
-    """~8 MB of records through a 100-byte budget: memory stays far below the text's size, decisions unchanged."""
+def test_exact_duplicates_in_chunks_hold_a_small_part_of_the_digests(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Past one chunk, memory is a chunk and a bucket (plus a byte per record), not every digest at once."""
+    texts = [f"{i % 300_000:07d}" for i in range(400_000)]
+    ds, keep = _digests(texts), np.ones(len(texts), dtype=bool)
 
-    def records(n: int) -> Iterator[str]:  # generated, so only the filter can hold them
-        for i in range(n):
-            yield f"{i:06d} " + "x" * 4000
-            if i % 10 == 5:
-                yield f"{i - 5:06d} " + "x" * 4000  # a copy of an earlier record
-
-    def peak_bytes(memory_bytes: int) -> tuple[int, str, int]:
-        shape = {"chunk": 8, "bits": 2, "window": 8, "memory_bytes": memory_bytes}
-        list(cleaning._ExactDuplicates(tmp_path / f"warm-{memory_bytes}", **shape).filter(records(20)))  # imports
-        exact = cleaning._ExactDuplicates(tmp_path / f"w-{memory_bytes}", **shape)
-        kept = hashlib.sha256()
+    def peak(chunk: int, bucket: int) -> tuple[int, int]:
+        monkeypatch.setattr(store, "CHUNK", chunk)
+        monkeypatch.setattr(store, "BUCKET", bucket)
         tracemalloc.start()
         try:
-            for text in exact.filter(records(2000)):
-                kept.update(text.encode() + b"\0")
-            peak = tracemalloc.get_traced_memory()[1]
+            dup = store.later_duplicates(ds, keep, tmp_path / f"w{chunk}")
+            return tracemalloc.get_traced_memory()[1], int(dup.sum())
         finally:
             tracemalloc.stop()
-        return peak, kept.hexdigest(), exact.dropped
 
-    first_seen = hashlib.sha256(b"".join(t.encode() + b"\0" for t in _first_seen(list(records(2000)))))
-    text_bytes = 2000 * 4007
-    spilled, spilled_kept, spilled_dropped = peak_bytes(100)
-    in_memory, in_memory_kept, in_memory_dropped = peak_bytes(64 * 2**20)
-    assert spilled_kept == in_memory_kept == first_seen.hexdigest()
-    assert spilled_dropped == in_memory_dropped == 200
-    assert in_memory > text_bytes  # under the budget the kept records wait in memory: the measure sees them
-    assert spilled < text_bytes / 20
+    whole, whole_dups = peak(2**20, 2**18)
+    chunked, chunked_dups = peak(2**12, 2**10)
+    assert whole_dups == chunked_dups == 100_000
+    assert chunked < whole / 3, (chunked, whole)
 
 
 @pytest.mark.parametrize("split", ["hash", "tail"])
@@ -750,11 +750,8 @@ def test_disk_dedup_gives_the_same_dataset(tmp_path: Path, monkeypatch: pytest.M
     (tmp_path / "d.txt").write_text("\n".join(lines) + "\n", encoding="utf-8")
     in_memory = clean_dataset(data_cfg("d.txt", split=split), base_dir=tmp_path)
 
-    class Tiny(cleaning._ExactDuplicates):
-        def __init__(self, workdir: Path) -> None:
-            super().__init__(workdir, chunk=16, bits=2, bucket_cap=8, window=32, memory_bytes=200)
-
-    monkeypatch.setattr(cleaning, "_ExactDuplicates", Tiny)
+    monkeypatch.setattr(store, "CHUNK", 16)  # digests through bucket files on disk
+    monkeypatch.setattr(store, "BUCKET", 8)
     cfg = data_cfg("d.txt", split=split)
     on_disk = clean_dataset(cfg.model_copy(update={"cache_dir": "cache2"}), base_dir=tmp_path)
     assert on_disk.fingerprint == in_memory.fingerprint
@@ -763,3 +760,33 @@ def test_disk_dedup_gives_the_same_dataset(tmp_path: Path, monkeypatch: pytest.M
     assert sorted(p.name for p in Path(on_disk.dataset_dir).iterdir()) == sorted(
         p.name for p in Path(in_memory.dataset_dir).iterdir()
     )  # no spill files left behind
+
+
+def test_batched_rules_agree_with_drop_reason() -> None:
+    """The cleaning map counts the non-text share with Arrow for ASCII records: the same decisions."""
+    import pyarrow as pa
+
+    from forgeline.tasks.data.rules import RULES, clean_batch
+
+    rng = random.Random(3)
+    alphabet = "ab Z9_#.\t\x0b\x0c\x1c\x1f\x07\x00\x7fé\u0301١ \r\n\n  "
+    cases = [c[1] for c in CLEAN_CASES + DROP_CASES if c[0] != "lone surrogate dropped"]  # Arrow holds UTF-8
+    texts = cases + ["".join(rng.choices(alphabet, k=12)) for _ in range(400)]
+    overrides_list = [{}, {"strip_control": False}, {"normalize_whitespace": False, "min_chars": 3, "max_chars": 10}]
+    for overrides in overrides_list:
+        cfg = CleaningConfig(**overrides)
+        table = pa.table({"_t0": texts})
+        out = clean_batch(table, cfg.model_dump(), paragraph=False, fractions=(0.8, 0.1, 0.1)).to_pydict()
+        expected = [drop_reason(clean_text(t, cfg), cfg) for t in texts]
+        assert [None if r == 0 else RULES[r - 1] for r in out["rule"]] == expected
+        assert [t for t, e in zip(out["text"], expected, strict=True) if e is None] == [
+            clean_text(t, cfg) for t, e in zip(texts, expected, strict=True) if e is None
+        ]
+
+
+def test_builder_failure_logs_nothing_but_our_error(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """The json builder logs its own failure at ERROR; the CLI must print one line (RELIABILITY F3)."""
+    (tmp_path / "rows.jsonl").write_text('{"text": "one good record here"}\n{"text": oops}\n')
+    with pytest.raises(DataError, match=r"rows\.jsonl:2: invalid JSON"):
+        clean_dataset(data_cfg("rows.jsonl"), base_dir=tmp_path)
+    assert not [r for r in caplog.records if r.name.startswith("datasets") and r.levelno >= 40]

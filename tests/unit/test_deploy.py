@@ -36,8 +36,9 @@ def test_prefect_yaml_reads_as_prefect_deploy_reads_it() -> None:
         "watch": "cpu",
     }
     assert model.pull is None and all(d.pull is None for d in model.deployments)  # prefect deploy adds the cwd
-    (interval,) = [RawScheduleConfig.model_validate(s) for s in by_name["watch"].schedules]
-    assert interval.interval == timedelta(seconds=60) and interval.active is True
+    assert not by_name["watch"].schedules  # one long-lived run, not one run per interval (issue 14.5)
+    (restart,) = _initialize_deployment_triggers("watch/watch", by_name["watch"].triggers)
+    assert restart.expect == {"prefect.flow-run.Crashed"} and restart.schedule_after == timedelta(seconds=60)
     (cron,) = [RawScheduleConfig.model_validate(s) for s in by_name["retrain"].schedules]
     assert cron.cron == "0 3 * * 1" and cron.active is False
     (trigger,) = _initialize_deployment_triggers("retrain/retrain", by_name["retrain"].triggers)
@@ -56,17 +57,37 @@ def test_specs_follow_the_config() -> None:
     specs = {s["name"]: s for s in deploy.deployment_specs(cfg)}
     assert list(specs) == ["pipeline", "train", "tune", "retrain", "watch"]
     assert specs["train"]["work_pool"] == specs["tune"]["work_pool"] == {"name": "a100"}
-    assert specs["watch"]["schedules"][0]["interval"] == 15
     assert "schedules" not in specs["retrain"]
-    options = deploy._deploy_options(specs["watch"])
-    (schedule,) = options["schedules"]
-    assert schedule.interval == timedelta(seconds=15) and schedule.active is True
-    assert str(schedule.anchor_date.date()) == deploy.INTERVAL_ANCHOR[:10]
-    assert options["concurrency_limit"].limit == 1
-    assert options["concurrency_limit"].collision_strategy.value == "CANCEL_NEW"
     assert deploy._deploy_options(specs["retrain"])["concurrency_limit"] == 1
     no_watch = load_config(ROOT / "configs" / "smoke.yaml", ["deploy.watch_interval=null"])
-    assert "schedules" not in {s["name"]: s for s in deploy.deployment_specs(no_watch)}["watch"]
+    assert "triggers" not in {s["name"]: s for s in deploy.deployment_specs(no_watch)}["watch"]
+
+
+def test_watch_deployment_creates_no_run_per_interval() -> None:
+    """Issue 14.5: an interval schedule on `watch` left a run a minute (1,440 a day) in the Prefect run list."""
+    cfg = load_config(ROOT / "configs" / "smoke.yaml", ["deploy.watch_interval=15"])
+    watch = {s["name"]: s for s in deploy.deployment_specs(cfg)}["watch"]
+    assert "schedules" not in watch and watch["parameters"]["config"]["deploy"]["watch_interval"] == 15
+    options = deploy._deploy_options(watch)
+    assert "schedules" not in options  # nothing creates runs on a clock
+    assert options["concurrency_limit"].limit == 1
+    assert options["concurrency_limit"].collision_strategy.value == "CANCEL_NEW"  # a second start is cancelled
+    (restart,) = options["triggers"]  # a crashed watcher comes back, a cancelled one does not
+    assert restart.expect == {"prefect.flow-run.Crashed"}
+    assert restart.match_related.model_dump() == {
+        "prefect.resource.role": "deployment",
+        "prefect.resource.name": "watch",
+    }
+    assert restart.schedule_after == timedelta(seconds=deploy.WATCH_RESTART_DELAY) and restart.parameters is None
+
+
+def test_watcher_needs_a_cpu_slot_of_its_own() -> None:
+    from forgeline.tasks.config import ConfigError
+
+    with pytest.raises(ConfigError, match="leaves no slot beside the watcher"):
+        load_config(ROOT / "configs" / "smoke.yaml", ["deploy.cpu_pool.concurrency_limit=1"])
+    off = ["deploy.cpu_pool.concurrency_limit=1", "deploy.watch_interval=null"]
+    assert load_config(ROOT / "configs" / "smoke.yaml", off).deploy.cpu_pool.concurrency_limit == 1
 
 
 @pytest.mark.parametrize("path", sorted((ROOT / "configs").glob("*.yaml")), ids=lambda p: p.name)

@@ -1,0 +1,235 @@
+"""After the cleaning ``map``: exact and near de-duplication, the two split methods, the fingerprint, the cache.
+
+The cleaned dataset lives in memory-mapped Arrow files, so the passes here read its small columns
+(``rule``, ``split``, digests, lengths) a chunk at a time; per record they keep a byte or two of masks.
+
+Storage: ``<cache_dir>/datasets/<fingerprint>/`` is a ``DatasetDict.save_to_disk`` folder (``train``,
+``validation``, ``test``: ``datasets.load_from_disk`` opens it) plus ``report.json``, written in a temporary
+folder and renamed into place. ``<cache_dir>/index/<input_key>.json`` maps the inputs (config plus each
+file's content hash) to the fingerprint, so a re-run on unchanged inputs reads nothing but the index.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import re
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from forgeline.tasks.config import SplitFractions
+from forgeline.tasks.data.paths import DataError
+
+logger = logging.getLogger(__name__)
+
+SPLITS = ("train", "validation", "test")
+CHUNK = 2**20
+"""Records per chunk when a pass reads a column of the cleaned dataset."""
+BUCKET = 2**18
+"""Exact dedup sorts digests in buckets of about this many entries (past one chunk of records)."""
+_ENTRY = [("hi", "<u8"), ("lo", "<u8"), ("seq", "<i8")]
+_HEX64 = re.compile(r"^[0-9a-f]{64}$")
+
+
+def column(ds: Any, name: str, start: int = 0, stop: int | None = None) -> np.ndarray:
+    """Rows ``[start, stop)`` of one column of a dataset without an indices mapping, as numpy."""
+    return ds.data.column(name).slice(start, (stop or len(ds)) - start).to_numpy()
+
+
+# ---------------------------------------------------------------------------------------- dedup
+def later_duplicates(ds: Any, keep: np.ndarray, workdir: Path) -> np.ndarray:
+    """Mask of kept records whose text digest (``hi``, ``lo``) equals an earlier kept record's.
+
+    Up to ``CHUNK`` records sort in memory. Past that, each chunk's digests go to bucket files chosen by
+    their leading bits (about ``BUCKET`` entries each, order kept), and each bucket is sorted alone: the
+    one-pass set's decisions in memory bounded by a chunk and a bucket.
+    """
+    dup = np.zeros(len(keep), dtype=bool)
+    if len(keep) <= CHUNK:
+        seq = np.flatnonzero(keep)
+        dup[seq[_later(column(ds, "hi")[seq], column(ds, "lo")[seq])]] = True
+        return dup
+    bits = max(1, int(np.ceil(np.log2(len(keep) / BUCKET))))
+    folder = workdir / "buckets"
+    folder.mkdir(parents=True, exist_ok=True)
+    for start in range(0, len(keep), CHUNK):
+        stop = min(start + CHUNK, len(keep))
+        local = np.flatnonzero(keep[start:stop])
+        entries = np.empty(len(local), dtype=_ENTRY)
+        entries["hi"], entries["lo"] = column(ds, "hi", start, stop)[local], column(ds, "lo", start, stop)[local]
+        entries["seq"] = start + local
+        bucket = entries["hi"] >> np.uint64(64 - bits)
+        order = np.argsort(bucket, kind="stable")
+        ids, firsts = np.unique(bucket[order], return_index=True)
+        for b, part in zip(ids, np.split(entries[order], firsts[1:]), strict=True):
+            with (folder / f"{int(b):06d}").open("ab") as handle:
+                part.tofile(handle)
+    for path in sorted(folder.iterdir()):
+        entries = np.fromfile(path, dtype=_ENTRY)
+        dup[entries["seq"][_later(entries["hi"], entries["lo"])]] = True
+        path.unlink()
+    return dup
+
+
+def _later(hi: np.ndarray, lo: np.ndarray) -> np.ndarray:
+    """True where (hi, lo) equals an earlier entry's (a stable sort keeps the earlier copy first)."""
+    order = np.lexsort((lo, hi))
+    h, low = hi[order], lo[order]
+    same = np.zeros(len(order), dtype=bool)
+    same[1:] = (h[1:] == h[:-1]) & (low[1:] == low[:-1])
+    later = np.zeros(len(order), dtype=bool)
+    later[order] = same
+    return later
+
+
+def near_duplicates(ds: Any, keep: np.ndarray, threshold: float) -> np.ndarray:
+    """Mask of kept records that MinHash LSH finds near an earlier kept record (sequential, in order)."""
+    from forgeline.tasks.data.rules import NearDuplicates
+
+    index = NearDuplicates(threshold)
+    near = np.zeros(len(keep), dtype=bool)
+    for start in range(0, len(keep), CHUNK):
+        local = np.flatnonzero(keep[start : start + CHUNK])
+        texts = ds.data.column("text").slice(start, len(keep[start : start + CHUNK])).take(local).to_pylist()
+        for i, text in zip(local, texts, strict=True):
+            near[start + i] = index.seen(text)
+    return near
+
+
+# --------------------------------------------------------------------------------------- splits
+def hash_splits(ds: Any, keep: np.ndarray, workdir: Path, extras: list[str]) -> tuple[dict[str, Any], str]:
+    """Each kept record in the split its content hash picked (the ``split`` column); plus their digest."""
+    dest = np.where(keep, column(ds, "split"), -1).astype(np.int8)
+    parts, digest = {}, hashlib.sha256()
+    for code, split in enumerate(SPLITS):
+        chosen = np.flatnonzero(dest == code)
+        parts[split] = ds.select(chosen, indices_cache_file_name=str(workdir / f"indices-{split}.arrow"))
+        parts[split] = parts[split].select_columns(["text", *extras])
+        del chosen
+        streams = [hashlib.sha256() for _ in range(2 + len(extras))]  # one per column: chunking cannot matter
+        for start in range(0, len(dest), CHUNK):  # record digests (and carried values) in stored order
+            stop = min(start + CHUNK, len(dest))
+            chosen = np.flatnonzero(dest[start:stop] == code)
+            streams[0].update(column(ds, "hi", start, stop)[chosen].tobytes())
+            streams[1].update(column(ds, "lo", start, stop)[chosen].tobytes())
+            for stream, name in zip(streams[2:], extras, strict=True):
+                for value in ds.data.column(name).slice(start, stop - start).take(chosen).to_pylist():
+                    stream.update(json.dumps(value).encode() + b"\n")
+        digest.update(f"{split}:{int((dest == code).sum())}:{[s.hexdigest() for s in streams]}\n".encode())
+    return parts, digest.hexdigest()
+
+
+def tail_splits(ds: Any, keep: np.ndarray, fractions: SplitFractions, workdir: Path, check_leaks: bool) -> Any:
+    """nanoGPT split: kept records joined with "\\n", cut by character count into one record per split."""
+    import datasets
+
+    seq = np.flatnonzero(keep)
+    chars = column(ds, "chars")[seq]
+    starts = np.concatenate(([0], np.cumsum(chars[:-1] + 1)))
+    n = int(starts[-1] + chars[-1])
+    train_end = int(n * fractions.train)
+    val_end = n if fractions.test == 0 else int(n * (fractions.train + fractions.validation))
+    if check_leaks:  # with exact dedup on, no record can be in two splits
+        _check_leakage(column(ds, "hi")[seq], starts, starts + chars, train_end, val_end)
+    stream = workdir / "stream.txt"
+    cuts = {0: 0, train_end: 0, val_end: 0, n: 0}  # character offset -> byte offset
+    with stream.open("wb") as handle:
+        done = 0
+        for first in range(0, len(seq), CHUNK):
+            texts = ds.data.column("text").take(seq[first : first + CHUNK]).to_pylist()
+            piece = ("\n" if first else "") + "\n".join(texts)
+            for c in cuts:
+                if done <= c <= done + len(piece):
+                    cuts[c] = handle.tell() + len(piece[: c - done].encode("utf-8"))
+            handle.write(piece.encode("utf-8"))
+            done += len(piece)
+    features = datasets.Features({"text": datasets.Value("large_string")})
+    parts = {}
+    with stream.open("rb") as handle:
+        for split, (a, b) in zip(SPLITS, [(0, train_end), (train_end, val_end), (val_end, n)], strict=True):
+            handle.seek(cuts[a])
+            text = handle.read(cuts[b] - cuts[a]).decode("utf-8")
+            parts[split] = datasets.Dataset.from_dict({"text": [text] if text else []}, features=features)
+    stream.unlink()
+    return parts
+
+
+def _check_leakage(hi: np.ndarray, starts: np.ndarray, ends: np.ndarray, train_end: int, val_end: int) -> None:
+    """Fail if a record lying wholly in validation/test also lies wholly in train (tail split, no dedup)."""
+    leaked = (starts >= train_end) & np.isin(hi, hi[ends <= train_end])
+    leaks = {"validation": int((leaked & (ends <= val_end)).sum()), "test": int((leaked & (ends > val_end)).sum())}
+    found = [f"{k} records appear in both train and {split}" for split, k in leaks.items() if k]
+    if found:
+        raise DataError(f"leakage: {'; '.join(found)}; enable data.cleaning.dedup or remove the duplicates")
+
+
+def split_digest(parts: dict[str, Any]) -> str:
+    """Digest of the tail splits' text (each split is one record)."""
+    digest = hashlib.sha256()
+    for split in SPLITS:
+        texts = parts[split]["text"]
+        digest.update(f"{split}:{hashlib.sha256((texts[0] if texts else '').encode()).hexdigest()}\n".encode())
+    return digest.hexdigest()
+
+
+# ---------------------------------------------------------------------------------------- cache
+def sha256_tree(folder: Path) -> str:
+    """Content hash of every file under a folder (relative names and bytes)."""
+    digest = hashlib.sha256()
+    for path in sorted(p for p in folder.rglob("*") if p.is_file()):
+        digest.update(path.relative_to(folder).as_posix().encode() + b"\0")
+        with path.open("rb") as handle:
+            while block := handle.read(2**20):
+                digest.update(block)
+    return digest.hexdigest()
+
+
+def lookup(cache_dir: Path, key: str) -> dict[str, Any] | None:
+    """The stored report for an input key, or ``None`` (a broken index or folder is ignored)."""
+    index = cache_dir / "index" / f"{key}.json"
+    if not index.is_file():
+        return None
+    try:
+        fingerprint = json.loads(index.read_text(encoding="utf-8"))["fingerprint"]
+        if not isinstance(fingerprint, str) or not _HEX64.match(fingerprint):
+            raise ValueError("bad fingerprint")
+        folder = cache_dir / "datasets" / fingerprint
+        report = json.loads((folder / "report.json").read_text(encoding="utf-8"))
+        if not all((folder / s / "dataset_info.json").is_file() for s in SPLITS):
+            raise ValueError("split folder missing")
+        return report | {"dataset_dir": str(folder)}
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        logger.warning("ignoring cache index %s (%s); cleaning again", index, exc)
+        return None
+
+
+def write_index(cache_dir: Path, key: str, fingerprint: str) -> None:
+    """Point the input key at a stored dataset (atomic rename)."""
+    folder = cache_dir / "index"
+    folder.mkdir(parents=True, exist_ok=True)
+    tmp = folder / f".{key}.{os.getpid()}.tmp"
+    tmp.write_text(json.dumps({"fingerprint": fingerprint}), encoding="utf-8")
+    os.replace(tmp, folder / f"{key}.json")
+
+
+def publish(tmp: Path, final: Path) -> None:
+    """Rename the finished folder into place; identical content already stored (by anyone) wins."""
+    if (final / "report.json").is_file():
+        logger.info("dataset %s already stored; reusing it", final.name[:12])
+        shutil.rmtree(tmp)
+        return
+    if final.exists():  # an incomplete folder nobody can be using: never written by this module
+        stale = final.with_name(f".stale-{final.name}-{os.getpid()}")
+        os.rename(final, stale)
+        shutil.rmtree(stale, ignore_errors=True)
+    try:
+        os.rename(tmp, final)
+    except OSError:
+        if not (final / "report.json").is_file():
+            raise
+        shutil.rmtree(tmp)  # a concurrent run stored the same content first

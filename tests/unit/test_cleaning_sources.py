@@ -1,0 +1,128 @@
+"""The data stage's ``datasets`` side: column options, ``kind: hf`` sources, worker processes, Arrow splits."""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+import datasets
+import pytest
+
+from forgeline.tasks.config import DataConfig, FilesSource, HfSource
+from forgeline.tasks.data import cleaning
+from forgeline.tasks.data.cleaning import DataError, clean_dataset, iter_split, load_split
+
+REVIEWS = [
+    (f"Review {i} of the {w} was {m}.", f"Details: the {w} {m} again.", i % 3)
+    for i, (w, m) in enumerate(
+        [("kettle", "fine"), ("lamp", "bright"), ("chair", "sturdy"), ("desk", "wobbly"), ("clock", "late")] * 12
+    )
+]
+
+
+def _labeled_csv(path: Path) -> None:
+    with path.open("w", newline="", encoding="utf-8") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["title", "body", "stars"])
+        writer.writerows(REVIEWS)
+        writer.writerow(REVIEWS[0])  # an exact duplicate row
+
+
+def _cfg(*sources: object, **kwargs: object) -> DataConfig:
+    kwargs.setdefault("fractions", {"train": 0.6, "validation": 0.3, "test": 0.1})
+    kwargs.setdefault("cache_dir", "cache")
+    return DataConfig(sources=list(sources), record="line", **kwargs)
+
+
+def test_text_columns_joined_and_label_carried_into_the_splits(tmp_path: Path) -> None:
+    _labeled_csv(tmp_path / "reviews.csv")
+    cfg = _cfg(FilesSource(paths=["reviews.csv"]), text_columns=["title", "body"], label_column="stars")
+    result = clean_dataset(cfg, base_dir=tmp_path)
+    assert result.columns == ["text", "label"]
+    assert result.rows_in == len(REVIEWS) + 1 and result.dropped["duplicate"] == 1
+    rows = [row for split in ("train", "validation", "test") for row in load_split(result.dataset_dir, split)]
+    expected = {f"{title}\n{body}": str(stars) for title, body, stars in REVIEWS}  # CSV fields stay strings
+    assert {row["text"]: row["label"] for row in rows} == expected
+    blob = (tmp_path / "reviews.csv").read_bytes()
+    (tmp_path / "reviews.csv").write_bytes(blob.replace(b",2\r\n", b",9\r\n"))
+    relabeled = clean_dataset(cfg, base_dir=tmp_path)
+    assert relabeled.rows_per_split == result.rows_per_split
+    assert relabeled.fingerprint != result.fingerprint  # labels are content too
+
+
+def test_prompt_and_completion_columns_from_jsonl(tmp_path: Path) -> None:
+    import json
+
+    lines = [
+        json.dumps({"q": f"Question {i} about {w}?", "a": f"Answer {i}: {w}."}) for i, w in enumerate("abcdefghij" * 3)
+    ]
+    (tmp_path / "qa.jsonl").write_text("\n".join(lines), encoding="utf-8")
+    cfg = _cfg(FilesSource(paths=["qa.jsonl"], text_column="q"), prompt_column="q", completion_column="a")
+    with pytest.raises(DataError, match="one column named twice"):
+        clean_dataset(cfg, base_dir=tmp_path)
+    cfg = _cfg(FilesSource(paths=["qa.jsonl"], text_column="a"), prompt_column="q")
+    result = clean_dataset(cfg, base_dir=tmp_path)
+    assert result.columns == ["text", "prompt"]
+    rows = [r for split in ("train", "validation", "test") for r in load_split(result.dataset_dir, split)]
+    assert {r["text"]: r["prompt"] for r in rows} == {
+        f"Answer {i}: {w}.": f"Question {i} about {w}?" for i, w in enumerate("abcdefghij" * 3)
+    }
+
+
+def test_missing_label_column_names_the_file(tmp_path: Path) -> None:
+    _labeled_csv(tmp_path / "reviews.csv")
+    cfg = _cfg(FilesSource(paths=["reviews.csv"], text_column="body"), label_column="score")
+    with pytest.raises(DataError, match=r"reviews\.csv: no column 'score' \(columns: title, body, stars\)"):
+        clean_dataset(cfg, base_dir=tmp_path)
+
+
+def test_hf_source_from_a_saved_dataset(tmp_path: Path) -> None:
+    texts = [f"Saved record {i} talks about {w}." for i, w in enumerate(["tea", "rain", "maps"] * 20)]
+    saved = datasets.DatasetDict(
+        {
+            "train": datasets.Dataset.from_dict({"content": texts}),
+            "extra": datasets.Dataset.from_dict({"content": ["x"]}),
+        }
+    )
+    saved.save_to_disk(str(tmp_path / "saved"))
+    source = HfSource(name="saved", text_column="content")
+    result = clean_dataset(_cfg(source), base_dir=tmp_path)
+    assert result.rows_in == 60 and result.sources == [str((tmp_path / "saved").resolve())]
+    assert sorted(t for s in ("train", "validation", "test") for t in iter_split(result.dataset_dir, s)) == sorted(
+        texts
+    )
+    assert clean_dataset(_cfg(source), base_dir=tmp_path).cache_hit
+    with pytest.raises(DataError, match=r"saved: no split 'dev' \(splits: train, extra\)"):
+        clean_dataset(_cfg(HfSource(name="saved", split="dev", text_column="content")), base_dir=tmp_path)
+    with pytest.raises(DataError, match=r"no column 'text' \(columns: content\)"):
+        clean_dataset(_cfg(HfSource(name="saved")), base_dir=tmp_path)
+    with pytest.raises(DataError, match=r"^\.\./nowhere: no such directory"):
+        clean_dataset(_cfg(HfSource(name="../nowhere")), base_dir=tmp_path)
+
+
+def test_hf_hub_id_offline_fails_with_the_name(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf-home"))
+    with pytest.raises(DataError, match=r"^hf:someone/not-cached: cannot load the dataset"):
+        clean_dataset(_cfg(HfSource(name="someone/not-cached")), base_dir=tmp_path)
+
+
+def test_worker_processes_give_the_same_dataset(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    lines = [f"Line {i % 700} of a corpus about {('oak', 'elm', 'ash')[i % 3]} trees." for i in range(6000)]
+    (tmp_path / "d.txt").write_text("\n".join([*lines, "", "42"]), encoding="utf-8")
+    one = clean_dataset(_cfg(FilesSource(paths=["d.txt"]), num_proc=1), base_dir=tmp_path)
+    monkeypatch.setattr(cleaning, "SMALL_INPUT_BYTES", 0)  # two workers even for a small file
+    two = clean_dataset(_cfg(FilesSource(paths=["d.txt"]), num_proc=2, cache_dir="cache2"), base_dir=tmp_path)
+    assert not two.cache_hit and two.fingerprint == one.fingerprint
+    assert two.dropped == one.dropped and one.dropped["duplicate"] == 6000 - 2100
+    assert list(iter_split(two.dataset_dir, "train")) == list(iter_split(one.dataset_dir, "train"))
+
+
+def test_splits_open_with_datasets(tmp_path: Path) -> None:
+    (tmp_path / "d.txt").write_text("\n".join(f"Record {i} is plain prose." for i in range(50)), encoding="utf-8")
+    result = clean_dataset(_cfg(FilesSource(paths=["d.txt"])), base_dir=tmp_path)
+    stored = datasets.load_from_disk(result.dataset_dir)
+    assert set(stored) == {"train", "validation", "test"}
+    assert {s: len(stored[s]) for s in stored} == result.rows_per_split
+    assert not list(Path(result.dataset_dir).glob(".work*"))
