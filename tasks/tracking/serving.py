@@ -164,7 +164,7 @@ class BatchingModel:
         return request.future.result()
 
     def stats(self) -> dict[str, int]:
-        """This worker's requests and forwards so far (``GET /batching``): fewer forwards than requests means batching."""
+        """This worker's requests and forwards so far (``GET /batching``): fewer forwards than requests is batching."""
         return {"requests": self.requests, "forwards": self.forwards, "waiting": self._queue.qsize()}
 
     def _take(self) -> list[_Request]:
