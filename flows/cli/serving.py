@@ -85,20 +85,40 @@ def serve(
     host: Annotated[
         str, typer.Option("--host", "-h", help="Bind address (keep 127.0.0.1: the endpoint has no auth).")
     ] = "127.0.0.1",
-    workers: Annotated[int, typer.Option(min=1, help="Server worker processes.")] = 1,
+    workers: Annotated[
+        int, typer.Option(min=1, help="Server worker processes (the cores are shared out between them).")
+    ] = 1,
+    threads: Annotated[
+        int | None, typer.Option(min=1, help="Torch threads per worker (default: the cores but one, shared out).")
+    ] = None,
+    max_batch: Annotated[int, typer.Option(min=1, help="Prompts per forward at most, over waiting requests.")] = 32,
+    batch_wait_ms: Annotated[
+        float,
+        typer.Option(
+            min=0.0,
+            help="Under concurrent load, wait at most this long (and a quarter of a forward) for the requests a "
+            "forward expects (0: take only what waits).",
+        ),
+    ] = 50.0,
     config: ConfigOpt = None,
 ) -> None:
     """Serve a model with MLflow's scoring protocol (GET /ping, POST /invocations), by default the champion.
 
-    Runs `mlflow models serve --env-manager local` in this environment (nothing is downloaded).
-    Stop it with Ctrl-C or SIGTERM.
+    MLflow's scoring server (same requests and answers as `mlflow models serve`, `"params"` included) under
+    uvicorn, in this environment (nothing is downloaded). Each worker runs one forward at a time (torch
+    threads: the cores but one, shared out between the workers); requests that arrive meanwhile share the
+    next forward. Stop it with Ctrl-C
+    or SIGTERM.
 
     Examples:
 
         forgeline serve --port 5001
 
-        curl -s http://127.0.0.1:5001/invocations -H 'Content-Type: application/json' -d '{"inputs": ["def "]}'
+        curl -s http://127.0.0.1:5001/invocations -H 'Content-Type: application/json' \\
+            -d '{"inputs": ["def "], "params": {"max_new_tokens": 30}}'
     """
+    from forgeline.tasks.tracking.serving import serve_environment
+
     console.quiet_logging(False)
     uri = model or lookup.champion_uri(config)
     tracking_uri = lookup.open_store(load_if_given(config))
@@ -110,9 +130,9 @@ def serve(
         fail(f"port {port} on {host} is already in use; pick another with --port")
     if host not in ("127.0.0.1", "localhost", "::1"):
         err.print(f"[yellow]warning:[/] {host}:{port} serves the model without authentication")
-    cmd = serve_command(uri, host=host, port=port, workers=workers)
+    cmd = serve_command(host=host, port=port, workers=workers)
     env = {**os.environ, "MLFLOW_TRACKING_URI": tracking_uri}
-    env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
+    env.update(serve_environment(uri, workers=workers, threads=threads, max_batch=max_batch, wait_ms=batch_wait_ms))
     err.print(
         f'serving {uri} on http://{host}:{port}  (GET /ping, POST /invocations {{"inputs": [...]}})',
         highlight=False,
@@ -123,24 +143,27 @@ def serve(
     os.execvpe(cmd[0], cmd, env)
 
 
-def serve_command(uri: str, *, host: str, port: int, workers: int = 1) -> list[str]:
-    """The ``mlflow models serve`` command line for a model (in this interpreter's environment)."""
+def serve_command(*, host: str, port: int, workers: int = 1) -> list[str]:
+    """The uvicorn command line that serves the app of :mod:`forgeline.tasks.tracking.serving`.
+
+    The model and the batching settings travel in the environment (``serve_environment``), which every
+    worker process inherits.
+    """
+    from forgeline.tasks.tracking.serving import APP_FACTORY
+
     return [
         sys.executable,
         "-m",
-        "mlflow",
-        "models",
-        "serve",
-        "--model-uri",
-        uri,
-        "--env-manager",
-        "local",
+        "uvicorn",
+        "--factory",
+        APP_FACTORY,
         "--host",
         host,
         "--port",
         str(port),
         "--workers",
         str(workers),
+        "--no-access-log",  # a line per request costs more than a small model's forward under load
     ]
 
 

@@ -20,7 +20,9 @@ def log_transformers_model(run_id: str, model_dir: str | Path, prompt: str) -> s
     """Log model plus tokenizer with the ``transformers`` flavor (text-generation); returns its URI.
 
     Generation defaults stay inside the model's context (prompt plus new tokens within ``n_positions``),
-    so ``pyfunc.load_model(...).predict([prompt])`` works for short prompts.
+    so ``pyfunc.load_model(...).predict([prompt])`` works for short prompts. The signature's params schema
+    (:func:`generation_signature`) lets a request override them: ``predict(data, params={...})`` and the
+    ``"params"`` of a served request reach the pipeline as generation arguments.
     """
     import mlflow
 
@@ -28,7 +30,7 @@ def log_transformers_model(run_id: str, model_dir: str | Path, prompt: str) -> s
 
     model, tokenizer = load_pretrained_model(str(model_dir))
     context = int(getattr(model.config, "n_positions", 1024))
-    generation = {"max_new_tokens": max(1, min(128, context // 2)), "do_sample": True, "top_k": 50}
+    generation = generation_defaults(context)
     # Given only run_id, MLflow files the logged model under the Default experiment (no active run here);
     # create it in the run's experiment, where the UI and searches look for it.
     run = client().get_run(run_id)
@@ -40,13 +42,47 @@ def log_transformers_model(run_id: str, model_dir: str | Path, prompt: str) -> s
         {"model": model, "tokenizer": tokenizer},
         name="model",
         task="text-generation",
+        signature=generation_signature(generation),
         input_example=[prompt],
-        model_config=generation,
+        # batch_size is a pipeline argument, not a request param: a list of prompts runs as one padded forward,
+        # and a server may raise it at load time (pyfunc only lets load_model override keys logged here).
+        model_config={**generation, "batch_size": DEFAULT_BATCH_SIZE},
         pip_requirements=PIP_REQUIREMENTS,
         run_id=run_id,
         model_id=logged.model_id,
     )
     return info.model_uri
+
+
+DEFAULT_BATCH_SIZE = 8
+"""Prompts per forward when ``predict`` gets a list (the pipeline pads them on the left)."""
+
+GENERATION_PARAMS = ("max_new_tokens", "temperature", "top_k", "do_sample")
+"""Generation settings a request may set through ``params``. ``seed`` is not one: the transformers flavor hands
+every param to ``generate``, which refuses keyword arguments it does not know."""
+
+
+def generation_defaults(context: int) -> dict[str, int | float | bool]:
+    """Sampling defaults for a model with ``context`` positions (new tokens fit with a short prompt)."""
+    return {"max_new_tokens": max(1, min(128, context // 2)), "temperature": 1.0, "top_k": 50, "do_sample": True}
+
+
+def generation_signature(generation: dict[str, int | float | bool]) -> object:
+    """Text in, text out, with :data:`GENERATION_PARAMS` as the params schema (defaults from ``generation``).
+
+    MLflow fills a missing param with its schema default, so the defaults must equal the logged model config.
+    """
+    from mlflow.models import ModelSignature
+    from mlflow.types.schema import ColSpec, ParamSchema, ParamSpec, Schema
+
+    types = {bool: "boolean", int: "long", float: "double"}
+    return ModelSignature(
+        inputs=Schema([ColSpec("string")]),
+        outputs=Schema([ColSpec("string")]),
+        params=ParamSchema(
+            [ParamSpec(name, types[type(generation[name])], generation[name]) for name in GENERATION_PARAMS]
+        ),
+    )
 
 
 def skip_installed_files_scan() -> bool:
