@@ -40,8 +40,10 @@ def test_resumed_rank_redraws_deterministically_per_step() -> None:
     assert not torch.equal(torch.randint(100, (5,), generator=b), torch.randint(100, (5,), generator=c))
 
 
-@pytest.mark.parametrize(("batch", "accum", "ranks", "expected"), [(8, 1, 1, 8), (8, 2, 1, 16), (8, 1, 2, 16), (4, 3, 4, 48)])
-def test_global_batch_is_batch_times_accumulation_times_world(batch: int, accum: int, ranks: int, expected: int) -> None:
+@pytest.mark.parametrize(
+    ("batch", "accum", "ranks", "expected"), [(8, 1, 1, 8), (8, 2, 1, 16), (8, 1, 2, 16), (4, 3, 4, 48)]
+)
+def test_global_batch_is_batch_x_accumulation_x_world(batch: int, accum: int, ranks: int, expected: int) -> None:
     assert global_batch(TrainConfig(batch_size=batch, grad_accum_steps=accum), ranks) == expected
 
 
