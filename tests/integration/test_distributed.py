@@ -85,6 +85,7 @@ def test_a_killed_rank_ends_the_job_and_the_rerun_resumes_in_one_process(project
     assert sorted(_curve(project, second.info.run_id, "train/loss")) == list(range(11, MAX_STEPS + 1))
 
 
+@pytest.mark.slow  # the other direction runs in the default suite (the H3 test)
 def test_a_one_process_checkpoint_resumes_in_two_ranks(project: Project, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("FORGELINE_FAULT_AT_STEP", "15")
     monkeypatch.setenv("FORGELINE_FAULT_KIND", "raise")
