@@ -10,6 +10,9 @@ still catches a run that trains differently (DDP's exact averaging has its own u
 
 from __future__ import annotations
 
+import signal
+import subprocess
+import sys
 import time
 
 import pytest
@@ -102,3 +105,26 @@ def test_a_one_process_checkpoint_resumes_in_two_ranks(project: Project, monkeyp
     assert second.data.params["world_size"] == "2"
     assert sorted(_curve(project, second.info.run_id, "train/loss")) == list(range(11, MAX_STEPS + 1))
     assert second.data.tags["forgeline.resumed_from"] == "10"
+
+
+@pytest.mark.slow  # a 2000-step run stopped once its first checkpoint is written
+def test_a_stopped_stage_stops_its_ranks_with_a_checkpoint_and_ends_killed(project: Project) -> None:
+    """SIGTERM to ``forgeline run`` reaches every rank: they agree on a step, rank 0 checkpoints, the run is KILLED."""
+    cmd = [sys.executable, "-m", "forgeline", "run", "--config", "smoke.yaml", "--set", TWO_RANKS]
+    cmd += ["--set", "train.max_steps=2000", "--set", "train.checkpoint_interval=50"]
+    proc = subprocess.Popen(cmd, cwd=project.root, env=project.env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + KILL_TIMEOUT_S
+        while not list((project.root / "mlruns" / "checkpoints").rglob("ckpt-*.ok")):
+            assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
+            time.sleep(0.5)
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=KILL_TIMEOUT_S)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 128 + signal.SIGTERM, err.decode()[-3000:]
+    [train] = _train_runs(project)
+    assert train.info.status == "KILLED"
+    steps = sorted(int(p.stem[5:]) for p in (project.root / "mlruns" / "checkpoints").rglob("ckpt-*.ok"))
+    assert steps[-1] > 50, steps  # written after the signal (the stop's own, or the next interval's)
