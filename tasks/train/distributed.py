@@ -199,6 +199,7 @@ def launch(
         env=env,
         cwd=cwd,
         start_new_session=True,  # a terminal's Ctrl-C reaches us once; we forward it once
+        preexec_fn=_stop_with_parent if sys.platform == "linux" else None,  # noqa: PLW1509 - no threads yet there
     )
     stopped: list[int] = []
     with _forward_stops(proc, stopped):
@@ -216,6 +217,14 @@ def launch(
             os.killpg(proc.pid, signal.SIGKILL)
             code = proc.wait()
     return code, (stopped[0] if stopped else None)
+
+
+def _stop_with_parent() -> None:
+    # Our death (even SIGKILL) sends torchrun SIGTERM: no ranks left writing after the lineage lock is gone.
+    import ctypes
+
+    pr_set_pdeathsig = 1
+    ctypes.CDLL("libc.so.6", use_errno=True).prctl(pr_set_pdeathsig, int(signal.SIGTERM))
 
 
 def _lines(stream: Any) -> Iterator[str]:

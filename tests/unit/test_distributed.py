@@ -131,3 +131,39 @@ def test_ddp_averages_accumulated_gradients_like_one_big_batch(tmp_path: Path) -
         torch.testing.assert_close(got["grad"], model.weight.grad)
         assert got["loss"] == 1.5  # mean of the ranks' 1.0 and 2.0
         assert got["stop"] is True  # rank 1 alone was asked to stop: both stop
+
+
+_CHILD = """
+import pathlib, signal, sys, time
+out = pathlib.Path(sys.argv[1])
+signal.signal(signal.SIGTERM, lambda *_: (out.write_text("terminated"), sys.exit(0)))
+out.with_suffix(".started").write_text("1")
+time.sleep(60)
+"""
+
+_LAUNCHER = """
+import sys
+from forgeline.tasks.train.distributed import launch
+launch([sys.executable, "-c", sys.argv[1], sys.argv[2]], on_progress=lambda *a: None)
+"""
+
+
+def test_a_launcher_killed_outright_still_stops_torchrun(tmp_path: Path) -> None:
+    """The lineage lock dies with the launcher: what it launched must not keep training (SIGKILL included)."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    out = tmp_path / "child.txt"
+    launcher = subprocess.Popen([sys.executable, "-c", _LAUNCHER, _CHILD, str(out)])
+    deadline = time.monotonic() + 60
+    while not out.with_suffix(".started").exists():
+        assert launcher.poll() is None and time.monotonic() < deadline
+        time.sleep(0.1)
+    launcher.send_signal(signal.SIGKILL)
+    launcher.wait()
+    while not out.exists():
+        assert time.monotonic() < deadline, "the launched process outlived its launcher"
+        time.sleep(0.1)
+    assert out.read_text() == "terminated"
