@@ -20,6 +20,7 @@ from prefect import task
 from prefect.artifacts import create_table_artifact
 from pydantic import BaseModel
 
+from forgeline.flows.distributed import train_in_ranks
 from forgeline.flows.prefect_progress import TrainProgressFeed
 from forgeline.tasks import progress
 from forgeline.tasks.config import DataConfig, PipelineConfig, dump_config
@@ -35,6 +36,7 @@ from forgeline.tasks.tracking.registry_store import MlflowRegistry
 from forgeline.tasks.tracking.runs import stage_run
 from forgeline.tasks.tracking.tags import git_tags
 from forgeline.tasks.train import checkpoints
+from forgeline.tasks.train.distributed import global_batch, world_size
 from forgeline.tasks.train.loop import TrainCallbacks, TrainResult, train_model
 
 logger = logging.getLogger(__name__)
@@ -117,7 +119,9 @@ def run_training(
     """Train in a ``train`` MLflow run with batched per-step metrics, then log the model.
 
     One process at a time trains a lineage: a second run of the same config and data waits for the first
-    (a log line names it), then finds its finished checkpoint instead of writing into it.
+    (a log line names it), then finds its finished checkpoint instead of writing into it. With several
+    ranks (``train.nproc_per_node``, ``train.nnodes``) training runs under torchrun while this process
+    holds the lock and the run (``flows/distributed.py``).
     """
     run_dir = training_dir(cfg, fingerprint, Path(ctx.base_dir))
 
@@ -148,6 +152,8 @@ def _train_locked(
         system_metrics=cfg.tracking.log_system_metrics,
     ) as run_id:
         records.log_config(run_id, cfg)
+        ranks = world_size(cfg.train)
+        records.log_params(run_id, {"world_size": ranks, "global_batch": global_batch(cfg.train, ranks)})
         buffer = MetricBuffer(run_id, flush_every=cfg.tracking.metric_flush_interval)
         live = TrainProgressFeed(cfg.train.max_steps)  # terminal bar + Prefect progress artifact
 
@@ -160,17 +166,22 @@ def _train_locked(
             live.update(step, metrics)
 
         try:
-            result = train_model(
-                cfg.train,
-                cfg.model,
-                cfg.tokenizer,
-                dataset_dir=dataset_dir,
-                run_dir=run_dir,
-                seed=cfg.seed,
-                config_hash=cfg.config_hash(),
-                callbacks=TrainCallbacks(on_start=on_start, on_metrics=on_metrics),
-                fetch_model=models.download_model,
-            )
+            if ranks > 1:  # rank 0 logs the params and metrics to run_id itself; this process only shows them
+                result = train_in_ranks(
+                    cfg, dataset_dir, run_dir, run_id, Path(ctx.base_dir), on_start=live.start, on_metrics=live.update
+                )
+            else:
+                result = train_model(
+                    cfg.train,
+                    cfg.model,
+                    cfg.tokenizer,
+                    dataset_dir=dataset_dir,
+                    run_dir=run_dir,
+                    seed=cfg.seed,
+                    config_hash=cfg.config_hash(),
+                    callbacks=TrainCallbacks(on_start=on_start, on_metrics=on_metrics),
+                    fetch_model=models.download_model,
+                )
         finally:
             buffer.close()
             live.close()

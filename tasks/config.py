@@ -222,11 +222,27 @@ class TrainConfig(_Strict):
     device: Literal["auto", "cpu", "cuda"] = Field("auto")
     dtype: Literal["auto", "float32", "bfloat16"] = Field("auto", description="auto: bf16 autocast on CUDA.")
     checkpoint_dir: str = Field("mlruns/checkpoints", description="Where checkpoints live.")
+    nproc_per_node: int | Literal["auto"] = Field(
+        1,
+        description="Training processes on this machine; above 1 (in all) training runs under torchrun with "
+        "DistributedDataParallel. auto: one per visible GPU (1 without CUDA).",
+    )
+    nnodes: int = Field(1, ge=1, description="Machines in the torchrun job (see docs/operations.md).")
+    rdzv_endpoint: str | None = Field(
+        None, description="host:port of the c10d rendezvous when nnodes > 1; null: a single machine."
+    )
+    dist_timeout_s: float = Field(
+        300.0, gt=0, description="Seconds a rank waits in a collective for a dead or stuck peer before failing."
+    )
 
     @model_validator(mode="after")
     def _lr_order(self) -> TrainConfig:
         if self.min_lr > self.learning_rate:
             raise ValueError(f"train.min_lr ({self.min_lr}) > train.learning_rate ({self.learning_rate})")
+        if isinstance(self.nproc_per_node, int) and self.nproc_per_node < 1:
+            raise ValueError(f"train.nproc_per_node must be >= 1 or 'auto', not {self.nproc_per_node}")
+        if self.nnodes > 1 and not self.rdzv_endpoint:
+            raise ValueError("train.nnodes > 1 needs train.rdzv_endpoint (host:port of the rendezvous)")
         return self
 
 
@@ -465,7 +481,8 @@ class PipelineConfig(_Strict):
     def config_hash(self) -> str:
         """Hash of what determines the trained weights (not tracking, registry or tune settings)."""
         payload = self.model_dump(mode="json", include={"seed", "tokenizer", "model", "train", "data"})
-        payload["train"].pop("checkpoint_dir", None)
+        for key in _EXECUTION_TRAIN_KEYS:  # where and how wide training runs, not what it learns
+            payload["train"].pop(key, None)
         payload["data"].pop("cache_dir", None)
         # Keys added after configs were in use count only when set away from their default, so a config
         # that does not use them keeps its hash (and its checkpoints resume after an upgrade).
@@ -487,6 +504,8 @@ _LATER_DATA_KEYS: dict[str, Any] = {
     "completion_column": None,
     "num_proc": None,
 }
+# Never hashed: a checkpoint resumes under any world size (the global batch then changes with it).
+_EXECUTION_TRAIN_KEYS = ("checkpoint_dir", "nproc_per_node", "nnodes", "rdzv_endpoint", "dist_timeout_s")
 
 
 # ------------------------------------------------------------------------------------------ loading

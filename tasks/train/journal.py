@@ -51,6 +51,20 @@ class MetricJournal:
         self._pending = []
 
 
+class DiscardJournal(MetricJournal):
+    """The journal of a rank other than 0 in a torchrun job: rank 0 keeps the one journal."""
+
+    def __init__(self) -> None:
+        self.path = Path(os.devnull)
+        self._pending = []
+
+    def add(self, step: int, metrics: dict[str, float]) -> None:
+        """Dropped."""
+
+    def flush(self) -> None:
+        """Nothing to write."""
+
+
 def read_journal(path: Path, up_to: int | None = None) -> list[Entry]:
     """The journal's entries in step order, up to step ``up_to`` (all when ``None``); ``[]`` without a file.
 

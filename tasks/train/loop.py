@@ -31,7 +31,8 @@ from forgeline.tasks.train.batches import (
     sample_batch,
 )
 from forgeline.tasks.train.checkpoints import CheckpointError, load_latest_checkpoint, save_checkpoint
-from forgeline.tasks.train.journal import JOURNAL_FILE, MetricJournal
+from forgeline.tasks.train.distributed import Parallel, global_batch, rank_seed
+from forgeline.tasks.train.journal import JOURNAL_FILE, DiscardJournal, MetricJournal
 from forgeline.tasks.train.schedule import get_lr, make_optimizer
 from forgeline.tasks.train.signals import stop_on_signal
 from forgeline.tasks.train.tokens import load_token_splits, prepare_tokenizer
@@ -92,6 +93,7 @@ def train_model(
     config_hash: str,
     callbacks: TrainCallbacks | None = None,
     fetch_model: Callable[[str, Path], Path] | None = None,
+    parallel: Parallel | None = None,
 ) -> TrainResult:
     """Train (or resume, or recognise as finished) a causal LM on a cleaned dataset.
 
@@ -105,6 +107,7 @@ def train_model(
         config_hash: Stored in checkpoints; a checkpoint of another config is refused.
         callbacks: Progress hooks.
         fetch_model: Downloads ``model_cfg.init_from`` when it is a registry URI (the tracking package's).
+        parallel: This rank's place in a torchrun job (``tasks/train/distributed.py``); ``None``: one process.
 
     Returns:
         Paths and headline numbers; the model and tokenizer are saved under ``run_dir/model``.
@@ -112,6 +115,7 @@ def train_model(
     from forgeline.tasks.model.modeling import build_model, count_parameters  # transformers: only when training
 
     cb = callbacks or TrainCallbacks()
+    par = parallel or Parallel()
     run_dir = Path(run_dir)
     done = run_dir / DONE_FILE
     if done.exists():
@@ -124,7 +128,7 @@ def train_model(
     train_data, val_data = load_token_splits(tokenizer, dataset_dir, model_cfg.block_size)
     model = build_model(model_cfg, tokenizer, fetch=fetch_model).to(device)
     optimizer = make_optimizer(model, train_cfg, device)
-    gen = torch.Generator().manual_seed(seed)
+    gen = torch.Generator().manual_seed(rank_seed(seed, par.rank))
     state = _State(history=[])
 
     ckpt = load_latest_checkpoint(run_dir / "checkpoints", config_hash)
@@ -132,7 +136,10 @@ def train_model(
     if ckpt is not None:
         model.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
-        gen.set_state(ckpt["rng"]["batches"])
+        if par.is_main:
+            gen.set_state(ckpt["rng"]["batches"])
+        else:
+            par.reseed(gen, seed, ckpt["step"])
         torch.set_rng_state(ckpt["rng"]["torch"])
         if device.type == "cuda" and "cuda" in ckpt["rng"]:
             torch.cuda.set_rng_state(ckpt["rng"]["cuda"])
@@ -146,8 +153,9 @@ def train_model(
         resumed_from = state.step
         logger.info("resumed from step %d (%s)", state.step, run_dir / "checkpoints")
 
-    step_fn = torch.compile(model) if train_cfg.compile else model
-    tokens_per_step = train_cfg.batch_size * model_cfg.block_size * train_cfg.grad_accum_steps
+    wrapped = par.wrap(model, device)
+    step_fn = torch.compile(wrapped) if train_cfg.compile else wrapped
+    tokens_per_step = global_batch(train_cfg, par.world_size) * model_cfg.block_size
     n_params = count_parameters(model)
     summary = {
         "parameters": n_params,
@@ -159,15 +167,18 @@ def train_model(
         "device": str(device),
         "threads": torch.get_num_threads(),
         "start_step": state.step,
+        "world_size": par.world_size,
+        "global_batch": global_batch(train_cfg, par.world_size),
     }
     logger.info(
-        "training: %s parameters, %d tokens/step (batch %d x context %d x accum %d), %d steps, "
+        "training: %s parameters, %d tokens/step (batch %d x context %d x accum %d x ranks %d), %d steps, "
         "%d train tokens, device %s%s",
         f"{n_params:,}",
         tokens_per_step,
         train_cfg.batch_size,
         model_cfg.block_size,
         train_cfg.grad_accum_steps,
+        par.world_size,
         train_cfg.max_steps,
         len(train_data),
         device,
@@ -177,7 +188,7 @@ def train_model(
         cb.on_start(summary)
 
     val_batches = fixed_batches(val_data, train_cfg, model_cfg.block_size, seed + 1)
-    journal = MetricJournal(run_dir / JOURNAL_FILE, state.step)
+    journal = MetricJournal(run_dir / JOURNAL_FILE, state.step) if par.is_main else DiscardJournal()
     result = _loop(
         step_fn,
         model,
@@ -193,10 +204,12 @@ def train_model(
         config_hash,
         cb,
         journal,
+        par,
     )
     model_dir = run_dir / "model"
-    model.save_pretrained(model_dir)
-    tokenizer.save_pretrained(model_dir)
+    if par.is_main:
+        model.save_pretrained(model_dir)
+        tokenizer.save_pretrained(model_dir)
     out = TrainResult(
         run_dir=str(run_dir),
         model_dir=str(model_dir),
@@ -214,9 +227,10 @@ def train_model(
         device=str(device),
         history=state.history or [],
     )
-    tmp = done.with_suffix(".tmp")
-    tmp.write_text(out.model_dump_json())
-    os.replace(tmp, done)
+    if par.is_main:
+        tmp = done.with_suffix(".tmp")
+        tmp.write_text(out.model_dump_json())
+        os.replace(tmp, done)
     return out
 
 
@@ -248,8 +262,9 @@ def _loop(
     config_hash: str,
     cb: TrainCallbacks,
     journal: MetricJournal,
+    par: Parallel,
 ) -> dict[str, Any]:
-    tokens_per_step = cfg.batch_size * model_cfg.block_size * cfg.grad_accum_steps
+    tokens_per_step = global_batch(cfg, par.world_size) * model_cfg.block_size
     final_train = final_val = None
     stopped_early = False
     rate_t0, rate_steps, tokens_per_sec = time.perf_counter(), 0, 0.0
@@ -265,16 +280,17 @@ def _loop(
                 group["lr"] = lr
             loss_sum = torch.zeros((), device=device)
             poison = faults.nan_loss(step + 1)
-            for _ in range(cfg.grad_accum_steps):
+            for micro in range(cfg.grad_accum_steps):
                 x, y = sample_batch(train_data, cfg.batch_size, model_cfg.block_size, gen)
                 x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-                with autocast_context(device, cfg):
-                    loss = lm_loss(step_fn, x, y)
-                if poison:
-                    loss = loss * float("nan")
-                (loss / cfg.grad_accum_steps).backward()
+                with par.micro_batch(last=micro == cfg.grad_accum_steps - 1):
+                    with autocast_context(device, cfg):
+                        loss = lm_loss(step_fn, x, y)
+                    if poison:
+                        loss = loss * float("nan")
+                    (loss / cfg.grad_accum_steps).backward()
                 loss_sum += loss.detach()
-            train_loss = (loss_sum / cfg.grad_accum_steps).item()
+            train_loss, stopping = par.agree(loss_sum, cfg.grad_accum_steps, stop.is_set())
             state.step = step + 1
             if not math.isfinite(train_loss):
                 _skip_nonfinite(optimizer, state, cfg, run_dir)
@@ -323,12 +339,14 @@ def _loop(
             patience = cfg.early_stopping_patience
             stopped_early = patience is not None and state.bad_evals >= patience
             last = state.step == cfg.max_steps or stopped_early
-            saved = state.step % cfg.checkpoint_interval == 0 or last or stop.is_set()
-            if saved:
+            saved = state.step % cfg.checkpoint_interval == 0 or last or stopping
+            if saved and par.is_main:  # rank 0 writes for all: every rank holds the same weights
                 journal.flush()  # first: the journal must cover every step of the newest checkpoint
                 _checkpoint(model, optimizer, gen, state, run_dir, config_hash, cfg, device)
             faults.hit("train.step", step=state.step)
-            if stop.is_set():
+            # One process may stop on a signal that came during this step's end; ranks stop only as agreed.
+            stopping = stopping or (stop.is_set() and not par.distributed)
+            if stopping:
                 if not saved:
                     journal.flush()
                     _checkpoint(model, optimizer, gen, state, run_dir, config_hash, cfg, device)

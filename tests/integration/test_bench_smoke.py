@@ -16,7 +16,15 @@ ROOT = Path(__file__).resolve().parents[2]
 
 @pytest.mark.parametrize(
     "script",
-    ["train_step.py", "clean_throughput.py", "fixed_cost.py", "time_to_loss.py", "model_variants.py", "gpu_step.py"],
+    [
+        "train_step.py",
+        "clean_throughput.py",
+        "fixed_cost.py",
+        "time_to_loss.py",
+        "model_variants.py",
+        "gpu_step.py",
+        "ddp_scaling.py",
+    ],
 )
 def test_benchmark_smoke_mode(script: str, tmp_path: Path) -> None:
     out = tmp_path / "result.json"
