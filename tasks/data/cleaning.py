@@ -23,6 +23,7 @@ import logging
 import os
 import shutil
 import tempfile
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -30,6 +31,7 @@ from typing import Any
 import numpy as np
 from pydantic import BaseModel
 
+from forgeline.tasks import progress
 from forgeline.tasks.config import DataConfig
 from forgeline.tasks.data import loading, store
 from forgeline.tasks.data.builtin import builtin_corpus
@@ -298,21 +300,55 @@ def _load_and_clean(cfg: DataConfig, inputs: list[Input], work: Path) -> Any:
         else:
             segments.append((paragraph, [ds]))
     mapped = []
-    for k, (paragraph, parts) in enumerate(segments):
-        ds = parts[0] if len(parts) == 1 else datasets.concatenate_datasets(parts)
-        cleaned = ds.with_format("arrow").map(
-            clean_batch,
-            batched=True,
-            batch_size=4096,
-            num_proc=workers if workers > 1 and len(ds) > 4096 * workers else None,
-            remove_columns=ds.column_names,
-            fn_kwargs={"cfg": cfg.cleaning.model_dump(), "paragraph": paragraph, "fractions": fractions},
-            cache_file_name=str(work / f"clean-{k}.arrow"),
-            load_from_cache_file=False,
-            new_fingerprint=f"forgeline-clean-{k}",
-        )
-        mapped.append(cleaned.with_format(None))
+    feed = _ProgressFeed(work / "progress.bin") if progress.reporter().enabled else None
+    kwargs = {"cfg": cfg.cleaning.model_dump(), "fractions": fractions, "progress": feed and str(feed.path)}
+    try:
+        for k, (paragraph, parts) in enumerate(segments):
+            ds = parts[0] if len(parts) == 1 else datasets.concatenate_datasets(parts)
+            cleaned = ds.with_format("arrow").map(
+                clean_batch,
+                batched=True,
+                batch_size=4096,
+                num_proc=workers if workers > 1 and len(ds) > 4096 * workers else None,
+                remove_columns=ds.column_names,
+                fn_kwargs=kwargs | {"paragraph": paragraph},
+                cache_file_name=str(work / f"clean-{k}.arrow"),
+                load_from_cache_file=False,
+                new_fingerprint=f"forgeline-clean-{k}",
+            )
+            mapped.append(cleaned.with_format(None))
+    finally:
+        if feed is not None:
+            feed.close()
     return mapped[0] if len(mapped) == 1 else datasets.concatenate_datasets(mapped)
+
+
+class _ProgressFeed(threading.Thread):
+    """Feeds the progress reporter from the file the ``map`` batches append their counts to (any process)."""
+
+    def __init__(self, path: Path) -> None:
+        super().__init__(name="clean-progress", daemon=True)
+        self.path, self._offset, self._done = path, 0, threading.Event()
+        path.touch()
+        self.start()
+
+    def run(self) -> None:
+        while not self._done.wait(0.25):
+            self._drain()
+
+    def close(self) -> None:
+        self._done.set()
+        self.join()
+        self._drain()
+
+    def _drain(self) -> None:
+        with self.path.open("rb") as handle:
+            handle.seek(self._offset)
+            data = handle.read()
+        whole = len(data) - len(data) % 16  # a record being appended right now is read next time
+        self._offset += whole
+        for rows, nbytes in np.frombuffer(data[:whole], dtype="<i8").reshape(-1, 2).tolist():
+            progress.reporter().clean_rows(rows, nbytes)
 
 
 def _columns(cfg: DataConfig, item: Input) -> dict[str, str]:
