@@ -8,10 +8,11 @@ import pytest
 
 from forgeline.tasks import progress
 from forgeline.tasks.config import CleaningConfig, DataConfig, FilesSource
-from forgeline.tasks.data import cleaning
+from forgeline.tasks.data import cleaning, loading
 from forgeline.tasks.progress import ProgressReporter
 
 ROWS = 20_000
+BATCH = 2_000
 
 
 def _corpus(path: Path, paragraphs: bool = False) -> int:
@@ -27,6 +28,7 @@ def test_progress_counts_every_record_batch_by_batch(
 ) -> None:
     text_bytes = _corpus(tmp_path / "corpus.txt", paragraphs=record == "paragraph")
     monkeypatch.setattr(cleaning, "SMALL_INPUT_BYTES", 0)  # workers even for this small file
+    monkeypatch.setattr(loading, "BATCH", BATCH)
     reporter = ProgressReporter()
     reporter.enable(terminal=False)
     monkeypatch.setattr(progress, "_REPORTER", reporter)
@@ -46,8 +48,8 @@ def test_progress_counts_every_record_batch_by_batch(
         assert reporter._clean_rows == ROWS  # every record counted once, in whichever process it was cleaned
         assert reporter._clean_bytes == text_bytes
         assert sum(rows for rows, _ in calls) == ROWS
-        assert max(rows for rows, _ in calls) <= 4096  # batch by batch, not once at the end
-        assert len(calls) >= ROWS // 4096
+        assert max(rows for rows, _ in calls) <= BATCH  # batch by batch, not once at the end
+        assert len(calls) >= ROWS // BATCH
 
 
 def test_no_progress_file_when_progress_is_off(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
