@@ -82,14 +82,19 @@ class ProgressReporter:
 
     def clean_record(self, text: str) -> None:
         """One record read (before cleaning decides on it)."""
+        if self.enabled:
+            self.clean_rows(1, len(text.encode("utf-8", "surrogatepass")), refresh=self._clean_rows % 256 == 255)
+
+    def clean_rows(self, rows: int, nbytes: int, *, refresh: bool = True) -> None:
+        """A batch of ``rows`` records (``nbytes`` of text) was cleaned."""
         if not self.enabled:
             return
-        self._clean_rows += 1
-        self._clean_bytes += len(text.encode("utf-8", "surrogatepass"))
+        self._clean_rows += rows
+        self._clean_bytes += nbytes
         if self.terminal:
             if "clean" not in self._tasks:
                 self._add("clean", "cleaning", total=None, rows=0, mb=0.0)
-            if self._clean_rows % 256 == 0:
+            if refresh:
                 self._update("clean", rows=self._clean_rows, mb=self._clean_bytes / 1e6)
         elif time.monotonic() - self._clean_logged >= PLAIN_INTERVAL:
             self._clean_logged = time.monotonic()

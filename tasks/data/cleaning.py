@@ -23,6 +23,7 @@ import logging
 import os
 import shutil
 import tempfile
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -30,6 +31,7 @@ from typing import Any
 import numpy as np
 from pydantic import BaseModel
 
+from forgeline.tasks import progress
 from forgeline.tasks.config import DataConfig
 from forgeline.tasks.data import loading, store
 from forgeline.tasks.data.builtin import builtin_corpus
@@ -241,10 +243,12 @@ def _clean_and_store(
 def _run_pipeline(cfg: DataConfig, inputs: list[Input], work: Path) -> tuple[int, dict[str, int], dict[str, Any], str]:
     """Load, clean, de-duplicate and split; returns rows_in, dropped, the split datasets and their digest."""
     cleaned = _load_and_clean(cfg, inputs, work)
-    rule = store.column(cleaned, "rule")
-    counts = np.bincount(rule, minlength=len(RULES) + 1)
+    keep, counts = np.empty(len(cleaned), dtype=bool), np.zeros(len(RULES) + 1, dtype=np.int64)
+    for start in range(0, len(cleaned), store.CHUNK):  # a byte a record, not the whole rule column at once
+        rule = store.column(cleaned, "rule", start, start + store.CHUNK)
+        counts += np.bincount(rule, minlength=len(RULES) + 1)
+        keep[start : start + len(rule)] = rule == KEEP
     dropped = {name: int(counts[1 + i]) for i, name in enumerate(RULES)}
-    keep = rule == KEEP
     if cfg.cleaning.dedup:
         dup = store.later_duplicates(cleaned, keep, work)
         dropped["duplicate"] = int(dup.sum())
@@ -259,7 +263,7 @@ def _run_pipeline(cfg: DataConfig, inputs: list[Input], work: Path) -> tuple[int
         labels = [i.label for i in inputs]
         shown = ", ".join(labels[:3]) + (f" and {len(labels) - 3} more" if len(labels) > 3 else "")
         drops = ", ".join(f"{k}={v}" for k, v in dropped.items() if v) or "none"
-        raise DataError(f"no records left after cleaning ({len(rule)} read from {shown}; dropped: {drops})")
+        raise DataError(f"no records left after cleaning ({len(keep)} read from {shown}; dropped: {drops})")
     if cfg.split == "hash":
         extras = [c for c in EXTRA_COLUMNS if c in cleaned.column_names]
         parts, digest = store.hash_splits(cleaned, keep, work, extras)
@@ -274,7 +278,7 @@ def _run_pipeline(cfg: DataConfig, inputs: list[Input], work: Path) -> tuple[int
             )
     if cfg.fractions.test > 0 and len(parts["test"]) == 0:
         logger.warning("split 'test' is empty although data.fractions.test is %g", cfg.fractions.test)
-    return len(rule), dropped, parts, digest
+    return len(keep), dropped, parts, digest
 
 
 def _load_and_clean(cfg: DataConfig, inputs: list[Input], work: Path) -> Any:
@@ -298,21 +302,56 @@ def _load_and_clean(cfg: DataConfig, inputs: list[Input], work: Path) -> Any:
         else:
             segments.append((paragraph, [ds]))
     mapped = []
-    for k, (paragraph, parts) in enumerate(segments):
-        ds = parts[0] if len(parts) == 1 else datasets.concatenate_datasets(parts)
-        cleaned = ds.with_format("arrow").map(
-            clean_batch,
-            batched=True,
-            batch_size=4096,
-            num_proc=workers if workers > 1 and len(ds) > 4096 * workers else None,
-            remove_columns=ds.column_names,
-            fn_kwargs={"cfg": cfg.cleaning.model_dump(), "paragraph": paragraph, "fractions": fractions},
-            cache_file_name=str(work / f"clean-{k}.arrow"),
-            load_from_cache_file=False,
-            new_fingerprint=f"forgeline-clean-{k}",
-        )
-        mapped.append(cleaned.with_format(None))
+    feed = _ProgressFeed(work / "progress.bin") if progress.reporter().enabled else None
+    kwargs = {"cfg": cfg.cleaning.model_dump(), "fractions": fractions, "progress": feed and str(feed.path)}
+    try:
+        for k, (paragraph, parts) in enumerate(segments):
+            ds = parts[0] if len(parts) == 1 else datasets.concatenate_datasets(parts)
+            cleaned = ds.with_format("arrow").map(
+                clean_batch,
+                batched=True,
+                batch_size=loading.BATCH,
+                writer_batch_size=loading.BATCH,
+                num_proc=workers if workers > 1 and len(ds) > loading.BATCH * workers else None,
+                remove_columns=ds.column_names,
+                fn_kwargs=kwargs | {"paragraph": paragraph},
+                cache_file_name=str(work / f"clean-{k}.arrow"),
+                load_from_cache_file=False,
+                new_fingerprint=f"forgeline-clean-{k}",
+            )
+            mapped.append(cleaned.with_format(None))
+    finally:
+        if feed is not None:
+            feed.close()
     return mapped[0] if len(mapped) == 1 else datasets.concatenate_datasets(mapped)
+
+
+class _ProgressFeed(threading.Thread):
+    """Feeds the progress reporter from the file the ``map`` batches append their counts to (any process)."""
+
+    def __init__(self, path: Path) -> None:
+        super().__init__(name="clean-progress", daemon=True)
+        self.path, self._offset, self._done = path, 0, threading.Event()
+        path.touch()
+        self.start()
+
+    def run(self) -> None:
+        while not self._done.wait(0.25):
+            self._drain()
+
+    def close(self) -> None:
+        self._done.set()
+        self.join()
+        self._drain()
+
+    def _drain(self) -> None:
+        with self.path.open("rb") as handle:
+            handle.seek(self._offset)
+            data = handle.read()
+        whole = len(data) - len(data) % 16  # a record being appended right now is read next time
+        self._offset += whole
+        for rows, nbytes in np.frombuffer(data[:whole], dtype="<i8").reshape(-1, 2).tolist():
+            progress.reporter().clean_rows(rows, nbytes)
 
 
 def _columns(cfg: DataConfig, item: Input) -> dict[str, str]:
@@ -328,7 +367,7 @@ def _columns(cfg: DataConfig, item: Input) -> dict[str, str]:
 def _text_bytes(ds: Any) -> int:
     import pyarrow.compute as pc
 
-    return int(pc.sum(pc.binary_length(ds.data.column("text"))).as_py() or 0) if len(ds) else 0
+    return sum(pc.sum(pc.binary_length(chunk)).as_py() or 0 for chunk in ds.data.column("text").chunks)
 
 
 def _nonzero(counts: dict[str, int]) -> dict[str, int]:

@@ -29,6 +29,10 @@ MAX_LINE_BYTES = 64 * 2**20
 """A physical line longer than this fails the read (bounded memory on a file with no newlines)."""
 MAX_RECORD_CHARS = 256 * 2**20
 """A whole-file record (``record: file``) longer than this fails the read; use ``record: line``."""
+BATCH = 2**15
+"""Rows per Arrow record batch the builders and the cleaning ``map`` write (and per ``map`` batch). A table
+keeps every batch's metadata in memory (kilobytes each), so the ``datasets`` default of 1,000 rows made
+the process grow by about 10 bytes a record."""
 _BLOCK = 2**20
 _SAMPLE_BY = {"line": "line", "paragraph": "paragraph", "file": "document"}
 _BUILDER = {"text": "text", "builtin": "text", "jsonl": "json", "json": "json", "csv": "csv", "parquet": "parquet"}
@@ -137,7 +141,12 @@ def _build(item: Input, builder: str, cache_dir: Path, **options: Any) -> Any:
     quiet.setLevel(logging.CRITICAL)
     try:
         return datasets.load_dataset(
-            builder, data_files=[str(item.path)], split="train", cache_dir=str(cache_dir / "hf"), **options
+            builder,
+            data_files=[str(item.path)],
+            split="train",
+            cache_dir=str(cache_dir / "hf"),
+            writer_batch_size=BATCH,
+            **options,
         )
     except Exception as exc:  # noqa: BLE001 - every builder error becomes a message naming the line
         _diagnose(item, item.text_column)

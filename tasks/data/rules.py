@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import re
+import struct
 import unicodedata
 from typing import Any
 
@@ -147,7 +148,9 @@ def clean_array(arr: Any, cfg: CleaningConfig) -> Any:
     return pc.replace_with_mask(out, slow, pa.array(redo, pa.string()))
 
 
-def clean_batch(batch: Any, cfg: dict[str, Any], paragraph: bool, fractions: tuple[float, float, float]) -> Any:
+def clean_batch(
+    batch: Any, cfg: dict[str, Any], paragraph: bool, fractions: tuple[float, float, float], progress: str | None = None
+) -> Any:
     """The cleaning ``map`` over an Arrow batch: normalized text plus the columns later passes decide on.
 
     Args:
@@ -155,6 +158,7 @@ def clean_batch(batch: Any, cfg: dict[str, Any], paragraph: bool, fractions: tup
         cfg: ``CleaningConfig`` as a dict (cheap to pickle into worker processes).
         paragraph: Re-cut each text into paragraphs (the text builder splits on ``"\\n\\n"`` only).
         fractions: Train, validation and test fractions, for the hash split.
+        progress: A file that gets the batch's record and byte counts appended (the main process tails it).
 
     Returns:
         A table: ``text`` (empty for dropped records), ``rule`` (``KEEP`` or 1 + the index of the drop rule
@@ -172,6 +176,7 @@ def clean_batch(batch: Any, cfg: dict[str, Any], paragraph: bool, fractions: tup
     extras = {k: batch.column(k) for k in EXTRA_COLUMNS if k in batch.column_names}
     if paragraph:
         arr = pa.array([p for raw in arr.to_pylist() for p in paragraphs(raw)], pa.string())
+    read = struct.pack("<qq", len(arr), pc.sum(pc.binary_length(arr)).as_py() or 0)
     arr = clean_array(arr, rules)
     chars = pc.utf8_length(arr).to_numpy(zero_copy_only=False)
     share = pc.count_substring_regex(arr, _NONTEXT_ASCII).to_numpy(zero_copy_only=False) / np.maximum(chars, 1)
@@ -189,6 +194,9 @@ def clean_batch(batch: Any, cfg: dict[str, Any], paragraph: bool, fractions: tup
     train, validation, test = fractions
     split = np.where(point < train, 0, np.where((test == 0) | (point < train + validation), 1, 2)).astype(np.int8)
     columns = {"text": kept, "rule": rule, "hi": pairs[:, 0], "lo": pairs[:, 1], "split": split}
+    if progress:  # one 16-byte append per batch is atomic (O_APPEND), whichever process runs it
+        with open(progress, "ab") as handle:
+            handle.write(read)
     return pa.table(columns | {"chars": np.where(rule == KEEP, chars, 0)} | extras)
 
 

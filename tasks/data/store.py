@@ -103,24 +103,49 @@ def near_duplicates(ds: Any, keep: np.ndarray, threshold: float) -> np.ndarray:
 
 # --------------------------------------------------------------------------------------- splits
 def hash_splits(ds: Any, keep: np.ndarray, workdir: Path, extras: list[str]) -> tuple[dict[str, Any], str]:
-    """Each kept record in the split its content hash picked (the ``split`` column); plus their digest."""
-    dest = np.where(keep, column(ds, "split"), -1).astype(np.int8)
-    parts, digest = {}, hashlib.sha256()
-    for code, split in enumerate(SPLITS):
-        chosen = np.flatnonzero(dest == code)
-        parts[split] = ds.select(chosen, indices_cache_file_name=str(workdir / f"indices-{split}.arrow"))
-        parts[split] = parts[split].select_columns(["text", *extras])
-        del chosen
-        streams = [hashlib.sha256() for _ in range(2 + len(extras))]  # one per column: chunking cannot matter
-        for start in range(0, len(dest), CHUNK):  # record digests (and carried values) in stored order
-            stop = min(start + CHUNK, len(dest))
-            chosen = np.flatnonzero(dest[start:stop] == code)
-            streams[0].update(column(ds, "hi", start, stop)[chosen].tobytes())
-            streams[1].update(column(ds, "lo", start, stop)[chosen].tobytes())
-            for stream, name in zip(streams[2:], extras, strict=True):
-                for value in ds.data.column(name).slice(start, stop - start).take(chosen).to_pylist():
-                    stream.update(json.dumps(value).encode() + b"\n")
-        digest.update(f"{split}:{int((dest == code).sum())}:{[s.hexdigest() for s in streams]}\n".encode())
+    """Each kept record in the split its content hash picked (the ``split`` column); plus their digest.
+
+    One pass, a chunk at a time: Arrow filters the chunk into each split's Arrow file (memory-mapped
+    afterwards), so no index of the chosen rows is ever held, and ``save_to_disk`` then copies contiguous
+    tables instead of gathering rows one at a time through an indices mapping.
+    """
+    import datasets
+    import pyarrow as pa
+
+    names = ["text", *extras]
+    table = ds.data.table.select(names)
+    features = datasets.Features({name: ds.features[name] for name in names})
+    paths = [workdir / f"split-{split}.arrow" for split in SPLITS]
+    writers = [pa.ipc.new_stream(str(path), table.schema.remove_metadata()) for path in paths]
+    streams = [[hashlib.sha256() for _ in range(2 + len(extras))] for _ in SPLITS]  # one per column and split
+    rows = [0] * len(SPLITS)
+    try:
+        for start in range(0, len(keep), CHUNK):
+            stop = min(start + CHUNK, len(keep))
+            dest = np.where(keep[start:stop], column(ds, "split", start, stop), -1)
+            hi, lo, chunk = (
+                column(ds, "hi", start, stop),
+                column(ds, "lo", start, stop),
+                table.slice(start, stop - start),
+            )
+            for code, (writer, (hi_s, lo_s, *extra_s)) in enumerate(zip(writers, streams, strict=True)):
+                mask = dest == code
+                part = chunk.filter(pa.array(mask))
+                writer.write_table(part)
+                rows[code] += part.num_rows
+                hi_s.update(hi[mask].tobytes())  # record digests (and carried values) in stored order
+                lo_s.update(lo[mask].tobytes())
+                for stream, name in zip(extra_s, extras, strict=True):
+                    for value in part.column(name).to_pylist():
+                        stream.update(json.dumps(value).encode() + b"\n")
+    finally:
+        for writer in writers:
+            writer.close()
+    digest = hashlib.sha256()
+    for split, count, split_streams in zip(SPLITS, rows, streams, strict=True):
+        digest.update(f"{split}:{count}:{[s.hexdigest() for s in split_streams]}\n".encode())
+    info = datasets.DatasetInfo(features=features)
+    parts = {split: datasets.Dataset.from_file(str(path), info=info) for split, path in zip(SPLITS, paths, strict=True)}
     return parts, digest.hexdigest()
 
 
