@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from typing import Annotated
 
 import typer
@@ -37,6 +38,7 @@ def compress(
     cfg = load(config, set_)
     console.prefect_env()
     console.configure_logging(verbose)
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     lookup.open_store(cfg)
     from forgeline.flows.compress import compress_flow
     from forgeline.tasks.errors import StageInterrupted
@@ -47,8 +49,8 @@ def compress(
         fail("interrupted; re-run the same command to resume from the last checkpoint", code=EXIT_INTERRUPTED)
     except StageInterrupted as exc:
         fail(f"{exc}; re-run the same command to resume", code=128 + exc.signum)
-    except ValueError as exc:  # CompressError, DataError, ConfigError: input the user can fix
-        fail(console.one_line(exc), code=EXIT_BAD_INPUT)
+    except ValueError as exc:  # CompressError, DataError, ConfigError: input the user can fix, said in its message
+        fail((str(exc).strip().splitlines() or [type(exc).__name__])[0], code=EXIT_BAD_INPUT)
     except Exception as exc:  # noqa: BLE001 - every failure ends as one line and a non-zero exit
         if verbose:
             console.err.print_exception()

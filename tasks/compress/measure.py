@@ -51,38 +51,46 @@ def safetensors_bytes(model: PreTrainedModel) -> int:
 
 @torch.no_grad()
 def time_generation(
-    model: PreTrainedModel, prompt_ids: torch.Tensor, *, new_tokens: int, requests: int
-) -> tuple[float, float, float]:
-    """Tokens per second and latency p50/p95 (ms) of ``requests`` greedy ``generate`` calls, batch 1, KV cache.
+    models: list[PreTrainedModel], prompt_ids: torch.Tensor, *, new_tokens: int, requests: int
+) -> list[tuple[float, float, float]]:
+    """Tokens per second and latency p50/p95 (ms) of ``requests`` greedy ``generate`` calls per model.
 
-    One untimed call warms up first. Each call generates exactly ``new_tokens`` (eos does not end it early).
+    Batch 1, KV cache on, CPU. The models take turns call by call (interleaved), so a machine that gets
+    busier halfway slows both alike; each first warms up untimed. Each call generates exactly ``new_tokens``.
     """
-    model.eval()
-    limit = int(getattr(model.config, "n_positions", 1024))
-    ids = prompt_ids[-max(1, limit - new_tokens) :].unsqueeze(0)  # (1, P)
-    new_tokens = min(new_tokens, limit - ids.shape[1])
-    kwargs: dict[str, Any] = {
-        "max_new_tokens": new_tokens,
-        "min_new_tokens": new_tokens,
-        "do_sample": False,
-        "use_cache": True,
-        "pad_token_id": model.config.eos_token_id or 0,
-        "attention_mask": torch.ones_like(ids),
-    }
-    model.generate(ids, **kwargs)
-    times = []
+    kwargs = []
+    for model in models:
+        model.eval()
+        limit = int(getattr(model.config, "n_positions", 1024))
+        ids = prompt_ids[-max(1, limit - new_tokens) :].unsqueeze(0)  # (1, P)
+        n_new = min(new_tokens, limit - ids.shape[1])
+        kw: dict[str, Any] = {
+            "input_ids": ids,
+            "max_new_tokens": n_new,
+            "min_new_tokens": n_new,
+            "do_sample": False,
+            "use_cache": True,
+            "pad_token_id": model.config.eos_token_id or 0,
+            "attention_mask": torch.ones_like(ids),
+        }
+        model.generate(**kw)
+        kwargs.append(kw)
+    times: list[list[float]] = [[] for _ in models]
     for _ in range(requests):
-        t0 = time.perf_counter()
-        model.generate(ids, **kwargs)
-        times.append(time.perf_counter() - t0)
-    rate = requests * new_tokens / sum(times)
-    ms = sorted(t * 1000 for t in times)
-    p95 = ms[min(len(ms) - 1, max(0, round(0.95 * len(ms)) - 1))]
-    return rate, statistics.median(ms), p95
+        for i, model in enumerate(models):
+            t0 = time.perf_counter()
+            model.generate(**kwargs[i])
+            times[i].append(time.perf_counter() - t0)
+    out = []
+    for kw, ts in zip(kwargs, times, strict=True):
+        ms = sorted(t * 1000 for t in ts)
+        p95 = ms[min(len(ms) - 1, max(0, round(0.95 * len(ms)) - 1))]
+        out.append((requests * kw["max_new_tokens"] / sum(ts), statistics.median(ms), p95))
+    return out
 
 
-def measure_model(
-    model: PreTrainedModel,
+def measure_models(
+    models: list[PreTrainedModel],
     tokenizer: Any,
     held_out: str,
     *,
@@ -90,30 +98,35 @@ def measure_model(
     prompt: str,
     new_tokens: int,
     requests: int,
-) -> ModelMeasure:
-    """Size, speed and bits per byte of ``model`` (moved to CPU for the timings, as a CPU server runs it)."""
+) -> list[ModelMeasure]:
+    """Size, speed and bits per byte of each model (on CPU, as a CPU server runs them), timed interleaved."""
     from forgeline.tasks.compress.student import mlp_width
     from forgeline.tasks.data.tokenization import encode_text
 
-    model = model.to("cpu")
-    nats, _, n_bytes = score_text(
-        model, tokenizer, held_out, block_size=int(model.config.n_positions), max_tokens=max_tokens
-    )
-    prompt_ids = encode_text(tokenizer, prompt) if prompt else torch.zeros(0, dtype=torch.long)
+    models = [m.to("cpu") for m in models]
+    prompt_ids = encode_text(tokenizer, prompt).long() if prompt else torch.zeros(0, dtype=torch.long)
     if prompt_ids.numel() == 0:
-        prompt_ids = torch.tensor([model.config.eos_token_id or 0])
-    rate, p50, p95 = time_generation(model, prompt_ids.long(), new_tokens=new_tokens, requests=requests)
-    return ModelMeasure(
-        parameters=count_parameters(model),
-        non_embedding_parameters=non_embedding_parameters(model),
-        n_layer=int(model.config.n_layer),
-        n_inner=mlp_width(model.config),
-        bytes_on_disk=safetensors_bytes(model),
-        tokens_per_sec=rate,
-        latency_p50_ms=p50,
-        latency_p95_ms=p95,
-        bits_per_byte=bits_per_byte(nats, n_bytes),
-    )
+        prompt_ids = torch.tensor([models[0].config.eos_token_id or 0])
+    timings = time_generation(models, prompt_ids, new_tokens=new_tokens, requests=requests)
+    out = []
+    for model, (rate, p50, p95) in zip(models, timings, strict=True):
+        nats, _, n_bytes = score_text(
+            model, tokenizer, held_out, block_size=int(model.config.n_positions), max_tokens=max_tokens
+        )
+        out.append(
+            ModelMeasure(
+                parameters=count_parameters(model),
+                non_embedding_parameters=non_embedding_parameters(model),
+                n_layer=int(model.config.n_layer),
+                n_inner=mlp_width(model.config),
+                bytes_on_disk=safetensors_bytes(model),
+                tokens_per_sec=rate,
+                latency_p50_ms=p50,
+                latency_p95_ms=p95,
+                bits_per_byte=bits_per_byte(nats, n_bytes),
+            )
+        )
+    return out
 
 
 def relative_drop(teacher_metric: float, student_metric: float) -> float:

@@ -19,7 +19,7 @@ import torch
 from pydantic import BaseModel
 
 from forgeline.tasks.compress.distill import DistillSettings, OnMetrics, distill
-from forgeline.tasks.compress.measure import ModelMeasure, measure_model, tradeoff_table
+from forgeline.tasks.compress.measure import ModelMeasure, measure_models, tradeoff_table
 from forgeline.tasks.compress.student import (
     CompressError,
     StudentSpec,
@@ -169,18 +169,16 @@ def compress_model(
     student, _ = load_pretrained_model(str(model_dir))  # measured as it will be served: from disk
     held_out = held_out_text(str(dataset_dir))
     prompt = eval_cfg.prompts[0] if eval_cfg.prompts else ""
-    measures = {}
-    for name, model in (("teacher", teacher), ("student", student)):
-        with torch.inference_mode():
-            measures[name] = measure_model(
-                model,
-                tokenizer,
-                held_out,
-                max_tokens=eval_cfg.max_tokens,
-                prompt=prompt,
-                new_tokens=cfg.latency_new_tokens,
-                requests=cfg.latency_requests,
-            )
+    with torch.inference_mode():
+        t_measure, s_measure = measure_models(
+            [teacher, student],
+            tokenizer,
+            held_out,
+            max_tokens=eval_cfg.max_tokens,
+            prompt=prompt,
+            new_tokens=cfg.latency_new_tokens,
+            requests=cfg.latency_requests,
+        )
     result = CompressResult(
         run_dir=str(run_dir),
         model_dir=str(model_dir),
@@ -189,9 +187,9 @@ def compress_model(
         resumed_from=state.resumed_from,
         final_val_loss=state.final_val,
         nonfinite_steps=state.nonfinite,
-        teacher=measures["teacher"],
-        student=measures["student"],
-        table=tradeoff_table(measures["teacher"], measures["student"]),
+        teacher=t_measure,
+        student=s_measure,
+        table=tradeoff_table(t_measure, s_measure),
         history=state.history,
     )
     tmp = done.with_suffix(".tmp")
