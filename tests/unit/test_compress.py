@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -21,7 +23,7 @@ from forgeline.tasks.compress.student import (
     spaced_layers,
 )
 from forgeline.tasks.config import CompressConfig, TrainConfig, load_config
-from forgeline.tasks.registry.compressed import decide_student
+from forgeline.tasks.registry.compressed import decide_student, register_student
 
 
 def tiny_teacher(n_layer: int = 4, vocab: int = 20, seed: int = 0) -> GPT2LMHeadModel:
@@ -259,3 +261,63 @@ def test_generation_timing_and_table() -> None:
     )  # fmt: skip
     table = tradeoff_table(m, m.model_copy(update={"parameters": 5}))
     assert table["quantity"][0] == "parameters" and table["student/teacher"][0] == 0.5
+
+
+class MemoryRegistry:
+    """Just enough of ``RegistryStore`` for the student gate, in memory."""
+
+    def __init__(self) -> None:
+        self.versions: list[SimpleNamespace] = []
+        self.aliases: dict[str, str] = {}
+        self.moves: list[tuple[str, str]] = []
+
+    def lock(self, model_name: str) -> contextlib.AbstractContextManager[None]:
+        return contextlib.nullcontext()
+
+    def find_lineage_version(self, model_name: str, lineage: str) -> SimpleNamespace | None:
+        return next((v for v in self.versions if v.tags["forgeline.lineage"] == lineage), None)
+
+    def logged_model_status(self, model_uri: str) -> str | None:
+        return None
+
+    def create_version(self, model_name: str, model_uri: str, tags: dict[str, str]) -> SimpleNamespace:
+        self.versions.append(SimpleNamespace(version=str(len(self.versions) + 1), tags=dict(tags)))
+        return self.versions[-1]
+
+    def wait_ready(self, model_name: str, version: str) -> SimpleNamespace:
+        return self.versions[int(version) - 1]
+
+    def champion(self, model_name: str, alias: str) -> SimpleNamespace | None:
+        number = self.aliases.get(alias)
+        return self.versions[int(number) - 1] if number else None
+
+    def set_alias(self, model_name: str, alias: str, version: str) -> None:
+        self.aliases[alias] = version
+
+    def set_version_tags(self, model_name: str, version: str, tags: dict[str, str]) -> None:
+        self.versions[int(version) - 1].tags.update(tags)
+
+    def record_alias_move(self, model_name: str, alias: str, version: str, reason: str, **_: object) -> None:
+        self.moves.append((alias, version))
+
+
+def test_register_student_gates_against_the_teacher_and_registers_once() -> None:
+    store = MemoryRegistry()
+
+    def register(lineage: str, student_bpb: float) -> object:
+        return register_student(
+            store, "m-small", "models:/m-1", lineage, teacher_name="m", teacher_version="3", teacher_metric=2.0,
+            student_metric=student_bpb, max_quality_drop=0.1, champion_alias="champion", tags={},
+        )  # fmt: skip
+
+    good = register("a", 2.1)
+    assert good.promoted and store.aliases == {"champion": "1"} and store.moves == [("champion", "1")]
+    assert (
+        store.versions[0].tags["forgeline.teacher"] == "m"
+        and store.versions[0].tags["forgeline.teacher_version"] == "3"
+    )
+    bad = register("b", 3.0)
+    assert not bad.promoted and bad.version == "2" and store.aliases == {"champion": "1"}
+    assert "exceeds compress.max_quality_drop" in store.versions[1].tags["forgeline.decision"]
+    again = register("a", 2.1)  # the same compression re-run: no second version
+    assert again.already_registered and len(store.versions) == 2
