@@ -118,3 +118,15 @@ def test_compress_registers_the_student_with_its_tradeoff(champion: Any) -> None
     assert refused.tags["forgeline.promoted"] == "false"
     assert "exceeds compress.max_quality_drop" in refused.tags["forgeline.decision"]
     assert str(client.get_model_version_by_alias(STUDENT, "champion").version) == "1"
+
+
+def test_pipeline_compresses_its_champion_when_enabled(project: Any) -> None:
+    settings = ["compress.enabled=true", "compress.max_steps=4", "compress.latency_requests=2"]
+    result = project.run_in_process(*settings, "compress.latency_new_tokens=4", "compress.max_quality_drop=100")
+    assert (result.version, result.promoted) == ("1", True)
+    client = project.client()
+    student = client.get_model_version_by_alias(STUDENT, "champion")
+    assert student.tags["forgeline.teacher"] == TEACHER and student.tags["forgeline.teacher_version"] == "1"
+    run = client.get_run(student.tags["forgeline.model_card_run_id"])
+    assert run.data.tags.get("mlflow.parentRunId") == result.run_id  # the compress run nests in the pipeline's
+    assert "time/compress" in client.get_run(result.run_id).data.metrics
