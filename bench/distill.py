@@ -38,12 +38,18 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config", default="configs/shakespeare_char.yaml")
     parser.add_argument("--teacher-steps", type=int, default=2000)
+    parser.add_argument(
+        "--stop-teacher-at",
+        type=int,
+        default=None,
+        help="stop the teacher's --teacher-steps schedule after this many steps (a later full run resumes it)",
+    )
     parser.add_argument("--steps", type=int, default=300, help="student steps, both arms")
     parser.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3])
     parser.add_argument("--out", default="mlruns/bench-distill")
     parser.add_argument("--smoke", action="store_true", help="tiny sizes: checks the script works")
     args = parser.parse_args()
-    # Bits per byte over the first 50k held-out tokens: scoring all 111k twice per arm would dominate the run.
+    # Bits per byte over the first 20k held-out tokens: scoring all 111k twice per arm would dominate the run.
     sets = [
         f"train.max_steps={args.teacher_steps}",
         f"train.lr_decay_steps={args.teacher_steps}",
@@ -56,16 +62,20 @@ def main() -> None:
     out = Path(args.out) / ("smoke" if args.smoke else "full")
     data = clean_dataset(cfg.data, base_dir=Path.cwd())
     t0 = time.perf_counter()
+    teacher_train = cfg.train
+    if args.stop_teacher_at:
+        teacher_train = cfg.train.model_copy(update={"max_steps": args.stop_teacher_at})
     teacher = train_model(
-        cfg.train,
+        teacher_train,
         cfg.model,
         cfg.tokenizer,
         dataset_dir=data.dataset_dir,
-        run_dir=out / "teacher",
+        run_dir=out / ("teacher" if not args.stop_teacher_at else f"teacher-at-{args.stop_teacher_at}"),
         seed=cfg.seed,
         config_hash=cfg.config_hash(),
     )
-    print(f"teacher: {teacher.steps} steps, val loss {teacher.final_val_loss:.4f} ({time.perf_counter() - t0:.0f} s)")
+    val = teacher.final_val_loss if teacher.final_val_loss is not None else teacher.best_val_loss
+    print(f"teacher: {teacher.steps} steps, val loss {val} ({time.perf_counter() - t0:.0f} s)")
     arms = {
         "distilled": CompressConfig(max_steps=args.steps),
         "scratch": CompressConfig(max_steps=args.steps, init="scratch", alpha_kd=0.0, alpha_ce=1.0),
