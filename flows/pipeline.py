@@ -10,6 +10,7 @@ from prefect import flow
 from prefect.artifacts import create_link_artifact, create_markdown_artifact, create_table_artifact
 from pydantic import BaseModel
 
+from forgeline.flows.compress import compress_flow
 from forgeline.flows.seam import run_train, run_tune
 from forgeline.flows.stages import (
     RunContext,
@@ -94,6 +95,10 @@ def pipeline_flow(
         clock.lap("evaluate")
         registered = register_task(config, outcome, evaluation, cleaned.fingerprint, cleaned.dataset_dir, ctx)
         clock.lap("register")
+        if config.compress.enabled and registered.champion_version is not None:  # issue 18: compress the champion
+            champion = f"models:/{config.registry.model_name}/{registered.champion_version}"
+            compress_flow(config, champion, cleaned.dataset_dir, cleaned.fingerprint, parent_run_id=run_id)
+            clock.lap("compress")
         metrics = {
             "test/loss": evaluation.loss,
             "test/perplexity": evaluation.perplexity,

@@ -334,6 +334,67 @@ class TuneConfig(_Strict):
         return self
 
 
+# ----------------------------------------------------------------------------------------- compress
+class CompressConfig(_Strict):
+    """Distil (or prune) a registered teacher into a smaller student, registered as its own model."""
+
+    enabled: bool = Field(False, description="Run the compress stage after register in `forgeline run`.")
+    method: Literal["distill", "prune"] = Field(
+        "distill",
+        description="distill: copy the chosen teacher layers (default: half of them, evenly spaced) and distil; "
+        "prune: keep the layers, shrink the MLP width by weight magnitude, then a distilled recovery fine-tune.",
+    )
+    init: Literal["teacher", "scratch"] = Field(
+        "teacher", description="teacher: copy embeddings, final norm, head and layers; scratch: random weights."
+    )
+    layers_from_teacher: list[int] | None = Field(
+        None, description="Teacher layers copied into the student, in order (DistilGPT2: [0, 2, 4, 7, 9, 11])."
+    )
+    n_layer: int | None = Field(None, ge=1, le=128, description="Student layers; null: from layers_from_teacher.")
+    n_embd: int | None = Field(None, ge=1, le=16384, description="Student width; null: the teacher's.")
+    n_head: int | None = Field(None, ge=1, le=128, description="Student heads; null: the teacher's.")
+    n_inner: int | None = Field(
+        None, ge=1, description="Student MLP width; null: the teacher's (prune: half of it), kept by magnitude."
+    )
+    student_from: str | None = Field(
+        None, description="Start from this saved model (folder or models:/ URI) instead of the teacher's layers."
+    )
+    temperature: float = Field(2.0, gt=0, description="Softmax temperature of the distillation loss.")
+    alpha_kd: float = Field(0.5, ge=0, description="Weight of T^2 * KL(teacher || student) on softened logits.")
+    alpha_ce: float = Field(0.5, ge=0, description="Weight of the next-token cross-entropy on the data.")
+    max_steps: int = Field(200, ge=1, description="Distillation (or recovery fine-tune) steps.")
+    learning_rate: float | None = Field(None, gt=0, le=10, description="null: train.learning_rate.")
+    model_name: str | None = Field(
+        None,
+        pattern=r"^[A-Za-z0-9][A-Za-z0-9_.\-]*$",
+        description="Registered name of the student; null: <registry.model_name>-small.",
+    )
+    max_quality_drop: float = Field(
+        0.1,
+        ge=0,
+        description="The student becomes champion of its model only if its metric is at most this much worse "
+        "than the teacher's, relative (0.1: bits per byte up to 10% higher).",
+    )
+    latency_requests: int = Field(20, ge=1, description="Generate calls timed for the latency p50/p95.")
+    latency_new_tokens: int = Field(32, ge=1, description="Tokens generated per timed call (batch 1, KV cache).")
+
+    @model_validator(mode="after")
+    def _consistent_student(self) -> CompressConfig:
+        layers = self.layers_from_teacher
+        if layers is not None:
+            if not layers:
+                raise ValueError("compress.layers_from_teacher must name at least one layer")
+            if len(set(layers)) != len(layers) or any(i < 0 for i in layers):
+                raise ValueError(f"compress.layers_from_teacher must be distinct indexes >= 0, got {layers}")
+            if self.n_layer is not None and self.n_layer != len(layers):
+                raise ValueError(
+                    f"compress.n_layer ({self.n_layer}) differs from len(compress.layers_from_teacher) ({len(layers)})"
+                )
+        if self.alpha_kd == 0 and self.alpha_ce == 0:
+            raise ValueError("compress.alpha_kd and compress.alpha_ce are both 0: nothing to train on")
+        return self
+
+
 # ------------------------------------------------------------------------------------------ registry
 class RegistryConfig(_Strict):
     """MLflow model registry and the champion gate."""
@@ -466,6 +527,7 @@ class PipelineConfig(_Strict):
     registry: RegistryConfig = Field(default_factory=RegistryConfig)
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
     deploy: DeployConfig = Field(default_factory=DeployConfig)
+    compress: CompressConfig = Field(default_factory=CompressConfig)
 
     def for_flow_run(self) -> PipelineConfig:
         """This config as a Prefect flow-run or deployment parameter, with the secrets under ``deploy`` masked.

@@ -12,6 +12,7 @@ history     :mod:`forgeline.flows.cli.history`           compare, reproduce
 models      :mod:`forgeline.flows.cli.models`            models, promote, rollback
 serving     :mod:`forgeline.flows.cli.serving`           generate, serve, ui
 stack       :mod:`forgeline.flows.cli.stack`             up, down, status, deploy (and run --deployed)
+compress    :mod:`forgeline.flows.cli.compress`          compress
 ==========  ===========================================  ==========================================
 """
 
@@ -23,7 +24,7 @@ from typing import Any
 
 import typer
 
-from forgeline.flows.cli import history, models, runs, serving, stack, startup
+from forgeline.flows.cli import compress, history, models, runs, serving, stack, startup
 
 app = typer.Typer(
     name="forgeline",
@@ -64,6 +65,7 @@ COMMANDS: tuple[tuple[Callable[..., None], bool], ...] = (
     (serving.generate, True),
     (serving.serve, True),
     (history.reproduce, True),
+    (compress.compress, True),
     (stack.up, False),
     (stack.down, False),
     (stack.status, False),
