@@ -39,15 +39,19 @@ def corpus_text() -> str:
 
 
 def make_dataset(tmp: Path) -> str:
-    """A tail-split dataset folder in the cleaned layout, without running the cleaning stage."""
+    """A tail-split dataset folder in the cleaned layout (Arrow splits), without running the cleaning stage."""
+    import datasets
+
     text = corpus_text()
     n = len(text)
     out = tmp / "dataset"
-    out.mkdir()
-    for split, part in (("train", text[: int(n * 0.9)]), ("validation", text[int(n * 0.9) :]), ("test", "")):
-        with (out / f"{split}.jsonl").open("w", encoding="utf-8") as fh:
-            if part:
-                fh.write(json.dumps({"text": part}) + "\n")
+    features = datasets.Features({"text": datasets.Value("string")})
+    parts = {"train": text[: int(n * 0.9)], "validation": text[int(n * 0.9) :], "test": ""}
+    splits = {
+        name: datasets.Dataset.from_dict({"text": [part] if part else []}, features=features)
+        for name, part in parts.items()
+    }
+    datasets.DatasetDict(splits).save_to_disk(str(out))
     return str(out)
 
 
