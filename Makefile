@@ -26,7 +26,7 @@ install: $(VENV)/.installed
 run: install
 	$(VENV)/bin/forgeline run --config $(CONFIG)
 
-# The default suite: unit + integration without the tests marked slow (about 8 minutes on 2 cores).
+# The default suite: unit + integration without the tests marked slow (about 10 minutes on 2 cores).
 test: install
 	$(PY) -m pytest -q --durations=15 -m "not slow" tests/unit tests/integration
 

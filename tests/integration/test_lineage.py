@@ -107,6 +107,7 @@ def test_a_finished_checkpoint_tracked_by_another_store_brings_its_curve(
     assert curve(client, run.info.run_id) == curve(project.client(), first_run)  # the same curve, replayed
 
 
+@pytest.mark.slow  # a kill, a resume and a restore (31 s); the deleted-store test above keeps H1 in the default suite
 def test_store_restored_from_a_backup_older_than_the_checkpoint(project: Project, tmp_path: Path) -> None:
     killed = project.run_pipeline(extra_env=KILL)
     assert killed.returncode in (-signal.SIGKILL, 128 + signal.SIGKILL), killed.describe()
