@@ -543,31 +543,34 @@ class PipelineConfig(_Strict):
     def config_hash(self) -> str:
         """Hash of what determines the trained weights (not tracking, registry or tune settings)."""
         payload = self.model_dump(mode="json", include={"seed", "tokenizer", "model", "train", "data"})
-        for key in _EXECUTION_TRAIN_KEYS:  # where and how wide training runs, not what it learns
-            payload["train"].pop(key, None)
-        payload["data"].pop("cache_dir", None)
+        for section, keys in _UNHASHED_KEYS.items():  # where and how wide it runs, not what it learns
+            for key in keys:
+                payload[section].pop(key, None)
         # Keys added after configs were in use count only when set away from their default, so a config
         # that does not use them keeps its hash (and its checkpoints resume after an upgrade).
-        for key, default in _LATER_MODEL_KEYS.items():
-            if payload["model"].get(key) == default:
-                payload["model"].pop(key)
-        for key, default in _LATER_DATA_KEYS.items():
-            if payload["data"].get(key) == default:
-                payload["data"].pop(key)
+        for section, defaults in _LATER_KEYS.items():
+            for key, default in defaults.items():
+                if payload[section].get(key) == default:
+                    payload[section].pop(key)
         blob = json.dumps(payload, sort_keys=True).encode()
         return hashlib.sha256(blob).hexdigest()[:16]
 
 
-_LATER_MODEL_KEYS = {"bias": True, "activation": "gelu_new"}
-_LATER_DATA_KEYS: dict[str, Any] = {
-    "text_columns": [],
-    "label_column": None,
-    "prompt_column": None,
-    "completion_column": None,
-    "num_proc": None,
+_LATER_KEYS: dict[str, dict[str, Any]] = {
+    "model": {"bias": True, "activation": "gelu_new"},
+    "data": {
+        "text_columns": [],
+        "label_column": None,
+        "prompt_column": None,
+        "completion_column": None,
+        "num_proc": None,
+    },
 }
 # Never hashed: a checkpoint resumes under any world size (the global batch then changes with it).
-_EXECUTION_TRAIN_KEYS = ("checkpoint_dir", "nproc_per_node", "nnodes", "rdzv_endpoint", "dist_timeout_s")
+_UNHASHED_KEYS: dict[str, tuple[str, ...]] = {
+    "train": ("checkpoint_dir", "nproc_per_node", "nnodes", "rdzv_endpoint", "dist_timeout_s"),
+    "data": ("cache_dir",),
+}
 
 
 # ------------------------------------------------------------------------------------------ loading
