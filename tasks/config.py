@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import AliasChoices, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 SECRET_MARKERS = ("token", "password", "secret", "apikey", "api_key", "private_key")
 
@@ -27,6 +27,37 @@ class ConfigError(ValueError):
 
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
+
+
+# --------------------------------------------------------------------------------------------- task
+TaskKind = Literal["lm", "classification", "completion"]
+
+
+class TaskConfig(_Strict):
+    """What the model learns to do; every stage picks its behaviour from ``kind``."""
+
+    kind: TaskKind = Field(
+        "lm",
+        description="lm: a causal language model (bits per byte); classification: text -> label (F1, accuracy); "
+        "completion: prompt -> completion (BLEU, ROUGE, exact match).",
+    )
+
+
+# The champion gate's metric, the search's metric and the loop's defaults, per task kind.
+GATE_METRIC: dict[str, str] = {
+    "lm": "test/bits_per_byte",
+    "classification": "test/f1_macro",
+    "completion": "test/rougeL",
+}
+TUNE_METRIC: dict[str, str] = {"lm": "val/loss", "classification": "val/f1_macro", "completion": "val/loss"}
+DEFAULT_PATIENCE: dict[str, int | None] = {"lm": None, "classification": 3, "completion": 3}
+_HIGHER_IS_BETTER_WORDS = ("accuracy", "f1", "precision", "recall", "bleu", "rouge", "chrf", "exact_match")
+
+
+def higher_is_better(metric: str) -> bool:
+    """Whether a larger value of ``metric`` is better (F1, accuracy, BLEU, ROUGE...) or worse (loss, bits)."""
+    leaf = metric.lower().rsplit("/", 1)[-1]
+    return any(word in leaf for word in _HIGHER_IS_BETTER_WORDS)
 
 
 # --------------------------------------------------------------------------------------------- data
@@ -65,7 +96,11 @@ class BuiltinSource(_Strict):
     """An offline corpus that exists on any machine with Python (the standard library's docs)."""
 
     kind: Literal["builtin"] = "builtin"
-    name: Literal["python-docs"] = Field("python-docs", description="Which built-in corpus.")
+    name: Literal["python-docs", "python-docstrings"] = Field(
+        "python-docs",
+        description="Which built-in corpus. python-docs: the standard library's docs as text (lm); "
+        "python-docstrings: signature -> first docstring sentence pairs (completion).",
+    )
     max_bytes: int = Field(2_000_000, gt=0, description="Stop reading the corpus after this many bytes.")
 
 
@@ -144,6 +179,11 @@ class DataConfig(_Strict):
     num_proc: int | None = Field(
         None, ge=1, description="Worker processes for cleaning; null: the machine's cores (one for small inputs)."
     )
+    prompt_overflow: Literal["drop", "truncate_left"] = Field(
+        "drop",
+        description="completion: a prompt that leaves no room for its completion in model.block_size is dropped "
+        "(counted in the report) or cut from the left.",
+    )
 
 
 # ---------------------------------------------------------------------------------------- tokenizer
@@ -212,8 +252,29 @@ class TrainConfig(_Strict):
     log_interval: int = Field(10, ge=1, description="Log train metrics every N steps.")
     checkpoint_interval: int = Field(100, ge=1, description="Write a checkpoint every N steps.")
     keep_checkpoints: int = Field(2, ge=1, description="Complete checkpoints kept on disk.")
-    early_stopping_patience: int | None = Field(
-        None, ge=1, description="Stop after N evaluations without validation improvement; null disables."
+    epochs: float | None = Field(
+        None,
+        gt=0,
+        description="classification, completion: passes over the shuffled training split (sets the steps; "
+        "max_steps then caps them). null: max_steps alone.",
+    )
+    patience: int | None = Field(
+        None,
+        ge=0,
+        validation_alias=AliasChoices("patience", "early_stopping_patience"),
+        description="Stop after N evaluations without validation improvement; 0: never. null: the task's "
+        "default (off for lm, 3 for classification and completion). Old name: early_stopping_patience.",
+    )
+    keep_best: bool | None = Field(
+        None,
+        description="Evaluate and register the weights of the best validation evaluation, not the last. "
+        "null: the task's default (false for lm, true for classification and completion).",
+    )
+    class_weights: Literal["none", "balanced"] = Field(
+        "none", description="classification: weigh the loss by inverse class frequency (balanced) or not."
+    )
+    loss_on: Literal["completion", "all"] | None = Field(
+        None, description="completion: which tokens the loss counts. null: completion."
     )
     max_nonfinite_steps: int = Field(
         3, ge=1, description="A non-finite loss skips the step; this many in a row fails the run."
@@ -255,6 +316,15 @@ class EvalConfig(_Strict):
     temperature: float = Field(0.8, gt=0)
     top_k: int | None = Field(50, ge=1)
     max_tokens: int = Field(200_000, ge=1, description="Cap on test tokens scored.")
+    do_sample: bool = Field(
+        False, description="completion: sample (seeded, with temperature and top_k) instead of greedy decoding."
+    )
+    stop_at: Literal["eos", "newline"] = Field(
+        "newline", description="completion: decoding stops at end-of-text, or also at the first newline."
+    )
+    max_examples: int | None = Field(
+        None, ge=1, description="classification, completion: score at most this many test records; null: all."
+    )
 
 
 # --------------------------------------------------------------------------------------------- tune
@@ -317,6 +387,11 @@ class TuneConfig(_Strict):
         None, ge=1, description="Seconds without a heartbeat before a RUNNING trial counts as crashed; null: 2x."
     )
     max_retries: int = Field(1, ge=0, description="Times a crashed trial is retried with the same parameters.")
+    metric: str | None = Field(
+        None,
+        description="Validation metric the pruner and the best trial use (val/loss, val/f1_macro, val/rougeL...); "
+        "null: the task's (val/loss for lm and completion, val/f1_macro for classification).",
+    )
 
     @field_validator("search_space")
     @classmethod
@@ -401,7 +476,15 @@ class RegistryConfig(_Strict):
 
     model_name: str = Field("forgeline-lm", min_length=1, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.\-]*$")
     min_improvement: float = Field(
-        0.0, ge=0, description="Candidate's test bits-per-byte must beat the champion's by at least this."
+        0.0, ge=0, description="Candidate's gate metric must beat the champion's by at least this."
+    )
+    metric: str | None = Field(
+        None,
+        description="The champion gate's metric; null: the task's (test/bits_per_byte for lm, test/f1_macro for "
+        "classification, test/rougeL for completion).",
+    )
+    higher_is_better: bool | None = Field(
+        None, description="Direction of registry.metric; null: from its name (loss, bits: lower; F1, ROUGE: higher)."
     )
     champion_alias: str = Field("champion", pattern=r"^[a-z][a-z0-9_\-]*$")
     challenger_alias: str = Field("challenger", pattern=r"^[a-z][a-z0-9_\-]*$")
@@ -518,6 +601,7 @@ class PipelineConfig(_Strict):
 
     name: str = Field("forgeline-demo", min_length=1, description="Experiment name.", pattern=r"^[\w.\- ]+$")
     seed: int = Field(1337, ge=0)
+    task: TaskConfig = Field(default_factory=TaskConfig)
     data: DataConfig = Field(default_factory=DataConfig)
     tokenizer: TokenizerConfig = Field(default_factory=TokenizerConfig)
     model: ModelConfig = Field(default_factory=ModelConfig)
@@ -528,6 +612,37 @@ class PipelineConfig(_Strict):
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
     deploy: DeployConfig = Field(default_factory=DeployConfig)
     compress: CompressConfig = Field(default_factory=CompressConfig)
+
+    @model_validator(mode="after")
+    def _keys_fit_the_task(self) -> PipelineConfig:
+        for key, problem in _task_conflicts(self):
+            raise ValueError(f"{key}: {problem}")
+        return self
+
+    @property
+    def kind(self) -> str:
+        """The task kind (``lm``, ``classification`` or ``completion``)."""
+        return self.task.kind
+
+    def gate_metric(self) -> tuple[str, bool]:
+        """The champion gate's metric and whether higher is better (``registry.*`` or the task's default)."""
+        metric = self.registry.metric or GATE_METRIC[self.kind]
+        higher = self.registry.higher_is_better
+        return metric, higher_is_better(metric) if higher is None else higher
+
+    def tune_metric(self) -> tuple[str, bool]:
+        """The validation metric the search optimizes and whether higher is better."""
+        metric = self.tune.metric or TUNE_METRIC[self.kind]
+        return metric, higher_is_better(metric)
+
+    def patience(self) -> int | None:
+        """Evaluations without improvement before training stops; ``None``: never."""
+        value = self.train.patience if self.train.patience is not None else DEFAULT_PATIENCE[self.kind]
+        return value or None
+
+    def keep_best(self) -> bool:
+        """Whether the best validation evaluation's weights (not the last) are the trained model."""
+        return self.train.keep_best if self.train.keep_best is not None else self.kind != "lm"
 
     def for_flow_run(self) -> PipelineConfig:
         """This config as a Prefect flow-run or deployment parameter, with the secrets under ``deploy`` masked.
@@ -542,7 +657,9 @@ class PipelineConfig(_Strict):
 
     def config_hash(self) -> str:
         """Hash of what determines the trained weights (not tracking, registry or tune settings)."""
-        payload = self.model_dump(mode="json", include={"seed", "tokenizer", "model", "train", "data"})
+        payload = self.model_dump(mode="json", include={"seed", "task", "tokenizer", "model", "train", "data"})
+        # train.patience was train.early_stopping_patience: the old name keeps old hashes.
+        payload["train"]["early_stopping_patience"] = payload["train"].pop("patience")
         for section, keys in _UNHASHED_KEYS.items():  # where and how wide it runs, not what it learns
             for key in keys:
                 payload[section].pop(key, None)
@@ -552,25 +669,59 @@ class PipelineConfig(_Strict):
             for key, default in defaults.items():
                 if payload[section].get(key) == default:
                     payload[section].pop(key)
+        if not payload["task"]:
+            del payload["task"]
         blob = json.dumps(payload, sort_keys=True).encode()
         return hashlib.sha256(blob).hexdigest()[:16]
 
 
 _LATER_KEYS: dict[str, dict[str, Any]] = {
+    "task": {"kind": "lm"},
     "model": {"bias": True, "activation": "gelu_new"},
+    "train": {"epochs": None, "keep_best": None, "class_weights": "none", "loss_on": None},
     "data": {
         "text_columns": [],
         "label_column": None,
         "prompt_column": None,
         "completion_column": None,
-        "num_proc": None,
+        "prompt_overflow": "drop",
     },
 }
 # Never hashed: a checkpoint resumes under any world size (the global batch then changes with it).
 _UNHASHED_KEYS: dict[str, tuple[str, ...]] = {
     "train": ("checkpoint_dir", "nproc_per_node", "nnodes", "rdzv_endpoint", "dist_timeout_s"),
-    "data": ("cache_dir",),
+    "data": ("cache_dir", "num_proc"),
 }
+
+
+def _task_conflicts(cfg: PipelineConfig) -> list[tuple[str, str]]:
+    """Keys set to something the chosen ``task.kind`` cannot use, each with the reason (empty: none)."""
+    kind, data, train = cfg.kind, cfg.data, cfg.train
+    conflicts: list[tuple[str, str]] = []
+    if kind == "classification" and not data.label_column:
+        conflicts.append(("data.label_column", "task.kind 'classification' needs the column holding the labels"))
+    if kind != "classification":
+        if data.label_column:
+            conflicts.append(("data.label_column", f"only for task.kind 'classification', not {kind!r}"))
+        if train.class_weights != "none":
+            conflicts.append(("train.class_weights", f"only for task.kind 'classification', not {kind!r}"))
+    if kind == "completion":
+        builtin = any(getattr(s, "name", None) == "python-docstrings" for s in data.sources)
+        if not builtin and not (data.prompt_column and data.completion_column):
+            conflicts.append(
+                ("data.prompt_column", "task.kind 'completion' needs data.prompt_column and data.completion_column")
+            )
+    else:
+        for key in ("prompt_column", "completion_column"):
+            if getattr(data, key):
+                conflicts.append((f"data.{key}", f"only for task.kind 'completion', not {kind!r}"))
+        if train.loss_on is not None:
+            conflicts.append(("train.loss_on", f"only for task.kind 'completion', not {kind!r}"))
+        if any(getattr(s, "name", None) == "python-docstrings" for s in data.sources):
+            conflicts.append(("data.sources", "the builtin 'python-docstrings' corpus is for task.kind 'completion'"))
+    if kind == "lm" and train.epochs is not None:
+        conflicts.append(("train.epochs", "task.kind 'lm' trains on random windows: use train.max_steps"))
+    return conflicts
 
 
 # ------------------------------------------------------------------------------------------ loading
@@ -629,8 +780,16 @@ def _format_validation_error(exc: ValidationError, origin: str, valid: set[str])
         return f"{origin}: unknown key {loc!r}{_suggest(loc, valid)}"
     msg = err["msg"].removeprefix("Value error, ")
     extra = f" (and {len(exc.errors()) - 1} more)" if len(exc.errors()) > 1 else ""
+    if not loc_full and _key_in_message(msg):  # a whole-tree check names its key first
+        return f"{origin}: {msg}{extra}"
     where = loc_full or "config"
     return f"{origin}: {where}: {msg}{extra}"
+
+
+def _key_in_message(msg: str) -> str:
+    """The dotted key a whole-tree check's message starts with (``data.label_column: ...``), or ``""``."""
+    match = re.match(r"(?:Value error, )?([a-z_]+(?:\.[a-z_]+)+): ", msg)
+    return match.group(1) if match else ""
 
 
 _UNION_TAGS = {"files", "directory", "builtin", "float", "int", "categorical"}
@@ -692,6 +851,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     except ValidationError as exc:
         err = exc.errors()[0]
         dotted = ".".join(str(p) for p in err["loc"] if not isinstance(p, int) and p not in _UNION_TAGS)
+        dotted = dotted or _key_in_message(err["msg"])
         if any(dotted == k or dotted.startswith(k + ".") for k in override_keys):
             raise ConfigError(_format_validation_error(exc, "--set", valid)) from None
         line = _line_of_key(text, dotted) if text else None

@@ -336,7 +336,7 @@ def _loop(
                 cb.on_metrics(state.step, metrics)
             if "val/loss" in metrics and cb.on_eval:
                 cb.on_eval(state.step, metrics["val/loss"])
-            patience = cfg.early_stopping_patience
+            patience = cfg.patience
             stopped_early = patience is not None and state.bad_evals >= patience
             last = state.step == cfg.max_steps or stopped_early
             saved = state.step % cfg.checkpoint_interval == 0 or last or stopping

@@ -191,3 +191,70 @@ def test_later_model_keys_change_the_hash_only_when_set() -> None:
     assert load_config(None, ["model.bias=true", "model.activation=gelu_new"]).config_hash() == base.config_hash()
     assert load_config(None, ["model.bias=false"]).config_hash() != base.config_hash()
     assert load_config(None, ["model.activation=gelu"]).config_hash() != base.config_hash()
+
+
+# ------------------------------------------------------------------------------ task kinds (issues 16, 17)
+def test_task_kind_defaults_to_lm_and_keeps_every_shipped_config_hash() -> None:
+    from forgeline.tasks.config import PipelineConfig
+
+    cfg = PipelineConfig()
+    assert cfg.kind == "lm"
+    assert cfg.gate_metric() == ("test/bits_per_byte", False)
+    assert cfg.tune_metric() == ("val/loss", False)
+    assert cfg.patience() is None and cfg.keep_best() is False
+    # The hashes the shipped configs had before task.kind existed (their checkpoints must still resume).
+    assert load_config("configs/default.yaml").config_hash() == "d4c532613ff874cc"
+    assert load_config("configs/shakespeare_char.yaml").config_hash() == "2af8c3669d82eb9d"
+
+
+def test_classification_defaults_follow_the_task() -> None:
+    cfg = load_config(None, ["task.kind=classification", "data.label_column=tag"])
+    assert cfg.gate_metric() == ("test/f1_macro", True)
+    assert cfg.tune_metric() == ("val/f1_macro", True)
+    assert cfg.patience() == 3 and cfg.keep_best() is True
+    assert cfg.config_hash() != PipelineConfig().config_hash()
+    off = load_config(None, ["task.kind=classification", "data.label_column=tag", "train.patience=0"])
+    assert off.patience() is None
+
+
+def test_registry_metric_direction_comes_from_its_name_unless_set() -> None:
+    cfg = load_config(None, ["registry.metric=test/accuracy"])
+    assert cfg.gate_metric() == ("test/accuracy", True)
+    cfg = load_config(None, ["registry.metric=test/loss"])
+    assert cfg.gate_metric() == ("test/loss", False)
+    cfg = load_config(None, ["registry.metric=test/custom", "registry.higher_is_better=true"])
+    assert cfg.gate_metric() == ("test/custom", True)
+
+
+def test_early_stopping_patience_is_the_old_name_of_train_patience(tmp_path: Path) -> None:
+    path = tmp_path / "old.yaml"
+    path.write_text("train:\n  early_stopping_patience: 4\n")
+    cfg = load_config(path)
+    assert cfg.train.patience == 4 and cfg.patience() == 4
+    assert cfg.config_hash() != PipelineConfig().config_hash()
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (["task.kind=classification"], "data.label_column: task.kind 'classification' needs"),
+        (["data.label_column=tag"], "data.label_column: only for task.kind 'classification', not 'lm'"),
+        (["train.class_weights=balanced"], "train.class_weights: only for task.kind 'classification'"),
+        (["train.epochs=3"], "train.epochs: task.kind 'lm' trains on random windows"),
+        (["train.loss_on=all"], "train.loss_on: only for task.kind 'completion'"),
+        (["task.kind=completion"], "data.prompt_column: task.kind 'completion' needs"),
+        (["data.prompt_column=q"], "data.prompt_column: only for task.kind 'completion', not 'lm'"),
+    ],
+)
+def test_a_key_the_task_cannot_use_is_one_line_naming_it(overrides: list[str], message: str) -> None:
+    with pytest.raises(ConfigError) as err:
+        load_config(None, overrides)
+    text = str(err.value)
+    assert message in text and "\n" not in text and "Value error" not in text
+
+
+def test_completion_on_the_builtin_docstrings_needs_no_columns() -> None:
+    cfg = load_config(None, ["task.kind=completion", "data.sources=[{kind: builtin, name: python-docstrings}]"])
+    assert cfg.gate_metric() == ("test/rougeL", True)
+    with pytest.raises(ConfigError, match="python-docstrings' corpus is for task.kind 'completion'"):
+        load_config(None, ["data.sources=[{kind: builtin, name: python-docstrings}]"])
