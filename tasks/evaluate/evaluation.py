@@ -46,6 +46,11 @@ class EvalResult(BaseModel):
     samples: list[dict]
     """``[{"prompt": ..., "text": ...}]``; ``text`` is the continuation only."""
 
+    @property
+    def metrics(self) -> dict[str, float]:
+        """The headline scores under their MLflow names; every task's result has ``metrics`` (the gate reads it)."""
+        return {"test/loss": self.loss, "test/perplexity": self.perplexity, "test/bits_per_byte": self.bits_per_byte}
+
 
 def bits_per_byte(total_nats: float, n_bytes: int) -> float:
     """Convert summed nats to bits per byte.
