@@ -17,6 +17,7 @@ from forgeline.tasks.evaluate.class_metrics import score_predictions
 logger = logging.getLogger(__name__)
 
 BASELINE_NAME = "TF-IDF (char 2-5-grams) + logistic regression"
+BASELINE_PREFIX = "baseline/"
 SEED = 0
 
 
@@ -30,11 +31,8 @@ class BaselineResult(BaseModel):
     @property
     def metrics(self) -> dict[str, float]:
         """The scores under their MLflow names (``baseline/...``)."""
-        return {
-            "baseline/accuracy": self.accuracy,
-            "baseline/f1_weighted": self.f1_weighted,
-            "baseline/f1_macro": self.f1_macro,
-        }
+        scores = {"accuracy": self.accuracy, "f1_weighted": self.f1_weighted, "f1_macro": self.f1_macro}
+        return {BASELINE_PREFIX + name: value for name, value in scores.items()}
 
 
 def baseline_scores(

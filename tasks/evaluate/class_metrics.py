@@ -16,6 +16,8 @@ import numpy as np
 
 AVERAGES = ("macro", "weighted")
 MISTAKE_TEXT_CHARS = 160
+PER_CLASS_COLUMNS = ["label", "precision", "recall", "f1", "support"]
+MISTAKE_COLUMNS = ["text", "true", "predicted", "score"]
 
 
 def score_predictions(y_true: Sequence[Hashable], y_pred: Sequence[Hashable]) -> dict[str, float]:
