@@ -249,3 +249,12 @@ def test_eval_device() -> None:
     assert eval_device("cpu") == "cpu"
     assert eval_device("cuda") == "cuda"
     assert eval_device("auto") == ("cuda" if torch.cuda.is_available() else "cpu")
+
+
+@pytest.mark.gpu
+def test_cuda_logits_match_cpu(model_dir: Path) -> None:
+    model, tokenizer = load_classifier(model_dir)
+    texts = _texts(make_labeled_rows(20))
+    cpu = predict_logits(model, tokenizer, texts, block_size=32, batch_size=8, device="cpu")
+    cuda = predict_logits(model, tokenizer, texts, block_size=32, batch_size=8, device="cuda")
+    assert np.allclose(cpu, cuda, atol=1e-3)  # TF32 matmuls on the GPU: close, not bit-equal
