@@ -10,6 +10,7 @@ figures come from :mod:`forgeline.tasks.evaluate.class_metrics`; the TF-IDF base
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -89,31 +90,19 @@ def evaluate_classifier(
     Raises:
         DataError: A test label the model does not know, or an empty test split.
     """
-    model, tokenizer = load_classifier(model_dir)
-    labels = [model.config.id2label[i] for i in range(model.config.num_labels)]
-    label2id = {name: i for i, name in enumerate(labels)}
-    texts, names = _records(dataset_dir, _held_out_split(dataset_dir), cfg.max_examples)
-    unknown = sorted(set(names) - set(label2id))
-    if unknown:
-        raise DataError(f"test label(s) the model was not trained on: {', '.join(map(repr, unknown[:5]))}")
-    y_true = np.array([label2id[n] for n in names], dtype=np.int64)
-    logits = predict_logits(model, tokenizer, texts, block_size=block_size, batch_size=batch_size, device=device)
-    log_probs = _log_softmax(logits)
-    probs = np.exp(log_probs)
-    y_pred = probs.argmax(axis=1)
-    loss = float(-log_probs[np.arange(len(y_true)), y_true].mean())  # mean cross-entropy, nats per record
-
-    metrics = {f"test/{k}": v for k, v in score_predictions(y_true.tolist(), y_pred.tolist()).items()}
-    metrics["test/loss"] = loss
+    scored = _score(model_dir, dataset_dir, cfg, block_size=block_size, batch_size=batch_size, device=device)
+    texts, names, labels = scored.texts, scored.names, scored.labels
+    y_true, y_pred = scored.y_true.tolist(), scored.y_pred.tolist()
+    metrics = dict(scored.metrics)
     train_texts, train_names = _records(dataset_dir, "train", None)
     metrics |= baseline_scores(train_texts, train_names, texts, names).metrics
-    counts = confusion_counts(y_true.tolist(), y_pred.tolist(), len(labels))
+    counts = confusion_counts(y_true, y_pred, len(labels))
     png = write_confusion_png(counts, labels, Path(out_dir) / CONFUSION_PNG)
     result = ClassificationEvalResult(
         metrics=metrics,
-        per_class=per_class_rows(y_true.tolist(), y_pred.tolist(), labels),
+        per_class=per_class_rows(y_true, y_pred, labels),
         mistakes=confident_mistakes(
-            texts, y_true.tolist(), y_pred.tolist(), probs.max(axis=1).tolist(), labels, limit=MISTAKES_SHOWN
+            texts, y_true, y_pred, scored.probs.max(axis=1).tolist(), labels, limit=MISTAKES_SHOWN
         ),
         confusion=counts.tolist(),
         confusion_png=str(png),
@@ -129,6 +118,24 @@ def evaluate_classifier(
         metrics["baseline/f1_weighted"],
     )
     return result
+
+
+def score_classifier(
+    model_dir: str | Path,
+    dataset_dir: str | Path,
+    cfg: EvalConfig,
+    *,
+    block_size: int,
+    batch_size: int,
+    device: str,
+) -> dict[str, float]:
+    """The model's own ``test/...`` metrics on the held-out split: no baseline, no tables, no files.
+
+    What re-scoring a registered model needs (the champion gate on changed data); the same records and
+    code as :func:`evaluate_classifier`, so the two agree. Arguments as there.
+    """
+    scored = _score(model_dir, dataset_dir, cfg, block_size=block_size, batch_size=batch_size, device=device)
+    return scored.metrics
 
 
 def load_classifier(model_dir: str | Path) -> tuple[Any, Any]:
@@ -153,7 +160,9 @@ def predict_logits(
 ) -> np.ndarray:
     """The model's class logits for each text, ``(len(texts), num_labels)`` float32, in the texts' order.
 
-    The model is moved to ``device`` and left in eval mode.
+    Each text is encoded as training encodes it (truncated at ``block_size`` tokens, or the model's positions
+    if fewer; an empty text as the end-of-text token), batches are right-padded to their longest record. The
+    model is moved to ``device`` and left in eval mode.
     """
     import torch
 
@@ -161,21 +170,59 @@ def predict_logits(
         raise ValueError("block_size and batch_size must be positive")
     limit = getattr(model.config, "n_positions", None) or getattr(model.config, "max_position_embeddings", None)
     max_length = min(block_size, limit) if isinstance(limit, int) else block_size
+    encoded = tokenizer(list(texts), truncation=True, max_length=max_length)["input_ids"] if texts else []
+    fallback = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else tokenizer.pad_token_id
+    ids = [list(row) if len(row) else [fallback] for row in encoded]  # one position to pool, even for ""
+    pad_id = model.config.pad_token_id if model.config.pad_token_id is not None else tokenizer.pad_token_id
     model.to(device).eval()
     out = np.zeros((len(texts), model.config.num_labels), dtype=np.float32)
-    order = sorted(range(len(texts)), key=lambda i: len(texts[i]))  # similar lengths share a batch
+    order = sorted(range(len(ids)), key=lambda i: len(ids[i]))  # similar lengths share a batch: little padding
     with torch.inference_mode():
         for start in range(0, len(order), batch_size):
             rows = order[start : start + batch_size]
-            batch = tokenizer(
-                [texts[i] for i in rows], padding=True, truncation=True, max_length=max_length, return_tensors="pt"
-            )
-            batch = {k: v.to(device) for k, v in batch.items() if k in ("input_ids", "attention_mask")}
-            out[rows] = model(**batch).logits.float().cpu().numpy()
+            width = max(len(ids[i]) for i in rows)
+            x = torch.full((len(rows), width), pad_id, dtype=torch.long)
+            mask = torch.zeros((len(rows), width), dtype=torch.long)
+            for j, i in enumerate(rows):
+                x[j, : len(ids[i])] = torch.tensor(ids[i], dtype=torch.long)
+                mask[j, : len(ids[i])] = 1
+            logits = model(input_ids=x.to(device), attention_mask=mask.to(device)).logits  # (B, classes)
+            out[rows] = logits.float().cpu().numpy()
     return out
 
 
 # ------------------------------------------------------------------------------------------- private
+@dataclass
+class _Scored:
+    texts: list[str]
+    names: list[str]  # true label names
+    labels: list[str]  # class names by id, from the model
+    y_true: np.ndarray
+    y_pred: np.ndarray
+    probs: np.ndarray  # (records, classes)
+    metrics: dict[str, float]  # test/...
+
+
+def _score(
+    model_dir: str | Path, dataset_dir: str | Path, cfg: EvalConfig, *, block_size: int, batch_size: int, device: str
+) -> _Scored:
+    model, tokenizer = load_classifier(model_dir)
+    labels = [model.config.id2label[i] for i in range(model.config.num_labels)]
+    label2id = {name: i for i, name in enumerate(labels)}
+    texts, names = _records(dataset_dir, _held_out_split(dataset_dir), cfg.max_examples)
+    unknown = sorted(set(names) - set(label2id))
+    if unknown:
+        raise DataError(f"test label(s) the model was not trained on: {', '.join(map(repr, unknown[:5]))}")
+    y_true = np.array([label2id[n] for n in names], dtype=np.int64)
+    logits = predict_logits(model, tokenizer, texts, block_size=block_size, batch_size=batch_size, device=device)
+    log_probs = _log_softmax(logits)
+    probs = np.exp(log_probs)
+    y_pred = probs.argmax(axis=1)
+    metrics = {f"test/{k}": v for k, v in score_predictions(y_true.tolist(), y_pred.tolist()).items()}
+    metrics["test/loss"] = float(-log_probs[np.arange(len(y_true)), y_true].mean())  # mean nats per record
+    return _Scored(texts, names, labels, y_true, y_pred, probs, metrics)
+
+
 def _held_out_split(dataset_dir: str | Path) -> str:
     if (Path(dataset_dir) / "test").is_dir() and len(load_split(dataset_dir, "test")):
         return "test"

@@ -29,6 +29,7 @@ from forgeline.tasks.evaluate.classification import (
     evaluate_classifier,
     load_classifier,
     predict_logits,
+    score_classifier,
 )
 from tests.classifier_support import make_labeled_rows, make_tiny_classifier
 
@@ -217,6 +218,16 @@ def test_evaluate_classifier_figures_agree_with_each_other_and_with_the_model(
     assert result.metrics["test/loss"] == pytest.approx(sum(nll) / len(nll), rel=1e-4)
 
 
+def test_score_classifier_gives_the_same_test_metrics_without_files(
+    dataset: Path, model_dir: Path, tmp_path: Path
+) -> None:
+    kwargs = {"block_size": 32, "batch_size": 8, "device": "cpu"}
+    full = evaluate_classifier(model_dir, dataset, EvalConfig(), out_dir=tmp_path / "full", **kwargs)
+    scores = score_classifier(model_dir, dataset, EvalConfig(), **kwargs)
+    assert scores == {k: v for k, v in full.metrics.items() if k.startswith("test/")}
+    assert not any(k.startswith("baseline/") for k in scores)
+
+
 def test_max_examples_caps_the_records(dataset: Path, model_dir: Path, tmp_path: Path) -> None:
     result = evaluate_classifier(
         model_dir, dataset, EvalConfig(max_examples=7), block_size=32, batch_size=4, device="cpu", out_dir=tmp_path
@@ -240,6 +251,8 @@ def test_batches_are_padded_per_batch_and_truncated_at_block_size(model_dir: Pat
     assert np.allclose(one_by_one, together, atol=1e-5)  # padding changes nothing
     cut = predict_logits(model, tokenizer, [t[:16] for t in texts], block_size=16, batch_size=4, device="cpu")
     assert np.allclose(together, cut, atol=1e-5)  # char tokenizer: 16 tokens = the first 16 characters
+    empty = predict_logits(model, tokenizer, ["", "a"], block_size=16, batch_size=2, device="cpu")
+    assert np.isfinite(empty).all()  # an empty text is scored (as the end-of-text token), not a crash
     # a block size beyond the model's 64 positions is capped, not an index error
     long = predict_logits(model, tokenizer, ["x" * 500], block_size=1024, batch_size=1, device="cpu")
     assert np.isfinite(long).all() and not math.isnan(float(long.sum()))
