@@ -28,6 +28,7 @@ from forgeline.tasks.tracking import records, store
 from forgeline.tasks.tracking.links import ui_model_version_url, ui_run_url
 from forgeline.tasks.tracking.registry_store import find_lineage_version
 from forgeline.tasks.tracking.runs import reap_orphan_runs, stage_run
+from forgeline.tasks.train.loop import TrainResult
 
 logger = logging.getLogger(__name__)
 
@@ -100,9 +101,7 @@ def pipeline_flow(
             champion = f"models:/{config.registry.model_name}/{registered.champion_version}"
             compress_flow(config, champion, cleaned.dataset_dir, cleaned.fingerprint, parent_run_id=run_id)
             clock.lap("compress")
-        metrics = dict(evaluation.metrics)  # lm: loss, perplexity, bits per byte; classification: + the baseline's
-        if outcome.result.final_val_loss is not None:
-            metrics["val/loss"] = outcome.result.final_val_loss
+        metrics = run_metrics(evaluation.metrics, outcome.result, kept_best=config.keep_best())
         records.log_metrics(run_id, metrics | {f"time/{k}": v for k, v in clock.laps.items()})
         records.set_tags(run_id, {"model_version": registered.version, "promoted": registered.promoted})
         summary = summary.model_copy(
@@ -118,6 +117,19 @@ def pipeline_flow(
         )
         _publish_summary(summary)
     return summary
+
+
+def run_metrics(evaluated: dict[str, float], trained: TrainResult, *, kept_best: bool) -> dict[str, float]:
+    """The pipeline run's headline metrics: the evaluation's (a classifier's with the baseline's) and ``val/loss``.
+
+    ``val/loss`` is that of the weights evaluated: the best evaluation's when training kept the best weights
+    (``train.keep_best``, a classifier's default), else the last one's.
+    """
+    metrics = dict(evaluated)
+    val_loss = trained.best_val_loss if kept_best and trained.best_val_loss is not None else trained.final_val_loss
+    if val_loss is not None:
+        metrics["val/loss"] = val_loss
+    return metrics
 
 
 class Laps:

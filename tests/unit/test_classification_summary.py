@@ -7,7 +7,8 @@ import io
 import pytest
 from rich.console import Console
 
-from forgeline.flows.pipeline import PipelineResult, headline_rows, model_vs_baseline, summary_markdown
+from forgeline.flows.pipeline import PipelineResult, headline_rows, model_vs_baseline, run_metrics, summary_markdown
+from forgeline.tasks.train.loop import TrainResult
 
 CLS_METRICS = {
     "test/accuracy": 0.85,
@@ -110,3 +111,13 @@ def test_headline_metrics_are_each_results_metrics() -> None:
         examples=0,
     )
     assert headline_metrics(cls) == {"test/f1_macro": 0.5, "baseline/f1_macro": 0.6}
+
+
+def test_run_metrics_show_the_val_loss_of_the_weights_evaluated() -> None:
+    trained = TrainResult(run_dir="r", model_dir="r/model", steps=40, best_val_loss=0.37, final_val_loss=0.15)
+    lm = {"test/loss": 1.5, "test/perplexity": 4.48, "test/bits_per_byte": 2.1}
+    assert run_metrics(lm, trained, kept_best=False) == lm | {"val/loss": 0.15}  # lm: the last evaluation, as before
+    kept = run_metrics(CLS_METRICS, trained, kept_best=True)  # a classifier evaluates the best evaluation's weights
+    assert kept["val/loss"] == 0.37 and kept["baseline/f1_weighted"] == 0.91
+    never = TrainResult(run_dir="r", model_dir="r/model", steps=0)
+    assert "val/loss" not in run_metrics(lm, never, kept_best=True)
