@@ -22,7 +22,7 @@ from forgeline.flows.stages import (
     training_dir,
 )
 from forgeline.tasks.config import PipelineConfig
-from forgeline.tasks.evaluate.baseline import BASELINE_NAME, BASELINE_PREFIX
+from forgeline.tasks.evaluate.baseline import BASELINE_NAME, model_metrics, model_vs_baseline
 from forgeline.tasks.registry.versions import LINEAGE_TAG
 from forgeline.tasks.tracking import records, store
 from forgeline.tasks.tracking.links import ui_model_version_url, ui_run_url
@@ -184,24 +184,6 @@ def _publish_summary(summary: PipelineResult) -> None:
             create_link_artifact(key="mlflow-run", link=link, description="The pipeline's MLflow run")
     except Exception as exc:  # noqa: BLE001 - artifacts are a courtesy; the run itself succeeded
         logger.debug("summary artifacts not published: %s", exc)
-
-
-def model_vs_baseline(metrics: dict[str, float]) -> list[tuple[str, float, float]]:
-    """``(test metric, model, baseline)`` for each figure the baseline also has (classification runs).
-
-    ``baseline/f1_weighted`` pairs with ``test/f1_weighted``; a language model's metrics give an empty list.
-    """
-    pairs = []
-    for key, value in metrics.items():
-        test_key = "test/" + key.removeprefix(BASELINE_PREFIX)
-        if key.startswith(BASELINE_PREFIX) and test_key in metrics:
-            pairs.append((test_key, metrics[test_key], value))
-    return pairs
-
-
-def model_metrics(metrics: dict[str, float]) -> dict[str, float]:
-    """The run's metrics without the baseline's (those are shown beside the model's)."""
-    return {k: v for k, v in metrics.items() if not k.startswith(BASELINE_PREFIX)}
 
 
 def headline_rows(metrics: dict[str, float]) -> list[dict[str, object]]:

@@ -139,7 +139,8 @@ def print_summary(result: PipelineResult) -> None:
     """The run summary table, then where to see the run in the MLflow UI."""
     from rich.table import Table
 
-    from forgeline.flows.pipeline import mlflow_run_url, model_metrics, model_vs_baseline
+    from forgeline.flows.pipeline import mlflow_run_url
+    from forgeline.tasks.evaluate.baseline import model_metrics, model_vs_baseline
 
     table = Table(title="Forgeline run summary", show_header=False, title_justify="left")
     table.add_row("experiment", f"{result.experiment_name} (id {result.experiment_id})")

@@ -41,6 +41,24 @@ class BaselineResult(BaseModel):
         return {BASELINE_PREFIX + name: value for name, value in scores.items()}
 
 
+def model_vs_baseline(metrics: dict[str, float]) -> list[tuple[str, float, float]]:
+    """``(test metric, model, baseline)`` for each figure the baseline also has (classification runs).
+
+    ``baseline/f1_weighted`` pairs with ``test/f1_weighted``; a language model's metrics give an empty list.
+    """
+    pairs = []
+    for key, value in metrics.items():
+        test_key = "test/" + key.removeprefix(BASELINE_PREFIX)
+        if key.startswith(BASELINE_PREFIX) and test_key in metrics:
+            pairs.append((test_key, metrics[test_key], value))
+    return pairs
+
+
+def model_metrics(metrics: dict[str, float]) -> dict[str, float]:
+    """The run's metrics without the baseline's (those are shown beside the model's)."""
+    return {k: v for k, v in metrics.items() if not k.startswith(BASELINE_PREFIX)}
+
+
 def baseline_scores(
     train_texts: Sequence[str],
     train_labels: Sequence[str],

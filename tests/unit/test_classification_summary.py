@@ -7,7 +7,8 @@ import io
 import pytest
 from rich.console import Console
 
-from forgeline.flows.pipeline import PipelineResult, headline_rows, model_vs_baseline, run_metrics, summary_markdown
+from forgeline.flows.pipeline import PipelineResult, headline_rows, run_metrics, summary_markdown
+from forgeline.tasks.evaluate.baseline import model_vs_baseline
 from forgeline.tasks.train.loop import TrainResult
 
 CLS_METRICS = {
@@ -121,3 +122,36 @@ def test_run_metrics_show_the_val_loss_of_the_weights_evaluated() -> None:
     assert kept["val/loss"] == 0.37 and kept["baseline/f1_weighted"] == 0.91
     never = TrainResult(run_dir="r", model_dir="r/model", steps=0)
     assert "val/loss" not in run_metrics(lm, never, kept_best=True)
+
+
+def _deployed_summary(monkeypatch: pytest.MonkeyPatch, metrics: dict[str, float]) -> str:
+    from types import SimpleNamespace
+
+    from forgeline.flows.cli import stack
+    from forgeline.tasks.config import PipelineConfig
+    from forgeline.tasks.tracking import queries, store
+
+    run = SimpleNamespace(
+        data=SimpleNamespace(tags={"model_version": "2", "promoted": "true"}, metrics=metrics),
+        info=SimpleNamespace(experiment_id="3", run_id="abc123"),
+    )
+    monkeypatch.setattr(store, "setup_tracking", lambda cfg: "sqlite:////tmp/mlflow.db")
+    monkeypatch.setattr(queries, "pipeline_run_of_flow_run", lambda name, flow_run_id: run)
+    buffer = io.StringIO()
+    monkeypatch.setattr(stack, "out", Console(file=buffer, width=200, color_system=None))
+    stack.print_deployed_summary(PipelineConfig(), "flow-run-id")
+    return buffer.getvalue()
+
+
+def test_deployed_summary_shows_the_baseline_beside_the_model(monkeypatch: pytest.MonkeyPatch) -> None:
+    lines = _deployed_summary(monkeypatch, CLS_METRICS).splitlines()
+    assert "test/f1_macro: 0.8000 (baseline 0.7900)" in lines
+    assert "test/f1_weighted: 0.8400 (baseline 0.9100)" in lines
+    assert "test/accuracy: 0.8500 (baseline 0.9200)" in lines
+    assert "test/loss: 0.4500" in lines
+
+
+def test_deployed_lm_summary_unchanged(monkeypatch: pytest.MonkeyPatch) -> None:
+    lines = _deployed_summary(monkeypatch, LM_METRICS).splitlines()
+    shown = [line for line in lines if line.startswith(("test/", "val/"))]
+    assert shown == ["test/bits_per_byte: 2.1000", "test/loss: 1.5000", "val/loss: 1.6000"]
