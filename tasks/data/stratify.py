@@ -1,4 +1,4 @@
-"""The stratified hash split of a labeled dataset: each record where its content hash puts it, every class in every split.
+"""The stratified hash split of labeled data: each record where its content hash puts it, every class in every split.
 
 A record's split is picked by its text's hash exactly as ``split: hash`` picks it, so within each class the
 expected share of every split is ``data.fractions`` and adding records never moves the ones already there.
