@@ -10,6 +10,7 @@ the moved record goes back to its own place.
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 import numpy as np
@@ -17,6 +18,8 @@ import numpy as np
 from forgeline.tasks.config import SplitFractions
 from forgeline.tasks.data.paths import DataError
 from forgeline.tasks.data.store import SPLITS, column
+
+logger = logging.getLogger(__name__)
 
 
 def needed_splits(fractions: SplitFractions) -> tuple[int, ...]:
@@ -124,7 +127,10 @@ def stratified_splits(
     names = [names[i] for i in order]
     check_classes(names, np.bincount(codes, minlength=len(names)), fractions, label_column)
     point = column(ds, "hi")[seq].astype(np.float64) / 2.0**64
-    chosen = stratify(column(ds, "split")[seq], point, codes, fractions)
+    hashed = column(ds, "split")[seq]
+    chosen = stratify(hashed, point, codes, fractions)
+    if moved := int((chosen != hashed).sum()):
+        logger.info("stratified split: %d record(s) moved so that every class reaches every split", moved)
     dest = np.full(len(keep), -1, dtype=np.int8)
     dest[seq] = chosen
     counts = {}

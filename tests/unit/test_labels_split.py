@@ -245,3 +245,37 @@ def test_labeled_and_unlabeled_cleanings_of_the_same_files_are_kept_apart(tmp_pa
     again = clean_dataset(_cfg("d.csv"), base_dir=tmp_path)
     assert again.cache_hit and again.dataset_dir == labeled.dataset_dir
     assert again.class_counts == labeled.class_counts
+
+
+@pytest.mark.parametrize("shape", [{}, {"CHUNK": 16, "BUCKET": 8}], ids=["in memory", "chunks and buckets"])
+def test_conflicting_labels_in_memory_and_in_buckets(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, shape: dict[str, int]
+) -> None:
+    import hashlib
+
+    from forgeline.tasks.data import store
+
+    for name, value in shape.items():
+        monkeypatch.setattr(store, name, value)
+    rng = np.random.default_rng(0)
+    texts = [f"text {i}" for i in rng.integers(0, 60, 400)]
+    labels = [f"class {int(t.split()[1]) % 3 if i % 37 else 9}" for i, t in enumerate(texts)]  # some texts relabeled
+    keep = np.array([i % 11 != 5 for i in range(len(texts))])
+
+    def digest(value: str, start: int) -> int:
+        return int.from_bytes(hashlib.sha256(value.encode()).digest()[start : start + 8], "big")
+
+    table = pa.table(
+        {
+            "hi": pa.array([digest(t, 0) for t in texts], pa.uint64()),
+            "lo": pa.array([digest(t, 8) for t in texts], pa.uint64()),
+            "lab": pa.array([digest(label, 0) for label in labels], pa.uint64()),
+        }
+    )
+    conflict = store.conflicting_labels(datasets.Dataset(table), keep, tmp_path)
+    seen: dict[str, set[str]] = {}
+    for text, label, kept in zip(texts, labels, keep, strict=True):
+        if kept:
+            seen.setdefault(text, set()).add(label)
+    expected = [bool(kept) and len(seen[text]) > 1 for text, kept in zip(texts, keep, strict=True)]
+    assert conflict.tolist() == expected and 0 < sum(expected) < len(texts)
