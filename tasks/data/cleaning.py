@@ -8,7 +8,9 @@ Pure functions (no Prefect, no MLflow) so that the flow, the CLI and the tests s
    digest and hash split (``rules.clean_batch``).
 4. Exact de-duplication (bounded memory), near de-duplication (MinHash) and the ``hash`` or ``tail``
    split run over the mapped columns (``store``); the splits are saved with ``save_to_disk`` under
-   ``<cache_dir>/datasets/<fingerprint>/``.
+   ``<cache_dir>/datasets/<fingerprint>/``. With ``data.label_column`` labels are text, a text seen under
+   two labels keeps no copy (``conflicting_label``), the hash split is stratified (``stratify``) and the
+   label set is written as ``labels.json`` (``labels``).
 
 The fingerprint covers the cleaning config and the cleaned records (not file names), so the same content
 under a new name is the same dataset; an index keyed by the inputs' content hashes makes a re-run on
