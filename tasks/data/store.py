@@ -87,7 +87,8 @@ def _by_digest(
         order = np.argsort(bucket, kind="stable")
         ids, firsts = np.unique(bucket[order], return_index=True)
         for b, part in zip(ids, np.split(entries[order], firsts[1:]), strict=True):
-            with (folder / f"{int(b):06d}").open("ab") as handle:
+            # a plain string path: pathlib interns every part it parses, megabytes over thousands of appends
+            with open(os.path.join(folder, f"{int(b):06d}"), "ab") as handle:
                 part.tofile(handle)
     for path in sorted(folder.iterdir()):
         entries = np.fromfile(path, dtype=entry)
