@@ -279,3 +279,14 @@ def test_conflicting_labels_in_memory_and_in_buckets(
             seen.setdefault(text, set()).add(label)
     expected = [bool(kept) and len(seen[text]) > 1 for text, kept in zip(texts, keep, strict=True)]
     assert conflict.tolist() == expected and 0 < sum(expected) < len(texts)
+
+
+def test_record_place_counts_physical_lines_past_quoted_newlines_and_blank_lines(tmp_path: Path) -> None:
+    from forgeline.tasks.data.loading import record_place
+    from forgeline.tasks.data.paths import Input
+
+    path = tmp_path / "ml.csv"
+    path.write_text('title,description,tag\na,"multi\nline one",x\n\nb,second,\nc,third,y\n', encoding="utf-8")
+    item = Input(label=str(path), fmt="csv", path=path)
+    assert [record_place(item, k) for k in range(3)] == [f"{path}:2", f"{path}:5", f"{path}:6"]
+    assert record_place(Input(label="hf:x", fmt="hf-hub"), 4) == "hf:x: record 5"
