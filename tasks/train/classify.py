@@ -129,7 +129,9 @@ def train_classifier(
     if (saved_tok / "tokenizer_config.json").exists():
         tokenizer = load_tokenizer(saved_tok)
     else:
-        tokenizer = classifier_tokenizer(cfg.tokenizer, cfg.model.init_from, iter_split(dataset_dir, "train"), fetch=fetch_model)
+        tokenizer = classifier_tokenizer(
+            cfg.tokenizer, cfg.model.init_from, iter_split(dataset_dir, "train"), fetch=fetch_model
+        )
         tokenizer.save_pretrained(saved_tok)
     train = encode_split(tokenizer, dataset_dir, "train", label_set, cfg.model.block_size)
     val = encode_split(tokenizer, dataset_dir, "validation", label_set, cfg.model.block_size)
@@ -300,7 +302,9 @@ def _loop(run: _Run, state: _State) -> dict[str, Any]:
             metrics = {"train/loss": train_loss, "lr": lr, "grad_norm": grad_norm}
             last = state.step == cfg.max_steps
             if state.step % cfg.log_interval == 0 or last:
-                state.history.append({"step": state.step, "train/loss": train_loss, "time": t_offset + time.perf_counter()})
+                state.history.append(
+                    {"step": state.step, "train/loss": train_loss, "time": t_offset + time.perf_counter()}
+                )
                 logger.info("step %d/%d  loss %.4f  lr %.2e", state.step, cfg.max_steps, train_loss, lr)
             if state.step % cfg.eval_interval == 0 or last:
                 scores = evaluate_split(model, run.val, run.pad_id, run.device, cfg)
@@ -392,4 +396,3 @@ def _checkpoint(run: _Run, state: _State) -> None:
 
 def _fmt(metrics: dict[str, float]) -> str:
     return ", ".join(f"{k} {v:.4f}" for k, v in metrics.items())
-

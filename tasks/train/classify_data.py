@@ -48,7 +48,9 @@ def encode_split(
     ds = load_split(dataset_dir, split)
     missing = [c for c in ("text", "label") if c not in ds.column_names]
     if missing:
-        raise DataError(f"{dataset_dir}/{split}: no {' or '.join(missing)} column (found: {', '.join(ds.column_names)})")
+        raise DataError(
+            f"{dataset_dir}/{split}: no {' or '.join(missing)} column (found: {', '.join(ds.column_names)})"
+        )
     if len(ds) == 0:
         raise DataError(f"{dataset_dir}/{split}: no records")
     label2id = label_set.label2id
@@ -63,7 +65,7 @@ def encode_split(
 
 
 def total_steps(cfg: TrainConfig, n_train: int) -> int:
-    """Optimizer steps: ``train.epochs`` passes over ``n_train`` records, capped by ``max_steps``; else ``max_steps``."""
+    """Optimizer steps: ``train.epochs`` passes over ``n_train`` records capped by ``max_steps``, else ``max_steps``."""
     if cfg.epochs is None:
         return cfg.max_steps
     per_step = cfg.batch_size * cfg.grad_accum_steps
