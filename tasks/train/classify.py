@@ -264,13 +264,14 @@ def _finished(run_dir: Path, done: Path) -> TrainResult:
 def _loop(run: _Run, state: _State) -> dict[str, Any]:
     cfg, model, optimizer = run.cfg, run.model, run.optimizer
     final_train = final_val = None
-    stopped_early = False
+    # A run killed after its early-stop checkpoint, before done.json, stops again without another step.
+    stopped_early = run.patience is not None and state.bad_evals >= run.patience
     loop_t0, loop_tokens = time.perf_counter(), 0
     t_offset = max((h.get("time", 0.0) for h in state.history), default=0.0) - loop_t0
     metric, higher = run.metric
     model.train()
     with stop_on_signal() as stop:
-        while state.step < cfg.max_steps:
+        while state.step < cfg.max_steps and not stopped_early:
             step = state.step
             lr = get_lr(step, cfg)
             for group in optimizer.param_groups:

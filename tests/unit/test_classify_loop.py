@@ -12,6 +12,7 @@ from safetensors.torch import load_file
 from transformers import pipeline
 
 from forgeline.tasks.config import TrainConfig
+from forgeline.tasks.data.cleaning import load_split
 from forgeline.tasks.data.paths import DataError
 from forgeline.tasks.errors import NonFiniteLossError
 from forgeline.tasks.train import classify
@@ -21,6 +22,7 @@ from forgeline.tasks.train.classify_data import (
     batch_indices,
     class_weights,
     classify_loss,
+    encode_split,
     total_steps,
 )
 from forgeline.tasks.train.journal import read_journal
@@ -55,6 +57,22 @@ def test_each_epoch_is_a_seeded_shuffle_of_every_record() -> None:
     assert batch_indices(split, 4, 2, seed=3) == first[8:10] + second[:2]  # a batch may span two epochs
     fresh = LabeledSplit(ids=[[1]] * 10, labels=torch.zeros(10, dtype=torch.long))
     assert batch_indices(fresh, 2, 7, seed=3) == second[4:6]  # a function of (seed, index) alone: resumable
+
+
+def test_records_are_cut_at_the_context_and_labels_map_to_class_ids(dataset: Path) -> None:
+    from forgeline.tasks.config import TokenizerConfig
+    from forgeline.tasks.data.cleaning import iter_split
+    from forgeline.tasks.data.labels import read_label_set
+    from forgeline.tasks.data.tokenization import build_tokenizer
+
+    tokenizer = build_tokenizer(TokenizerConfig(kind="char"), iter_split(dataset, "train"))
+    split = encode_split(tokenizer, dataset, "validation", read_label_set(dataset), block_size=5)
+    texts = list(load_split(dataset, "validation")["text"])
+    assert len(split) == len(texts) == 12
+    assert all(ids == tokenizer.encode(t)[:5] for ids, t in zip(split.ids, texts, strict=True))
+    assert split.labels.tolist() == [
+        ["mlops", "nlp", "vision"].index(v) for v in load_split(dataset, "validation")["label"]
+    ]
 
 
 def test_balanced_class_weights_and_the_weighted_loss() -> None:
@@ -130,6 +148,11 @@ def test_keeps_the_best_evaluations_weights_and_stops_after_patience(
         torch.testing.assert_close(tensor, at_eval[1][name], rtol=0, atol=0, msg=name)  # step 4's weights
     assert not torch.equal(saved["score.weight"], at_eval[3]["score.weight"])
 
+    (tmp_path / "run" / "done.json").unlink()  # killed after the early-stop checkpoint, before the marker
+    again = train_classifier(cfg, dataset_dir=dataset, run_dir=tmp_path / "run")
+    assert again.resumed_from == 8 and again.steps == 8 and again.stopped_early and len(at_eval) == 4
+    torch.testing.assert_close(_weights(again.model_dir)["score.weight"], at_eval[1]["score.weight"], rtol=0, atol=0)
+
 
 def test_improvement_on_val_loss_when_tune_metric_names_it(
     dataset: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
@@ -189,3 +212,36 @@ def test_a_validation_label_the_training_split_lacks_is_one_line(tmp_path: Path)
     with pytest.raises(DataError, match="label 'robotics' is not in the training split's labels"):
         train_classifier(classification_config(), dataset_dir=dataset, run_dir=tmp_path / "run")
     assert json.loads((dataset / "labels.json").read_text())["labels"] == ["mlops", "nlp", "vision"]
+
+
+# ------------------------------------------------------------------------------- config and search
+def test_several_ranks_and_an_unlogged_tune_metric_are_refused_in_one_line() -> None:
+    from forgeline.tasks.config import ConfigError, load_config
+
+    base = ["task.kind=classification", "data.label_column=tag"]
+    with pytest.raises(ConfigError, match="train.nproc_per_node: task.kind 'classification' trains in one process"):
+        load_config(None, [*base, "train.nproc_per_node=2"])
+    with pytest.raises(ConfigError, match="tune.metric: task.kind 'classification' logs val/f1_macro"):
+        load_config(None, [*base, "tune.metric=val/rougeL"])
+    assert load_config(None, [*base, "tune.metric=val/accuracy"]).tune_metric() == ("val/accuracy", True)
+
+
+def test_the_study_direction_and_name_follow_the_metric(tmp_path: Path) -> None:
+    from forgeline.tasks.config import load_config
+    from forgeline.tasks.tune.space import study_name
+    from forgeline.tasks.tune.study import build_spec, open_study, study_metric
+
+    space = ["tune.n_trials=1", "tune.search_space={train.learning_rate: {type: float, low: 0.001, high: 0.01}}"]
+    cls = ["task.kind=classification", "data.label_column=tag", *space]
+    cases = {
+        "f1": (load_config(None, cls), "maximize"),
+        "loss": (load_config(None, [*cls, "tune.metric=val/loss"]), "minimize"),
+        "lm": (load_config(None, space), "minimize"),
+    }
+    names = set()
+    for key, (cfg, direction) in cases.items():
+        spec = build_spec(cfg, str(tmp_path), "ef" * 32, trials_root=tmp_path / key, base_dir=tmp_path / key)
+        assert open_study(spec, create=True).direction.name.lower() == direction, key
+        names.add(study_name(cfg, "ef" * 32))
+    assert study_metric(cases["f1"][0]) == ("val/f1_macro", True)
+    assert len(names) == 3  # another metric (or direction), another study
