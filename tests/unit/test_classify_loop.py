@@ -245,3 +245,17 @@ def test_the_study_direction_and_name_follow_the_metric(tmp_path: Path) -> None:
         names.add(study_name(cfg, "ef" * 32))
     assert study_metric(cases["f1"][0]) == ("val/f1_macro", True)
     assert len(names) == 3  # another metric (or direction), another study
+
+
+def test_fine_tunes_a_bert_style_folder_and_saves_its_tokenizer(dataset: Path, tmp_path: Path) -> None:
+    from tests.unit.test_classifier_model import _saved_bert
+
+    bert = _saved_bert(tmp_path / "bert", ["x", "y"])
+    cfg = classification_config({"init_from": str(bert), "block_size": 32}, max_steps=3, eval_interval=3)
+    result = train_classifier(cfg, dataset_dir=dataset, run_dir=tmp_path / "run")
+
+    saved = json.loads((Path(result.model_dir) / "config.json").read_text())
+    assert saved["model_type"] == "bert" and saved["id2label"] == {"0": "mlops", "1": "nlp", "2": "vision"}
+    assert (Path(result.model_dir) / "vocab.txt").exists() or (Path(result.model_dir) / "tokenizer.json").exists()
+    answers = pipeline("text-classification", model=result.model_dir)(["image pixels camera", "text tokens"])
+    assert {a["label"] for a in answers} <= {"mlops", "nlp", "vision"}
