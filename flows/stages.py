@@ -25,6 +25,7 @@ from forgeline.flows.prefect_progress import TrainProgressFeed
 from forgeline.tasks import progress
 from forgeline.tasks.config import DataConfig, PipelineConfig, dump_config
 from forgeline.tasks.data.cleaning import CleanResult, clean_dataset, report_rows
+from forgeline.tasks.data.labels import class_count_rows
 from forgeline.tasks.errors import is_transient
 from forgeline.tasks.evaluate.candidate import evaluate_candidate, score_model
 from forgeline.tasks.evaluate.class_metrics import MISTAKE_COLUMNS, PER_CLASS_COLUMNS
@@ -38,6 +39,7 @@ from forgeline.tasks.tracking.registry_store import MlflowRegistry
 from forgeline.tasks.tracking.runs import stage_run
 from forgeline.tasks.tracking.tags import git_tags
 from forgeline.tasks.train import checkpoints
+from forgeline.tasks.train.classify import train_classifier
 from forgeline.tasks.train.distributed import global_batch, world_size
 from forgeline.tasks.train.loop import TrainCallbacks, TrainResult, train_model
 
@@ -111,6 +113,9 @@ def clean_task(cfg: DataConfig, ctx: RunContext, data: list[str] | None = None) 
             result = clean_dataset(cfg, data_override=data, base_dir=Path(ctx.base_dir))
         stage_records.record_cleaning(run_id, result)
         _publish_table("cleaning-report", report_rows(result), f"Cleaning report ({result.fingerprint[:12]})")
+        if result.class_counts:
+            rows = class_count_rows(result.class_counts)
+            _publish_table("class-counts", rows, f"Records per class and split ({result.fingerprint[:12]})")
     return result
 
 
@@ -154,7 +159,7 @@ def _train_locked(
         system_metrics=cfg.tracking.log_system_metrics,
     ) as run_id:
         records.log_config(run_id, cfg)
-        ranks = world_size(cfg.train)
+        ranks = 1 if cfg.kind == "classification" else world_size(cfg.train)
         records.log_params(run_id, {"world_size": ranks, "global_batch": global_batch(cfg.train, ranks)})
         buffer = MetricBuffer(run_id, flush_every=cfg.tracking.metric_flush_interval)
         live = TrainProgressFeed(cfg.train.max_steps)  # terminal bar + Prefect progress artifact
@@ -168,7 +173,15 @@ def _train_locked(
             live.update(step, metrics)
 
         try:
-            if ranks > 1:  # rank 0 logs the params and metrics to run_id itself; this process only shows them
+            if cfg.kind == "classification":  # one process (tasks/config.py refuses several ranks)
+                result = train_classifier(
+                    cfg,
+                    dataset_dir=dataset_dir,
+                    run_dir=run_dir,
+                    callbacks=TrainCallbacks(on_start=on_start, on_metrics=on_metrics),
+                    fetch_model=models.download_model,
+                )
+            elif ranks > 1:  # rank 0 logs the params and metrics to run_id itself; this process only shows them
                 result = train_in_ranks(
                     cfg, dataset_dir, run_dir, run_id, Path(ctx.base_dir), on_start=live.start, on_metrics=live.update
                 )
