@@ -1,0 +1,114 @@
+"""Prompt/completion training examples: the label mask, eos, overflow rules and per-batch padding."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import GPT2Config, GPT2LMHeadModel
+
+from forgeline.tasks.config import TokenizerConfig
+from forgeline.tasks.data.tokenization import build_tokenizer
+from forgeline.tasks.train.completion import (
+    IGNORE_INDEX,
+    collate_pairs,
+    completion_loss,
+    encode_pairs,
+    encode_prompt,
+    pair_batches,
+)
+
+PROMPTS = ["f(x)", "json.dumps(obj)", "g()"]
+COMPLETIONS = ["Do x.", "Serialize.", "Go."]
+
+
+@pytest.fixture(scope="module")
+def tokenizer():  # noqa: ANN201 - a transformers tokenizer
+    return build_tokenizer(TokenizerConfig(kind="char"), [*PROMPTS, *COMPLETIONS, "\n"])
+
+
+def chars(tokenizer, ids: list[int]) -> str:  # noqa: ANN001
+    return "".join(tokenizer.convert_ids_to_tokens(ids))
+
+
+def test_example_is_prompt_separator_completion_eos(tokenizer) -> None:  # noqa: ANN001
+    encoded = encode_pairs(tokenizer, PROMPTS, COMPLETIONS, block_size=64)
+    eos = tokenizer.eos_token_id
+    assert len(encoded) == 3 and encoded.kept == [0, 1, 2] and encoded.dropped == 0
+    ids = encoded.input_ids[0]
+    assert chars(tokenizer, ids[:-1]) == "f(x)\nDo x."
+    assert ids[-1] == eos
+    assert encode_prompt(tokenizer, "f(x)") == ids[:5]
+
+
+def test_labels_cover_exactly_the_completion_and_eos(tokenizer) -> None:  # noqa: ANN001
+    encoded = encode_pairs(tokenizer, PROMPTS, COMPLETIONS, block_size=64)
+    ids, labels = encoded.input_ids[0], encoded.labels[0]
+    # "f(x)" + "\n" (5 tokens) ignored; "Do x." (5 tokens) + eos learned.
+    assert labels[:5] == [IGNORE_INDEX] * 5
+    assert labels[5:] == ids[5:]
+    assert chars(tokenizer, labels[5:-1]) == "Do x."
+    everything = encode_pairs(tokenizer, PROMPTS, COMPLETIONS, block_size=64, loss_on="all")
+    assert everything.labels[0] == ids
+
+
+def test_drop_and_truncate_left_counts(tokenizer) -> None:  # noqa: ANN001
+    # Block of 12: "json.dumps(obj)" (15) + "\n" + "Serialize." (10) + eos cannot fit in any form: the completion
+    # would need 12 tokens with no prompt left. "f(x)\nDo x." + eos is 11: fits. "g()\nGo." + eos is 8: fits.
+    dropped = encode_pairs(tokenizer, PROMPTS, COMPLETIONS, block_size=12)
+    assert dropped.kept == [0, 2] and dropped.completion_too_long == 1 and dropped.prompt_too_long == 0
+    # Block of 9: "f(x)" must shrink to 2 tokens; "g()" fits as is.
+    dropped = encode_pairs(tokenizer, PROMPTS, COMPLETIONS, block_size=9)
+    assert dropped.kept == [2] and dropped.prompt_too_long == 1 and dropped.completion_too_long == 1
+    cut = encode_pairs(tokenizer, PROMPTS, COMPLETIONS, block_size=9, overflow="truncate_left")
+    assert cut.kept == [0, 2] and cut.truncated_prompts == 1 and cut.completion_too_long == 1
+    assert chars(tokenizer, cut.input_ids[0][:-1]) == "x)\nDo x."  # cut from the left, completion whole
+    assert len(cut.input_ids[0]) == 9
+    assert cut.labels[0][:3] == [IGNORE_INDEX] * 3
+
+
+def test_completion_is_never_cut(tokenizer) -> None:  # noqa: ANN001
+    long = "Do x. " * 20
+    for overflow in ("drop", "truncate_left"):
+        encoded = encode_pairs(tokenizer, ["f(x)"], [long], block_size=32, overflow=overflow)
+        assert len(encoded) == 0 and encoded.completion_too_long == 1
+
+
+def test_refuses_bad_input(tokenizer) -> None:  # noqa: ANN001
+    with pytest.raises(ValueError, match="2 prompts but 1 completions"):
+        encode_pairs(tokenizer, ["a", "b"], ["c"], block_size=8)
+
+
+def test_collate_pads_right_with_ignored_labels(tokenizer) -> None:  # noqa: ANN001
+    encoded = encode_pairs(tokenizer, PROMPTS, COMPLETIONS, block_size=64)
+    pad = tokenizer.pad_token_id
+    batch = collate_pairs([encoded.example(0), encoded.example(2)], pad)
+    n0, n2 = len(encoded.input_ids[0]), len(encoded.input_ids[2])
+    assert batch["input_ids"].shape == (2, n0)
+    assert batch["attention_mask"][1].tolist() == [1] * n2 + [0] * (n0 - n2)
+    assert batch["input_ids"][1, n2:].tolist() == [pad] * (n0 - n2)
+    assert batch["labels"][1, n2:].tolist() == [IGNORE_INDEX] * (n0 - n2)
+    # eos is also the pad token here: the real eos keeps its label, padding does not.
+    assert batch["labels"][1, n2 - 1].item() == tokenizer.eos_token_id
+
+
+def test_batches_and_loss_count_completion_tokens(tokenizer) -> None:  # noqa: ANN001
+    encoded = encode_pairs(tokenizer, PROMPTS * 3, COMPLETIONS * 3, block_size=64)
+    ordered = pair_batches(encoded, 4, tokenizer.pad_token_id)
+    assert [len(b["input_ids"]) for b in ordered] == [4, 4, 1]
+    shuffled = pair_batches(encoded, 4, tokenizer.pad_token_id, seed=1)
+    assert shuffled[0]["input_ids"].tolist() == pair_batches(encoded, 4, tokenizer.pad_token_id, seed=1)[0][
+        "input_ids"
+    ].tolist()
+    torch.manual_seed(0)
+    eos = tokenizer.eos_token_id
+    config = GPT2Config(
+        vocab_size=len(tokenizer), n_positions=64, n_embd=16, n_layer=1, n_head=2, bos_token_id=eos, eos_token_id=eos
+    )
+    model = GPT2LMHeadModel(config).eval()
+    batch = ordered[-1]  # the 9th pair: "g()" -> "Go."
+    loss, targets = completion_loss(model, batch)
+    assert targets == len("Go.") + 1  # the completion and eos
+    ctx = len(encode_prompt(tokenizer, "g()"))
+    logits = model(input_ids=batch["input_ids"]).logits[0, ctx - 1 : -1]  # positions predicting "Go." + eos
+    expected = torch.nn.functional.cross_entropy(logits, batch["input_ids"][0, ctx:])
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-5)
