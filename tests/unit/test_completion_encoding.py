@@ -95,10 +95,6 @@ def test_batches_and_loss_count_completion_tokens(tokenizer) -> None:  # noqa: A
     encoded = encode_pairs(tokenizer, PROMPTS * 3, COMPLETIONS * 3, block_size=64)
     ordered = pair_batches(encoded, 4, tokenizer.pad_token_id)
     assert [len(b["input_ids"]) for b in ordered] == [4, 4, 1]
-    shuffled = pair_batches(encoded, 4, tokenizer.pad_token_id, seed=1)
-    assert shuffled[0]["input_ids"].tolist() == pair_batches(encoded, 4, tokenizer.pad_token_id, seed=1)[0][
-        "input_ids"
-    ].tolist()
     torch.manual_seed(0)
     eos = tokenizer.eos_token_id
     config = GPT2Config(
@@ -112,3 +108,30 @@ def test_batches_and_loss_count_completion_tokens(tokenizer) -> None:  # noqa: A
     logits = model(input_ids=batch["input_ids"]).logits[0, ctx - 1 : -1]  # positions predicting "Go." + eos
     expected = torch.nn.functional.cross_entropy(logits, batch["input_ids"][0, ctx:])
     assert loss.item() == pytest.approx(expected.item(), rel=1e-5)
+
+
+def test_shuffled_batches_group_by_length(tokenizer) -> None:  # noqa: ANN001
+    prompts = ["f(" + "x" * (i % 17) + ")" for i in range(200)]
+    encoded = encode_pairs(tokenizer, prompts, ["Do x."] * 200, block_size=64)
+    pad = tokenizer.pad_token_id
+
+    def rows(batches: list[dict[str, torch.Tensor]]) -> list[tuple[int, ...]]:
+        return sorted(
+            tuple(r[m.bool()].tolist())
+            for b in batches
+            for r, m in zip(b["input_ids"], b["attention_mask"], strict=True)
+        )
+
+    def padding(batches: list[dict[str, torch.Tensor]]) -> int:
+        return sum(int((b["attention_mask"] == 0).sum()) for b in batches)
+
+    grouped = pair_batches(encoded, 8, pad, seed=1)
+    plain = pair_batches(encoded, 8, pad, seed=1, group_by_length=False)
+    assert rows(grouped) == rows(plain) == sorted(tuple(ids) for ids in encoded.input_ids)  # each example once
+    assert padding(grouped) < padding(plain) / 4
+    assert [b["input_ids"].tolist() for b in grouped] == [
+        b["input_ids"].tolist() for b in pair_batches(encoded, 8, pad, seed=1)
+    ]
+    assert [b["input_ids"].tolist() for b in grouped] != [
+        b["input_ids"].tolist() for b in pair_batches(encoded, 8, pad, seed=2)
+    ]
