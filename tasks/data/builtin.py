@@ -7,6 +7,7 @@ C modules have no source) with the first sentence of its docstring; both are det
 
 from __future__ import annotations
 
+# Standard library only: this file also runs as a script in a bare interpreter (see _all_docstring_pairs).
 import ast
 import functools
 import hashlib

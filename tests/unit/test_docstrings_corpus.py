@@ -26,6 +26,7 @@ def test_pairs_are_deterministic_and_substantial() -> None:
     assert len(first) > 1000
     assert all(set(r) == {"prompt", "completion"} and r["prompt"] and r["completion"] for r in first)
     assert len({r["prompt"] for r in first}) == len(first)
+    assert not any("\n" in r["prompt"] + r["completion"] for r in first)  # one line each: newline can end decoding
     assert [r["prompt"].split(".", 1)[0] for r in first] == sorted(r["prompt"].split(".", 1)[0] for r in first)
 
 
