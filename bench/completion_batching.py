@@ -1,11 +1,12 @@
-"""Prompt -> completion training: padding per batch vs packing, in real (non-padding) tokens per second.
+"""Prompt -> completion training: padding per batch vs packing, in completion (target) tokens per second.
 
 Pairs are the built-in ``python-docstrings`` corpus, repeated to ``--pairs``; a byte-level BPE tokenizer is trained
 on them and a tiny GPT-2 takes AdamW steps on CPU. *padding*: random batches of ``--batch`` examples, right-padded
 to the longest (``tasks/train/completion.py``); *grouped*: the same, examples of similar length batched together
-(``pair_batches(group_by_length=True)``). *packing*: every example laid end to end and cut into rows of
-``--block`` tokens, ``--batch * mean length / block`` rows a step (about as many real tokens a step); rows cross
-example boundaries. Each layout runs ``--steps`` steps per round, rounds interleaved; the best round counts.
+(``pair_batches(group_by_length=True)``). *packing*: whole examples laid end to end in rows of ``--block``
+tokens, kept apart by position ids that restart per example (``pack_batches``), ``--batch * mean length / block``
+rows a step (about as many real tokens a step). Each layout runs ``--steps`` steps per round, rounds
+interleaved; the best round counts.
 
     .venv/bin/python bench/completion_batching.py                 # 5k pairs, 3 rounds
     .venv/bin/python bench/completion_batching.py --smoke         # seconds
@@ -22,18 +23,7 @@ from transformers import GPT2Config, GPT2LMHeadModel
 from forgeline.tasks.config import TokenizerConfig
 from forgeline.tasks.data.builtin import docstring_pairs
 from forgeline.tasks.data.tokenization import build_tokenizer
-from forgeline.tasks.train.completion import IGNORE_INDEX, completion_loss, encode_pairs, pair_batches
-
-
-def packed_batches(ids: list[list[int]], labels: list[list[int]], block: int, rows: int) -> list[dict]:
-    flat_ids = torch.tensor([t for row in ids for t in row])
-    flat_labels = torch.tensor([t for row in labels for t in row])
-    n = len(flat_ids) // block
-    x, y = flat_ids[: n * block].view(n, block), flat_labels[: n * block].view(n, block)
-    return [
-        {"input_ids": x[i : i + rows], "attention_mask": torch.ones_like(x[i : i + rows]), "labels": y[i : i + rows]}
-        for i in range(0, n, rows)
-    ]
+from forgeline.tasks.train.completion import IGNORE_INDEX, completion_loss, encode_pairs, pack_batches, pair_batches
 
 
 def run(model: GPT2LMHeadModel, batches: list[dict], steps: int) -> tuple[float, int]:
@@ -45,7 +35,7 @@ def run(model: GPT2LMHeadModel, batches: list[dict], steps: int) -> tuple[float,
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
-        real += int(batch["attention_mask"].sum())
+        real += int((batch["labels"] != IGNORE_INDEX).sum())
     return time.perf_counter() - start, real
 
 
@@ -57,6 +47,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=40)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--layouts", nargs="+", default=["padding", "grouped", "packing"])
     parser.add_argument("--smoke", action="store_true")
     args = parser.parse_args()
     if args.smoke:
@@ -72,11 +63,11 @@ def main() -> None:
     padded = pair_batches(encoded, args.batch, tokenizer.pad_token_id, seed=0, group_by_length=False)
     grouped = pair_batches(encoded, args.batch, tokenizer.pad_token_id, seed=0)
     rows = max(1, round(args.batch * mean / args.block))
-    order = torch.randperm(len(encoded), generator=torch.Generator().manual_seed(0)).tolist()
-    packed = packed_batches([encoded.input_ids[i] for i in order], [encoded.labels[i] for i in order], args.block, rows)
+    packed = pack_batches(encoded, args.block, rows, tokenizer.pad_token_id, seed=0)
     print(f"{len(encoded)} pairs kept of {args.pairs}, mean {mean:.1f} tokens")
-    for name, batches in (("padding", padded), ("grouped", grouped)):
-        share = 1 - sum(int(b["attention_mask"].sum()) for b in batches) / sum(b["input_ids"].numel() for b in batches)
+    for name, batches in (("padding", padded), ("grouped", grouped), ("packing", packed)):
+        real = sum(len(encoded.input_ids[i]) for i in range(len(encoded)))
+        share = 1 - real / sum(b["input_ids"].numel() for b in batches)
         print(f"{name}: padding share {share:.1%}")
     eos = tokenizer.eos_token_id
     config = GPT2Config(
@@ -85,13 +76,15 @@ def main() -> None:
     )  # fmt: skip
     best: dict[str, float] = {}
     for _ in range(args.rounds):
-        for name, batches in (("padding", padded), ("padding, grouped by length", grouped), ("packing", packed)):
+        for name, batches in (("padding", padded), ("grouped", grouped), ("packing", packed)):
+            if name not in args.layouts:
+                continue
             torch.manual_seed(0)
             seconds, real = run(GPT2LMHeadModel(config).train(), batches, args.steps)
             best[name] = max(best.get(name, 0.0), real / seconds)
     targets = sum(int((b["labels"] != IGNORE_INDEX).sum()) for b in padded)
     print(f"completion target tokens per epoch: {targets}")
-    print("| layout | real tokens/s (best of rounds) |\n|---|---|")
+    print("| layout | completion tokens/s (best of rounds) |\n|---|---|")
     for name, rate in best.items():
         print(f"| {name} | {rate:,.0f} |")
 

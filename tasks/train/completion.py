@@ -202,19 +202,75 @@ def pair_batches(
     return [collate_pairs([encoded.example(i) for i in group], pad_id) for group in groups]
 
 
+def pack_batches(
+    encoded: EncodedPairs, block_size: int, rows: int, pad_id: int, *, seed: int | None = None
+) -> list[dict[str, torch.Tensor]]:
+    """All examples laid end to end in rows of ``block_size`` tokens, each example whole and kept apart.
+
+    Examples fill a row in (shuffled) order until the next does not fit; the row's tail is padding. Position ids
+    restart at 0 for every example and no attention mask is given, from which transformers builds a
+    block-diagonal causal mask (``masking_utils.find_packed_sequence_indices``): no example sees another, and
+    each sees the positions it would see alone. The first label of every example is ignored: it would otherwise
+    be predicted from the end of the example before.
+
+    Args:
+        encoded: What :func:`encode_pairs` returned (every example is at most ``block_size`` tokens).
+        block_size: Row length.
+        rows: Rows per batch.
+        pad_id: Padding id.
+        seed: Shuffle seed; None keeps the input order.
+
+    Returns:
+        Batches of ``input_ids``, ``position_ids`` and ``labels``, each ``(rows, block_size)`` (the last may hold
+        fewer rows).
+    """
+    order = list(range(len(encoded)))
+    if seed is not None:
+        order = torch.randperm(len(order), generator=torch.Generator().manual_seed(seed)).tolist()
+    packed: list[tuple[list[int], list[int], list[int]]] = []
+    ids: list[int] = []
+    pos: list[int] = []
+    labels: list[int] = []
+    for i in order:
+        example = encoded.input_ids[i]
+        if len(ids) + len(example) > block_size:
+            packed.append((ids, pos, labels))
+            ids, pos, labels = [], [], []
+        ids += example
+        pos += range(len(example))
+        labels += [IGNORE_INDEX] + encoded.labels[i][1:]
+    if ids:
+        packed.append((ids, pos, labels))
+    batches = []
+    for start in range(0, len(packed), rows):
+        chunk = packed[start : start + rows]
+        batch = {
+            "input_ids": torch.full((len(chunk), block_size), pad_id, dtype=torch.long),
+            "position_ids": torch.zeros((len(chunk), block_size), dtype=torch.long),
+            "labels": torch.full((len(chunk), block_size), IGNORE_INDEX, dtype=torch.long),
+        }
+        for r, (row_ids, row_pos, row_labels) in enumerate(chunk):
+            n = len(row_ids)
+            batch["input_ids"][r, :n] = torch.tensor(row_ids)
+            batch["position_ids"][r, :n] = torch.tensor(row_pos)
+            batch["position_ids"][r, n:] = torch.arange(block_size - n)  # the padding tail: a sequence of its own
+            batch["labels"][r, :n] = torch.tensor(row_labels)
+        batches.append(batch)
+    return batches
+
+
 def completion_loss(model: Any, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
     """Mean cross-entropy over the labelled tokens of a batch, and how many tokens it averaged over.
 
     Args:
         model: A causal LM (shifts ``labels`` inside, ignoring ``-100``).
-        batch: A :func:`collate_pairs` batch on the model's device.
+        batch: A :func:`collate_pairs` or :func:`pack_batches` batch on the model's device.
 
     Returns:
         ``(loss, target tokens)``; weight by the count to average over several batches exactly.
     """
-    out = model(
-        input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"], use_cache=False
-    )
+    inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "position_ids") if k in batch}
+    out = model(**inputs, labels=batch["labels"], use_cache=False)
     targets = int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
     return out.loss, targets
 

@@ -14,6 +14,7 @@ from forgeline.tasks.train.completion import (
     completion_loss,
     encode_pairs,
     encode_prompt,
+    pack_batches,
     pair_batches,
 )
 
@@ -135,3 +136,37 @@ def test_shuffled_batches_group_by_length(tokenizer) -> None:  # noqa: ANN001
     assert [b["input_ids"].tolist() for b in grouped] != [
         b["input_ids"].tolist() for b in pair_batches(encoded, 8, pad, seed=2)
     ]
+
+
+def test_packed_examples_stay_whole_and_apart(tokenizer) -> None:  # noqa: ANN001
+    encoded = encode_pairs(tokenizer, PROMPTS * 2, COMPLETIONS * 2, block_size=32, loss_on="all")
+    assert [len(ids) for ids in encoded.input_ids] == [11, 27, 8, 11, 27, 8]
+    batches = pack_batches(encoded, 32, 2, tokenizer.pad_token_id)
+    rows = [row for b in batches for row in b["position_ids"].tolist()]
+    # Whole examples in order, a new row when the next does not fit (11 + 27 > 32); the rest of a row is padding.
+    assert [[n for n in _runs(row)] for row in rows] == [[11, 21], [27, 5], [8, 11, 13], [27, 5], [8, 24]]
+    assert [len(b["input_ids"]) for b in batches] == [2, 2, 1]
+    labels = batches[1]["labels"][0].tolist()  # the third row: g() -> Go., then f(x) -> Do x.
+    assert labels[0] == labels[8] == IGNORE_INDEX  # no example learns its first token from the one before
+    assert labels[1:8] == encoded.input_ids[2][1:]
+    assert labels[19:] == [IGNORE_INDEX] * 13  # the padding tail
+    eos = tokenizer.eos_token_id
+    torch.manual_seed(0)
+    config = GPT2Config(
+        vocab_size=len(tokenizer), n_positions=64, n_embd=16, n_layer=1, n_head=2, bos_token_id=eos, eos_token_id=eos
+    )
+    model = GPT2LMHeadModel(config).eval()
+    packed = sum(loss * n for loss, n in (completion_loss(model, b) for b in batches))
+    padded = sum(loss * n for loss, n in (completion_loss(model, b) for b in pair_batches(encoded, 2, eos)))
+    # The same loss as each example alone: position ids restart and attention stays within an example.
+    assert packed.item() == pytest.approx(padded.item(), rel=1e-5)
+
+
+def _runs(positions: list[int]) -> list[int]:
+    """Lengths of the runs 0, 1, 2, ... in a row of position ids."""
+    runs: list[int] = []
+    for p in positions:
+        if p == 0:
+            runs.append(0)
+        runs[-1] += 1
+    return runs
