@@ -24,6 +24,15 @@ def tiny_model(tokenizer, seed: int = 0) -> GPT2LMHeadModel:  # noqa: ANN001
     return GPT2LMHeadModel(config)
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():  # noqa: ANN201
+    """Tiny matrices: one thread is many times faster than several contending for a busy machine's cores."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="module")
 def tokenizer():  # noqa: ANN201 - a transformers tokenizer
     return build_tokenizer(TokenizerConfig(kind="char"), [*PROMPTS, *COMPLETIONS])
