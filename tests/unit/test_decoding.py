@@ -127,3 +127,11 @@ def test_reference_loss(tokenizer, trained) -> None:  # noqa: ANN001
     assert fresh.perplexity == pytest.approx(torch.tensor(fresh.loss).exp().item(), rel=1e-6)
     with pytest.raises(ValueError, match="no reference completion fits"):
         reference_loss(trained, tokenizer, PROMPTS, COMPLETIONS, block_size=4)
+
+
+def test_newline_ids_of_a_bpe_tokenizer() -> None:
+    bpe = build_tokenizer(TokenizerConfig(kind="bpe", vocab_size=300), ["one line.\nTwo lines.\n\nThree.\n"] * 20)
+    ids = newline_ids(bpe)
+    assert ids and all("\n" in bpe.decode([i]) for i in ids)
+    assert not any("\n" in bpe.decode([i]) for i in set(range(len(bpe))) - set(ids))
+    assert bpe.eos_token_id not in ids
