@@ -5,7 +5,8 @@ exact for any tokenizer, and decoding (which feeds :func:`encode_prompt`'s ids) 
 Labels are ``-100`` (ignored by the loss) on the prompt and separator when the loss is on the completion, and
 on padding always; HF causal LMs shift labels inside the model, so the first completion token is predicted
 from the last separator token. A completion is never cut: one that cannot fit the block with at least one
-prompt token is dropped and counted; a prompt too long for the block is dropped or cut from the left.
+prompt token is dropped and counted, as is an empty one; a prompt too long for the block is dropped or cut
+from the left.
 
 Training batches are padded per batch (on the right), examples of similar length batched together
 (:func:`pair_batches`): on 5k docstring pairs with a tiny GPT-2 on CPU this moved about 7% more completion tokens
@@ -47,6 +48,8 @@ class EncodedPairs:
     """Kept with the prompt cut from the left (``overflow="truncate_left"``)."""
     completion_too_long: int = 0
     """Dropped: completion + separator + eos alone leave no room for a single prompt token (never cut)."""
+    empty_completions: int = 0
+    """Dropped: the completion is empty or whitespace (nothing to learn but eos)."""
 
     def __len__(self) -> int:
         return len(self.input_ids)
@@ -54,7 +57,7 @@ class EncodedPairs:
     @property
     def dropped(self) -> int:
         """All pairs left out."""
-        return self.prompt_too_long + self.completion_too_long
+        return self.prompt_too_long + self.completion_too_long + self.empty_completions
 
     def example(self, i: int) -> dict[str, list[int]]:
         """Example ``i`` as :func:`collate_pairs` takes it."""
@@ -112,6 +115,9 @@ def encode_pairs(
     sep = _ids(tokenizer, [separator])[0]
     out = EncodedPairs()
     for i, (prompt, completion) in enumerate(zip(_ids(tokenizer, prompts), _ids(tokenizer, completions), strict=True)):
+        if not completions[i].strip():
+            out.empty_completions += 1
+            continue
         target = completion + [eos]
         room = block_size - len(sep) - len(target)  # tokens left for the prompt
         if room < 1:
@@ -129,12 +135,14 @@ def encode_pairs(
         out.kept.append(i)
     if out.dropped or out.truncated_prompts:
         log.info(
-            "encoded %d of %d pairs: %d prompts too long (dropped), %d cut from the left, %d completions too long",
+            "encoded %d of %d pairs: %d prompts too long (dropped), %d cut from the left, %d completions too long, "
+            "%d empty",
             len(out),
             len(prompts),
             out.prompt_too_long,
             out.truncated_prompts,
             out.completion_too_long,
+            out.empty_completions,
         )
     return out
 

@@ -74,6 +74,11 @@ def test_completion_is_never_cut(tokenizer) -> None:  # noqa: ANN001
         assert len(encoded) == 0 and encoded.completion_too_long == 1
 
 
+def test_empty_completion_is_dropped_and_counted(tokenizer) -> None:  # noqa: ANN001
+    encoded = encode_pairs(tokenizer, ["f(x)", "g()", "f(x)"], ["", "  ", "Do x."], block_size=64)
+    assert encoded.kept == [2] and encoded.empty_completions == 2 and encoded.dropped == 2
+
+
 def test_refuses_bad_input(tokenizer) -> None:  # noqa: ANN001
     with pytest.raises(ValueError, match="2 prompts but 1 completions"):
         encode_pairs(tokenizer, ["a", "b"], ["c"], block_size=8)
