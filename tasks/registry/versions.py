@@ -200,7 +200,7 @@ def gate_champion(
         higher_is_better: The metric's direction.
     """
     number = str(version.version)
-    gate = Gate(metric, higher_is_better, min_improvement)
+    gate = Gate(metric=metric, higher_is_better=higher_is_better, min_improvement=min_improvement)
     store.set_alias(model_name, challenger_alias, number)
     with store.lock(model_name):
         champ = store.champion(model_name, champion_alias)
