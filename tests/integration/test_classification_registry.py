@@ -224,6 +224,54 @@ def test_model_card_of_a_classifier(store: Any) -> None:
     assert "| test/accuracy | 0.8200 | 0.9000 |" in description and "## Per class" in description
 
 
+def test_register_stage_gates_a_classifier_on_its_f1(store: Any, tmp_path: Path) -> None:
+    """The register task body (``register_task.fn``): every evaluation figure a tag, the gate on test/f1_macro."""
+    from forgeline.flows.stages import RunContext, register_task
+    from forgeline.tasks.config import PipelineConfig
+    from forgeline.tasks.registry.versions import RegistryError
+    from forgeline.tasks.tracking.stage_records import log_model
+
+    cfg = PipelineConfig.model_validate(
+        {"task": {"kind": "classification"}, "data": {"label_column": "tag"}, "registry": {"model_name": "clf-stage"}}
+    )
+    experiment = store.client.create_experiment("clf-stage")
+    ctx = RunContext(experiment_id=experiment, base_dir=str(store.root))
+    texts = [f"{r['title']}\n{r['description']}" for r in make_labeled_rows(30)]
+
+    def outcome(seed: int) -> Any:
+        folder = make_tiny_classifier(tmp_path / f"m{seed}", LABELS, texts, seed=seed)
+        run_id = store.client.create_run(experiment, run_name="train").info.run_id
+        (tmp_path / f"r{seed}").mkdir()
+        uri = log_model(tmp_path / f"r{seed}", run_id, SimpleNamespace(model_dir=str(folder)), TEXTS[0])
+        return SimpleNamespace(train_run_id=run_id, model_uri=uri, lineage=f"stage-{seed}")
+
+    def evaluation(f1: float) -> Any:
+        metrics = {
+            F1: f1,
+            "test/accuracy": 0.5,
+            "test/loss": 1.0,
+            "baseline/accuracy": 0.9,
+            "baseline/f1_weighted": 0.9,
+        }
+        return SimpleNamespace(metrics=metrics, per_class=[{"label": "nlp", "f1": f1, "support": 3}])
+
+    first = register_task.fn(cfg, outcome(0), evaluation(0.6), "fp", str(tmp_path), ctx)
+    assert first.promoted and first.metric == F1 and first.higher_is_better
+    better = register_task.fn(cfg, outcome(1), evaluation(0.7), "fp", str(tmp_path), ctx)
+    assert better.promoted and better.champion_score == pytest.approx(0.6)
+    tags = store.client.get_model_version("clf-stage", better.version).tags
+    assert float(tags["test_f1_macro"]) == 0.7 and float(tags["baseline_f1_weighted"]) == 0.9
+    assert tags["forgeline.task"] == "classification" and tags["forgeline.gate_metric"] == F1
+    assert "## Per class" in store.client.get_model_version("clf-stage", better.version).description
+    worse = register_task.fn(cfg, outcome(2), evaluation(0.65), "fp", str(tmp_path), ctx)
+    assert not worse.promoted and str(store.client.get_model_version_by_alias("clf-stage", "champion").version) == "2"
+    # A gate metric the evaluation does not have: refused before anything is registered.
+    odd = cfg.model_copy(update={"registry": cfg.registry.model_copy(update={"metric": "test/rougeL"})})
+    with pytest.raises(RegistryError, match="registry.metric 'test/rougeL' is not one of the evaluation's metrics"):
+        register_task.fn(odd, outcome(3), evaluation(0.9), "fp", str(tmp_path), ctx)
+    assert len(store.client.search_model_versions("name = 'clf-stage'")) == 3
+
+
 def _post(base: str, payload: dict[str, Any]) -> tuple[int, Any]:
     req = urllib.request.Request(
         base + "/invocations", data=json.dumps(payload).encode(), headers={"Content-Type": "application/json"}

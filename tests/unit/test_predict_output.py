@@ -189,3 +189,13 @@ def test_model_card_of_a_classifier_shows_baseline_and_per_class() -> None:
     assert "## Per class" in card and "| label | precision | recall | f1 | support |" in card
     assert "| mlops | 0.9000 | 0.8000 | 0.8470 | 10 |" in card
     assert "Higher is better for accuracy" in card
+
+
+def test_version_metrics_read_a_classifier_figures_from_tags(monkeypatch: pytest.MonkeyPatch) -> None:
+    from forgeline.flows.cli import lookup
+    from forgeline.tasks.tracking import queries
+
+    monkeypatch.setattr(queries, "parent_run_metrics", lambda run_id: {"test/loss": 1.0, "time/train": 3.0})
+    tags = {"test_loss": "1.5", "test_f1_macro": "0.5", "baseline_f1_weighted": "0.9", "forgeline.test_x": "1"}
+    version = SimpleNamespace(tags={**tags, "train_run_id": "r"}, run_id="r")
+    assert lookup.version_metrics(version) == {"test/loss": 1.0, "test/f1_macro": 0.5, "baseline/f1_weighted": 0.9}
