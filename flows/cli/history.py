@@ -86,9 +86,8 @@ def compare(
         fail(f"experiment {name!r} has no pipeline runs yet; run `forgeline run` first")
     metric, higher = ranking(cfg, runs, metric, higher_is_better)
     ranked = rank_runs(runs, metric, higher_is_better=higher)[:top]
-    title = (
-        f"{name}: best {len(ranked)} of {len(runs)} pipeline runs by {metric} ({'higher' if higher else 'lower'} first)"
-    )
+    title = f"{name}: best {len(ranked)} of {len(runs)} pipeline runs by {metric}"
+    title += " (highest first)" if higher else ""
     emit(output, compare_listing(ranked, metric, title=title))
 
 
