@@ -359,20 +359,27 @@ def rescore_model(model_uri: str, cfg: PipelineConfig, dataset_dir: str) -> floa
     """
     metric, _ = cfg.gate_metric()
     if cfg.kind == "classification":
-        # Loaded here, by name: only a classifier's re-scoring needs it. TODO(merge issue 16): a plain
-        # `from forgeline.tasks.evaluate.classification import evaluate_classifier` once clseval's module is on
-        # main (the import contracts cannot resolve a module that does not exist yet), and check its arguments.
-        evaluate_classifier = importlib.import_module("forgeline.tasks.evaluate.classification").evaluate_classifier
+        # Loaded by name: tasks/evaluate/classification.py comes with the classification evaluation (issue 16),
+        # not yet on this branch. TODO(merge): a plain import of score_classifier and eval_device.
+        evaluation = importlib.import_module("forgeline.tasks.evaluate.classification")
         with tempfile.TemporaryDirectory(prefix="forgeline-rescore-") as tmp:
             model_dir = classifiers.download_classifier(model_uri, Path(tmp))
-            result = evaluate_classifier(str(model_dir), dataset_dir, cfg.eval, cfg.train, seed=cfg.seed)
-            return float(result.metrics[metric])
-    bpb = score_model(
-        model_uri, dataset_dir, cfg.eval, cfg.train, block_size=cfg.model.block_size, fetch=models.download_model
-    )
+            scores = evaluation.score_classifier(
+                model_dir,
+                dataset_dir,
+                cfg.eval,
+                block_size=cfg.model.block_size,
+                batch_size=cfg.train.batch_size,
+                device=evaluation.eval_device(cfg.train.device),
+            )
+        if metric not in scores:
+            raise RegistryError(f"re-scoring a classifier gives {', '.join(sorted(scores))}, not {metric!r}")
+        return float(scores[metric])
     if metric != BPB_METRIC:
         raise RegistryError(f"re-scoring a language model gives {BPB_METRIC}, not registry.metric {metric!r}")
-    return bpb
+    return score_model(
+        model_uri, dataset_dir, cfg.eval, cfg.train, block_size=cfg.model.block_size, fetch=models.download_model
+    )
 
 
 def _publish_table(key: str, rows: list[dict[str, Any]], description: str) -> None:
