@@ -96,6 +96,7 @@ class TrainProgressFeed:
         """From the loop's start summary (``total_steps``, ``start_step``)."""
         start_step = int(summary.get("start_step", 0))
         total = int(summary.get("total_steps", self.total))
+        self.artifact.total = max(1, total)  # epochs may end training before train.max_steps
         self.reporter.train_start(total, start_step)
         self.artifact.start(start_step)
 

@@ -48,6 +48,7 @@ from forgeline.tasks.tracking.registry_store import MlflowRegistry
 from forgeline.tasks.tracking.runs import stage_run
 from forgeline.tasks.tracking.tags import git_tags
 from forgeline.tasks.train import checkpoints
+from forgeline.tasks.train.classify import train_classifier
 from forgeline.tasks.train.distributed import global_batch, world_size
 from forgeline.tasks.train.loop import TrainCallbacks, TrainResult, train_model
 
@@ -164,7 +165,7 @@ def _train_locked(
         system_metrics=cfg.tracking.log_system_metrics,
     ) as run_id:
         records.log_config(run_id, cfg)
-        ranks = world_size(cfg.train)
+        ranks = 1 if cfg.kind == "classification" else world_size(cfg.train)
         records.log_params(run_id, {"world_size": ranks, "global_batch": global_batch(cfg.train, ranks)})
         buffer = MetricBuffer(run_id, flush_every=cfg.tracking.metric_flush_interval)
         live = TrainProgressFeed(cfg.train.max_steps)  # terminal bar + Prefect progress artifact
@@ -178,7 +179,15 @@ def _train_locked(
             live.update(step, metrics)
 
         try:
-            if ranks > 1:  # rank 0 logs the params and metrics to run_id itself; this process only shows them
+            if cfg.kind == "classification":  # one process (tasks/config.py refuses several ranks)
+                result = train_classifier(
+                    cfg,
+                    dataset_dir=dataset_dir,
+                    run_dir=run_dir,
+                    callbacks=TrainCallbacks(on_start=on_start, on_metrics=on_metrics),
+                    fetch_model=models.download_model,
+                )
+            elif ranks > 1:  # rank 0 logs the params and metrics to run_id itself; this process only shows them
                 result = train_in_ranks(
                     cfg, dataset_dir, run_dir, run_id, Path(ctx.base_dir), on_start=live.start, on_metrics=live.update
                 )

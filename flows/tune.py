@@ -31,7 +31,7 @@ from forgeline.tasks.config import PipelineConfig
 from forgeline.tasks.tracking import store, tune_tracking
 from forgeline.tasks.tracking.models import download_model
 from forgeline.tasks.tune.space import apply_params
-from forgeline.tasks.tune.study import TuneResult, build_spec, open_study, state_counts, summarize
+from forgeline.tasks.tune.study import TuneResult, build_spec, open_study, state_counts, study_metric, summarize
 from forgeline.tasks.tune.workers import run_study, run_worker
 
 logger = logging.getLogger(__name__)
@@ -85,7 +85,8 @@ def tune_flow(
         recorder.finish(open_study(spec), result)
         result.require_best()
     logger.info(
-        "tuning done: best val/loss %.4f (trial %s) with %s; %s",
+        "tuning done: best %s %.4f (trial %s) with %s; %s",
+        study_metric(config)[0],
         result.best_value,
         result.best_trial,
         result.best_params,
@@ -99,7 +100,8 @@ def _sweep(recorder: tune_tracking.StudyRecorder, study: optuna.Study, config: P
     recorder.sweep(study)
     complete = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
     values = [t.value for t in complete if t.value is not None and math.isfinite(t.value)]
-    progress.reporter().search_update(state_counts(study), config.tune.n_trials, min(values, default=None))
+    best = max if study.direction == optuna.study.StudyDirection.MAXIMIZE else min
+    progress.reporter().search_update(state_counts(study), config.tune.n_trials, best(values, default=None))
 
 
 def tuned_config(
@@ -183,7 +185,8 @@ def tune_with_workers(
         recorder.finish(study, result)
         result.require_best()
     logger.info(
-        "tuning done: best val/loss %.4f (trial %s) with %s; %d trial(s) by %d workers",
+        "tuning done: best %s %.4f (trial %s) with %s; %d trial(s) by %d workers",
+        study_metric(config)[0],
         result.best_value,
         result.best_trial,
         result.best_params,

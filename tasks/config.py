@@ -694,6 +694,9 @@ _UNHASHED_KEYS: dict[str, tuple[str, ...]] = {
 }
 
 
+_CLASSIFICATION_VAL_METRICS = ("val/f1_macro", "val/accuracy", "val/loss")
+
+
 def _task_conflicts(cfg: PipelineConfig) -> list[tuple[str, str]]:
     """Keys set to something the chosen ``task.kind`` cannot use, each with the reason (empty: none)."""
     kind, data, train = cfg.kind, cfg.data, cfg.train
@@ -719,6 +722,12 @@ def _task_conflicts(cfg: PipelineConfig) -> list[tuple[str, str]]:
             conflicts.append(("train.loss_on", f"only for task.kind 'completion', not {kind!r}"))
         if any(getattr(s, "name", None) == "python-docstrings" for s in data.sources):
             conflicts.append(("data.sources", "the builtin 'python-docstrings' corpus is for task.kind 'completion'"))
+    if kind == "classification":
+        if train.nnodes > 1 or (isinstance(train.nproc_per_node, int) and train.nproc_per_node > 1):
+            conflicts.append(("train.nproc_per_node", "task.kind 'classification' trains in one process"))
+        if cfg.tune.metric and cfg.tune.metric not in _CLASSIFICATION_VAL_METRICS:
+            allowed = ", ".join(_CLASSIFICATION_VAL_METRICS)
+            conflicts.append(("tune.metric", f"task.kind 'classification' logs {allowed}, not {cfg.tune.metric!r}"))
     if kind == "lm" and train.epochs is not None:
         conflicts.append(("train.epochs", "task.kind 'lm' trains on random windows: use train.max_steps"))
     return conflicts

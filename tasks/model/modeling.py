@@ -14,11 +14,13 @@ unpickled) and a config with ``auto_map`` (custom code).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 from transformers import (
     AutoModelForCausalLM,
@@ -61,32 +63,18 @@ def build_model(cfg: ModelConfig, tokenizer: PreTrainedTokenizerBase, *, fetch: 
     """
     if cfg.init_from:
         model, _ = load_pretrained_model(cfg.init_from, fetch=fetch)
-        n_positions = _n_positions(model)
-        if n_positions is not None and cfg.block_size > n_positions:
-            raise ValueError(f"model.block_size ({cfg.block_size}) exceeds {cfg.init_from}'s positions ({n_positions})")
+        positions = n_positions(model)
+        if positions is not None and cfg.block_size > positions:
+            raise ValueError(f"model.block_size ({cfg.block_size}) exceeds {cfg.init_from}'s positions ({positions})")
         vocab = model.get_input_embeddings().weight.shape[0]
         if len(tokenizer) > vocab:
             log.warning("resizing %s token embeddings %d -> %d", cfg.init_from, vocab, len(tokenizer))
             model.resize_token_embeddings(len(tokenizer))
         model.train()
         return model
-    config = GPT2Config(
-        vocab_size=len(tokenizer),
-        n_positions=cfg.block_size,
-        n_embd=cfg.n_embd,
-        n_layer=cfg.n_layer,
-        n_head=cfg.n_head,
-        resid_pdrop=cfg.dropout,
-        embd_pdrop=cfg.dropout,
-        attn_pdrop=cfg.dropout,
-        bos_token_id=tokenizer.eos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-        activation_function=_ACTIVATIONS[cfg.activation],
-    )
-    model = GPT2LMHeadModel(config)
+    model = GPT2LMHeadModel(gpt2_config(cfg, tokenizer))
     if not cfg.bias:
-        _hold_biases_at_zero(model)
+        hold_biases_at_zero(model)
     log.info(
         "built GPT-2: %d layers, %d heads, width %d, context %d, vocab %d, %s, %s: %d trained parameters",
         cfg.n_layer,
@@ -99,6 +87,71 @@ def build_model(cfg: ModelConfig, tokenizer: PreTrainedTokenizerBase, *, fetch: 
         count_parameters(model),
     )
     return model
+
+
+def gpt2_config(cfg: ModelConfig, tokenizer: PreTrainedTokenizerBase, **extra: Any) -> GPT2Config:
+    """The GPT-2 config the model section's sizes describe, for ``tokenizer``'s vocabulary.
+
+    Args:
+        cfg: Model sizes, dropout, context length, bias and activation.
+        tokenizer: Its length is the vocabulary size, its eos id the bos/eos id, its pad id the pad id.
+        **extra: Further config fields (a classifier's ``num_labels``, ``id2label``...).
+
+    Returns:
+        The config (no weights).
+    """
+    return GPT2Config(
+        vocab_size=len(tokenizer),
+        n_positions=cfg.block_size,
+        n_embd=cfg.n_embd,
+        n_layer=cfg.n_layer,
+        n_head=cfg.n_head,
+        resid_pdrop=cfg.dropout,
+        embd_pdrop=cfg.dropout,
+        attn_pdrop=cfg.dropout,
+        bos_token_id=tokenizer.eos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        activation_function=_ACTIVATIONS[cfg.activation],
+        **extra,
+    )
+
+
+@contextlib.contextmanager
+def resolved_source(source: str, *, fetch: Fetch | None = None) -> Iterator[tuple[str, str | None]]:
+    """A ``model.init_from`` as something ``from_pretrained`` loads, with where its tokenizer is.
+
+    A registry URI is downloaded into a temporary folder (deleted on exit); a local folder is checked
+    (:func:`check_model_dir`); anything else is taken for a hub id.
+
+    Args:
+        source: Local directory, ``models:/NAME@alias`` / ``models:/NAME/VERSION``, or a hub id.
+        fetch: Downloads a ``models:/`` URI into a folder (required for those URIs).
+
+    Yields:
+        ``(model folder or hub id, tokenizer folder or hub id, or None when there is no tokenizer)``.
+
+    Raises:
+        ValueError: a registry URI without ``fetch``, a path that is not a model folder, or an unsafe folder.
+    """
+    if source.startswith("models:/"):
+        if fetch is None:
+            raise ValueError(f"{source}: a registry URI needs a fetch function (forgeline.tasks.tracking.models)")
+        with tempfile.TemporaryDirectory(prefix="forgeline-model-") as dst:
+            root = fetch(source, Path(dst))
+            model_dir = find_model_dir(root)
+            check_model_dir(model_dir)
+            tok_dir = find_tokenizer_dir(root, model_dir)
+            yield str(model_dir), str(tok_dir) if tok_dir is not None else None
+        return
+    path = Path(source)
+    if path.is_dir():
+        check_model_dir(path)
+        yield str(path), str(path) if has_tokenizer(path) else None
+        return
+    if path.exists():
+        raise ValueError(f"{source}: not a model directory")
+    yield source, source
 
 
 def load_pretrained_model(
@@ -123,14 +176,14 @@ def load_pretrained_model(
         with tempfile.TemporaryDirectory(prefix="forgeline-model-") as dst:
             root = fetch(source, Path(dst))
             model_dir = find_model_dir(root)
-            tok_dir = _find_tokenizer_dir(root, model_dir)
+            tok_dir = find_tokenizer_dir(root, model_dir)
             model = _load_local(model_dir)
             tokenizer = load_tokenizer(tok_dir) if tok_dir is not None else None
         return model, tokenizer
     path = Path(source)
     if path.is_dir():
         model = _load_local(path)
-        tokenizer = load_tokenizer(path) if _has_tokenizer(path) else None
+        tokenizer = load_tokenizer(path) if has_tokenizer(path) else None
         return model, tokenizer
     if path.exists():
         raise ValueError(f"{source}: not a model directory")
@@ -210,14 +263,8 @@ def find_model_dir(root: str | Path) -> Path:
     return min(candidates, key=lambda p: (len(p.relative_to(root).parts), str(p)))
 
 
-# ------------------------------------------------------------------------------------------- private
-# GPT-2's "gelu_new" is five elementwise ops in Python; "gelu_pytorch_tanh" is the same function as one fused
-# op (max difference 2e-7), about 17% of a step at nanoGPT's CPU size. The saved config names it, so any
-# transformers install loads the model.
-_ACTIVATIONS = {"gelu_new": "gelu_pytorch_tanh", "gelu": "gelu"}
-
-
-def _hold_biases_at_zero(model: PreTrainedModel) -> None:
+def hold_biases_at_zero(model: PreTrainedModel) -> None:
+    """Zero every bias and freeze it (``model.bias: false``)."""
     # nanoGPT's bias=False: a zero bias that never trains is no bias, and the saved model stays a plain GPT-2
     # that any transformers install loads. Their gradients and optimizer updates are skipped.
     for name, param in model.named_parameters():
@@ -226,19 +273,14 @@ def _hold_biases_at_zero(model: PreTrainedModel) -> None:
             param.requires_grad_(False)
 
 
-def _load_local(path: Path) -> PreTrainedModel:
-    check_model_dir(path)
-    model = AutoModelForCausalLM.from_pretrained(str(path), use_safetensors=True, trust_remote_code=False)
-    log.info("loaded model from %s (%d parameters)", path, count_parameters(model))
-    return model
-
-
-def _has_tokenizer(path: Path) -> bool:
+def has_tokenizer(path: Path) -> bool:
+    """Whether a folder holds a saved tokenizer."""
     return any((path / name).is_file() for name in TOKENIZER_FILES)
 
 
-def _find_tokenizer_dir(root: Path, model_dir: Path) -> Path | None:
-    if _has_tokenizer(model_dir):
+def find_tokenizer_dir(root: Path, model_dir: Path) -> Path | None:
+    """The tokenizer folder of a downloaded artifact tree: the model's own, else the shallowest."""
+    if has_tokenizer(model_dir):
         return model_dir
     found = sorted(
         {p.parent for name in TOKENIZER_FILES for p in root.rglob(name)},
@@ -247,10 +289,25 @@ def _find_tokenizer_dir(root: Path, model_dir: Path) -> Path | None:
     return found[0] if found else None
 
 
-def _n_positions(model: PreTrainedModel) -> int | None:
+def n_positions(model: PreTrainedModel) -> int | None:
+    """The positions (context length) a model was built for, when its config says."""
     config = model.config
     for name in ("n_positions", "max_position_embeddings"):
         value = getattr(config, name, None)
         if isinstance(value, int):
             return value
     return None
+
+
+# ------------------------------------------------------------------------------------------- private
+# GPT-2's "gelu_new" is five elementwise ops in Python; "gelu_pytorch_tanh" is the same function as one fused
+# op (max difference 2e-7), about 17% of a step at nanoGPT's CPU size. The saved config names it, so any
+# transformers install loads the model.
+_ACTIVATIONS = {"gelu_new": "gelu_pytorch_tanh", "gelu": "gelu"}
+
+
+def _load_local(path: Path) -> PreTrainedModel:
+    check_model_dir(path)
+    model = AutoModelForCausalLM.from_pretrained(str(path), use_safetensors=True, trust_remote_code=False)
+    log.info("loaded model from %s (%d parameters)", path, count_parameters(model))
+    return model

@@ -1,5 +1,8 @@
 """The Optuna objective: suggest, train the trial's config, report each evaluation, prune, return the metric.
 
+Language models train with ``train_model`` and report ``val/loss``; classifiers train with
+``train_classifier`` and report ``tune.metric`` (``val/f1_macro`` by default), higher or lower as it says.
+
 It stays pure: tracking attaches from outside (``run_study``'s ``on_progress``). A trial that raises or
 returns NaN is FAILED, counted, and never chosen.
 """
@@ -18,9 +21,11 @@ from typing import Any
 import optuna
 
 from forgeline.tasks import faults
-from forgeline.tasks.train.loop import TrainCallbacks, train_model
+from forgeline.tasks.config import PipelineConfig
+from forgeline.tasks.train.classify import best_value, train_classifier
+from forgeline.tasks.train.loop import TrainCallbacks, TrainResult, train_model
 from forgeline.tasks.tune.space import suggest_params, trial_config
-from forgeline.tasks.tune.study import StudySpec
+from forgeline.tasks.tune.study import StudySpec, study_metric
 
 logger = logging.getLogger(__name__)
 
@@ -28,7 +33,10 @@ logger = logging.getLogger(__name__)
 def make_objective(
     spec: StudySpec, fetch_model: Callable[[str, Path], Path] | None = None
 ) -> Callable[[optuna.Trial], float]:
-    """The objective: train the trial's config, report val loss per evaluation, return the best.
+    """The objective: train the trial's config, report the validation metric per evaluation, return its best.
+
+    The metric is :func:`~forgeline.tasks.tune.study.study_metric`'s: ``tune.metric`` (by default
+    ``val/f1_macro``) for classification, ``val/loss`` otherwise; the study's direction follows it.
 
     A trial retried after a crash trains in its original trial's folder and resumes from its last
     checkpoint. Finished trials keep ``done.json`` and the tokenizer, not checkpoints or weights.
@@ -54,42 +62,55 @@ def make_objective(
         if origin is not None:
             logger.info("trial %d retries crashed trial %d with the same parameters", trial.number, origin)
         fault = faults.trial_fault(trial.number)
+        metric, higher = study_metric(cfg)
 
-        def on_eval(step: int, val_loss: float) -> None:
+        def on_eval(step: int, value: float) -> None:
             faults.hit("tune.eval", trial=trial.number)
-            if not math.isfinite(val_loss):
-                raise ValueError(f"validation loss is {val_loss} at step {step}")
+            if not math.isfinite(value):
+                raise ValueError(f"validation {metric} is {value} at step {step}")
             if fault == "diverge":
-                val_loss *= 10.0
-            trial.report(val_loss, step)
+                value = value / 10.0 if higher else value * 10.0
+            trial.report(value, step)
             if trial.should_prune():
-                raise optuna.TrialPruned(f"val/loss {val_loss:.4f} at step {step}")
+                raise optuna.TrialPruned(f"{metric} {value:.4f} at step {step}")
 
         logger.info("trial %d: %s", trial.number, _fmt_params(params))
         try:
-            result = train_model(
-                cfg.train,
-                cfg.model,
-                cfg.tokenizer,
-                dataset_dir=spec.dataset_dir,
-                run_dir=run_dir,
-                seed=cfg.seed,
-                config_hash=cfg.config_hash(),
-                callbacks=TrainCallbacks(on_eval=on_eval),
-                fetch_model=fetch,
-            )
+            result = _train_trial(cfg, spec.dataset_dir, run_dir, TrainCallbacks(on_eval=on_eval), fetch)
         except Exception:  # TrialPruned included: the trial is over, its checkpoints are not needed
             _drop_weights(run_dir)
             raise
         _drop_weights(run_dir)
         trial.set_user_attr("steps", result.steps)
         trial.set_user_attr("train_seconds", round(result.seconds, 3))
-        value = result.best_val_loss
+        value = best_value(result, metric, higher) if cfg.kind == "classification" else result.best_val_loss
         if fault == "nan" or value is None:
             return math.nan  # Optuna fails a NaN value: counted, never chosen
         return float(value)
 
     return objective
+
+
+def _train_trial(
+    cfg: PipelineConfig,
+    dataset_dir: str,
+    run_dir: Path,
+    callbacks: TrainCallbacks,
+    fetch: Callable[[str, Path], Path] | None,
+) -> TrainResult:
+    if cfg.kind == "classification":
+        return train_classifier(cfg, dataset_dir=dataset_dir, run_dir=run_dir, callbacks=callbacks, fetch_model=fetch)
+    return train_model(
+        cfg.train,
+        cfg.model,
+        cfg.tokenizer,
+        dataset_dir=dataset_dir,
+        run_dir=run_dir,
+        seed=cfg.seed,
+        config_hash=cfg.config_hash(),
+        callbacks=callbacks,
+        fetch_model=fetch,
+    )
 
 
 def _retried_from(trial: optuna.Trial) -> int | None:

@@ -107,6 +107,8 @@ def space_hash(cfg: PipelineConfig) -> str:
         "startup_trials": tune.startup_trials,
         "trial_config": trial_config(cfg, {}).config_hash(),
     }
+    if cfg.kind == "classification":  # the study's direction follows the metric: another metric, another study
+        payload["metric"] = cfg.tune_metric()[0]
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:12]
 
 

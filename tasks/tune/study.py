@@ -162,7 +162,7 @@ def open_study(spec: StudySpec, *, seed_offset: int = 0, create: bool = False) -
         study = optuna.create_study(
             storage=storage,
             study_name=spec.study_name,
-            direction="minimize",
+            direction="maximize" if study_metric(spec.config)[1] else "minimize",
             pruner=pruner,
             load_if_exists=True,
         )
@@ -173,6 +173,15 @@ def open_study(spec: StudySpec, *, seed_offset: int = 0, create: bool = False) -
     return optuna.load_study(
         study_name=spec.study_name, storage=storage, sampler=make_sampler(tune, seed), pruner=pruner
     )
+
+
+def study_metric(cfg: PipelineConfig) -> tuple[str, bool]:
+    """The metric a study optimizes and whether higher is better.
+
+    Classification: ``cfg.tune_metric()`` (``val/f1_macro`` unless ``tune.metric`` names another metric the
+    loop logs); the other tasks' loop reports ``val/loss``.
+    """
+    return cfg.tune_metric() if cfg.kind == "classification" else ("val/loss", False)
 
 
 def state_counts(study: optuna.Study) -> dict[str, int]:
@@ -202,7 +211,8 @@ def summarize(spec: StudySpec, study: optuna.Study, *, trials_before: int = 0, r
     trials = study.get_trials(deepcopy=False)
     counts = state_counts(study)
     complete = [t for t in trials if t.state == TrialState.COMPLETE and t.value is not None and math.isfinite(t.value)]
-    best = min(complete, key=lambda t: t.value) if complete else None  # type: ignore[arg-type, return-value]
+    pick = max if study.direction == optuna.study.StudyDirection.MAXIMIZE else min
+    best = pick(complete, key=lambda t: t.value) if complete else None  # type: ignore[arg-type, return-value]
     return TuneResult(
         study_name=spec.study_name,
         storage_url=spec.storage_url,
