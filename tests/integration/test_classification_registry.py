@@ -171,6 +171,9 @@ def test_forgeline_predict_on_the_champion(store: Any, forgeline: Any, tmp_path:
     assert out.splitlines()[0] == "text,label,score" and len(out.splitlines()) == 1 + len(TEXTS)
     code, out, err = forgeline("predict", "--model", f"models:/{MODEL}/99", "-t", "x")
     assert code != 0 and "has no version 99" in err and len(err.strip().splitlines()) == 1
+    # generate is for language models: it names predict instead of failing on a classifier's weights.
+    code, out, err = forgeline("generate", "--model", f"models:/{MODEL}@champion", "--prompt", "x")
+    assert code == 2 and "is a text classifier: use `forgeline predict" in err
 
 
 def test_models_compare_and_promote_use_f1(store: Any, forgeline: Any) -> None:
