@@ -10,10 +10,8 @@ after a transient failure; bad input (``forgeline.tasks.errors.is_transient``) f
 
 from __future__ import annotations
 
-import importlib
 import logging
 import shutil
-import tempfile
 import uuid
 from pathlib import Path
 from typing import Any
@@ -24,11 +22,12 @@ from pydantic import BaseModel
 
 from forgeline.flows.distributed import train_in_ranks
 from forgeline.flows.prefect_progress import TrainProgressFeed
+from forgeline.flows.rescore import rescore_model
 from forgeline.tasks import progress
 from forgeline.tasks.config import DataConfig, PipelineConfig, dump_config
 from forgeline.tasks.data.cleaning import CleanResult, clean_dataset, report_rows
 from forgeline.tasks.errors import is_transient
-from forgeline.tasks.evaluate.candidate import evaluate_candidate, score_model
+from forgeline.tasks.evaluate.candidate import evaluate_candidate
 from forgeline.tasks.evaluate.evaluation import EvalResult
 from forgeline.tasks.locks import owned_lock
 from forgeline.tasks.registry.versions import (
@@ -42,7 +41,7 @@ from forgeline.tasks.registry.versions import (
     metric_tags,
     register_version,
 )
-from forgeline.tasks.tracking import classifiers, models, records, stage_records
+from forgeline.tasks.tracking import models, records, stage_records
 from forgeline.tasks.tracking.metrics import MetricBuffer
 from forgeline.tasks.tracking.registry_store import MlflowRegistry
 from forgeline.tasks.tracking.runs import stage_run
@@ -357,38 +356,6 @@ def register_task(
                 gate_delta["delta_bits_per_byte"] = result.delta
             records.log_metrics(run_id, gate_delta)
     return result
-
-
-def rescore_model(model_uri: str, cfg: PipelineConfig, dataset_dir: str) -> float:
-    """The gate metric (``cfg.gate_metric()``) of a registered model on this run's held-out split.
-
-    The register stage re-scores the champion with it when the data changed; ``forgeline promote`` and
-    ``forgeline reproduce`` use it too. A language model is scored in bits per byte unless ``registry.metric``
-    names another of its metrics; a classifier by the classification evaluation.
-    """
-    metric, _ = cfg.gate_metric()
-    if cfg.kind == "classification":
-        # Loaded by name: tasks/evaluate/classification.py comes with the classification evaluation (issue 16),
-        # not yet on this branch. TODO(merge): a plain import of score_classifier and eval_device.
-        evaluation = importlib.import_module("forgeline.tasks.evaluate.classification")
-        with tempfile.TemporaryDirectory(prefix="forgeline-rescore-") as tmp:
-            model_dir = classifiers.download_classifier(model_uri, Path(tmp))
-            scores = evaluation.score_classifier(
-                model_dir,
-                dataset_dir,
-                cfg.eval,
-                block_size=cfg.model.block_size,
-                batch_size=cfg.train.batch_size,
-                device=evaluation.eval_device(cfg.train.device),
-            )
-        if metric not in scores:
-            raise RegistryError(f"re-scoring a classifier gives {', '.join(sorted(scores))}, not {metric!r}")
-        return float(scores[metric])
-    if metric != BPB_METRIC:
-        raise RegistryError(f"re-scoring a language model gives {BPB_METRIC}, not registry.metric {metric!r}")
-    return score_model(
-        model_uri, dataset_dir, cfg.eval, cfg.train, block_size=cfg.model.block_size, fetch=models.download_model
-    )
 
 
 def _publish_table(key: str, rows: list[dict[str, Any]], description: str) -> None:

@@ -307,7 +307,7 @@ def rescore_on(candidate: Any, champion_uri: str, metric: str = "test/bits_per_b
         return None, f"the candidate's cleaned data {fingerprint[:12]} is not in {lookup.cache_root(cfg)}"
     if cfg.gate_metric()[0] != metric:
         cfg = cfg.model_copy(update={"registry": cfg.registry.model_copy(update={"metric": metric})})
-    from forgeline.flows.stages import rescore_model
+    from forgeline.flows.rescore import rescore_model
 
     logger.info("re-scoring %s on %s", champion_uri, dataset_dir)
     try:
