@@ -26,6 +26,7 @@ from forgeline.flows.rescore import rescore_model
 from forgeline.tasks import progress
 from forgeline.tasks.config import DataConfig, PipelineConfig, dump_config
 from forgeline.tasks.data.cleaning import CleanResult, clean_dataset, report_rows
+from forgeline.tasks.data.labels import class_count_rows
 from forgeline.tasks.errors import is_transient
 from forgeline.tasks.evaluate.candidate import evaluate_candidate
 from forgeline.tasks.evaluate.evaluation import EvalResult
@@ -121,6 +122,9 @@ def clean_task(cfg: DataConfig, ctx: RunContext, data: list[str] | None = None) 
             result = clean_dataset(cfg, data_override=data, base_dir=Path(ctx.base_dir))
         stage_records.record_cleaning(run_id, result)
         _publish_table("cleaning-report", report_rows(result), f"Cleaning report ({result.fingerprint[:12]})")
+        if result.class_counts:
+            rows = class_count_rows(result.class_counts)
+            _publish_table("class-counts", rows, f"Records per class and split ({result.fingerprint[:12]})")
     return result
 
 

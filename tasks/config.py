@@ -703,6 +703,8 @@ def _task_conflicts(cfg: PipelineConfig) -> list[tuple[str, str]]:
     conflicts: list[tuple[str, str]] = []
     if kind == "classification" and not data.label_column:
         conflicts.append(("data.label_column", "task.kind 'classification' needs the column holding the labels"))
+    if kind == "classification" and data.split == "tail":
+        conflicts.append(("data.split", "'tail' joins all records into one text: classification needs 'hash'"))
     if kind != "classification":
         if data.label_column:
             conflicts.append(("data.label_column", f"only for task.kind 'classification', not {kind!r}"))

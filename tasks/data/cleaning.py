@@ -8,7 +8,9 @@ Pure functions (no Prefect, no MLflow) so that the flow, the CLI and the tests s
    digest and hash split (``rules.clean_batch``).
 4. Exact de-duplication (bounded memory), near de-duplication (MinHash) and the ``hash`` or ``tail``
    split run over the mapped columns (``store``); the splits are saved with ``save_to_disk`` under
-   ``<cache_dir>/datasets/<fingerprint>/``.
+   ``<cache_dir>/datasets/<fingerprint>/``. With ``data.label_column`` labels are text, a text seen under
+   two labels keeps no copy (``conflicting_label``), the hash split is stratified (``stratify``) and the
+   label set is written as ``labels.json`` (``labels``).
 
 The fingerprint covers the cleaning config and the cleaned records (not file names), so the same content
 under a new name is the same dataset; an index keyed by the inputs' content hashes makes a re-run on
@@ -17,6 +19,7 @@ unchanged inputs a cache hit that reads no data.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
@@ -35,6 +38,7 @@ from forgeline.tasks import progress
 from forgeline.tasks.config import DataConfig
 from forgeline.tasks.data import loading, store
 from forgeline.tasks.data.builtin import builtin_corpus
+from forgeline.tasks.data.labels import build_label_set, check_label_kinds, labels_as_text, write_label_set
 from forgeline.tasks.data.paths import (
     DataError,
     Input,
@@ -45,6 +49,7 @@ from forgeline.tasks.data.paths import (
 )
 from forgeline.tasks.data.rules import EXTRA_COLUMNS, KEEP, RULES, TEXT_PREFIX, clean_batch, clean_text, drop_reason
 from forgeline.tasks.data.store import SPLITS
+from forgeline.tasks.data.stratify import stratified_splits
 
 __all__ = ["CleanResult", "DataError", "builtin_corpus", "clean_dataset", "clean_text", "drop_reason"]
 __all__ += ["iter_split", "read_split_text", "report_rows", "resolve_data_override"]
@@ -71,6 +76,8 @@ class CleanResult(BaseModel):
     sources: list[str]
     split: str
     columns: list[str] = ["text"]
+    class_counts: dict[str, dict[str, int]] = {}
+    """With ``data.label_column``: ``{split: {label: records}}`` (also in ``labels.json``)."""
 
 
 def clean_dataset(
@@ -151,6 +158,8 @@ def _config_payload(cfg: DataConfig) -> dict[str, Any]:
     payload = cfg.model_dump(mode="json", exclude={"cache_dir", "roots", "sources", "num_proc"})
     payload["cleaning"]["near_dedup"] = cfg.cleaning.near_dedup and _near_dedup_available()
     payload["version"] = CLEANING_VERSION
+    if cfg.label_column:  # labeled data is split by class and gets labels.json: older stores lack both
+        payload["stratified"] = 1
     return payload
 
 
@@ -209,7 +218,7 @@ def _clean_and_store(
     bars = datasets.is_progress_bar_enabled()
     datasets.disable_progress_bars()
     try:
-        rows_in, dropped, parts, digest = _run_pipeline(cfg, inputs, tmp / ".work")
+        rows_in, dropped, parts, digest, class_counts = _run_pipeline(cfg, inputs, tmp / ".work")
         _check_unchanged(stamps)
         fingerprint = hashlib.sha256(json.dumps([payload, digest], sort_keys=True).encode()).hexdigest()
         shards = {s: 1 for s in SPLITS if len(parts[s]) == 0}  # an empty split still gets its one file
@@ -227,7 +236,10 @@ def _clean_and_store(
             sources=[i.label for i in inputs],
             split=cfg.split,
             columns=list(saved["train"].column_names),
+            class_counts=class_counts,
         )
+        if cfg.label_column:
+            write_label_set(tmp, build_label_set(class_counts))
         (tmp / "report.json").write_text(result.model_dump_json(exclude={"cache_hit"}, indent=2), encoding="utf-8")
         store.publish(tmp, folder / fingerprint)
     except BaseException:
@@ -240,8 +252,12 @@ def _clean_and_store(
     return result
 
 
-def _run_pipeline(cfg: DataConfig, inputs: list[Input], work: Path) -> tuple[int, dict[str, int], dict[str, Any], str]:
-    """Load, clean, de-duplicate and split; returns rows_in, dropped, the split datasets and their digest."""
+def _run_pipeline(
+    cfg: DataConfig, inputs: list[Input], work: Path
+) -> tuple[int, dict[str, int], dict[str, Any], str, dict[str, dict[str, int]]]:
+    """Load, clean, de-duplicate and split; returns rows_in, dropped, the splits, their digest, class counts."""
+    if cfg.label_column and cfg.split == "tail":
+        raise DataError("data.split 'tail' cuts one stream of text and loses the labels: use split 'hash'")
     cleaned = _load_and_clean(cfg, inputs, work)
     keep, counts = np.empty(len(cleaned), dtype=bool), np.zeros(len(RULES) + 1, dtype=np.int64)
     for start in range(0, len(cleaned), store.CHUNK):  # a byte a record, not the whole rule column at once
@@ -249,6 +265,12 @@ def _run_pipeline(cfg: DataConfig, inputs: list[Input], work: Path) -> tuple[int
         counts += np.bincount(rule, minlength=len(RULES) + 1)
         keep[start : start + len(rule)] = rule == KEEP
     dropped = {name: int(counts[1 + i]) for i, name in enumerate(RULES)}
+    if cfg.label_column:  # one text under two labels: no copy is kept, since which label is right is unknown
+        conflict = store.conflicting_labels(cleaned, keep, work)
+        dropped["conflicting_label"] = int(conflict.sum())
+        keep &= ~conflict
+        if conflict.any():
+            logger.warning("dropped %d records whose text also appears with another label", int(conflict.sum()))
     if cfg.cleaning.dedup:
         dup = store.later_duplicates(cleaned, keep, work)
         dropped["duplicate"] = int(dup.sum())
@@ -264,9 +286,13 @@ def _run_pipeline(cfg: DataConfig, inputs: list[Input], work: Path) -> tuple[int
         shown = ", ".join(labels[:3]) + (f" and {len(labels) - 3} more" if len(labels) > 3 else "")
         drops = ", ".join(f"{k}={v}" for k, v in dropped.items() if v) or "none"
         raise DataError(f"no records left after cleaning ({len(keep)} read from {shown}; dropped: {drops})")
+    class_counts: dict[str, dict[str, int]] = {}
     if cfg.split == "hash":
         extras = [c for c in EXTRA_COLUMNS if c in cleaned.column_names]
-        parts, digest = store.hash_splits(cleaned, keep, work, extras)
+        dest = None
+        if cfg.label_column:
+            dest, class_counts = stratified_splits(cleaned, keep, cfg.fractions, cfg.label_column)
+        parts, digest = store.hash_splits(cleaned, keep, work, extras, dest)
     else:
         parts = store.tail_splits(cleaned, keep, cfg.fractions, work, check_leaks=not cfg.cleaning.dedup)
         digest = store.split_digest(parts)
@@ -278,7 +304,7 @@ def _run_pipeline(cfg: DataConfig, inputs: list[Input], work: Path) -> tuple[int
             )
     if cfg.fractions.test > 0 and len(parts["test"]) == 0:
         logger.warning("split 'test' is empty although data.fractions.test is %g", cfg.fractions.test)
-    return len(keep), dropped, parts, digest
+    return len(keep), dropped, parts, digest, class_counts
 
 
 def _load_and_clean(cfg: DataConfig, inputs: list[Input], work: Path) -> Any:
@@ -291,16 +317,22 @@ def _load_and_clean(cfg: DataConfig, inputs: list[Input], work: Path) -> Any:
     workers = 1 if size < SMALL_INPUT_BYTES else workers
     fractions = (cfg.fractions.train, cfg.fractions.validation, cfg.fractions.test)
     segments: list[tuple[bool, list[Any]]] = []
+    kinds: dict[str, str] = {}
     for n, item in enumerate(inputs):
         if item.fmt == "builtin":
             item = Input(item.label, "builtin", path=work / f"builtin-{n}.txt")
             item.path.write_text(builtin_corpus(inputs[n].max_bytes), encoding="utf-8")  # type: ignore[union-attr]
         paragraph = item.fmt in ("text", "builtin") and cfg.record == "paragraph"
         ds = loading.load_input(item, _columns(cfg, item), cfg.record, work)
+        if cfg.label_column:
+            place = functools.partial(loading.record_place, item)
+            ds, kinds[item.label] = labels_as_text(ds, item.label, cfg.label_column, place)
         if segments and segments[-1][0] == paragraph:
             segments[-1][1].append(ds)
         else:
             segments.append((paragraph, [ds]))
+    if cfg.label_column:
+        check_label_kinds(kinds, cfg.label_column)
     mapped = []
     feed = _ProgressFeed(work / "progress.bin") if progress.reporter().enabled else None
     kwargs = {"cfg": cfg.cleaning.model_dump(), "fractions": fractions, "progress": feed and str(feed.path)}

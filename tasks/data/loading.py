@@ -303,3 +303,31 @@ def _diagnose_csv(path: Path, text: str, column: str) -> None:
             rows += 1
     if not rows:
         raise DataError(f"{path}: no rows (header only)")
+
+
+def record_place(item: Input, index: int) -> str:
+    """Where record ``index`` (0-based, in loading order) of an input sits: ``path:line``, or ``path: row N``.
+
+    Used on error paths only: a CSV or JSON Lines file is read again to count physical lines.
+    """
+    if item.path is not None and item.fmt == "csv":
+        with item.path.open(encoding="utf-8-sig", newline="") as handle:
+            reader = csv.reader(handle)
+            next(reader, None)  # the header
+            number = 0
+            while True:
+                start = reader.line_num + 1
+                row = next(reader, None)
+                if row is None:
+                    break
+                if row:  # the builder skips blank lines
+                    if number == index:
+                        return f"{item.path}:{start}"
+                    number += 1
+    if item.path is not None and item.fmt == "jsonl":
+        with item.path.open(encoding="utf-8-sig") as handle:
+            records = (n for n, line in enumerate(handle, start=1) if line.strip())
+            for number, line in enumerate(records):
+                if number == index:
+                    return f"{item.path}:{line}"
+    return f"{item.label}: record {index + 1}"

@@ -164,7 +164,8 @@ def clean_batch(
         A table: ``text`` (empty for dropped records), ``rule`` (``KEEP`` or 1 + the index of the drop rule
         in ``RULES``), ``hi``/``lo`` (the first 16 bytes of the text's SHA-256, for exact dedup), ``split``
         (0, 1, 2: ``hi`` read as a number in [0, 1) picks it, so new data never moves an old record),
-        ``chars`` (length, for the tail split) and the carried columns.
+        ``chars`` (length, for the tail split), the carried columns (a label stripped of surrounding
+        whitespace) and, with a label, ``lab`` (the first 8 bytes of the label's SHA-256).
     """
     import pyarrow as pa
     import pyarrow.compute as pc
@@ -174,6 +175,10 @@ def clean_batch(
     arr = parts[0] if len(parts) == 1 else pc.binary_join_element_wise(*parts, "\n")
     arr = arr.combine_chunks() if isinstance(arr, pa.ChunkedArray) else arr
     extras = {k: batch.column(k) for k in EXTRA_COLUMNS if k in batch.column_names}
+    if "label" in extras:  # " mlops" and "mlops" are one class; ``lab`` lets dedup see a text's two labels
+        extras["label"] = pc.utf8_trim_whitespace(pc.fill_null(extras["label"], ""))
+        labs = b"".join(hashlib.sha256(v.encode("utf-8")).digest()[:8] for v in extras["label"].to_pylist())
+        extras["lab"] = np.frombuffer(labs, dtype=">u8").astype(np.uint64)
     if paragraph:
         arr = pa.array([p for raw in arr.to_pylist() for p in paragraphs(raw)], pa.string())
     read = struct.pack("<qq", len(arr), pc.sum(pc.binary_length(arr)).as_py() or 0)

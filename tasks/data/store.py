@@ -17,6 +17,7 @@ import logging
 import os
 import re
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -32,7 +33,6 @@ CHUNK = 2**20
 """Records per chunk when a pass reads a column of the cleaned dataset."""
 BUCKET = 2**18
 """Exact dedup sorts digests in buckets of about this many entries (past one chunk of records)."""
-_ENTRY = [("hi", "<u8"), ("lo", "<u8"), ("seq", "<i8")]
 _HEX64 = re.compile(r"^[0-9a-f]{64}$")
 
 
@@ -49,31 +49,52 @@ def later_duplicates(ds: Any, keep: np.ndarray, workdir: Path) -> np.ndarray:
     their leading bits (about ``BUCKET`` entries each, order kept), and each bucket is sorted alone: the
     one-pass set's decisions in memory bounded by a chunk and a bucket.
     """
-    dup = np.zeros(len(keep), dtype=bool)
+    return _by_digest(ds, keep, workdir, ("hi", "lo"), lambda e: _later(e["hi"], e["lo"]))
+
+
+def conflicting_labels(ds: Any, keep: np.ndarray, workdir: Path) -> np.ndarray:
+    """Mask of kept records whose text another kept record carries with another label (``lab``: label digest).
+
+    Every copy is marked, the first included: which label such a text should teach is unknown.
+    """
+    return _by_digest(ds, keep, workdir, ("hi", "lo", "lab"), lambda e: _conflicts(e["hi"], e["lo"], e["lab"]))
+
+
+def _by_digest(
+    ds: Any, keep: np.ndarray, workdir: Path, fields: tuple[str, ...], decide: Callable[[np.ndarray], np.ndarray]
+) -> np.ndarray:
+    """``decide`` over the kept records' digest columns, in memory or bucket by bucket (same text, same bucket)."""
+    entry = [(name, "<u8") for name in fields] + [("seq", "<i8")]
+    mask = np.zeros(len(keep), dtype=bool)
     if len(keep) <= CHUNK:
         seq = np.flatnonzero(keep)
-        dup[seq[_later(column(ds, "hi")[seq], column(ds, "lo")[seq])]] = True
-        return dup
+        entries = np.empty(len(seq), dtype=entry)
+        for name in fields:
+            entries[name] = column(ds, name)[seq]
+        mask[seq[decide(entries)]] = True
+        return mask
     bits = max(1, int(np.ceil(np.log2(len(keep) / BUCKET))))
     folder = workdir / "buckets"
     folder.mkdir(parents=True, exist_ok=True)
     for start in range(0, len(keep), CHUNK):
         stop = min(start + CHUNK, len(keep))
         local = np.flatnonzero(keep[start:stop])
-        entries = np.empty(len(local), dtype=_ENTRY)
-        entries["hi"], entries["lo"] = column(ds, "hi", start, stop)[local], column(ds, "lo", start, stop)[local]
+        entries = np.empty(len(local), dtype=entry)
+        for name in fields:
+            entries[name] = column(ds, name, start, stop)[local]
         entries["seq"] = start + local
         bucket = entries["hi"] >> np.uint64(64 - bits)
         order = np.argsort(bucket, kind="stable")
         ids, firsts = np.unique(bucket[order], return_index=True)
         for b, part in zip(ids, np.split(entries[order], firsts[1:]), strict=True):
-            with (folder / f"{int(b):06d}").open("ab") as handle:
+            # a plain string path: pathlib interns every part it parses, megabytes over thousands of appends
+            with open(os.path.join(folder, f"{int(b):06d}"), "ab") as handle:
                 part.tofile(handle)
     for path in sorted(folder.iterdir()):
-        entries = np.fromfile(path, dtype=_ENTRY)
-        dup[entries["seq"][_later(entries["hi"], entries["lo"])]] = True
+        entries = np.fromfile(path, dtype=entry)
+        mask[entries["seq"][decide(entries)]] = True
         path.unlink()
-    return dup
+    return mask
 
 
 def _later(hi: np.ndarray, lo: np.ndarray) -> np.ndarray:
@@ -85,6 +106,19 @@ def _later(hi: np.ndarray, lo: np.ndarray) -> np.ndarray:
     later = np.zeros(len(order), dtype=bool)
     later[order] = same
     return later
+
+
+def _conflicts(hi: np.ndarray, lo: np.ndarray, lab: np.ndarray) -> np.ndarray:
+    """True where another entry has the same (hi, lo) and a different ``lab``."""
+    out = np.zeros(len(hi), dtype=bool)
+    if not len(hi):
+        return out
+    order = np.lexsort((lab, lo, hi))
+    h, low, labs = hi[order], lo[order], lab[order]
+    starts = np.flatnonzero(np.concatenate(([True], (h[1:] != h[:-1]) | (low[1:] != low[:-1]))))
+    mixed = np.minimum.reduceat(labs, starts) != np.maximum.reduceat(labs, starts)
+    out[order] = np.repeat(mixed, np.diff(np.append(starts, len(order))))
+    return out
 
 
 def near_duplicates(ds: Any, keep: np.ndarray, threshold: float) -> np.ndarray:
@@ -102,8 +136,12 @@ def near_duplicates(ds: Any, keep: np.ndarray, threshold: float) -> np.ndarray:
 
 
 # --------------------------------------------------------------------------------------- splits
-def hash_splits(ds: Any, keep: np.ndarray, workdir: Path, extras: list[str]) -> tuple[dict[str, Any], str]:
+def hash_splits(
+    ds: Any, keep: np.ndarray, workdir: Path, extras: list[str], dest: np.ndarray | None = None
+) -> tuple[dict[str, Any], str]:
     """Each kept record in the split its content hash picked (the ``split`` column); plus their digest.
+
+    ``dest`` (a split code per record, -1 for dropped) replaces the hash's choice: the stratified split.
 
     One pass, a chunk at a time: Arrow filters the chunk into each split's Arrow file (memory-mapped
     afterwards), so no index of the chosen rows is ever held, and ``save_to_disk`` then copies contiguous
@@ -122,14 +160,17 @@ def hash_splits(ds: Any, keep: np.ndarray, workdir: Path, extras: list[str]) -> 
     try:
         for start in range(0, len(keep), CHUNK):
             stop = min(start + CHUNK, len(keep))
-            dest = np.where(keep[start:stop], column(ds, "split", start, stop), -1)
+            if dest is None:
+                chosen = np.where(keep[start:stop], column(ds, "split", start, stop), -1)
+            else:
+                chosen = dest[start:stop]
             hi, lo, chunk = (
                 column(ds, "hi", start, stop),
                 column(ds, "lo", start, stop),
                 table.slice(start, stop - start),
             )
             for code, (writer, (hi_s, lo_s, *extra_s)) in enumerate(zip(writers, streams, strict=True)):
-                mask = dest == code
+                mask = chosen == code
                 part = chunk.filter(pa.array(mask))
                 writer.write_table(part)
                 rows[code] += part.num_rows

@@ -18,6 +18,7 @@ from typing import Any
 
 from forgeline.tasks.config import DataConfig
 from forgeline.tasks.data.cleaning import CleanResult, load_split
+from forgeline.tasks.data.labels import class_count_rows
 from forgeline.tasks.registry.model_card import (
     ARTIFACT_FILE,
     add_champion_metrics,
@@ -56,6 +57,8 @@ def record_cleaning(run_id: str, result: CleanResult) -> None:
     metrics = {"rows_in": result.rows_in, **{f"dropped/{k}": v for k, v in result.dropped.items()}}
     metrics |= {f"rows/{k}": v for k, v in result.rows_per_split.items()}
     metrics |= {f"bytes/{k}": v for k, v in result.bytes_per_split.items()}
+    if result.class_counts:
+        metrics["classes"] = len(result.class_counts.get("train", {}))
     log_metrics(run_id, metrics)
     log_dict(run_id, result.model_dump(mode="json"), "cleaning_report.json")
     for name, table in cleaning_tables(result).items():
@@ -67,7 +70,7 @@ def record_cleaning(run_id: str, result: CleanResult) -> None:
 
 
 def cleaning_tables(result: CleanResult) -> dict[str, Any]:
-    """The cleaning report as pandas tables: records dropped per rule, and rows and bytes per split."""
+    """The cleaning report as pandas tables: records dropped per rule, rows and bytes per split, records per class."""
     import pandas as pd
 
     rules = pd.DataFrame({"rule": list(result.dropped), "records": list(result.dropped.values())})
@@ -79,7 +82,10 @@ def cleaning_tables(result: CleanResult) -> dict[str, Any]:
             "bytes": [result.bytes_per_split.get(s, 0) for s in result.rows_per_split],
         }
     )
-    return {"cleaning_rules.json": rules, "cleaning_splits.json": splits}
+    tables = {"cleaning_rules.json": rules, "cleaning_splits.json": splits}
+    if result.class_counts:  # labeled data: records of each class in each split
+        tables["cleaning_classes.json"] = pd.DataFrame(class_count_rows(result.class_counts))
+    return tables
 
 
 def _log_split_input(run_id: str, result: CleanResult, split: str) -> None:
