@@ -199,3 +199,32 @@ def test_version_metrics_read_a_classifier_figures_from_tags(monkeypatch: pytest
     tags = {"test_loss": "1.5", "test_f1_macro": "0.5", "baseline_f1_weighted": "0.9", "forgeline.test_x": "1"}
     version = SimpleNamespace(tags={**tags, "train_run_id": "r"}, run_id="r")
     assert lookup.version_metrics(version) == {"test/loss": 1.0, "test/f1_macro": 0.5, "baseline/f1_weighted": 0.9}
+
+
+def test_promote_rescores_a_champion_when_the_candidate_data_is_an_arrow_cache(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`promote` looked for the pre-Arrow `test.jsonl` and so never re-scored: now the Arrow split is found."""
+    from forgeline.flows import rescore
+    from forgeline.flows.cli import lookup, models
+    from forgeline.tasks.config import PipelineConfig
+
+    cfg = PipelineConfig.model_validate({"data": {"cache_dir": str(tmp_path)}})
+    (tmp_path / "datasets" / "fp2" / "test").mkdir(parents=True)
+    monkeypatch.setattr(lookup, "version_config", lambda version: cfg)
+    asked: list[tuple[str, str, str]] = []
+
+    def scored(uri: str, config: Any, dataset_dir: str) -> float:
+        asked.append((uri, config.gate_metric()[0], dataset_dir))
+        return 2.5
+
+    monkeypatch.setattr(rescore, "rescore_model", scored)
+    candidate = SimpleNamespace(version="3", tags={"data_fingerprint": "fp2", "test_bits_per_byte": "2.4"})
+    champion = SimpleNamespace(name="lm", version="2", tags={"data_fingerprint": "fp1", "test_bits_per_byte": "2.0"})
+    promoted, reason = models.manual_gate(candidate, champion, 0.0)
+    assert asked == [("models:/lm/2", "test/bits_per_byte", str(tmp_path / "datasets" / "fp2"))]
+    assert promoted and "2.4000 vs champion 2.5000 bits/byte" in reason and "re-scored" in reason
+    # On F1 the same figures read the other way round, and the re-scoring is asked for that metric.
+    candidate.tags["test_f1_macro"] = "0.6"
+    promoted, reason = models.manual_gate(candidate, champion, 0.0, metric="test/f1_macro", higher_is_better=True)
+    assert asked[-1][1] == "test/f1_macro" and not promoted and "test/f1_macro" in reason
