@@ -22,11 +22,13 @@ from forgeline.flows.stages import (
     training_dir,
 )
 from forgeline.tasks.config import PipelineConfig
+from forgeline.tasks.evaluate.baseline import BASELINE_NAME, model_metrics, model_vs_baseline
 from forgeline.tasks.registry.versions import LINEAGE_TAG
 from forgeline.tasks.tracking import records, store
 from forgeline.tasks.tracking.links import ui_model_version_url, ui_run_url
 from forgeline.tasks.tracking.registry_store import find_lineage_version
 from forgeline.tasks.tracking.runs import reap_orphan_runs, stage_run
+from forgeline.tasks.train.loop import TrainResult
 
 logger = logging.getLogger(__name__)
 
@@ -99,13 +101,7 @@ def pipeline_flow(
             champion = f"models:/{config.registry.model_name}/{registered.champion_version}"
             compress_flow(config, champion, cleaned.dataset_dir, cleaned.fingerprint, parent_run_id=run_id)
             clock.lap("compress")
-        metrics = {
-            "test/loss": evaluation.loss,
-            "test/perplexity": evaluation.perplexity,
-            "test/bits_per_byte": evaluation.bits_per_byte,
-        }
-        if outcome.result.final_val_loss is not None:
-            metrics["val/loss"] = outcome.result.final_val_loss
+        metrics = run_metrics(evaluation.metrics, outcome.result, kept_best=config.keep_best())
         records.log_metrics(run_id, metrics | {f"time/{k}": v for k, v in clock.laps.items()})
         records.set_tags(run_id, {"model_version": registered.version, "promoted": registered.promoted})
         summary = summary.model_copy(
@@ -121,6 +117,19 @@ def pipeline_flow(
         )
         _publish_summary(summary)
     return summary
+
+
+def run_metrics(evaluated: dict[str, float], trained: TrainResult, *, kept_best: bool) -> dict[str, float]:
+    """The pipeline run's headline metrics: the evaluation's (a classifier's with the baseline's) and ``val/loss``.
+
+    ``val/loss`` is that of the weights evaluated: the best evaluation's when training kept the best weights
+    (``train.keep_best``, a classifier's default), else the last one's.
+    """
+    metrics = dict(evaluated)
+    val_loss = trained.best_val_loss if kept_best and trained.best_val_loss is not None else trained.final_val_loss
+    if val_loss is not None:
+        metrics["val/loss"] = val_loss
+    return metrics
 
 
 class Laps:
@@ -163,9 +172,9 @@ def _reuse(summary: PipelineResult, version: object, run_id: str) -> PipelineRes
 
 def _publish_summary(summary: PipelineResult) -> None:
     try:
-        rows = [{"metric": k, "value": round(v, 5)} for k, v in summary.metrics.items()]
-        rows.append({"metric": "model_version", "value": summary.version})
-        rows.append({"metric": "promoted", "value": summary.promoted})
+        rows = headline_rows(summary.metrics)
+        rows.append({"metric": "model_version", "value": summary.version} | _no_baseline(rows))
+        rows.append({"metric": "promoted", "value": summary.promoted} | _no_baseline(rows))
         create_table_artifact(key="headline-metrics", table=rows, description="Headline metrics")
         create_markdown_artifact(
             key="pipeline-summary", markdown=summary_markdown(summary), description="Pipeline run summary"
@@ -177,18 +186,45 @@ def _publish_summary(summary: PipelineResult) -> None:
         logger.debug("summary artifacts not published: %s", exc)
 
 
+def headline_rows(metrics: dict[str, float]) -> list[dict[str, object]]:
+    """Rows of the ``headline-metrics`` table: metric and value, plus the baseline's value where it has one."""
+    baseline = {key: base for key, _, base in model_vs_baseline(metrics)}
+    if not baseline:
+        return [{"metric": k, "value": round(v, 5)} for k, v in metrics.items()]
+    return [
+        {"metric": k, "value": round(v, 5), "baseline": round(baseline[k], 5) if k in baseline else None}
+        for k, v in model_metrics(metrics).items()
+    ]
+
+
+def _no_baseline(rows: list[dict[str, object]]) -> dict[str, object]:
+    return {"baseline": None} if rows and "baseline" in rows[0] else {}
+
+
 def summary_markdown(summary: PipelineResult) -> str:
-    """The pipeline run as markdown: headline metrics, the champion decision, links to MLflow."""
+    """The pipeline run as markdown: headline metrics (beside the baseline's), the champion decision, links."""
     run_link = mlflow_run_url(summary)
     version_link = mlflow_model_version_url(summary)
     verdict = "promoted to champion" if summary.promoted else "not promoted"
+    pairs = model_vs_baseline(summary.metrics)
     lines = [
         f"# Pipeline run: {summary.experiment_name}",
         "",
         "| metric | value |",
         "|---|---|",
-        *(f"| `{k}` | {v:.4f} |" for k, v in summary.metrics.items()),
+        *(f"| `{k}` | {v:.4f} |" for k, v in model_metrics(summary.metrics).items()),
         "",
+    ]
+    if pairs:
+        lines += [
+            f"## Model vs baseline ({BASELINE_NAME}, same test split)",
+            "",
+            "| metric | model | baseline | model - baseline |",
+            "|---|---|---|---|",
+            *(f"| `{k}` | {m:.4f} | {b:.4f} | {m - b:+.4f} |" for k, m, b in pairs),
+            "",
+        ]
+    lines += [
         f"**Model:** `{summary.model_name}` version {summary.version}"
         + (f" ([MLflow]({version_link}))" if version_link else ""),
         "",

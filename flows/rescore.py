@@ -7,12 +7,12 @@ packages, the model fetched through the tracking package.
 
 from __future__ import annotations
 
-import importlib
 import tempfile
 from pathlib import Path
 
 from forgeline.tasks.config import PipelineConfig
 from forgeline.tasks.evaluate.candidate import score_model
+from forgeline.tasks.evaluate.classification import eval_device, score_classifier
 from forgeline.tasks.registry.versions import BPB_METRIC, RegistryError
 from forgeline.tasks.tracking import classifiers, models
 
@@ -20,24 +20,21 @@ from forgeline.tasks.tracking import classifiers, models
 def rescore_model(model_uri: str, cfg: PipelineConfig, dataset_dir: str) -> float:
     """The gate metric (``cfg.gate_metric()``) of a registered model on this run's held-out split.
 
-    The register stage re-scores the champion with it when the data changed; ``forgeline promote`` and
-    ``forgeline reproduce`` use it too. A language model is scored in bits per byte unless ``registry.metric``
-    names another of its metrics; a classifier by the classification evaluation.
+    The register stage re-scores the champion with it when the data changed, ``forgeline promote`` too. A
+    language model is scored in bits per byte (another ``registry.metric`` cannot be re-scored); a classifier
+    by the classification evaluation's ``score_classifier`` (its ``test/...`` figures, no baseline).
     """
     metric, _ = cfg.gate_metric()
     if cfg.kind == "classification":
-        # Loaded by name: tasks/evaluate/classification.py comes with the classification evaluation (issue 16),
-        # not yet on this branch. TODO(merge): a plain import of score_classifier and eval_device.
-        evaluation = importlib.import_module("forgeline.tasks.evaluate.classification")
         with tempfile.TemporaryDirectory(prefix="forgeline-rescore-") as tmp:
             model_dir = classifiers.download_classifier(model_uri, Path(tmp))
-            scores = evaluation.score_classifier(
+            scores = score_classifier(
                 model_dir,
                 dataset_dir,
                 cfg.eval,
                 block_size=cfg.model.block_size,
                 batch_size=cfg.train.batch_size,
-                device=evaluation.eval_device(cfg.train.device),
+                device=eval_device(cfg.train.device),
             )
         if metric not in scores:
             raise RegistryError(f"re-scoring a classifier gives {', '.join(sorted(scores))}, not {metric!r}")

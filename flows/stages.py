@@ -29,6 +29,8 @@ from forgeline.tasks.data.cleaning import CleanResult, clean_dataset, report_row
 from forgeline.tasks.data.labels import class_count_rows
 from forgeline.tasks.errors import is_transient
 from forgeline.tasks.evaluate.candidate import evaluate_candidate
+from forgeline.tasks.evaluate.class_metrics import MISTAKE_COLUMNS, PER_CLASS_COLUMNS
+from forgeline.tasks.evaluate.classification import ClassificationEvalResult, eval_device, evaluate_classifier
 from forgeline.tasks.evaluate.evaluation import EvalResult
 from forgeline.tasks.locks import owned_lock
 from forgeline.tasks.registry.versions import (
@@ -261,9 +263,28 @@ def _clear_run_dir(run_dir: Path) -> None:
     retry_delay_seconds=RETRY_DELAYS,
     retry_condition_fn=retry_transient,
 )
-def evaluate_task(cfg: PipelineConfig, outcome: TrainOutcome, dataset_dir: str, ctx: RunContext) -> EvalResult:
-    """Score the candidate on the held-out split and generate samples from the fixed prompts."""
+def evaluate_task(
+    cfg: PipelineConfig, outcome: TrainOutcome, dataset_dir: str, ctx: RunContext
+) -> EvalResult | ClassificationEvalResult:
+    """Score the candidate on the held-out split.
+
+    A language model also generates samples from the fixed prompts; a classifier is scored beside the TF-IDF
+    baseline, with its per-class table, most confident mistakes and confusion matrix.
+    """
     with stage_run(ctx.experiment_id, "evaluate", parent_run_id=ctx.parent_run_id, tags=ctx.tags) as run_id:
+        if cfg.kind == "classification":
+            scored = evaluate_classifier(
+                outcome.result.model_dir,
+                dataset_dir,
+                cfg.eval,
+                block_size=cfg.model.block_size,
+                batch_size=cfg.train.batch_size,
+                device=eval_device(cfg.train.device),
+                out_dir=Path(outcome.result.model_dir).parent / "evaluation",
+            )
+            records.log_metrics(run_id, headline_metrics(scored))
+            _record_classification(run_id, scored)
+            return scored
         result = evaluate_candidate(
             outcome.result.model_dir, dataset_dir, cfg.eval, cfg.train, block_size=cfg.model.block_size, seed=cfg.seed
         )
@@ -273,13 +294,24 @@ def evaluate_task(cfg: PipelineConfig, outcome: TrainOutcome, dataset_dir: str, 
     return result
 
 
-def headline_metrics(result: EvalResult) -> dict[str, float]:
-    """The evaluation's three headline numbers under their MLflow metric names."""
-    return {
-        "test/loss": result.loss,
-        "test/perplexity": result.perplexity,
-        "test/bits_per_byte": result.bits_per_byte,
-    }
+def headline_metrics(result: EvalResult | ClassificationEvalResult) -> dict[str, float]:
+    """The evaluation's headline numbers under their MLflow metric names.
+
+    A language model's loss, perplexity and bits per byte; a classifier's accuracy, precision, recall and F1
+    (macro and weighted), loss, and the baseline's accuracy and F1 (``baseline/...``).
+    """
+    return dict(result.metrics)
+
+
+def _record_classification(run_id: str, result: ClassificationEvalResult) -> None:
+    records.log_table(run_id, result.per_class, "per_class.json", columns=PER_CLASS_COLUMNS)
+    records.log_table(run_id, result.mistakes, "confident_mistakes.json", columns=MISTAKE_COLUMNS)
+    records.log_dict(run_id, {"labels": result.labels, "counts": result.confusion}, "confusion_matrix.json")
+    records.log_artifact(run_id, result.confusion_png)
+    rounded = [{k: round(v, 4) if isinstance(v, float) else v for k, v in row.items()} for row in result.per_class]
+    _publish_table("per-class", rounded, f"Per-class precision, recall, F1 and support ({result.examples} records)")
+    mistakes = [{**row, "score": round(row["score"], 4)} for row in result.mistakes]
+    _publish_table("confident-mistakes", mistakes, "The wrong predictions the model was surest of")
 
 
 def samples_markdown(samples: list[dict[str, Any]]) -> str:

@@ -140,6 +140,7 @@ def print_summary(result: PipelineResult) -> None:
     from rich.table import Table
 
     from forgeline.flows.pipeline import mlflow_run_url
+    from forgeline.tasks.evaluate.baseline import model_metrics, model_vs_baseline
 
     table = Table(title="Forgeline run summary", show_header=False, title_justify="left")
     table.add_row("experiment", f"{result.experiment_name} (id {result.experiment_id})")
@@ -155,8 +156,13 @@ def print_summary(result: PipelineResult) -> None:
         table.add_row("model", f"{result.model_name} version {result.version}")
         if result.resumed_from is not None:
             table.add_row("resumed", f"from step {result.resumed_from}")
-        for key, value in result.metrics.items():
-            table.add_row(key, f"{value:.4f}")
+        pairs = model_vs_baseline(result.metrics)  # classification: the TF-IDF baseline beside the model
+        baseline = {key: base for key, _, base in pairs}
+        for key, value in model_metrics(result.metrics).items():
+            beside = f"   baseline {baseline[key]:.4f} ({value - baseline[key]:+.4f})" if key in baseline else ""
+            table.add_row(key, f"{value:.4f}{beside}")
+        if pairs:
+            table.add_row("TF-IDF baseline", baseline_verdict(pairs))
         verdict = "promoted to champion" if result.promoted else "not promoted"
         table.add_row("champion", f"{verdict}: {result.decision}")
     if result.timings:
@@ -166,6 +172,16 @@ def print_summary(result: PipelineResult) -> None:
         ui = f"mlflow ui --backend-store-uri {result.tracking_uri} --port 5000"
         out.print(f"Open the MLflow UI:  [bold]{ui}[/]", soft_wrap=True, highlight=False)
     out.print(f"Run page: {mlflow_run_url(result)}", soft_wrap=True, highlight=False)
+
+
+def baseline_verdict(pairs: list[tuple[str, float, float]]) -> str:
+    """'ahead of the model on f1_weighted by 0.0700': the baseline against the model, on weighted F1 if present."""
+    key, model, base = next((p for p in pairs if p[0] == "test/f1_weighted"), pairs[0])
+    name = key.removeprefix("test/")
+    if base == model:
+        return f"level with the model on {name}"
+    side = "ahead of" if base > model else "behind"
+    return f"{side} the model on {name} by {abs(base - model):.4f}"
 
 
 def time_breakdown(timings: dict[str, float], elapsed: float | None = None) -> str:

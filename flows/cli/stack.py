@@ -235,6 +235,7 @@ def run_deployed(cfg: PipelineConfig, data: list[str] | None, fresh: bool, poll:
 
 def print_deployed_summary(cfg: PipelineConfig, flow_run_id: str) -> None:
     """What the pipeline's MLflow run says (found by its Prefect flow run id)."""
+    from forgeline.tasks.evaluate.baseline import model_vs_baseline
     from forgeline.tasks.tracking import links, queries, store
 
     try:
@@ -251,9 +252,11 @@ def print_deployed_summary(cfg: PipelineConfig, flow_run_id: str) -> None:
     out.print(f"completed: {cfg.registry.model_name} version {version}", highlight=False)
     if "promoted" in tags:
         out.print(f"promoted to champion: {tags['promoted']}", highlight=False)
-    for key in ("test/bits_per_byte", "test/loss", "val/loss"):
+    baseline = {key: base for key, _, base in model_vs_baseline(metrics)}  # a classifier's TF-IDF baseline
+    for key in ("test/bits_per_byte", "test/f1_macro", "test/f1_weighted", "test/accuracy", "test/loss", "val/loss"):
         if key in metrics:
-            out.print(f"{key}: {metrics[key]:.4f}", highlight=False)
+            beside = f" (baseline {baseline[key]:.4f})" if key in baseline else ""
+            out.print(f"{key}: {metrics[key]:.4f}{beside}", highlight=False)
     out.print(
         f"MLflow run: {links.ui_run_url(uri, run.info.experiment_id, run.info.run_id)}",
         highlight=False,

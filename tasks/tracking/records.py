@@ -57,6 +57,19 @@ def log_dict(run_id: str, data: dict[str, Any], artifact_file: str) -> None:
     client().log_text(run_id, json.dumps(redact(data), indent=2, default=str), artifact_file)
 
 
+def log_table(run_id: str, rows: list[dict[str, Any]], artifact_file: str, columns: list[str] | None = None) -> None:
+    """Store rows as an MLflow table artifact (``.json``; the run page shows it, ``mlflow.load_table`` reads it).
+
+    Args:
+        run_id: The run.
+        rows: One dict per row; the columns are the first row's keys unless ``columns`` is given.
+        artifact_file: A ``.json`` name.
+        columns: The columns, so that an empty table still has them.
+    """
+    names = columns if columns is not None else list(rows[0]) if rows else []
+    client().log_table(run_id, {name: [row.get(name) for row in rows] for name in names}, artifact_file)
+
+
 def log_artifact(run_id: str, path: str | Path, artifact_path: str | None = None) -> None:
     """Upload a local file as an artifact of the run."""
     client().log_artifact(run_id, str(path), artifact_path)

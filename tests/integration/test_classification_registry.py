@@ -29,6 +29,7 @@ from typing import Any
 import pytest
 
 from tests.classifier_support import make_labeled_rows, make_tiny_classifier
+from tests.classify_train_support import write_labeled_dataset
 
 pytestmark = pytest.mark.integration
 
@@ -229,6 +230,7 @@ def test_model_card_of_a_classifier(store: Any) -> None:
 
 def test_register_stage_gates_a_classifier_on_its_f1(store: Any, tmp_path: Path) -> None:
     """The register task body (``register_task.fn``): every evaluation figure a tag, the gate on test/f1_macro."""
+    from forgeline.flows.rescore import rescore_model
     from forgeline.flows.stages import RunContext, register_task
     from forgeline.tasks.config import PipelineConfig
     from forgeline.tasks.registry.versions import RegistryError
@@ -268,11 +270,17 @@ def test_register_stage_gates_a_classifier_on_its_f1(store: Any, tmp_path: Path)
     assert "## Per class" in store.client.get_model_version("clf-stage", better.version).description
     worse = register_task.fn(cfg, outcome(2), evaluation(0.65), "fp", str(tmp_path), ctx)
     assert not worse.promoted and str(store.client.get_model_version_by_alias("clf-stage", "champion").version) == "2"
+    # New data: the champion (version 2, F1 0.7 on "fp") is re-scored on the candidate's test split.
+    dataset = write_labeled_dataset(tmp_path / "new-data", n=60)
+    expected = rescore_model("models:/clf-stage/2", cfg, str(dataset))
+    assert 0.0 <= expected <= 1.0
+    moved = register_task.fn(cfg, outcome(4), evaluation(expected + 0.01), "fp-new", str(dataset), ctx)
+    assert moved.promoted and moved.champion_score == pytest.approx(expected) and moved.previous_champion == "2"
     # A gate metric the evaluation does not have: refused before anything is registered.
     odd = cfg.model_copy(update={"registry": cfg.registry.model_copy(update={"metric": "test/rougeL"})})
     with pytest.raises(RegistryError, match="registry.metric 'test/rougeL' is not one of the evaluation's metrics"):
         register_task.fn(odd, outcome(3), evaluation(0.9), "fp", str(tmp_path), ctx)
-    assert len(store.client.search_model_versions("name = 'clf-stage'")) == 3
+    assert len(store.client.search_model_versions("name = 'clf-stage'")) == 4
 
 
 def _post(base: str, payload: dict[str, Any]) -> tuple[int, Any]:
