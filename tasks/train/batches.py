@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import contextlib
+import logging
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 
 from forgeline.tasks.config import TrainConfig
+
+logger = logging.getLogger(__name__)
 
 
 def sample_batch(
@@ -61,6 +64,19 @@ def resolve_device(cfg: TrainConfig) -> torch.device:
         if not torch.cuda.is_available():
             raise RuntimeError("train.device is 'cuda' but no CUDA device is available")
         return torch.device("cuda")
+    return torch.device("cpu")
+
+
+def scoring_device(cfg: TrainConfig) -> torch.device:
+    """Where a saved model is scored in this process: CUDA when the config allows it and there is one, else the CPU.
+
+    Scoring runs where the pipeline flow runs (the ``cpu`` pool), not where training ran: a ``cuda`` config
+    scores on the CPU there (with one log line) instead of failing as training would (RELIABILITY.md A8).
+    """
+    if cfg.device != "cpu" and torch.cuda.is_available():
+        return torch.device("cuda")
+    if cfg.device == "cuda":
+        logger.info("train.device is 'cuda' but this process has no CUDA device: scoring on the CPU")
     return torch.device("cpu")
 
 
