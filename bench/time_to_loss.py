@@ -133,16 +133,24 @@ def main() -> None:
         env.update(PYTHONPATH=str(ROOT), PREFECT_HOME=str(tmp / "prefect"), FORGELINE_HOME=str(tmp / "home"))
         forgeline(args.data, seeds[0], 2, project, env, warm=True)
         for seed in seeds:
+            # The 1-minute load average before and after each process: this machine is shared.
+            load0 = os.getloadavg()[0]
             rows["nanoGPT recipe by hand"].append(reference(args.data, seed, args.steps, tmp))
+            load1 = os.getloadavg()[0]
             rows["forgeline run"].append(forgeline(args.data, seed, args.steps, project, env))
+            rows["nanoGPT recipe by hand"][-1]["load"] = [load0, load1]
+            rows["forgeline run"][-1]["load"] = [load1, os.getloadavg()[0]]
             for name, runs in rows.items():
                 r = runs[-1]
                 print(
                     f"seed {seed} {name}: wall {r['wall_s']:.1f} s, {r['ms_per_step']:.1f} ms/step, "
                     f"val {r['final_val']:.4f}, whole val {r['whole_val_loss']:.4f}, "
-                    f"to <= {args.target}: {time_to(r['evals'], args.target)}",
+                    f"to <= {args.target}: {time_to(r['evals'], args.target)}, "
+                    f"load {r['load'][0]:.1f}-{r['load'][1]:.1f}",
                     flush=True,
                 )
+            if args.out:  # after each round: a deadline keeps the rounds done
+                report(rows, args, seeds[: len(rows["forgeline run"])])
     report(rows, args, seeds)
 
 

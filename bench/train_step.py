@@ -38,11 +38,11 @@ def corpus_text() -> str:
     return "\n".join(pydoc_data.topics.topics.values())
 
 
-def make_dataset(tmp: Path) -> str:
+def make_dataset(tmp: Path, text: str | None = None) -> str:
     """A tail-split dataset folder in the cleaned layout (Arrow splits), without running the cleaning stage."""
     import datasets
 
-    text = corpus_text()
+    text = corpus_text() if text is None else text
     n = len(text)
     out = tmp / "dataset"
     features = datasets.Features({"text": datasets.Value("string")})

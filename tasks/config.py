@@ -279,7 +279,12 @@ class TrainConfig(_Strict):
     max_nonfinite_steps: int = Field(
         3, ge=1, description="A non-finite loss skips the step; this many in a row fails the run."
     )
-    compile: bool = Field(False, description="torch.compile the model.")
+    compile: bool = Field(False, description="torch.compile the model's forward and loss as one function.")
+    compile_mode: Literal["default", "reduce-overhead", "max-autotune"] = Field(
+        "default",
+        description="torch.compile mode when compile is on: reduce-overhead replays CUDA graphs (GPU), "
+        "max-autotune also searches kernels (longer compile).",
+    )
     device: Literal["auto", "cpu", "cuda"] = Field("auto")
     dtype: Literal["auto", "float32", "bfloat16"] = Field("auto", description="auto: bf16 autocast on CUDA.")
     checkpoint_dir: str = Field("mlruns/checkpoints", description="Where checkpoints live.")
@@ -687,9 +692,9 @@ _LATER_KEYS: dict[str, dict[str, Any]] = {
         "prompt_overflow": "drop",
     },
 }
-# Never hashed: a checkpoint resumes under any world size (the global batch then changes with it).
+# Never hashed: a checkpoint resumes under any world size (the global batch then changes with it) or compile mode.
 _UNHASHED_KEYS: dict[str, tuple[str, ...]] = {
-    "train": ("checkpoint_dir", "nproc_per_node", "nnodes", "rdzv_endpoint", "dist_timeout_s"),
+    "train": ("checkpoint_dir", "nproc_per_node", "nnodes", "rdzv_endpoint", "dist_timeout_s", "compile_mode"),
     "data": ("cache_dir", "num_proc"),
 }
 

@@ -9,7 +9,7 @@ from pathlib import Path
 from forgeline.tasks.config import EvalConfig, TrainConfig
 from forgeline.tasks.data.cleaning import read_split_text
 from forgeline.tasks.evaluate.evaluation import EvalResult, bits_per_byte, evaluate_model, score_text
-from forgeline.tasks.train.batches import resolve_device
+from forgeline.tasks.train.batches import scoring_device
 
 logger = logging.getLogger(__name__)
 
@@ -38,13 +38,13 @@ def evaluate_candidate(
         model_dir: The training run's ``model`` folder.
         dataset_dir: The cleaned dataset.
         eval_cfg: Token cap, prompts, sampling.
-        train_cfg: Supplies the device.
+        train_cfg: Supplies the device (CUDA only where this process has one).
         block_size: Scoring window and generation context.
         seed: Sampling seed.
     """
     from forgeline.tasks.model.modeling import load_pretrained_model  # transformers: only when scoring
 
-    device = resolve_device(train_cfg)
+    device = scoring_device(train_cfg)
     model, tokenizer = load_pretrained_model(model_dir)
     return evaluate_model(
         model.to(device),
@@ -72,13 +72,13 @@ def score_model(
         source: A model folder or a registry URI (then ``fetch`` downloads it).
         dataset_dir: The cleaned dataset.
         eval_cfg: Supplies the token cap.
-        train_cfg: Supplies the device.
+        train_cfg: Supplies the device (CUDA only where this process has one).
         block_size: Scoring window when the model does not state its own context.
         fetch: Downloads a registry URI (the tracking package's ``download_model``).
     """
     from forgeline.tasks.model.modeling import load_pretrained_model
 
-    device = resolve_device(train_cfg)
+    device = scoring_device(train_cfg)
     model, tokenizer = load_pretrained_model(source, fetch=fetch)
     block = getattr(model.config, "n_positions", block_size)
     nats, _, n_bytes = score_text(

@@ -21,20 +21,22 @@ from pydantic import BaseModel
 
 from forgeline.tasks import faults
 from forgeline.tasks.config import ModelConfig, TokenizerConfig, TrainConfig
-from forgeline.tasks.errors import NonFiniteLossError, StageInterrupted
+from forgeline.tasks.errors import StageInterrupted
 from forgeline.tasks.train.batches import (
     autocast_context,
     estimate_loss,
     fixed_batches,
-    lm_loss,
+    make_loss_fn,
     resolve_device,
     sample_batch,
 )
-from forgeline.tasks.train.checkpoints import CheckpointError, load_latest_checkpoint, save_checkpoint
+from forgeline.tasks.train.checkpoints import CheckpointError, load_latest_checkpoint
 from forgeline.tasks.train.distributed import Parallel, global_batch, rank_seed
 from forgeline.tasks.train.journal import JOURNAL_FILE, DiscardJournal, MetricJournal
+from forgeline.tasks.train.readout import StepReadout
 from forgeline.tasks.train.schedule import get_lr, make_optimizer
 from forgeline.tasks.train.signals import stop_on_signal
+from forgeline.tasks.train.state import TrainState, record_eval, save_state, skip_nonfinite
 from forgeline.tasks.train.tokens import load_token_splits, prepare_tokenizer
 
 logger = logging.getLogger(__name__)
@@ -51,6 +53,8 @@ class TrainResult(BaseModel):
     resumed_from: int | None = None
     already_done: bool = False
     best_val_loss: float | None = None
+    best_step: int | None = None
+    kept_best: bool = False
     final_val_loss: float | None = None
     final_train_loss: float | None = None
     nonfinite_steps: int = 0
@@ -70,16 +74,6 @@ class TrainCallbacks:
     on_start: Callable[[dict[str, Any]], None] | None = None
     on_metrics: Callable[[int, dict[str, float]], None] | None = None
     on_eval: Callable[[int, float], None] | None = None  # may raise (e.g. optuna.TrialPruned)
-
-
-@dataclass
-class _State:
-    step: int = 0
-    best_val: float = math.inf
-    bad_evals: int = 0
-    nonfinite: int = 0
-    nonfinite_run: int = 0
-    history: list[dict[str, float]] | None = None
 
 
 def train_model(
@@ -124,37 +118,34 @@ def train_model(
     t_start = time.perf_counter()
     torch.manual_seed(seed)
     device = resolve_device(train_cfg)
+    if device.type == "cuda":
+        torch.set_float32_matmul_precision("high")  # TF32 matmuls, as nanoGPT
     tokenizer = prepare_tokenizer(tok_cfg, dataset_dir, run_dir, model_cfg.init_from, fetch=fetch_model)
     train_data, val_data = load_token_splits(tokenizer, dataset_dir, model_cfg.block_size)
+    train_data = train_data.to(device)  # the token stream stays where the batches are cut
     model = build_model(model_cfg, tokenizer, fetch=fetch_model).to(device)
     optimizer = make_optimizer(model, train_cfg, device)
-    gen = torch.Generator().manual_seed(rank_seed(seed, par.rank))
-    state = _State(history=[])
+    gen = torch.Generator(device=device).manual_seed(rank_seed(seed, par.rank))
+    state = TrainState(history=[])
 
     ckpt = load_latest_checkpoint(run_dir / "checkpoints", config_hash)
     resumed_from = None
     if ckpt is not None:
         model.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
-        if par.is_main:
+        if par.is_main and ckpt["rng"]["batches"].numel() == gen.get_state().numel():
             gen.set_state(ckpt["rng"]["batches"])
-        else:
+        else:  # another rank, or a checkpoint of another device's generator
             par.reseed(gen, seed, ckpt["step"])
         torch.set_rng_state(ckpt["rng"]["torch"])
         if device.type == "cuda" and "cuda" in ckpt["rng"]:
             torch.cuda.set_rng_state(ckpt["rng"]["cuda"])
-        state = _State(
-            step=ckpt["step"],
-            best_val=ckpt["best_val"],
-            bad_evals=ckpt["bad_evals"],
-            nonfinite=ckpt["nonfinite"],
-            history=list(ckpt["history"]),
-        )
+        state = TrainState.from_checkpoint(ckpt)
         resumed_from = state.step
         logger.info("resumed from step %d (%s)", state.step, run_dir / "checkpoints")
 
     wrapped = par.wrap(model, device)
-    step_fn = torch.compile(wrapped) if train_cfg.compile else wrapped
+    loss_fn = make_loss_fn(wrapped, train_cfg)
     tokens_per_step = global_batch(train_cfg, par.world_size) * model_cfg.block_size
     n_params = count_parameters(model)
     summary = {
@@ -187,10 +178,11 @@ def train_model(
     if cb.on_start:
         cb.on_start(summary)
 
-    val_batches = fixed_batches(val_data, train_cfg, model_cfg.block_size, seed + 1)
+    val_batches = fixed_batches(val_data, train_cfg, model_cfg.block_size, seed + 1, device)
     journal = MetricJournal(run_dir / JOURNAL_FILE, state.step) if par.is_main else DiscardJournal()
     result = _loop(
-        step_fn,
+        loss_fn,
+        wrapped,
         model,
         optimizer,
         train_data,
@@ -207,6 +199,10 @@ def train_model(
         par,
     )
     model_dir = run_dir / "model"
+    kept_best = bool(train_cfg.keep_best) and state.best_weights is not None
+    if kept_best:
+        model.load_state_dict(state.best_weights)
+        logger.info("keeping the weights of step %s (best val/loss %.4f)", state.best_step, state.best_val)
     if par.is_main:
         model.save_pretrained(model_dir)
         tokenizer.save_pretrained(model_dir)
@@ -216,6 +212,8 @@ def train_model(
         steps=state.step,
         resumed_from=resumed_from,
         best_val_loss=state.best_val if math.isfinite(state.best_val) else None,
+        best_step=state.best_step,
+        kept_best=kept_best,
         final_val_loss=result["final_val"],
         final_train_loss=result["final_train"],
         nonfinite_steps=state.nonfinite,
@@ -248,13 +246,14 @@ def _finished(run_dir: Path, done: Path) -> TrainResult:
 
 
 def _loop(
-    step_fn: Any,
+    loss_fn: Any,
+    wrapped: torch.nn.Module,
     model: torch.nn.Module,
     optimizer: torch.optim.Optimizer,
     train_data: torch.Tensor,
     val_batches: list[tuple[torch.Tensor, torch.Tensor]],
     gen: torch.Generator,
-    state: _State,
+    state: TrainState,
     cfg: TrainConfig,
     model_cfg: ModelConfig,
     device: torch.device,
@@ -265,12 +264,21 @@ def _loop(
     par: Parallel,
 ) -> dict[str, Any]:
     tokens_per_step = global_batch(cfg, par.world_size) * model_cfg.block_size
-    final_train = final_val = None
+    final_val = None
     stopped_early = False
     rate_t0, rate_steps, tokens_per_sec = time.perf_counter(), 0, 0.0
     loop_t0, loop_steps = rate_t0, 0
     # History "time": seconds of training loop since the run began (a resumed run continues the clock).
     t_offset = max((h.get("time", 0.0) for h in state.history or []), default=0.0) - loop_t0
+    # No host sync inside a step: losses and norms stay on the device until a log, eval or checkpoint step.
+    readout = StepReadout(
+        journal,
+        cb.on_metrics,
+        on_nonfinite=lambda step: skip_nonfinite(state, cfg, run_dir, step),
+        on_finite=lambda: setattr(state, "nonfinite_run", 0),
+    )
+    skip_on_device = bool(optimizer.defaults.get("fused"))  # fused AdamW skips a step whose found_inf is 1
+    max_norm = cfg.grad_clip if cfg.grad_clip > 0 else float("inf")
     model.train()
     with stop_on_signal() as stop:
         while state.step < cfg.max_steps:
@@ -282,74 +290,80 @@ def _loop(
             poison = faults.nan_loss(step + 1)
             for micro in range(cfg.grad_accum_steps):
                 x, y = sample_batch(train_data, cfg.batch_size, model_cfg.block_size, gen)
-                x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
                 with par.micro_batch(last=micro == cfg.grad_accum_steps - 1):
                     with autocast_context(device, cfg):
-                        loss = lm_loss(step_fn, x, y)
+                        loss = loss_fn(x, y)
                     if poison:
                         loss = loss * float("nan")
                     (loss / cfg.grad_accum_steps).backward()
                 loss_sum += loss.detach()
-            train_loss, stopping = par.agree(loss_sum, cfg.grad_accum_steps, stop.is_set())
-            state.step = step + 1
-            if not math.isfinite(train_loss):
-                _skip_nonfinite(optimizer, state, cfg, run_dir)
-                continue
-            state.nonfinite_run = 0
-            if cfg.grad_clip > 0:
-                grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip))
+            if par.distributed:  # every rank must take the same decisions: agreed on the host each step
+                mean, stopping = par.agree(loss_sum, cfg.grad_accum_steps, stop.is_set())
+                train_loss = torch.tensor(mean, device=device)
             else:
-                grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), float("inf")))
-            optimizer.step()
+                train_loss, stopping = loss_sum / cfg.grad_accum_steps, stop.is_set()
+            state.step = step + 1
+            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
+            if skip_on_device:
+                optimizer.found_inf = (~torch.isfinite(train_loss)).float()
+                optimizer.step()
+            elif math.isfinite(train_loss.item()):
+                optimizer.step()
             optimizer.zero_grad(set_to_none=True)
-            final_train = train_loss
+            readout.add(state.step, lr, train_loss, grad_norm)
             rate_steps += 1
             loop_steps += 1
-            metrics = {"train/loss": train_loss, "lr": lr, "grad_norm": grad_norm}
-            if state.step % cfg.log_interval == 0 or state.step == cfg.max_steps:
-                now = time.perf_counter()
+            at_log = state.step % cfg.log_interval == 0 or state.step == cfg.max_steps
+            at_eval = state.step % cfg.eval_interval == 0 or state.step == cfg.max_steps
+            saved = state.step % cfg.checkpoint_interval == 0 or state.step == cfg.max_steps or stopping
+            hit = not (at_log or at_eval or saved)
+            if hit:  # nothing to read at this step
+                faults.hit("train.step", step=state.step)
+                if not (stop.is_set() and not par.distributed):
+                    continue
+                saved = stopping = True  # a signal came during this step: read it, checkpoint and stop
+            metrics = readout.drain()
+            if metrics is None:  # this step was non-finite: skipped (no metrics, evaluation or checkpoint)
+                continue
+            if at_log:
+                now = time.perf_counter()  # after the drain's sync: the device's time, not the host's
                 tokens_per_sec = rate_steps * tokens_per_step / max(now - rate_t0, 1e-9)
                 rate_t0, rate_steps = now, 0
                 metrics["tokens_per_sec"] = tokens_per_sec
-                state.history.append({"step": state.step, "train/loss": train_loss, "time": t_offset + now})
+                state.history.append({"step": state.step, "train/loss": metrics["train/loss"], "time": t_offset + now})
                 logger.info(
                     "step %d/%d  loss %.4f  lr %.2e  %.0f tok/s",
                     state.step,
                     cfg.max_steps,
-                    train_loss,
+                    metrics["train/loss"],
                     lr,
                     tokens_per_sec,
                 )
-            if state.step % cfg.eval_interval == 0 or state.step == cfg.max_steps:
-                final_val = estimate_loss(step_fn, val_batches, device, cfg)
+            if at_eval:
+                final_val = estimate_loss(wrapped, val_batches, device, cfg, loss_fn)
                 metrics["val/loss"] = final_val
                 state.history.append(
                     {"step": state.step, "val/loss": final_val, "time": t_offset + time.perf_counter()}
                 )
                 logger.info("step %d: val/loss %.4f", state.step, final_val)
-                if final_val < state.best_val:
-                    state.best_val, state.bad_evals = final_val, 0
-                else:
-                    state.bad_evals += 1
-            journal.add(state.step, metrics)
-            if cb.on_metrics:
-                cb.on_metrics(state.step, metrics)
+                record_eval(state, model, cfg, final_val)
+            readout.emit(state.step, metrics)
             if "val/loss" in metrics and cb.on_eval:
                 cb.on_eval(state.step, metrics["val/loss"])
             patience = cfg.patience
-            stopped_early = patience is not None and state.bad_evals >= patience
-            last = state.step == cfg.max_steps or stopped_early
-            saved = state.step % cfg.checkpoint_interval == 0 or last or stopping
+            stopped_early = bool(patience) and state.bad_evals >= patience  # 0: never
+            saved = saved or stopped_early
             if saved and par.is_main:  # rank 0 writes for all: every rank holds the same weights
                 journal.flush()  # first: the journal must cover every step of the newest checkpoint
-                _checkpoint(model, optimizer, gen, state, run_dir, config_hash, cfg, device)
-            faults.hit("train.step", step=state.step)
+                save_state(model, optimizer, gen, state, run_dir, config_hash, cfg, device)
+            if not hit:
+                faults.hit("train.step", step=state.step)
             # One process may stop on a signal that came during this step's end; ranks stop only as agreed.
             stopping = stopping or (stop.is_set() and not par.distributed)
             if stopping:
                 if not saved:
                     journal.flush()
-                    _checkpoint(model, optimizer, gen, state, run_dir, config_hash, cfg, device)
+                    save_state(model, optimizer, gen, state, run_dir, config_hash, cfg, device)
                 signum = getattr(stop, "signum", signal.SIGTERM)
                 name = "Ctrl-C" if signum == signal.SIGINT else signal.Signals(signum).name
                 raise StageInterrupted(
@@ -361,55 +375,9 @@ def _loop(
     elapsed = time.perf_counter() - loop_t0
     mean_rate = loop_steps * tokens_per_step / elapsed if elapsed > 0 and loop_steps else tokens_per_sec
     return {
-        "final_train": final_train,
+        "final_train": readout.last_train,
         "final_val": final_val,
         "stopped_early": stopped_early,
         "tokens_per_sec": mean_rate,
         "loop_seconds": elapsed,
     }
-
-
-def _skip_nonfinite(optimizer: torch.optim.Optimizer, state: _State, cfg: TrainConfig, run_dir: Path) -> None:
-    # Policy: drop this step's gradients and count it; K in a row fails. No checkpoint is written.
-    optimizer.zero_grad(set_to_none=True)
-    state.nonfinite += 1
-    state.nonfinite_run += 1
-    logger.warning(
-        "non-finite loss at step %d (skipped; %d in a row, limit %d)",
-        state.step,
-        state.nonfinite_run,
-        cfg.max_nonfinite_steps,
-    )
-    if state.nonfinite_run >= cfg.max_nonfinite_steps:
-        raise NonFiniteLossError(
-            f"loss was non-finite for {state.nonfinite_run} steps in a row (last at step {state.step}); "
-            f"last good checkpoint kept in {run_dir / 'checkpoints'}"
-        )
-
-
-def _checkpoint(
-    model: torch.nn.Module,
-    optimizer: torch.optim.Optimizer,
-    gen: torch.Generator,
-    state: _State,
-    run_dir: Path,
-    config_hash: str,
-    cfg: TrainConfig,
-    device: torch.device,
-) -> None:
-    rng = {"batches": gen.get_state(), "torch": torch.get_rng_state()}
-    if device.type == "cuda":
-        rng["cuda"] = torch.cuda.get_rng_state()
-    payload = {
-        "step": state.step,
-        "config_hash": config_hash,
-        "model": model.state_dict(),
-        "optimizer": optimizer.state_dict(),
-        "scheduler": {"kind": "warmup_cosine", "step": state.step},
-        "rng": rng,
-        "best_val": state.best_val,
-        "bad_evals": state.bad_evals,
-        "nonfinite": state.nonfinite,
-        "history": state.history,
-    }
-    save_checkpoint(run_dir / "checkpoints", state.step, payload, keep=cfg.keep_checkpoints)
