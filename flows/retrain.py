@@ -1,7 +1,8 @@
 """Retraining on new data: ``forgeline ingest`` and the ``retrain`` flow.
 
 ``ingest`` waits until each new file is complete (open for writing nowhere and unchanged for a moment: a
-slow writer's file is never taken half-written), validates it, and moves it atomically into
+slow writer's file is never taken half-written), validates it (a labeled file of a classification or
+completion config is read as the clean stage will read it), and moves it atomically into
 ``deploy.incoming_dir`` under its content hash (written next door and renamed into place, under a lock on
 the folder so concurrent ingests of the same content add it once). It then emits the Prefect event
 ``forgeline.dataset.updated`` with the incoming data's fingerprint. The ``retrain`` deployment has a trigger
@@ -212,8 +213,8 @@ def ingest_files(
         The newly added files (already present content is skipped) and the incoming fingerprint.
 
     Raises:
-        IngestError: a file is missing, empty, of an unsupported type, not UTF-8, or still being written
-            after ``wait`` seconds; nothing is moved then.
+        IngestError: a file is missing, empty, of an unsupported type, not UTF-8, still being written after
+            ``wait`` seconds, or (labeled data) one the clean stage would refuse; nothing is moved then.
     """
     files = _expand(paths)
     for path in files:

@@ -92,6 +92,16 @@ def test_check_file_names_what_the_clean_stage_would_refuse(tmp_path: Path, name
     assert why in str(err.value)
 
 
+def test_check_file_wants_a_completion_configs_columns(tmp_path: Path) -> None:
+    cfg = PipelineConfig.model_validate(
+        {"task": {"kind": "completion"}, "data": {"prompt_column": "q", "completion_column": "a"}}
+    )
+    path = tmp_path / "pairs.jsonl"
+    path.write_text('{"text": "x", "q": "def f():"}\n', encoding="utf-8")
+    with pytest.raises(DataError, match=r"pairs\.jsonl: no column 'a'"):
+        check_file(cfg.data, path)
+
+
 def test_check_file_takes_good_labeled_tables(tmp_path: Path) -> None:
     rows = make_labeled_rows(6)
     cfg = _classification(text_columns=["title", "description"]).data
