@@ -41,8 +41,8 @@ def check_file(cfg: DataConfig, path: Path, text_column: str = "text") -> None:
     carried = carried_columns(cfg)
     if suffix not in TABLE_SUFFIXES and carried:
         raise DataError(f"{path}: plain text has no column {carried[0]!r}; labeled data is CSV, JSON or Parquet")
-    item = Input(label=str(path), fmt=suffix.lstrip(".") if suffix in TABLE_SUFFIXES else "text", path=path,
-                 text_column=text_column)  # fmt: skip
+    fmt = suffix.lstrip(".") if suffix in TABLE_SUFFIXES else "text"
+    item = Input(label=str(path), fmt=fmt, path=path, text_column=text_column)
     with tempfile.TemporaryDirectory(prefix="forgeline-intake-") as work:
         ds = loading.load_input(item, input_columns(cfg, item), cfg.record, Path(work))
         if cfg.label_column:
