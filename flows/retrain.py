@@ -1,7 +1,8 @@
 """Retraining on new data: ``forgeline ingest`` and the ``retrain`` flow.
 
 ``ingest`` waits until each new file is complete (open for writing nowhere and unchanged for a moment: a
-slow writer's file is never taken half-written), validates it, and moves it atomically into
+slow writer's file is never taken half-written), validates it (a labeled file of a classification or
+completion config is read as the clean stage will read it), and moves it atomically into
 ``deploy.incoming_dir`` under its content hash (written next door and renamed into place, under a lock on
 the folder so concurrent ingests of the same content add it once). It then emits the Prefect event
 ``forgeline.dataset.updated`` with the incoming data's fingerprint. The ``retrain`` deployment has a trigger
@@ -23,6 +24,8 @@ from prefect import flow
 
 from forgeline.flows.contract import EVENT, resource_id
 from forgeline.tasks.config import PipelineConfig
+from forgeline.tasks.data.intake import carried_columns, check_file
+from forgeline.tasks.data.paths import DataError
 from forgeline.tasks.locks import host_lock
 from forgeline.tasks.tracking import records, store
 from forgeline.tasks.tracking.registry_store import champion_version
@@ -82,7 +85,7 @@ def _expand(paths: list[str]) -> list[Path]:
     return files
 
 
-def _validate(path: Path, data: bytes) -> bytes:
+def _validate(path: Path, data: bytes, config: PipelineConfig) -> bytes:
     if not data.strip():
         raise IngestError(f"{path}: empty file")
     if path.suffix.lower() in {".txt", ".md", ".jsonl", ".json", ".csv"}:
@@ -90,6 +93,11 @@ def _validate(path: Path, data: bytes) -> bytes:
             data.decode("utf-8")
         except UnicodeDecodeError as exc:
             raise IngestError(f"{path}: not UTF-8 text (byte {exc.start})") from None
+    if carried_columns(config.data):  # labeled data: read as the clean stage will, or it fails every retrain
+        try:
+            check_file(config.data, path, text_column=incoming_text_column(config))
+        except DataError as exc:
+            raise IngestError(str(exc)) from None
     return data
 
 
@@ -205,8 +213,8 @@ def ingest_files(
         The newly added files (already present content is skipped) and the incoming fingerprint.
 
     Raises:
-        IngestError: a file is missing, empty, of an unsupported type, not UTF-8, or still being written
-            after ``wait`` seconds; nothing is moved then.
+        IngestError: a file is missing, empty, of an unsupported type, not UTF-8, still being written after
+            ``wait`` seconds, or (labeled data) one the clean stage would refuse; nothing is moved then.
     """
     files = _expand(paths)
     for path in files:
@@ -218,7 +226,7 @@ def ingest_files(
         contents = read_complete(files, settle=settle, wait=wait)
     except FileNotFoundError as exc:  # gone since it was listed: another ingest of the same file moved it
         raise IngestError(f"{exc.filename}: no such file or directory") from exc
-    payloads = [(path, _validate(path, contents[path])) for path in files]
+    payloads = [(path, _validate(path, contents[path], config)) for path in files]
     target = incoming_dir(config)
     target.mkdir(parents=True, exist_ok=True)
     partial = target.parent / f".{target.name}.partial"
@@ -260,13 +268,26 @@ def emit_dataset_updated(config: PipelineConfig, fingerprint: str, files: int) -
     return event is not None
 
 
+def incoming_text_column(config: PipelineConfig) -> str:
+    """The text column of the incoming folder's files: that of the config's first table source, else ``text``.
+
+    New files look like the data they add to: a labeled set read from a ``body`` column comes with ``body``.
+    """
+    for source in config.data.sources:
+        column = getattr(source, "text_column", None)
+        if column:
+            return str(column)
+    return "text"
+
+
 # -------------------------------------------------------------------------------------------- retrain
 def retrain_config(config: PipelineConfig, base_dir: Path) -> PipelineConfig:
     """The config's sources plus the incoming folder; ``init_from`` the champion when configured and present."""
     tree = config.model_dump(mode="json")
     folder = incoming_dir(config, base_dir)
     if incoming_files(folder):
-        tree["data"]["sources"].append({"kind": "directory", "path": str(folder)})
+        source = {"kind": "directory", "path": str(folder), "text_column": incoming_text_column(config)}
+        tree["data"]["sources"].append(source)
     if config.deploy.retrain_from == "champion" and not config.model.init_from:
         uri = f"models:/{config.registry.model_name}@{config.registry.champion_alias}"
         if champion_version(config.registry.model_name, config.registry.champion_alias) is not None:

@@ -253,7 +253,8 @@ def print_deployed_summary(cfg: PipelineConfig, flow_run_id: str) -> None:
     if "promoted" in tags:
         out.print(f"promoted to champion: {tags['promoted']}", highlight=False)
     baseline = {key: base for key, _, base in model_vs_baseline(metrics)}  # a classifier's TF-IDF baseline
-    for key in ("test/bits_per_byte", "test/f1_macro", "test/f1_weighted", "test/accuracy", "test/loss", "val/loss"):
+    headline = ("test/bits_per_byte", "test/f1_macro", "test/f1_weighted", "test/accuracy", "test/loss", "val/loss")
+    for key in dict.fromkeys((cfg.gate_metric()[0], *headline)):  # the gate's metric first, whatever the task
         if key in metrics:
             beside = f" (baseline {baseline[key]:.4f})" if key in baseline else ""
             out.print(f"{key}: {metrics[key]:.4f}{beside}", highlight=False)

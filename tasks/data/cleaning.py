@@ -323,7 +323,7 @@ def _load_and_clean(cfg: DataConfig, inputs: list[Input], work: Path) -> Any:
             item = Input(item.label, "builtin", path=work / f"builtin-{n}.txt")
             item.path.write_text(builtin_corpus(inputs[n].max_bytes), encoding="utf-8")  # type: ignore[union-attr]
         paragraph = item.fmt in ("text", "builtin") and cfg.record == "paragraph"
-        ds = loading.load_input(item, _columns(cfg, item), cfg.record, work)
+        ds = loading.load_input(item, input_columns(cfg, item), cfg.record, work)
         if cfg.label_column:
             place = functools.partial(loading.record_place, item)
             ds, kinds[item.label] = labels_as_text(ds, item.label, cfg.label_column, place)
@@ -386,7 +386,7 @@ class _ProgressFeed(threading.Thread):
             progress.reporter().clean_rows(rows, nbytes)
 
 
-def _columns(cfg: DataConfig, item: Input) -> dict[str, str]:
+def input_columns(cfg: DataConfig, item: Input) -> dict[str, str]:
     """Canonical column name to the input's own: ``_t0``... for the text, then the carried columns."""
     if item.fmt in ("text", "builtin"):
         return {f"{TEXT_PREFIX}0": "text"}
