@@ -45,9 +45,9 @@ def distillation_loss(
     """The distillation loss of one batch and its two parts.
 
     Args:
-        student_logits: ``(B, T, V)``.
-        teacher_logits: ``(B, T, V)``, without gradient.
-        targets: ``(B, T)`` next-token ids.
+        student_logits: ``(B, T, V)`` next-token logits, or ``(B, C)`` class logits of a classifier.
+        teacher_logits: The same shape, without gradient.
+        targets: ``(B, T)`` next-token ids, or ``(B,)`` class ids.
         temperature: Softens both distributions.
         alpha_kd: Weight of ``T^2 * KL(teacher || student)`` (mean over tokens, in nats).
         alpha_ce: Weight of the cross-entropy against ``targets``.
@@ -55,15 +55,15 @@ def distillation_loss(
     Returns:
         ``(loss, kd, ce)``; ``kd`` is the KL before ``T^2`` and the weight.
     """
-    s = student_logits.flatten(0, 1).float()  # (B*T, V)
-    t = teacher_logits.flatten(0, 1).float()
+    s = student_logits.reshape(-1, student_logits.shape[-1]).float()  # (B*T, V) or (B, C)
+    t = teacher_logits.reshape(-1, teacher_logits.shape[-1]).float()
     kd = F.kl_div(
         F.log_softmax(s / temperature, dim=-1),
         F.log_softmax(t / temperature, dim=-1),
-        reduction="batchmean",  # sum over the vocabulary, mean over tokens: the KL per token
+        reduction="batchmean",  # sum over the vocabulary (classes), mean over tokens (records)
         log_target=True,
     )
-    ce = F.cross_entropy(s, targets.flatten())
+    ce = F.cross_entropy(s, targets.reshape(-1))
     return alpha_kd * temperature**2 * kd + alpha_ce * ce, kd, ce
 
 
