@@ -93,7 +93,11 @@ def register_student(
         higher_is_better: Its direction.
     """
     decision = decide_student(
-        teacher_metric, student_metric, max_quality_drop, higher_is_better=higher_is_better, metric=metric
+        teacher_metric,
+        student_metric,
+        max_quality_drop,
+        higher_is_better=higher_is_better,
+        metric="bits/byte" if metric == "bits_per_byte" else metric,
     )
     all_tags = {
         TEACHER_TAG: teacher_name,
