@@ -3,7 +3,8 @@
 The loss is DistilGPT2's: ``alpha_kd * T^2 * KL(softmax(t/T) || softmax(s/T)) + alpha_ce * CE(s, y)``, the
 forward KL on temperature-softened distributions (``T^2`` keeps its gradients on the scale of the CE's).
 Teacher logits are computed on the fly under ``no_grad``: batches are random windows, so a cache would hold
-every window the loop might draw. Batches, schedule, optimizer, checkpoints, signals and the NaN policy are
+every window the loop might draw (16.7 GB for Tiny Shakespeare; BENCHMARKS.md section 8). Classifiers cache
+theirs (:mod:`.classify`). Batches, schedule, optimizer, checkpoints, signals and the NaN policy are
 ``forgeline.tasks.train``'s.
 """
 
