@@ -103,3 +103,24 @@ def test_a_classifier_teacher_becomes_a_registered_text_classification_student(p
     # The Python API: the same compression again is recognised as done and keeps its version.
     again: Any = forgeline.compress(cfg, teacher=f"models:/{TEACHER}@champion")
     assert again.already_done and again.registered.version == "1" and again.table == outcome.table
+
+
+@pytest.mark.slow
+def test_the_teacher_cache_benchmark_runs_in_smoke_mode() -> None:
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2]
+    proc = subprocess.run(
+        [sys.executable, str(root / "bench" / "teacher_cache.py"), "--smoke"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=root,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = json.loads(proc.stdout)
+    assert out["classifier"]["cached_s"] and out["classifier"]["on_the_fly_s"]
+    assert 0 < out["lm"]["teacher_share"] < 1 and out["lm"]["cache_every_window_bytes"] > 10**10
