@@ -101,11 +101,13 @@ def compress_flow(
             f"compress-{run_hash}",
             teacher_name=teacher.name,
             teacher_version=teacher.version,
-            teacher_metric=result.teacher.bits_per_byte,
-            student_metric=result.student.bits_per_byte,
+            teacher_metric=result.teacher_metric,
+            student_metric=result.student_metric,
             max_quality_drop=cfg.max_quality_drop,
             champion_alias=reg.champion_alias,
             tags={**student_tags(result.student.model_dump()), "data_fingerprint": fingerprint},
+            metric=result.metric,
+            higher_is_better=result.higher_is_better,
         )
         card = compress_records.student_card(result, teacher, registered, cfg)
         compress_records.publish_card(run_id, registered, card)

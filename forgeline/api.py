@@ -1,4 +1,4 @@
-"""The Python API: load a config and run the pipeline in-process, as ``forgeline run`` does."""
+"""The Python API: load a config and run the pipeline (or compress a model) in-process, as the CLI does."""
 
 from __future__ import annotations
 
@@ -11,9 +11,10 @@ from forgeline.tasks.config import ConfigError, PipelineConfig
 from forgeline.tasks.config import load_config as _load_config
 
 if TYPE_CHECKING:
+    from forgeline.flows.compress import CompressOutcome
     from forgeline.flows.pipeline import PipelineResult
 
-__all__ = ["ConfigError", "load_config", "run"]
+__all__ = ["ConfigError", "compress", "load_config", "run"]
 
 Overrides = Mapping[str, Any] | Sequence[str] | None
 
@@ -71,15 +72,54 @@ def run(
         ConfigError: A bad config or override.
         forgeline.tasks.data.cleaning.DataError: Bad input data (file and line named).
     """
-    if isinstance(config, PipelineConfig):
-        if overrides:
-            raise ConfigError("overrides: apply them with forgeline.load_config(path, overrides) first")
-        cfg = config
-    else:
-        cfg = load_config(config, overrides)
+    cfg = _resolve(config, overrides)
     from forgeline.flows.contract import set_flow_env_defaults
 
     set_flow_env_defaults()  # before the pipeline's imports bring Prefect in
     from forgeline.flows.pipeline import pipeline_flow
 
     return pipeline_flow(cfg.for_flow_run(), data=list(data) if data else None, fresh=fresh)
+
+
+def compress(
+    config: str | Path | PipelineConfig = "configs/default.yaml",
+    overrides: Overrides = None,
+    *,
+    teacher: str | None = None,
+) -> CompressOutcome:
+    """Distil (or prune) a registered teacher into a smaller student in this process, as ``forgeline compress``.
+
+    The config's ``compress`` section describes the student; it is registered as ``<model>-small`` (or
+    ``compress.model_name``) with its trade-off table, and becomes that model's champion only if its task
+    metric (bits per byte; a classifier's test macro F1) is within ``compress.max_quality_drop`` of the teacher's.
+
+    Args:
+        config: A YAML path or an already loaded config.
+        overrides: Applied to a YAML path (see :func:`load_config`); not allowed with a loaded config.
+        teacher: ``models:/NAME/VERSION`` or ``models:/NAME@ALIAS``; None: the config's champion.
+
+    Returns:
+        The teacher's pinned URI, the compress run id, the registered student (``registered.version``,
+        ``registered.promoted``, ``registered.reason``) and the trade-off ``table`` (columns ``quantity``,
+        ``teacher``, ``student``, ``student/teacher``).
+
+    Raises:
+        ConfigError: A bad config or override.
+        forgeline.tasks.compress.student.CompressError: A teacher that does not exist or a student that is not
+            smaller, or does not fit the teacher (one line naming it).
+    """
+    cfg = _resolve(config, overrides)
+    from forgeline.flows.contract import set_flow_env_defaults
+
+    set_flow_env_defaults()
+    from forgeline.flows.compress import compress_flow
+
+    return compress_flow(cfg.for_flow_run(), teacher_uri=teacher)
+
+
+def _resolve(config: str | Path | PipelineConfig, overrides: Overrides) -> PipelineConfig:
+    if isinstance(config, PipelineConfig):
+        if overrides:
+            raise ConfigError("overrides: apply them with forgeline.load_config(path, overrides) first")
+        return config
+    return load_config(config, overrides)

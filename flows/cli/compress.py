@@ -24,8 +24,8 @@ def compress(
     """Distil (or prune) a registered teacher into a smaller student, registered with its trade-off.
 
     The student is described by the config's `compress` section and registered as `<model>-small` (or
-    compress.model_name); it becomes that model's champion only if its bits per byte are within
-    compress.max_quality_drop of the teacher's.
+    compress.model_name); it becomes that model's champion only if its task metric (bits per byte; a
+    classifier's test macro F1) is within compress.max_quality_drop of the teacher's, relative.
 
     Examples:
 

@@ -3,7 +3,8 @@
 The loss is DistilGPT2's: ``alpha_kd * T^2 * KL(softmax(t/T) || softmax(s/T)) + alpha_ce * CE(s, y)``, the
 forward KL on temperature-softened distributions (``T^2`` keeps its gradients on the scale of the CE's).
 Teacher logits are computed on the fly under ``no_grad``: batches are random windows, so a cache would hold
-every window the loop might draw. Batches, schedule, optimizer, checkpoints, signals and the NaN policy are
+every window the loop might draw (16.7 GB for Tiny Shakespeare; BENCHMARKS.md section 8). Classifiers cache
+theirs (:mod:`.classify`). Batches, schedule, optimizer, checkpoints, signals and the NaN policy are
 ``forgeline.tasks.train``'s.
 """
 
@@ -45,9 +46,9 @@ def distillation_loss(
     """The distillation loss of one batch and its two parts.
 
     Args:
-        student_logits: ``(B, T, V)``.
-        teacher_logits: ``(B, T, V)``, without gradient.
-        targets: ``(B, T)`` next-token ids.
+        student_logits: ``(B, T, V)`` next-token logits, or ``(B, C)`` class logits of a classifier.
+        teacher_logits: The same shape, without gradient.
+        targets: ``(B, T)`` next-token ids, or ``(B,)`` class ids.
         temperature: Softens both distributions.
         alpha_kd: Weight of ``T^2 * KL(teacher || student)`` (mean over tokens, in nats).
         alpha_ce: Weight of the cross-entropy against ``targets``.
@@ -55,15 +56,15 @@ def distillation_loss(
     Returns:
         ``(loss, kd, ce)``; ``kd`` is the KL before ``T^2`` and the weight.
     """
-    s = student_logits.flatten(0, 1).float()  # (B*T, V)
-    t = teacher_logits.flatten(0, 1).float()
+    s = student_logits.reshape(-1, student_logits.shape[-1]).float()  # (B*T, V) or (B, C)
+    t = teacher_logits.reshape(-1, teacher_logits.shape[-1]).float()
     kd = F.kl_div(
         F.log_softmax(s / temperature, dim=-1),
         F.log_softmax(t / temperature, dim=-1),
-        reduction="batchmean",  # sum over the vocabulary, mean over tokens: the KL per token
+        reduction="batchmean",  # sum over the vocabulary (classes), mean over tokens (records)
         log_target=True,
     )
-    ce = F.cross_entropy(s, targets.flatten())
+    ce = F.cross_entropy(s, targets.reshape(-1))
     return alpha_kd * temperature**2 * kd + alpha_ce * ce, kd, ce
 
 

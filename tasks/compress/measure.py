@@ -24,8 +24,8 @@ from forgeline.tasks.model.modeling import count_parameters
 logger = logging.getLogger(__name__)
 
 METRIC = "bits_per_byte"
-"""The task metric of language models (lower is better); classification (F1) and completion (ROUGE-L) plug in
-beside it with their own direction."""
+"""The task metric of causal language models (lower is better); classifiers have their own
+(:data:`.classify.METRIC`, macro F1, higher is better)."""
 
 
 class ModelMeasure(BaseModel):
@@ -129,14 +129,22 @@ def measure_models(
     return out
 
 
-def relative_drop(teacher_metric: float, student_metric: float) -> float:
-    """How much worse the student is, relative to the teacher, for a lower-is-better metric (0.1 = 10%)."""
-    return (student_metric - teacher_metric) / teacher_metric
+def relative_drop(teacher_metric: float, student_metric: float, *, higher_is_better: bool = False) -> float:
+    """How much worse the student is, relative to the teacher (0.1 = 10% worse; negative: better).
+
+    For a lower-is-better metric (bits per byte) worse is higher; for a higher-is-better one (F1) lower.
+    """
+    drop = (student_metric - teacher_metric) / abs(teacher_metric)
+    return -drop if higher_is_better else drop
 
 
-def tradeoff_table(teacher: ModelMeasure, student: ModelMeasure) -> dict[str, list[Any]]:
-    """Teacher against student, one row per quantity, as columns (what ``mlflow.log_table`` takes)."""
-    rows = list(ModelMeasure.model_fields)
+def tradeoff_table(teacher: BaseModel, student: BaseModel) -> dict[str, list[Any]]:
+    """Teacher against student, one row per quantity, as columns (what ``mlflow.log_table`` takes).
+
+    The rows are the measure's fields: a language model's (:class:`ModelMeasure`, tokens per second and bits
+    per byte) or a classifier's (:class:`~.classify.ClassifierMeasure`, records per second and macro F1).
+    """
+    rows = list(type(teacher).model_fields)
     t, s = teacher.model_dump(), student.model_dump()
     return {
         "quantity": rows,

@@ -2,7 +2,8 @@
 
 Free of Prefect and MLflow: the teacher comes through ``fetch`` (the tracking package's download), progress
 leaves through ``on_metrics``, and the registry gate is :mod:`forgeline.tasks.registry.compressed`'s.
-Task types other than the causal LM plug in at :func:`load_teacher` and :data:`~.measure.METRIC`.
+A causal LM (language modelling, completion) is distilled on random windows and scored in bits per byte; a
+sequence classifier on its labeled records (:mod:`.classify`) and scored in test macro F1.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from typing import Any
 import torch
 from pydantic import BaseModel
 
+from forgeline.tasks.compress.classify import ClassifierMeasure, distill_classifier, measure_classifiers
 from forgeline.tasks.compress.distill import DistillSettings, OnMetrics, distill
 from forgeline.tasks.compress.measure import ModelMeasure, measure_models, tradeoff_table
 from forgeline.tasks.compress.student import (
@@ -25,6 +27,7 @@ from forgeline.tasks.compress.student import (
     StudentSpec,
     build_student,
     check_vocabularies,
+    is_classifier,
     resolve_student,
 )
 from forgeline.tasks.config import CompressConfig, EvalConfig, TrainConfig
@@ -46,10 +49,23 @@ class CompressResult(BaseModel):
     already_done: bool = False
     final_val_loss: float | None = None
     nonfinite_steps: int = 0
-    teacher: ModelMeasure
-    student: ModelMeasure
+    teacher: ModelMeasure | ClassifierMeasure
+    student: ModelMeasure | ClassifierMeasure
     table: dict[str, list[Any]]
     history: list[dict[str, float]] = []
+    metric: str = "bits_per_byte"
+    """The task metric the gate compares (a field of both measures): ``bits_per_byte`` or ``f1_macro``."""
+    higher_is_better: bool = False
+
+    @property
+    def teacher_metric(self) -> float:
+        """The teacher's task metric."""
+        return float(getattr(self.teacher, self.metric))
+
+    @property
+    def student_metric(self) -> float:
+        """The student's task metric."""
+        return float(getattr(self.student, self.metric))
 
 
 def compress_hash(cfg: CompressConfig, train_cfg: TrainConfig, *, seed: int, teacher_id: str, fingerprint: str) -> str:
@@ -82,18 +98,31 @@ def distill_train_config(cfg: CompressConfig, train_cfg: TrainConfig) -> TrainCo
 
 
 def load_teacher(source: str, fetch: Callable[[str, Path], Path] | None) -> tuple[Any, Any]:
-    """The teacher model and tokenizer (a causal LM today; classification and completion plug in here).
+    """The teacher model and tokenizer: a GPT-2 causal LM or a GPT-2 sequence classifier.
 
     Raises:
-        CompressError: the teacher has no tokenizer or is not a GPT-2 causal LM.
+        CompressError: the teacher has no tokenizer or is not a GPT-2 model.
     """
-    from forgeline.tasks.model.modeling import load_pretrained_model
+    from transformers import AutoConfig, AutoModelForSequenceClassification
 
-    model, tokenizer = load_pretrained_model(source, fetch=fetch)
+    from forgeline.tasks.data.tokenization import load_tokenizer
+    from forgeline.tasks.model.modeling import load_pretrained_model, resolved_source
+
+    with resolved_source(source, fetch=fetch) as (model_dir, tok_dir):
+        config = AutoConfig.from_pretrained(model_dir, trust_remote_code=False)
+        if getattr(config, "model_type", None) != "gpt2":
+            raise CompressError(f"teacher {source} is a {config.model_type} model; compress handles GPT-2 models")
+        if any(str(a).endswith("ForSequenceClassification") for a in config.architectures or []):
+            model = AutoModelForSequenceClassification.from_pretrained(
+                model_dir, use_safetensors=True, trust_remote_code=False
+            )
+        else:
+            model, _ = load_pretrained_model(model_dir)
+        tokenizer = load_tokenizer(tok_dir) if tok_dir is not None else None
     if tokenizer is None:
         raise CompressError(f"teacher {source} has no tokenizer stored with it")
-    if getattr(model.config, "model_type", None) != "gpt2":
-        raise CompressError(f"teacher {source} is a {model.config.model_type} model; compress handles GPT-2 LMs")
+    if is_classifier(model) and model.config.pad_token_id is None:
+        model.config.pad_token_id = tokenizer.pad_token_id  # GPT-2 pools at the last token that is not padding
     return model, tokenizer
 
 
@@ -147,7 +176,6 @@ def compress_model(
             f"the student ({_count(student):,} parameters) is not smaller than the teacher ({_count(teacher):,})"
         )
     block = min(block_size, int(teacher.config.n_positions), int(student.config.n_positions))
-    train_data, val_data = load_token_splits(tokenizer, dataset_dir, block)
     device = resolve_device(train_cfg)
     settings = DistillSettings(
         train=distill_train_config(cfg, train_cfg),
@@ -160,25 +188,43 @@ def compress_model(
     )
     teacher.to(device)
     student.to(device)
-    state = distill(
-        student, teacher, train_data, val_data, settings, run_dir / "checkpoints", device=device, on_metrics=on_metrics
-    )
+    checkpoints = run_dir / "checkpoints"
     model_dir = run_dir / "model"
-    student.save_pretrained(model_dir)
-    tokenizer.save_pretrained(model_dir)
-    student, _ = load_pretrained_model(str(model_dir))  # measured as it will be served: from disk
-    held_out = held_out_text(str(dataset_dir))
-    prompt = eval_cfg.prompts[0] if eval_cfg.prompts else ""
-    with torch.inference_mode():
-        t_measure, s_measure = measure_models(
-            [teacher, student],
+    if is_classifier(teacher):
+        state, t_measure, s_measure = _compress_classifier(
+            teacher,
+            student,
             tokenizer,
-            held_out,
-            max_tokens=eval_cfg.max_tokens,
-            prompt=prompt,
-            new_tokens=cfg.latency_new_tokens,
-            requests=cfg.latency_requests,
+            settings,
+            eval_cfg,
+            cfg,
+            dataset_dir,
+            checkpoints,
+            model_dir,
+            device,
+            on_metrics,
         )
+    else:
+        train_data, val_data = load_token_splits(tokenizer, dataset_dir, block)
+        state = distill(
+            student, teacher, train_data, val_data, settings, checkpoints, device=device, on_metrics=on_metrics
+        )
+        student.save_pretrained(model_dir)
+        tokenizer.save_pretrained(model_dir)
+        student, _ = load_pretrained_model(str(model_dir))  # measured as it will be served: from disk
+        held_out = held_out_text(str(dataset_dir))
+        prompt = eval_cfg.prompts[0] if eval_cfg.prompts else ""
+        with torch.inference_mode():
+            t_measure, s_measure = measure_models(
+                [teacher, student],
+                tokenizer,
+                held_out,
+                max_tokens=eval_cfg.max_tokens,
+                prompt=prompt,
+                new_tokens=cfg.latency_new_tokens,
+                requests=cfg.latency_requests,
+            )
+    classifier = isinstance(t_measure, ClassifierMeasure)
     result = CompressResult(
         run_dir=str(run_dir),
         model_dir=str(model_dir),
@@ -191,11 +237,60 @@ def compress_model(
         student=s_measure,
         table=tradeoff_table(t_measure, s_measure),
         history=state.history,
+        metric="f1_macro" if classifier else "bits_per_byte",
+        higher_is_better=classifier,
     )
     tmp = done.with_suffix(".tmp")
     tmp.write_text(result.model_dump_json())
     os.replace(tmp, done)
     return result
+
+
+def _compress_classifier(
+    teacher: Any,
+    student: Any,
+    tokenizer: Any,
+    settings: DistillSettings,
+    eval_cfg: EvalConfig,
+    cfg: CompressConfig,
+    dataset_dir: str | Path,
+    checkpoints: Path,
+    model_dir: Path,
+    device: torch.device,
+    on_metrics: OnMetrics | None,
+) -> tuple[Any, ClassifierMeasure, ClassifierMeasure]:
+    """Distil a classifier student on the labeled splits, save it, and measure both (records, not tokens)."""
+    from transformers import AutoModelForSequenceClassification
+
+    from forgeline.tasks.data.labels import read_label_set
+    from forgeline.tasks.train.classify_data import encode_split
+
+    labels = read_label_set(dataset_dir)
+    if [teacher.config.id2label[i] for i in range(teacher.config.num_labels)] != labels.labels:
+        raise CompressError(
+            f"the teacher's labels {list(teacher.config.id2label.values())} are not the dataset's {labels.labels}"
+        )
+    block = settings.block_size
+    train = encode_split(tokenizer, dataset_dir, "train", labels, block)
+    val = encode_split(tokenizer, dataset_dir, "validation", labels, block)
+    pad_id = int(teacher.config.pad_token_id)
+    student.config.pad_token_id = pad_id
+    state = distill_classifier(
+        student, teacher, train, val, settings, checkpoints, pad_id=pad_id, device=device, on_metrics=on_metrics
+    )
+    student.save_pretrained(model_dir)
+    tokenizer.save_pretrained(model_dir)
+    # Measured as it will be served: from disk.
+    student = AutoModelForSequenceClassification.from_pretrained(model_dir, use_safetensors=True)
+    t_measure, s_measure = measure_classifiers(
+        [teacher, student],
+        tokenizer,
+        dataset_dir,
+        block_size=block,
+        max_examples=eval_cfg.max_examples,
+        requests=cfg.latency_requests,
+    )
+    return state, t_measure, s_measure
 
 
 def _make_student(

@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 from pydantic import BaseModel
-from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedModel
+from transformers import GPT2Config, GPT2ForSequenceClassification, GPT2LMHeadModel, PreTrainedModel
 
 from forgeline.tasks.config import CompressConfig
 
@@ -103,13 +103,15 @@ def resolve_student(cfg: CompressConfig, teacher_config: Any) -> StudentSpec:
 def build_student(teacher: PreTrainedModel, spec: StudentSpec, *, seed: int) -> PreTrainedModel:
     """A GPT-2 student of shape ``spec``: teacher weights copied (and MLPs pruned) when ``spec.from_teacher``.
 
-    Copied: token and position embeddings, the final layer norm, the head (tied to the embeddings) and
-    teacher block ``spec.layers[i]`` as student block ``i``; MLP neurons beyond ``spec.n_inner`` are dropped
-    by magnitude (:func:`prune_mlp`). Otherwise the student starts from random weights (seeded).
+    Copied: token and position embeddings, the final layer norm, the head (an LM's, tied to the embeddings,
+    or a classifier's ``score``) and teacher block ``spec.layers[i]`` as student block ``i``; MLP neurons
+    beyond ``spec.n_inner`` are dropped by magnitude (:func:`prune_mlp`). Otherwise the student starts from
+    random weights (seeded). A sequence-classifier teacher gives a sequence-classifier student (same labels).
     """
     config = student_config(teacher.config, spec)
     torch.manual_seed(seed)
-    student = GPT2LMHeadModel(config)
+    cls = GPT2ForSequenceClassification if is_classifier(teacher) else GPT2LMHeadModel
+    student = cls(config)
     if not spec.from_teacher:
         logger.info("student: %d layers, width %d, MLP %d, random init", spec.n_layer, spec.n_embd, spec.n_inner)
         return student
@@ -137,6 +139,11 @@ def build_student(teacher: PreTrainedModel, spec: StudentSpec, *, seed: int) -> 
         "student: teacher layers %s, MLP %d of %d neurons kept", spec.layers, spec.n_inner, mlp_width(teacher.config)
     )
     return student
+
+
+def is_classifier(model: PreTrainedModel) -> bool:
+    """Whether ``model`` is a GPT-2 sequence classifier (class logits ``(B, classes)``, not next-token logits)."""
+    return isinstance(model, GPT2ForSequenceClassification)
 
 
 def student_config(teacher_config: Any, spec: StudentSpec) -> GPT2Config:

@@ -1,7 +1,8 @@
 """The student gate: a compressed model becomes champion of its own registered model only if it is good enough.
 
 Good enough is relative to its teacher, not to earlier students: the metric may be at most
-``compress.max_quality_drop`` worse. A student that fails the gate is still registered, with the reason, and
+``compress.max_quality_drop`` worse, in the metric's own direction (bits per byte may rise that much, relative;
+a classifier's macro F1 may fall that much). A student that fails the gate is still registered, with the reason, and
 no alias.
 """
 
@@ -20,8 +21,22 @@ TEACHER_VERSION_TAG = "forgeline.teacher_version"
 QUALITY_DROP_TAG = "forgeline.quality_drop"
 
 
-def decide_student(teacher_metric: float, student_metric: float, max_quality_drop: float) -> PromotionDecision:
-    """Whether the student's lower-is-better metric is within ``max_quality_drop`` (relative) of the teacher's.
+def decide_student(
+    teacher_metric: float,
+    student_metric: float,
+    max_quality_drop: float,
+    *,
+    higher_is_better: bool = False,
+    metric: str = "bits/byte",
+) -> PromotionDecision:
+    """Whether the student's metric is within ``max_quality_drop`` (relative) of the teacher's.
+
+    Args:
+        teacher_metric: The teacher's score on the held-out split (must be finite and above 0).
+        student_metric: The student's, on the same records.
+        max_quality_drop: ``compress.max_quality_drop`` (0.1: at most 10% worse).
+        higher_is_better: The metric's direction (F1: worse is lower; bits per byte: worse is higher).
+        metric: Its name in the reason.
 
     ``delta`` is the relative drop (0.05: 5% worse; negative: the student is better).
     """
@@ -30,7 +45,9 @@ def decide_student(teacher_metric: float, student_metric: float, max_quality_dro
     if not math.isfinite(teacher_metric) or teacher_metric <= 0:
         return PromotionDecision(promoted=False, reason=f"teacher score is not usable ({teacher_metric})")
     drop = (student_metric - teacher_metric) / teacher_metric
-    scores = f"{student_metric:.4f} vs teacher {teacher_metric:.4f} bits/byte"
+    if higher_is_better:
+        drop = -drop
+    scores = f"{student_metric:.4f} vs teacher {teacher_metric:.4f} {metric}"
     if drop <= max_quality_drop:
         return PromotionDecision(
             promoted=True, reason=f"within {max_quality_drop:.1%} of the teacher: {scores} ({drop:+.1%})", delta=drop
@@ -55,6 +72,8 @@ def register_student(
     max_quality_drop: float,
     champion_alias: str,
     tags: dict[str, str],
+    metric: str = "bits_per_byte",
+    higher_is_better: bool = False,
 ) -> RegisterResult:
     """Register the student (once per lineage), tag it with its teacher, and make it champion if it passes.
 
@@ -65,17 +84,25 @@ def register_student(
         lineage: One version per compression (teacher version, data and settings).
         teacher_name: The teacher's registered model.
         teacher_version: Its version.
-        teacher_metric: The teacher's bits per byte on the held-out split.
+        teacher_metric: The teacher's ``metric`` on the held-out split.
         student_metric: The student's, on the same split.
         max_quality_drop: ``compress.max_quality_drop``.
         champion_alias: The alias the gate moves.
         tags: More version tags (metrics, sizes).
+        metric: The task metric compared (``bits_per_byte``; a classifier's ``f1_macro``), tagged ``test_<metric>``.
+        higher_is_better: Its direction.
     """
-    decision = decide_student(teacher_metric, student_metric, max_quality_drop)
+    decision = decide_student(
+        teacher_metric,
+        student_metric,
+        max_quality_drop,
+        higher_is_better=higher_is_better,
+        metric="bits/byte" if metric == "bits_per_byte" else metric,
+    )
     all_tags = {
         TEACHER_TAG: teacher_name,
         TEACHER_VERSION_TAG: teacher_version,
-        "test_bits_per_byte": repr(student_metric),
+        f"test_{metric}": repr(student_metric),
         **tags,
     }
     version, existed = register_version(store, model_name, model_uri, lineage, all_tags)
@@ -99,8 +126,12 @@ def register_student(
         promoted=decision.promoted,
         reason=decision.reason,
         delta=decision.delta,
-        candidate_bits_per_byte=student_metric,
-        champion_bits_per_byte=teacher_metric,
+        candidate_bits_per_byte=student_metric if metric == "bits_per_byte" else None,
+        champion_bits_per_byte=teacher_metric if metric == "bits_per_byte" else None,
+        metric=f"test/{metric}",
+        higher_is_better=higher_is_better,
+        candidate_score=student_metric,
+        champion_score=teacher_metric,
         previous_champion=previous,
         champion_version=number if decision.promoted else previous,
         already_registered=existed,

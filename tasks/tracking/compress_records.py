@@ -13,6 +13,7 @@ from forgeline.tasks.compress.measure import tradeoff_markdown
 from forgeline.tasks.compress.stage import CompressResult
 from forgeline.tasks.compress.student import CompressError
 from forgeline.tasks.registry.versions import RegisterResult
+from forgeline.tasks.tracking.classifiers import is_classifier_dir, log_classifier
 from forgeline.tasks.tracking.models import log_transformers_model
 from forgeline.tasks.tracking.records import log_metrics, log_text, set_tags
 from forgeline.tasks.tracking.store import client, tracking_uri
@@ -94,14 +95,25 @@ def student_card(result: CompressResult, teacher: TeacherRef, decision: Register
             "",
             tradeoff_markdown(result.table),
             "",
-            f"Generation: CPU, batch 1, KV cache on, {cfg.latency_new_tokens} new tokens per call, "
-            f"{cfg.latency_requests} calls.",
+            _speed_note(result, cfg),
             "",
             f"## Gate: {verdict}",
             "",
             decision.reason,
             "",
         ]
+    )
+
+
+def _speed_note(result: CompressResult, cfg: Any) -> str:
+    if result.metric == "f1_macro":
+        return (
+            f"Requests: CPU, one record per request, one forward pass (a classifier does not generate), "
+            f"{cfg.latency_requests} requests; F1 and accuracy on the held-out split."
+        )
+    return (
+        f"Generation: CPU, batch 1, KV cache on, {cfg.latency_new_tokens} new tokens per call, "
+        f"{cfg.latency_requests} calls."
     )
 
 
@@ -121,7 +133,10 @@ def log_student_once(run_dir: Path, run_id: str, model_dir: str, prompt: str) ->
         logged = json.loads(marker.read_text())
         if logged.get("tracking_uri") == store:
             return str(logged["model_uri"])
-    uri = log_transformers_model(run_id, model_dir, prompt)
+    if is_classifier_dir(model_dir):  # a compressed classifier is served as text-classification, like its teacher
+        uri = log_classifier(run_id, model_dir, prompt)
+    else:
+        uri = log_transformers_model(run_id, model_dir, prompt)
     tmp = marker.with_suffix(".tmp")
     tmp.write_text(json.dumps({"model_uri": uri, "run_id": run_id, "tracking_uri": store}))
     tmp.replace(marker)

@@ -50,3 +50,15 @@ def test_run_refuses_overrides_on_a_loaded_config() -> None:
     cfg = forgeline.load_config(SMOKE)
     with pytest.raises(forgeline.ConfigError, match="overrides"):
         forgeline.run(cfg, overrides={"train.max_steps": 1})
+
+
+def test_compress_is_exported_and_refuses_overrides_on_a_loaded_config() -> None:
+    import inspect
+
+    assert "compress" in forgeline.__all__ and forgeline.compress is forgeline.api.compress
+    assert list(inspect.signature(forgeline.compress).parameters) == ["config", "overrides", "teacher"]
+    cfg = forgeline.load_config(SMOKE)
+    with pytest.raises(forgeline.ConfigError, match="overrides"):
+        forgeline.compress(cfg, overrides={"compress.max_steps": 1})
+    with pytest.raises(forgeline.ConfigError, match="compress.max_step"):
+        forgeline.compress(SMOKE, overrides={"compress.max_step": 1})
