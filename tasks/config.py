@@ -710,6 +710,8 @@ def _task_conflicts(cfg: PipelineConfig) -> list[tuple[str, str]]:
             conflicts.append(("data.label_column", f"only for task.kind 'classification', not {kind!r}"))
         if train.class_weights != "none":
             conflicts.append(("train.class_weights", f"only for task.kind 'classification', not {kind!r}"))
+    if kind == "completion" and data.split == "tail":
+        conflicts.append(("data.split", "'tail' joins all records into one text: completion needs 'hash'"))
     if kind == "completion":
         builtin = any(getattr(s, "name", None) == "python-docstrings" for s in data.sources)
         if not builtin and not (data.prompt_column and data.completion_column):
