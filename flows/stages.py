@@ -22,18 +22,29 @@ from pydantic import BaseModel
 
 from forgeline.flows.distributed import train_in_ranks
 from forgeline.flows.prefect_progress import TrainProgressFeed
+from forgeline.flows.rescore import rescore_model
 from forgeline.tasks import progress
 from forgeline.tasks.config import DataConfig, PipelineConfig, dump_config
 from forgeline.tasks.data.cleaning import CleanResult, clean_dataset, report_rows
 from forgeline.tasks.data.labels import class_count_rows
 from forgeline.tasks.errors import is_transient
-from forgeline.tasks.evaluate.candidate import evaluate_candidate, score_model
+from forgeline.tasks.evaluate.candidate import evaluate_candidate
 from forgeline.tasks.evaluate.class_metrics import MISTAKE_COLUMNS, PER_CLASS_COLUMNS
 from forgeline.tasks.evaluate.classification import ClassificationEvalResult, eval_device, evaluate_classifier
 from forgeline.tasks.evaluate.completion import CompletionEvalResult, evaluate_completion, examples_markdown
 from forgeline.tasks.evaluate.evaluation import EvalResult
 from forgeline.tasks.locks import owned_lock
-from forgeline.tasks.registry.versions import BPB_TAG, FINGERPRINT_TAG, RegisterResult, gate_champion, register_version
+from forgeline.tasks.registry.versions import (
+    BPB_METRIC,
+    FINGERPRINT_TAG,
+    GATE_METRIC_TAG,
+    TASK_TAG,
+    RegisterResult,
+    RegistryError,
+    gate_champion,
+    metric_tags,
+    register_version,
+)
 from forgeline.tasks.tracking import models, records, stage_records
 from forgeline.tasks.tracking.metrics import MetricBuffer
 from forgeline.tasks.tracking.registry_store import MlflowRegistry
@@ -336,19 +347,29 @@ def samples_markdown(samples: list[dict[str, Any]]) -> str:
 def register_task(
     cfg: PipelineConfig,
     outcome: TrainOutcome,
-    evaluation: EvalResult,
+    evaluation: Any,
     fingerprint: str,
     dataset_dir: str,
     ctx: RunContext,
 ) -> RegisterResult:
-    """Register one version per lineage, alias it ``challenger``, and move ``champion`` only if better."""
+    """Register one version per lineage, alias it ``challenger``, and move ``champion`` only if better.
+
+    The gate compares ``cfg.gate_metric()`` (``registry.metric``, or the task's: bits per byte for a language
+    model, macro F1 for a classifier); every figure of ``evaluation.metrics`` becomes a version tag.
+    """
+    metric, higher = cfg.gate_metric()
+    scores = {key: float(value) for key, value in evaluation.metrics.items()}
+    if metric not in scores:
+        raise RegistryError(
+            f"registry.metric {metric!r} is not one of the evaluation's metrics ({', '.join(sorted(scores))})"
+        )
     with stage_run(ctx.experiment_id, "register", parent_run_id=ctx.parent_run_id, tags=ctx.tags) as run_id:
         reg = cfg.registry
         tags = {
-            BPB_TAG: repr(evaluation.bits_per_byte),
+            **metric_tags(scores),
             FINGERPRINT_TAG: fingerprint,
-            "test_loss": f"{evaluation.loss:.6f}",
-            "test_perplexity": f"{evaluation.perplexity:.4f}",
+            TASK_TAG: cfg.kind,
+            GATE_METRIC_TAG: metric,
             "train_run_id": outcome.train_run_id,
             "config_hash": cfg.config_hash(),
         }
@@ -358,12 +379,14 @@ def register_task(
             store,
             reg.model_name,
             version,
-            evaluation.bits_per_byte,
+            scores[metric],
             fingerprint=fingerprint,
             min_improvement=reg.min_improvement,
             champion_alias=reg.champion_alias,
             challenger_alias=reg.challenger_alias,
             rescore=lambda uri: rescore_model(uri, cfg, dataset_dir),
+            metric=metric,
+            higher_is_better=higher,
         )
         result = result.model_copy(update={"already_registered": existed})
         stage_records.write_model_card(
@@ -384,15 +407,11 @@ def register_task(
             run_id, {"model_version": result.version, "promoted": result.promoted, "decision": result.reason}
         )
         if result.delta is not None:
-            records.log_metrics(run_id, {"delta_bits_per_byte": result.delta})
+            gate_delta = {"gate/improvement": result.delta}
+            if metric == BPB_METRIC:
+                gate_delta["delta_bits_per_byte"] = result.delta
+            records.log_metrics(run_id, gate_delta)
     return result
-
-
-def rescore_model(model_uri: str, cfg: PipelineConfig, dataset_dir: str) -> float:
-    """Bits per byte of a registered model on this run's held-out split (``forgeline reproduce`` uses it)."""
-    return score_model(
-        model_uri, dataset_dir, cfg.eval, cfg.train, block_size=cfg.model.block_size, fetch=models.download_model
-    )
 
 
 def _publish_table(key: str, rows: list[dict[str, Any]], description: str) -> None:

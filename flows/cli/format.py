@@ -103,6 +103,21 @@ def who() -> str:
     return f"{user}@{socket.gethostname()}"
 
 
+SHORT_HEADS = {
+    "test/f1_macro": "test f1",
+    "test/accuracy": "test acc",
+    "test/f1_weighted": "test f1 w",
+    "baseline/accuracy": "base acc",
+    "baseline/f1_weighted": "base f1 w",
+    "baseline/f1_macro": "base f1",
+}
+
+
+def metric_head(key: str) -> str:
+    """A short header for a metric: ``test/bits_per_byte`` reads ``test bpb``, ``baseline/accuracy`` ``base acc``."""
+    return SHORT_HEADS.get(key) or key.replace("bits_per_byte", "bpb").replace("/", " ")
+
+
 # ------------------------------------------------------------------------------------------------ listings
 def plain(value: Any) -> str:
     """A value as one line of a cell: ``-`` when missing, lists joined with commas, no line breaks."""

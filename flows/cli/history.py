@@ -16,6 +16,7 @@ from forgeline.flows.cli.format import (
     is_finite,
     iso,
     local,
+    metric_head,
     num,
     seconds_between,
     span,
@@ -33,16 +34,30 @@ def compare(
     ] = None,
     config: ConfigOpt = None,
     top: Annotated[int, typer.Option("--top", "-n", min=1, help="How many runs to show.")] = 10,
-    metric: Annotated[str, typer.Option("--metric", "-m", help="Metric to rank by.")] = "test/bits_per_byte",
+    metric: Annotated[
+        str | None,
+        typer.Option(
+            "--metric",
+            "-m",
+            help="Metric to rank by (default: the config's registry metric: test/bits_per_byte for a language "
+            "model, test/f1_macro for a classifier).",
+        ),
+    ] = None,
     higher_is_better: Annotated[
-        bool, typer.Option("--higher-is-better", help="Rank the largest value first (default: smallest).")
-    ] = False,
+        bool | None,
+        typer.Option(
+            "--higher-is-better/--lower-is-better",
+            help="Rank the largest (or smallest) value first (default: the metric's direction: F1 and accuracy "
+            "higher, loss and bits per byte lower).",
+        ),
+    ] = None,
     output: OutputOpt = Output.TABLE,
     verbose: VerboseOpt = False,
 ) -> None:
     """The best pipeline runs of an experiment: key params, metrics, duration, status.
 
-    Runs without the metric (failed, interrupted or re-used runs) come after the ranked ones.
+    Runs without the metric (failed, interrupted or re-used runs) come after the ranked ones. Classifier runs
+    show their test F1 and accuracy with the baseline's (TF-IDF + logistic regression) beside them.
 
     A terminal too narrow for the table gets one block per run.
 
@@ -69,9 +84,29 @@ def compare(
     runs = queries.pipeline_runs(experiment_id)
     if not runs:
         fail(f"experiment {name!r} has no pipeline runs yet; run `forgeline run` first")
-    ranked = rank_runs(runs, metric, higher_is_better=higher_is_better)[:top]
+    metric, higher = ranking(cfg, runs, metric, higher_is_better)
+    ranked = rank_runs(runs, metric, higher_is_better=higher)[:top]
     title = f"{name}: best {len(ranked)} of {len(runs)} pipeline runs by {metric}"
+    title += " (highest first)" if higher else ""
     emit(output, compare_listing(ranked, metric, title=title))
+
+
+def ranking(cfg: Any, runs: list[Any], metric: str | None, higher: bool | None) -> tuple[str, bool]:
+    """The metric to rank by and its direction: as given, else the config's gate metric, else the runs' own.
+
+    Without a config, runs that hold a classifier's ``test/f1_macro`` and no bits per byte rank by F1.
+    """
+    from forgeline.tasks.config import GATE_METRIC
+    from forgeline.tasks.config import higher_is_better as direction
+
+    if metric is None:
+        if cfg is not None:
+            metric, cfg_higher = cfg.gate_metric()
+            return metric, cfg_higher if higher is None else higher
+        keys = {key for r in runs for key in r.data.metrics}
+        lm, classifier = GATE_METRIC["lm"], GATE_METRIC["classification"]
+        metric = classifier if classifier in keys and lm not in keys else lm
+    return metric, direction(metric) if higher is None else higher
 
 
 def rank_runs(runs: list[Any], metric: str, *, higher_is_better: bool = False) -> list[Any]:
@@ -90,17 +125,26 @@ KEY_PARAMS = {
     "train.learning_rate": "lr",
 }
 HEADLINE = ("test/bits_per_byte", "test/loss", "val/loss")
+CLASSIFIER_HEADLINE = (
+    "test/f1_macro",
+    "test/accuracy",
+    "baseline/accuracy",
+    "test/f1_weighted",
+    "baseline/f1_weighted",
+)
+"""A classifier's figures beside the baseline's: whether the transformer earns its cost."""
 
 
-def metric_head(key: str) -> str:
-    """A short header for a metric key: ``test/bits_per_byte`` reads ``test bpb``."""
-    return key.replace("bits_per_byte", "bpb").replace("/", " ")
+def headline(runs: list[Any]) -> tuple[str, ...]:
+    """The metrics the table shows: a classifier's F1 and accuracy (and the baseline's) or a language model's."""
+    keys = {key for r in runs for key in r.data.metrics}
+    return CLASSIFIER_HEADLINE if "test/f1_macro" in keys or "test/accuracy" in keys else HEADLINE
 
 
 def compare_listing(runs: list[Any], metric: str, *, title: str) -> Listing:
     """Pipeline runs, one row each: the table shows the key params and headline metrics; CSV and JSON add
     every other metric and each param whose value differs between ``runs``."""
-    shown_metrics = list(dict.fromkeys([metric, *HEADLINE]))
+    shown_metrics = list(dict.fromkeys([metric, *headline(runs)]))
     all_metrics = sorted({key for r in runs for key in r.data.metrics} - set(shown_metrics))
     param_keys = sorted({key for r in runs for key in r.data.params} - set(KEY_PARAMS))
     differing = [k for k in param_keys if len({r.data.params.get(k) for r in runs}) > 1]

@@ -168,19 +168,27 @@ def redacted_keys(tree: Any, prefix: str = "") -> list[str]:
 
 
 def version_metrics(version: Any) -> dict[str, float]:
-    """The headline metrics of the pipeline run that produced a version (its tags as fallback)."""
+    """The test figures of the pipeline run that produced a version (its metric tags as fallback).
+
+    A language model's loss, perplexity and bits per byte (and ``val/loss``); a classifier's ``test/...`` and
+    ``baseline/...`` figures.
+    """
     from forgeline.tasks.tracking import queries
 
     found = queries.parent_run_metrics(version.tags.get("train_run_id") or version.run_id)
-    metrics = {key: found[key] for key in HEADLINE_METRICS if key in found}
-    for tag, key in (("test_loss", "test/loss"), ("test_perplexity", "test/perplexity")):
-        value = to_float(version.tags.get(tag))
-        if key not in metrics and value is not None:
-            metrics[key] = value
-    bpb = to_float(version.tags.get("test_bits_per_byte"))
-    if "test/bits_per_byte" not in metrics and bpb is not None:
-        metrics["test/bits_per_byte"] = bpb
+    metrics = {k: v for k, v in found.items() if k in HEADLINE_METRICS or k.startswith(TAGGED_PREFIXES)}
+    for tag, text in (version.tags or {}).items():
+        prefix = next((p for p in TAGGED_PREFIXES if tag.startswith(p.replace("/", "_"))), None)
+        value = to_float(text)
+        if prefix is None or value is None:
+            continue
+        key = prefix + tag[len(prefix) :]
+        metrics.setdefault(key, value)
     return metrics
+
+
+TAGGED_PREFIXES = ("test/", "baseline/")
+"""Metrics stored as version tags under these prefixes (``test/f1_macro`` as ``test_f1_macro``)."""
 
 
 def cache_root(cfg: PipelineConfig) -> Path:

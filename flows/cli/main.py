@@ -11,6 +11,7 @@ runs        :mod:`forgeline.flows.cli.runs`              run, validate, ingest
 history     :mod:`forgeline.flows.cli.history`           compare, reproduce
 models      :mod:`forgeline.flows.cli.models`            models, promote, rollback
 serving     :mod:`forgeline.flows.cli.serving`           generate, serve, ui
+predict     :mod:`forgeline.flows.cli.predict`           predict
 stack       :mod:`forgeline.flows.cli.stack`             up, down, status, deploy (and run --deployed)
 compress    :mod:`forgeline.flows.cli.compress`          compress
 ==========  ===========================================  ==========================================
@@ -24,7 +25,7 @@ from typing import Any
 
 import typer
 
-from forgeline.flows.cli import compress, history, models, runs, serving, stack, startup
+from forgeline.flows.cli import compress, history, models, predict, runs, serving, stack, startup
 
 app = typer.Typer(
     name="forgeline",
@@ -63,6 +64,7 @@ COMMANDS: tuple[tuple[Callable[..., None], bool], ...] = (
     (models.promote, True),
     (models.rollback, True),
     (serving.generate, True),
+    (predict.predict, True),
     (serving.serve, True),
     (history.reproduce, True),
     (compress.compress, True),

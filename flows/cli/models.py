@@ -5,13 +5,27 @@ from __future__ import annotations
 import json
 import logging
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Annotated, Any
 
 import typer
 
 from forgeline.flows.cli import console, lookup
 from forgeline.flows.cli.console import Output, fail, show
-from forgeline.flows.cli.format import Column, Listing, emit, iso, local, now, num, plain, short, to_float, who
+from forgeline.flows.cli.format import (
+    Column,
+    Listing,
+    emit,
+    iso,
+    local,
+    metric_head,
+    now,
+    num,
+    plain,
+    short,
+    to_float,
+    who,
+)
 from forgeline.flows.cli.options import ConfigOpt, OutputOpt, VerboseOpt, load_if_given
 
 logger = logging.getLogger(__name__)
@@ -81,14 +95,20 @@ def models_listing(registered: list[Any]) -> Listing:
 
 
 def versions_listing(name: str, versions: list[Any], aliases: dict[str, list[str]]) -> Listing:
-    """One row per version of ``name``: aliases, score, data, the gate's decision, the train run."""
-    from forgeline.tasks.registry.versions import BPB_TAG, FINGERPRINT_TAG
+    """One row per version of ``name``: aliases, gate score, data, the gate's decision, the train run.
 
+    The score column is the newest version's gate metric (bits per byte for a language model, macro F1 for a
+    classifier); each version shows its own value of it.
+    """
+    from forgeline.tasks.registry.versions import FINGERPRINT_TAG, metric_tag
+
+    metric = registry_metric(versions)
+    key = metric_tag(metric)
     columns = [
         Column("version", "version"),
         Column("created", "created", lambda r: local(r["created"])),
         Column("aliases", "aliases"),
-        Column("test_bits_per_byte", "test bpb", lambda r: num(r["test_bits_per_byte"])),
+        Column(key, metric_head(metric), lambda r: num(r[key])),
         Column("data_fingerprint", "data", lambda r: (r["data_fingerprint"] or "-")[:12]),
         Column("promoted", "promoted", promoted_cell),
         Column("manual"),
@@ -103,7 +123,7 @@ def versions_listing(name: str, versions: list[Any], aliases: dict[str, list[str
                 "version": str(v.version),
                 "created": iso(v.creation_timestamp),
                 "aliases": sorted(aliases.get(str(v.version), [])),
-                "test_bits_per_byte": to_float(tags.get(BPB_TAG)),
+                key: to_float(tags.get(key)),
                 "data_fingerprint": tags.get(FINGERPRINT_TAG),
                 "promoted": {"true": True, "false": False}.get(tags.get("forgeline.promoted", "")),
                 "manual": MANUAL_TAG in tags,
@@ -112,6 +132,28 @@ def versions_listing(name: str, versions: list[Any], aliases: dict[str, list[str
             }
         )
     return Listing("versions", f"{name}: versions", columns, rows)
+
+
+def registry_metric(versions: list[Any]) -> str:
+    """The gate metric the newest of ``versions`` was gated on (``test/bits_per_byte`` when none says)."""
+    from forgeline.tasks.registry.versions import BPB_METRIC, GATE_METRIC_TAG
+
+    newest = max(versions, key=lambda v: int(v.version), default=None)
+    return str((newest.tags or {}).get(GATE_METRIC_TAG) or BPB_METRIC) if newest is not None else BPB_METRIC
+
+
+def version_gate(version: Any, cfg: Any) -> tuple[str, bool]:
+    """The metric and direction to gate ``version`` on: the config's when given, else what the version was
+    gated on (its ``forgeline.gate_metric`` tag), else bits per byte."""
+    from forgeline.tasks.config import higher_is_better
+    from forgeline.tasks.registry.versions import BPB_METRIC, GATE_METRIC_TAG, HIGHER_IS_BETTER_TAG
+
+    if cfg is not None:
+        return cfg.gate_metric()
+    tags = version.tags or {}
+    metric = tags.get(GATE_METRIC_TAG) or BPB_METRIC
+    stored = tags.get(HIGHER_IS_BETTER_TAG)
+    return metric, (stored == "true") if stored in ("true", "false") else higher_is_better(metric)
 
 
 def promoted_cell(row: Mapping[str, Any]) -> str:
@@ -159,9 +201,10 @@ def promote(
 ) -> None:
     """Make VERSION the champion, through the same gate as the pipeline unless --force.
 
-    The candidate's stored test bits per byte is compared with the champion's on the candidate's data
-    (the champion is re-scored when it was trained on other data and that data is still in the local
-    cache). The decision is recorded as version tags and in the alias history.
+    The candidate's stored gate metric (registry.metric of --config, else the one the version was gated on:
+    test bits per byte for a language model, test macro F1 for a classifier) is compared with the champion's
+    on the candidate's data (the champion is re-scored when it was trained on other data and that data is
+    still in the local cache). The decision is recorded as version tags and in the alias history.
 
     Examples:
 
@@ -183,7 +226,8 @@ def promote(
         if champ is not None and str(champ.version) == str(candidate.version):
             show(f"{name} version {candidate.version} is already the {alias}; nothing to do")
             return
-        promoted, reason = manual_gate(candidate, champ, reg.min_improvement)
+        metric, higher = version_gate(candidate, cfg)
+        promoted, reason = manual_gate(candidate, champ, reg.min_improvement, metric=metric, higher_is_better=higher)
         record = {
             "at": now(),
             "by": who(),
@@ -209,30 +253,42 @@ def promote(
     show(f"{name} version {candidate.version} is now the {alias}{was}: {text}")
 
 
-def manual_gate(candidate: Any, champ: Any, min_improvement: float) -> tuple[bool, str]:
-    """The champion gate for a manual promotion. Returns (promote?, reason)."""
-    from forgeline.tasks.registry.versions import BPB_TAG, FINGERPRINT_TAG, decide_promotion
+def manual_gate(
+    candidate: Any,
+    champ: Any,
+    min_improvement: float,
+    *,
+    metric: str = "test/bits_per_byte",
+    higher_is_better: bool = False,
+) -> tuple[bool, str]:
+    """The champion gate for a manual promotion, on ``metric``. Returns (promote?, reason)."""
+    from forgeline.tasks.registry.versions import FINGERPRINT_TAG, decide_promotion, metric_tag
 
-    cand_bpb = to_float(candidate.tags.get(BPB_TAG))
-    if cand_bpb is None:
-        return False, f"version {candidate.version} has no {BPB_TAG} tag; the gate cannot score it"
+    tag = metric_tag(metric)
+
+    def decide(champion: float | None) -> Any:
+        return decide_promotion(cand, champion, min_improvement, higher_is_better=higher_is_better, metric=metric)
+
+    cand = to_float(candidate.tags.get(tag))
+    if cand is None:
+        return False, f"version {candidate.version} has no {tag} tag; the gate cannot score it on {metric}"
     if champ is None:
-        decision = decide_promotion(cand_bpb, None, min_improvement)
+        decision = decide(None)
         return decision.promoted, decision.reason
     cand_fp = candidate.tags.get(FINGERPRINT_TAG)
-    champ_bpb = to_float(champ.tags.get(BPB_TAG))
-    if cand_fp and champ.tags.get(FINGERPRINT_TAG) == cand_fp and champ_bpb is not None:
-        decision = decide_promotion(cand_bpb, champ_bpb, min_improvement)
+    champ_score = to_float(champ.tags.get(tag))
+    if cand_fp and champ.tags.get(FINGERPRINT_TAG) == cand_fp and champ_score is not None:
+        decision = decide(champ_score)
         return decision.promoted, decision.reason
-    champ_bpb, why_not = rescore_on(candidate, f"models:/{champ.name}/{champ.version}")
-    if champ_bpb is None:
+    champ_score, why_not = rescore_on(candidate, f"models:/{champ.name}/{champ.version}", metric)
+    if champ_score is None:
         return False, f"champion version {champ.version} was scored on other data and cannot be re-scored: {why_not}"
-    decision = decide_promotion(cand_bpb, champ_bpb, min_improvement)
+    decision = decide(champ_score)
     return decision.promoted, decision.reason + " (champion re-scored on the candidate's test split)"
 
 
-def rescore_on(candidate: Any, champion_uri: str) -> tuple[float | None, str]:
-    """The champion's bits per byte on the candidate's test split, or ``(None, why not)``.
+def rescore_on(candidate: Any, champion_uri: str, metric: str = "test/bits_per_byte") -> tuple[float | None, str]:
+    """The champion's ``metric`` on the candidate's test split, or ``(None, why not)``.
 
     Re-scoring needs the candidate's resolved config (for the scoring settings) and its cleaned data in
     the local cache (``data.cache_dir``); a version trained elsewhere has neither.
@@ -247,12 +303,24 @@ def rescore_on(candidate: Any, champion_uri: str) -> tuple[float | None, str]:
     except (ValueError, OSError) as exc:
         return None, str(exc)
     dataset_dir = lookup.cache_root(cfg) / "datasets" / fingerprint
-    if not (dataset_dir / "test.jsonl").exists() and not (dataset_dir / "validation.jsonl").exists():
+    if not has_held_out_split(dataset_dir):
         return None, f"the candidate's cleaned data {fingerprint[:12]} is not in {lookup.cache_root(cfg)}"
-    from forgeline.flows.stages import rescore_model
+    if cfg.gate_metric()[0] != metric:
+        cfg = cfg.model_copy(update={"registry": cfg.registry.model_copy(update={"metric": metric})})
+    from forgeline.flows.rescore import rescore_model
 
     logger.info("re-scoring %s on %s", champion_uri, dataset_dir)
-    return float(rescore_model(champion_uri, cfg, str(dataset_dir))), ""
+    try:
+        return float(rescore_model(champion_uri, cfg, str(dataset_dir))), ""
+    except Exception as exc:  # noqa: BLE001 - the refusal names why; --force still promotes
+        return None, console.one_line(exc)
+
+
+def has_held_out_split(dataset_dir: Path) -> bool:
+    """Whether a cleaned dataset folder holds a test or validation split (Arrow folders; older caches: JSONL)."""
+    return any(
+        (dataset_dir / split).is_dir() or (dataset_dir / f"{split}.jsonl").is_file() for split in ("test", "validation")
+    )
 
 
 # -------------------------------------------------------------------------------------------- rollback

@@ -12,7 +12,7 @@ from typing import Annotated
 import typer
 
 from forgeline.flows.cli import console, lookup
-from forgeline.flows.cli.console import err, fail, out
+from forgeline.flows.cli.console import EXIT_BAD_INPUT, err, fail, out
 from forgeline.flows.cli.options import ConfigOpt, VerboseOpt, load_if_given
 
 logger = logging.getLogger(__name__)
@@ -54,6 +54,7 @@ def generate(
     if seed is None:
         seed = int.from_bytes(os.urandom(4), "little")
         logger.debug("seed %d", seed)
+    refuse_classifier(uri)
     try:
         lm, tokenizer = load_model(uri)
     except Exception as exc:  # noqa: BLE001 - one line for any load failure
@@ -75,6 +76,20 @@ def generate(
         if i:
             typer.echo("")
         typer.echo(sample["prompt"] + sample["text"])
+
+
+def refuse_classifier(uri: str) -> None:
+    """End ``generate`` in one line when ``uri`` is a registered text classifier (it labels, it does not write)."""
+    if not uri.startswith("models:/"):
+        return
+    from forgeline.tasks.tracking.classifiers import model_task
+
+    try:
+        task = model_task(uri)
+    except Exception:  # noqa: BLE001 - loading the model below says what is wrong with it
+        return
+    if task == "text-classification":
+        fail(f"{uri} is a text classifier: use `forgeline predict --model {uri} --text ...`", EXIT_BAD_INPUT)
 
 
 def serve(
@@ -110,12 +125,18 @@ def serve(
     next forward. Stop it with Ctrl-C
     or SIGTERM.
 
+    A text classifier answers {"predictions": [{"label": ..., "score": ...}, ...]}, one per input, and
+    refuses "params" (400: a classifier has no generation settings).
+
     Examples:
 
         forgeline serve --port 5001
 
         curl -s http://127.0.0.1:5001/invocations -H 'Content-Type: application/json' \\
             -d '{"inputs": ["def "], "params": {"max_new_tokens": 30}}'
+
+        curl -s http://127.0.0.1:5001/invocations -H 'Content-Type: application/json' \\
+            -d '{"inputs": ["A pipeline that deploys models"]}'
     """
     from forgeline.tasks.tracking.serving import serve_environment
 

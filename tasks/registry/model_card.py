@@ -10,8 +10,11 @@ Facts (every key optional except ``model_name`` and ``version``)::
     model_name, version, model_uri, promoted, decision, champion_version, previous_champion
     fingerprint, sources (list[str]), split, rows_per_split, bytes_per_split
     config_yaml (the resolved config), config_hash
-    metrics: {"test/bits_per_byte": 2.41, ...}        the candidate's
+    metrics: {"test/bits_per_byte": 2.41, ...}        the candidate's (a classifier's: test/f1_macro...,
+                                                      and baseline/accuracy... shown beside them)
     champion_metrics: {"test/bits_per_byte": 2.50}    the champion's, on the same test split
+    gate_metric, higher_is_better                     what the champion gate compared
+    per_class: [{"label": ..., "precision": ..., "recall": ..., "f1": ..., "support": ...}]
     samples: [{"prompt": ..., "text": ...}]
     lineage: {"mlflow_run_id", "mlflow_run_url", "pipeline_run_id", "experiment_id",
               "prefect_flow_run_id", "prefect_flow_run_url", "git_commit", "git_dirty"}
@@ -26,7 +29,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from forgeline.tasks.config import DataConfig
+from forgeline.tasks.config import DataConfig, higher_is_better
+from forgeline.tasks.registry.versions import BPB_METRIC, metric_tag
 
 logger = logging.getLogger(__name__)
 
@@ -34,8 +38,21 @@ ARTIFACT_FILE = "model_card.md"
 DESCRIPTION_LIMIT = 5000
 """Model version descriptions are ``String(5000)`` in MLflow's database schema."""
 
-_METRIC_ORDER = ("test/bits_per_byte", "test/loss", "test/perplexity", "val/loss")
-_LOWER_IS_BETTER = {"test/bits_per_byte", "test/loss", "test/perplexity", "val/loss"}
+_METRIC_ORDER = (
+    "test/bits_per_byte",
+    "test/f1_macro",
+    "test/accuracy",
+    "test/precision_macro",
+    "test/recall_macro",
+    "test/f1_weighted",
+    "test/precision_weighted",
+    "test/recall_weighted",
+    "test/loss",
+    "test/perplexity",
+    "val/loss",
+)
+BASELINE = "baseline/"
+"""Metrics under this prefix are the baseline's (TF-IDF + logistic regression), shown beside the model's."""
 
 
 def build_model_card(facts: dict[str, Any]) -> str:
@@ -52,6 +69,7 @@ def build_model_card(facts: dict[str, Any]) -> str:
     parts = [f"# {name} version {version}", ""]
     parts += _summary(facts)
     parts += _metrics_section(facts)
+    parts += _per_class_section(facts.get("per_class") or [])
     parts += _data_section(facts)
     parts += _samples_section(facts.get("samples") or [])
     parts += _lineage_section(facts.get("lineage") or {})
@@ -95,6 +113,9 @@ def _summary(facts: dict[str, Any]) -> list[str]:
         lines.append(f"- **Champion gate:** {verdict}" + (f" ({decision})" if decision else ""))
     if facts.get("previous_champion"):
         lines.append(f"- **Champion at registration:** version {facts['previous_champion']}")
+    if facts.get("gate_metric"):
+        direction = "higher" if facts.get("higher_is_better") else "lower"
+        lines.append(f"- **Gate metric:** `{facts['gate_metric']}` ({direction} is better)")
     return [*lines, ""] if lines else []
 
 
@@ -105,15 +126,41 @@ def _metrics_section(facts: dict[str, Any]) -> list[str]:
         return []
     champ_version = facts.get("previous_champion")
     champ_head = f"champion (v{champ_version})" if champ_version else "champion"
-    lines = ["## Metrics", "", f"| metric | this version | {champ_head} | difference |", "|---|---:|---:|---:|"]
-    keys = [k for k in _METRIC_ORDER if k in metrics] + sorted(k for k in metrics if k not in _METRIC_ORDER)
+    own = {k: v for k, v in metrics.items() if not k.startswith(BASELINE)}
+    baseline = {k.removeprefix(BASELINE): v for k, v in metrics.items() if k.startswith(BASELINE)}
+    heads = ["metric", "this version", *(["baseline"] if baseline else []), champ_head, "difference"]
+    lines = ["## Metrics", "", "| " + " | ".join(heads) + " |", "|---" + "|---:" * (len(heads) - 1) + "|"]
+    keys = [k for k in _METRIC_ORDER if k in own] + sorted(k for k in own if k not in _METRIC_ORDER)
     for key in keys:
-        value = metrics[key]
+        value = own[key]
         other = champion.get(key)
         diff = "-" if other is None else _signed(value - other, key)
-        lines.append(f"| {key} | {_fmt(value)} | {_fmt(other)} | {diff} |")
-    lines += ["", "Lower is better for every metric shown; the champion is scored on this version's test split.", ""]
+        cells = [key, _fmt(value)]
+        if baseline:
+            cells.append(_fmt(baseline.get(key.rsplit("/", 1)[-1])))
+        lines.append("| " + " | ".join([*cells, _fmt(other), diff]) + " |")
+    if all(not higher_is_better(k) for k in keys):
+        note = "Lower is better for every metric shown"
+    else:
+        note = "Higher is better for accuracy, precision, recall and F1, lower for loss"
+    lines += ["", f"{note}; the champion is scored on this version's test split.", ""]
+    if baseline:
+        lines += ["The baseline is TF-IDF (character 2-5-grams) with logistic regression on the same split.", ""]
     return lines
+
+
+def _per_class_section(rows: Any) -> list[str]:
+    if isinstance(rows, dict):  # {label: {precision: ..., ...}}
+        rows = [{"label": label, **dict(values)} for label, values in rows.items()]
+    rows = [dict(r) for r in rows if isinstance(r, dict)]
+    if not rows:
+        return []
+    keys = list(dict.fromkeys(k for r in rows for k in r))
+    lines = ["## Per class", "", "| " + " | ".join(keys) + " |", "|---" + "|---:" * (len(keys) - 1) + "|"]
+    for row in rows:
+        cells = [_fmt(v) if isinstance(v, float) else str(v if v is not None else "-") for v in map(row.get, keys)]
+        lines.append("| " + " | ".join(cell.replace("|", "\\|") for cell in cells) + " |")
+    return [*lines, ""]
 
 
 def _data_section(facts: dict[str, Any]) -> list[str]:
@@ -184,9 +231,10 @@ def _fmt(value: float | None) -> str:
 
 def _signed(diff: float, key: str) -> str:
     text = f"{diff:+.4f}"
-    if key in _LOWER_IS_BETTER and diff < 0:
+    gain = diff if higher_is_better(key) else -diff
+    if gain > 0:
         return f"{text} (better)"
-    if key in _LOWER_IS_BETTER and diff > 0:
+    if gain < 0:
         return f"{text} (worse)"
     return text
 
@@ -226,11 +274,13 @@ def card_facts(
     """
     tags = tags or {}
     link = run_url or (lambda _run_id: None)
-    metrics = {"test/bits_per_byte": evaluation.bits_per_byte, "test/loss": evaluation.loss}
-    metrics["test/perplexity"] = evaluation.perplexity
+    metric = getattr(result, "metric", BPB_METRIC)
     champion = {}
-    if result.champion_bits_per_byte is not None:
-        champion["test/bits_per_byte"] = result.champion_bits_per_byte
+    champ_score = getattr(result, "champion_score", None)
+    if champ_score is None and metric == BPB_METRIC:
+        champ_score = getattr(result, "champion_bits_per_byte", None)
+    if champ_score is not None:
+        champion[metric] = champ_score
     facts: dict[str, Any] = {
         "model_name": result.model_name,
         "version": result.version,
@@ -243,9 +293,12 @@ def card_facts(
         "split": data.split,
         "config_yaml": config_yaml,
         "config_hash": config_hash,
-        "metrics": metrics,
+        "metrics": evaluation_metrics(evaluation),
         "champion_metrics": champion,
-        "samples": list(evaluation.samples),
+        "gate_metric": metric if metric != BPB_METRIC else None,
+        "higher_is_better": bool(getattr(result, "higher_is_better", False)),
+        "per_class": _rows(getattr(evaluation, "per_class", None)),
+        "samples": list(getattr(evaluation, "samples", None) or []),
         "lineage": {
             "mlflow_run_id": train_run_id,
             "mlflow_run_url": link(train_run_id),
@@ -270,22 +323,40 @@ def card_facts(
     return facts
 
 
+def evaluation_metrics(evaluation: Any) -> dict[str, float]:
+    """An evaluation's figures under their MLflow names (``.metrics``; the three language-model ones otherwise)."""
+    metrics = getattr(evaluation, "metrics", None)
+    if isinstance(metrics, dict):
+        return {str(k): float(v) for k, v in metrics.items()}
+    return {
+        "test/bits_per_byte": evaluation.bits_per_byte,
+        "test/loss": evaluation.loss,
+        "test/perplexity": evaluation.perplexity,
+    }
+
+
+def _rows(per_class: Any) -> Any:
+    if per_class is None:
+        return []
+    if isinstance(per_class, dict):
+        return per_class
+    return [r.model_dump() if hasattr(r, "model_dump") else r for r in per_class]
+
+
 def add_champion_metrics(facts: dict[str, Any], champion_tags: dict[str, str], fingerprint: str) -> None:
-    """The champion's stored loss and perplexity, when it was scored on the same data (else not comparable).
+    """The champion's stored test figures, when it was scored on the same data (else not comparable).
 
     Args:
         facts: From :func:`card_facts` (its ``champion_metrics`` gain the missing values).
-        champion_tags: The tags of the champion's model version (``test_loss``, ``data_fingerprint``...).
+        champion_tags: The tags of the champion's model version (``test_loss``, ``test_f1_macro``...).
         fingerprint: The candidate's data fingerprint.
     """
     if champion_tags.get("data_fingerprint") != fingerprint:
         return
     champion = facts.setdefault("champion_metrics", {})
-    for tag, key in (
-        ("test_bits_per_byte", "test/bits_per_byte"),
-        ("test_loss", "test/loss"),
-        ("test_perplexity", "test/perplexity"),
-    ):
+    keys = [k for k in facts.get("metrics") or {} if not k.startswith(BASELINE)]
+    for key in keys or ("test/bits_per_byte", "test/loss", "test/perplexity"):
+        tag = metric_tag(key)
         if key not in champion and tag in champion_tags:
             try:
                 champion[key] = float(champion_tags[tag])

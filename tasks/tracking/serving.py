@@ -8,6 +8,11 @@ at a time; requests that arrive meanwhile wait in a queue and go into the next f
 ``predict`` per group of equal ``params``, a list of prompts padded into one batch). Each worker process uses
 ``cores // workers`` torch threads.
 
+A text classifier (logged as ``text-classification``) is served the same way: its answer is a frame of
+``label`` and ``score`` per text, split between the requests of a shared forward row by row. It takes no
+``params``: a request that sends some (``max_new_tokens``...) is refused with a 400 naming them, where
+``mlflow models serve`` would drop them with a logged warning and answer as if they were not there.
+
 uvicorn builds the app in every worker with :func:`create_app`, which reads its settings from the
 ``FORGELINE_SERVE_*`` environment variables that :func:`serve_environment` writes.
 """
@@ -140,11 +145,20 @@ class BatchingModel:
         model: The loaded ``PyFuncModel`` (anything with ``predict(data, params=...)`` and ``metadata``).
         max_batch: Prompts per forward at most.
         wait_ms: The longest wait for more requests before a forward (0: take only what is queued).
+        takes_params: Whether requests may send ``params`` (not for a classifier: see :func:`takes_params`).
     """
 
-    def __init__(self, model: Any, *, max_batch: int = DEFAULT_MAX_BATCH, wait_ms: float = DEFAULT_WAIT_MS) -> None:
+    def __init__(
+        self,
+        model: Any,
+        *,
+        max_batch: int = DEFAULT_MAX_BATCH,
+        wait_ms: float = DEFAULT_WAIT_MS,
+        takes_params: bool = True,
+    ) -> None:
         self.model = model
         self.metadata = model.metadata
+        self.takes_params = takes_params
         self.max_batch = max(1, max_batch)
         self.wait_s = max(0.0, wait_ms) / 1000
         self._recent: deque[int] = deque([1], maxlen=16)  # requests seen per forward: the expected concurrency
@@ -159,6 +173,8 @@ class BatchingModel:
 
     def predict(self, data: Any, params: dict[str, Any] | None = None) -> Any:
         """Predict ``data`` with ``params`` (blocks until its batch has run; raises what the model raised)."""
+        if params and not self.takes_params:
+            refuse_params(params)
         request = _Request(data, params, as_prompts(data))
         self._queue.put(request)
         return request.future.result()
@@ -224,7 +240,7 @@ class BatchingModel:
         except Exception:  # noqa: BLE001 - retried one by one below, so each request gets its own error
             logger.debug("a batch of %d requests failed; running them one by one", len(group), exc_info=True)
             outputs = None
-        if not isinstance(outputs, list) or len(outputs) != len(prompts):
+        if not _splittable(outputs, len(prompts)):
             for request in group:
                 self._run_one(request)
             return
@@ -232,8 +248,42 @@ class BatchingModel:
         start = 0
         for request in group:
             count = len(request.prompts or [])
-            request.future.set_result(outputs[start : start + count])
+            request.future.set_result(_rows(outputs, start, start + count))
             start += count
+
+
+def _splittable(outputs: Any, count: int) -> bool:
+    # A list (generated texts) or a frame (a classifier's label and score per text), one entry per prompt.
+    is_frame = hasattr(outputs, "iloc") and hasattr(outputs, "columns")
+    return (isinstance(outputs, list) or is_frame) and len(outputs) == count
+
+
+def _rows(outputs: Any, start: int, stop: int) -> Any:
+    if isinstance(outputs, list):
+        return outputs[start:stop]
+    return outputs.iloc[start:stop].reset_index(drop=True)
+
+
+def takes_params(model: Any) -> bool:
+    """Whether a loaded pyfunc model's requests may carry ``params`` (a text classifier's may not)."""
+    flavor = (getattr(model.metadata, "flavors", None) or {}).get("transformers") or {}
+    return flavor.get("task") != "text-classification"
+
+
+def refuse_params(params: dict[str, Any]) -> None:
+    """Refuse a request's ``params`` in one line (answered with HTTP 400).
+
+    Raises:
+        MlflowException: always.
+    """
+    from mlflow.exceptions import MlflowException
+    from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
+
+    raise MlflowException(
+        f"this model is a text classifier and takes no params (got {', '.join(sorted(params))}); "
+        'send {"inputs": [...]} only',
+        error_code=INVALID_PARAMETER_VALUE,
+    )
 
 
 def create_app() -> Any:
@@ -250,7 +300,8 @@ def create_app() -> Any:
     logging.getLogger("mlflow.transformers").addFilter(_QuietParamsOverride())
     model = load_for_serving(mlflow, uri, max_batch)
     logger.info("serving %s: %d torch threads, up to %d prompts per forward", uri, threads, max_batch)
-    batching = BatchingModel(model, max_batch=max_batch, wait_ms=float(os.environ.get(ENV_WAIT_MS) or DEFAULT_WAIT_MS))
+    wait_ms = float(os.environ.get(ENV_WAIT_MS) or DEFAULT_WAIT_MS)
+    batching = BatchingModel(model, max_batch=max_batch, wait_ms=wait_ms, takes_params=takes_params(model))
     app = scoring_server.init(batching)
     app.get("/batching")(batching.stats)
     return RequestThreads(app, max_batch + 4)

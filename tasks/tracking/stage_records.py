@@ -19,7 +19,6 @@ from typing import Any
 from forgeline.tasks.config import DataConfig
 from forgeline.tasks.data.cleaning import CleanResult, load_split
 from forgeline.tasks.data.labels import class_count_rows
-from forgeline.tasks.evaluate.evaluation import EvalResult
 from forgeline.tasks.registry.model_card import (
     ARTIFACT_FILE,
     add_champion_metrics,
@@ -28,6 +27,7 @@ from forgeline.tasks.registry.model_card import (
     description_text,
 )
 from forgeline.tasks.registry.versions import RegisterResult
+from forgeline.tasks.tracking.classifiers import is_classifier_dir, log_classifier
 from forgeline.tasks.tracking.figures import cleaning_report_figure, loss_curve_figure
 from forgeline.tasks.tracking.links import ui_run_url
 from forgeline.tasks.tracking.metrics import log_metric_history
@@ -181,8 +181,13 @@ def log_model(run_dir: Path, run_id: str, result: TrainResult, prompt: str) -> s
     The model is logged once per lineage and tracking store (:func:`reusable_model` finds it again, so a retry
     after a crash re-uses it). The same checkpoint folder may later be tracked by another store (a local run,
     then ``forgeline up``), or by the same URI over a new or restored database: there it is logged again.
+    A sequence classifier is logged as a ``text-classification`` pipeline (``prompt`` is its input example),
+    a language model as ``text-generation``.
     """
-    uri = log_transformers_model(run_id, result.model_dir, prompt)
+    if is_classifier_dir(result.model_dir):
+        uri = log_classifier(run_id, result.model_dir, prompt)
+    else:
+        uri = log_transformers_model(run_id, result.model_dir, prompt)
     marker = run_dir / MODEL_MARKER
     tmp = marker.with_suffix(".tmp")
     tmp.write_text(json.dumps({"model_uri": uri, "run_id": run_id, "tracking_uri": tracking_uri()}))
@@ -257,7 +262,7 @@ def replay_training_curve(run_id: str, result: TrainResult, up_to: int | None = 
 def write_model_card(
     data: DataConfig,
     result: RegisterResult,
-    evaluation: EvalResult,
+    evaluation: Any,
     *,
     config_yaml: str,
     config_hash: str,
@@ -276,7 +281,8 @@ def write_model_card(
     Args:
         data: The ``data`` config (sources, split).
         result: The gate's result.
-        evaluation: The candidate's scores and samples.
+        evaluation: The candidate's evaluation: ``.metrics`` (test figures, and a classifier's baseline
+            figures), optional ``.per_class`` rows and ``.samples``.
         config_yaml: The resolved config as YAML.
         config_hash: Its hash.
         fingerprint: Cleaned-data fingerprint.
