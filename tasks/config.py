@@ -732,6 +732,11 @@ def _task_conflicts(cfg: PipelineConfig) -> list[tuple[str, str]]:
         if cfg.tune.metric and cfg.tune.metric not in _CLASSIFICATION_VAL_METRICS:
             allowed = ", ".join(_CLASSIFICATION_VAL_METRICS)
             conflicts.append(("tune.metric", f"task.kind 'classification' logs {allowed}, not {cfg.tune.metric!r}"))
+    if kind == "completion":
+        if train.nnodes > 1 or (isinstance(train.nproc_per_node, int) and train.nproc_per_node > 1):
+            conflicts.append(("train.nproc_per_node", "task.kind 'completion' trains in one process"))
+        if cfg.tune.metric and cfg.tune.metric != "val/loss":
+            conflicts.append(("tune.metric", f"task.kind 'completion' searches on val/loss, not {cfg.tune.metric!r}"))
     if kind == "lm" and train.epochs is not None:
         conflicts.append(("train.epochs", "task.kind 'lm' trains on random windows: use train.max_steps"))
     return conflicts

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -44,15 +45,34 @@ class CompletionEvalResult(BaseModel):
     prompts_too_long: int = 0
     """Test pairs left out: the prompt does not fit (``data.prompt_overflow: drop``) or the completion is too long."""
 
+    @property
+    def samples(self) -> list[dict[str, str]]:
+        """The worst and best examples by ROUGE-L as the model card's samples (prompt, then what followed)."""
+        return [
+            {
+                "prompt": f"{row['prompt']}\n",
+                "text": f"{row['prediction']}\n\n[{kind}; reference: {row['reference']}; ROUGE-L {row['rougeL']:.3f}]",
+            }
+            for kind, rows in (("worst", self.worst), ("best", self.best))
+            for row in rows
+        ]
 
-def evaluate_completion(model_dir: str | Path, dataset_dir: str | Path, cfg: PipelineConfig) -> CompletionEvalResult:
+
+def evaluate_completion(
+    model_dir: str | Path,
+    dataset_dir: str | Path,
+    cfg: PipelineConfig,
+    *,
+    fetch: Callable[[str, Path], Path] | None = None,
+) -> CompletionEvalResult:
     """Decode and score the test split (the validation split when there is none).
 
     Args:
-        model_dir: A ``save_pretrained`` causal LM and its tokenizer.
+        model_dir: A ``save_pretrained`` causal LM and its tokenizer, or a registry URI (``fetch`` downloads it).
         dataset_dir: The cleaned dataset (``prompt``, ``completion`` columns).
         cfg: The pipeline config: ``eval`` (decoding, ``max_examples``), ``model.block_size``,
             ``data.prompt_overflow``, ``train.batch_size``/``device``, ``seed``.
+        fetch: Downloads a registry URI (the tracking package's ``download_model``).
 
     Returns:
         The metrics, the BLEU signature and the examples table (with the worst and best 20 by ROUGE-L).
@@ -71,7 +91,7 @@ def evaluate_completion(model_dir: str | Path, dataset_dir: str | Path, cfg: Pip
     prompts, references = load_pairs(dataset_dir, split)
     if cfg.eval.max_examples is not None:
         prompts, references = prompts[: cfg.eval.max_examples], references[: cfg.eval.max_examples]
-    model, tokenizer = load_pretrained_model(str(model_dir))
+    model, tokenizer = load_pretrained_model(str(model_dir), fetch=fetch)
     if tokenizer is None:
         raise DataError(f"{model_dir}: no tokenizer beside the model")
     model.to(eval_device(cfg.train.device))
