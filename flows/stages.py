@@ -28,10 +28,10 @@ from forgeline.tasks.config import DataConfig, PipelineConfig, dump_config
 from forgeline.tasks.data.cleaning import CleanResult, clean_dataset, report_rows
 from forgeline.tasks.data.labels import class_count_rows
 from forgeline.tasks.errors import is_transient
+from forgeline.tasks.evaluate import completion as completion_eval
 from forgeline.tasks.evaluate.candidate import evaluate_candidate
 from forgeline.tasks.evaluate.class_metrics import MISTAKE_COLUMNS, PER_CLASS_COLUMNS
 from forgeline.tasks.evaluate.classification import ClassificationEvalResult, eval_device, evaluate_classifier
-from forgeline.tasks.evaluate.completion import CompletionEvalResult, evaluate_completion, examples_markdown
 from forgeline.tasks.evaluate.evaluation import EvalResult
 from forgeline.tasks.locks import owned_lock
 from forgeline.tasks.registry.versions import (
@@ -268,7 +268,7 @@ def _clear_run_dir(run_dir: Path) -> None:
 )
 def evaluate_task(
     cfg: PipelineConfig, outcome: TrainOutcome, dataset_dir: str, ctx: RunContext
-) -> EvalResult | ClassificationEvalResult | CompletionEvalResult:
+) -> EvalResult | ClassificationEvalResult | completion_eval.CompletionEvalResult:
     """Score the candidate on the held-out split.
 
     A language model also generates samples from the fixed prompts; a classifier is scored beside the TF-IDF
@@ -276,7 +276,7 @@ def evaluate_task(
     """
     with stage_run(ctx.experiment_id, "evaluate", parent_run_id=ctx.parent_run_id, tags=ctx.tags) as run_id:
         if cfg.kind == "completion":
-            completed = evaluate_completion(outcome.result.model_dir, dataset_dir, cfg)
+            completed = completion_eval.evaluate_completion(outcome.result.model_dir, dataset_dir, cfg)
             records.log_metrics(run_id, completed.metrics)
             _record_completion(run_id, completed)
             return completed
@@ -322,14 +322,10 @@ def _record_classification(run_id: str, result: ClassificationEvalResult) -> Non
     _publish_table("confident-mistakes", mistakes, "The wrong predictions the model was surest of")
 
 
-COMPLETION_COLUMNS = ["prompt", "reference", "prediction", "bleu", "rougeL", "exact"]
-
-
-def _record_completion(run_id: str, result: CompletionEvalResult) -> None:
-    records.set_tags(run_id, {"bleu_signature": result.bleu_signature})
-    records.log_params(run_id, {"bleu_signature": result.bleu_signature, "test_pairs_left_out": result.prompts_too_long})
-    records.log_table(run_id, result.examples, "completions.json", columns=COMPLETION_COLUMNS)
-    records.log_text(run_id, examples_markdown(result), "completions_worst_best.md")
+def _record_completion(run_id: str, result: completion_eval.CompletionEvalResult) -> None:
+    records.set_tags(run_id, {"bleu_signature": result.bleu_signature, "test_pairs_left_out": result.prompts_too_long})
+    records.log_table(run_id, result.examples, "completions.json", columns=completion_eval.COMPLETION_COLUMNS)
+    records.log_text(run_id, completion_eval.examples_markdown(result), "completions_worst_best.md")
     rounded = [{k: round(v, 4) if isinstance(v, float) else v for k, v in row.items()} for row in result.examples]
     _publish_table("completions", rounded[:500], f"Prompt, reference, prediction and scores ({result.scored} pairs)")
 

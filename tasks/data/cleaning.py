@@ -328,7 +328,9 @@ def _load_and_clean(cfg: DataConfig, inputs: list[Input], work: Path) -> Any:
             item = Input(item.label, "builtin", path=work / f"builtin-{n}.txt")
             item.path.write_text(pairs.pretraining_corpus(inputs[n].max_bytes), encoding="utf-8")  # type: ignore[union-attr]
         elif item.fmt == "docstrings":
-            item = Input(item.label, "jsonl", path=pairs.write_docstrings(work / f"docstrings-{n}.jsonl", item.max_bytes))
+            item = Input(
+                item.label, "jsonl", path=pairs.write_docstrings(work / f"docstrings-{n}.jsonl", item.max_bytes)
+            )
         paragraph = item.fmt in ("text", "builtin") and cfg.record == "paragraph"
         ds = loading.load_input(item, _columns(cfg, item), cfg.record, work)
         if cfg.label_column:

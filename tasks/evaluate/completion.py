@@ -28,6 +28,8 @@ logger = logging.getLogger(__name__)
 
 SHOWN = 20
 """Worst and best examples kept for the model card."""
+COMPLETION_COLUMNS = ["prompt", "reference", "prediction", "bleu", "rougeL", "exact"]
+"""The examples table's columns."""
 
 
 class CompletionEvalResult(BaseModel):

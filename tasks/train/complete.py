@@ -58,7 +58,9 @@ def load_pairs(dataset_dir: str | Path, split: str) -> tuple[list[str], list[str
     return [p or "" for p in ds["prompt"]], [c or "" for c in ds["completion"]]
 
 
-def encode_split(tokenizer: Any, dataset_dir: str | Path, split: str, cfg: PipelineConfig, *, train: bool) -> EncodedPairs:
+def encode_split(
+    tokenizer: Any, dataset_dir: str | Path, split: str, cfg: PipelineConfig, *, train: bool
+) -> EncodedPairs:
     """Encode a split's pairs for ``model.block_size``: prompts too long dropped or cut (``data.prompt_overflow``).
 
     Raises:
@@ -121,7 +123,9 @@ def total_steps(cfg: TrainConfig, batches_per_epoch: int) -> int:
 
 
 @torch.no_grad()
-def validation_loss(model: Any, batches: list[dict[str, torch.Tensor]], device: torch.device, cfg: TrainConfig) -> dict[str, float]:
+def validation_loss(
+    model: Any, batches: list[dict[str, torch.Tensor]], device: torch.device, cfg: TrainConfig
+) -> dict[str, float]:
     """``val/loss`` (mean nats per completion token, eos included) and ``val/perplexity`` over every batch."""
     was_training = model.training
     model.eval()
@@ -323,7 +327,9 @@ def _loop(run: _Run, state: _State) -> dict[str, Any]:
             metrics = {"train/loss": train_loss, "lr": lr, "grad_norm": grad_norm}
             last = state.step == cfg.max_steps
             if state.step % cfg.log_interval == 0 or last:
-                state.history.append({"step": state.step, "train/loss": train_loss, "time": t_offset + time.perf_counter()})
+                state.history.append(
+                    {"step": state.step, "train/loss": train_loss, "time": t_offset + time.perf_counter()}
+                )
                 logger.info("step %d/%d  loss %.4f  lr %.2e", state.step, cfg.max_steps, train_loss, lr)
             if state.step % cfg.eval_interval == 0 or last:
                 scores = validation_loss(model, run.val, run.device, cfg)
@@ -349,9 +355,13 @@ def _loop(run: _Run, state: _State) -> dict[str, Any]:
                 _checkpoint(run, state)  # type: ignore[arg-type] - the fields it reads are the classifier run's
             faults.hit("train.step", step=state.step)
             if stop.is_set():
-                raise StageInterrupted(f"stopped by a signal after step {state.step}; checkpoint saved", int(getattr(stop, "signum", 15)))
+                raise StageInterrupted(
+                    f"stopped by a signal after step {state.step}; checkpoint saved", int(getattr(stop, "signum", 15))
+                )
             if stopped_early:
-                logger.info("early stopping at step %d: no val/loss improvement in %d evaluations", state.step, run.patience)
+                logger.info(
+                    "early stopping at step %d: no val/loss improvement in %d evaluations", state.step, run.patience
+                )
                 break
     elapsed = time.perf_counter() - loop_t0
     return {

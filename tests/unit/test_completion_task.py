@@ -98,8 +98,8 @@ def test_the_demo_test_pairs_are_out_of_the_python_docs_pretraining_text(tmp_pat
 
 
 def test_prompts_too_long_are_dropped_or_cut_from_the_left_never_the_completion(tmp_path: Path) -> None:
-    from forgeline.tasks.data.tokenization import build_tokenizer
     from forgeline.tasks.config import TokenizerConfig
+    from forgeline.tasks.data.tokenization import build_tokenizer
     from forgeline.tasks.train.complete import encode_split
 
     rows = [*_rows(30), *({"q": "x" * 60 + f"({i})", "a": f"long {i}"} for i in range(10))]
