@@ -45,7 +45,14 @@ def _cfg(tmp_path: Path, **train: object) -> PipelineConfig:
             "task": {"kind": "completion"},
             "data": _data(tmp_path).model_dump(),
             "model": {"n_layer": 1, "n_head": 2, "n_embd": 16, "block_size": 32},
-            "train": {"max_steps": 6, "batch_size": 4, "eval_interval": 3, "checkpoint_interval": 3, **train},
+            "train": {
+                "max_steps": 6,
+                "batch_size": 4,
+                "eval_interval": 3,
+                "checkpoint_interval": 3,
+                "log_interval": 1,
+                **train,
+            },
             "eval": {"max_new_tokens": 6},
         }
     )
@@ -147,6 +154,21 @@ def test_train_completion_saves_an_lm_logs_val_loss_and_is_recognised_as_done(tm
         assert key in scored.metrics
     assert scored.scored == len(scored.examples) == len(load_split(cleaned.dataset_dir, "test"))
     assert len(scored.samples) == len(scored.worst) + len(scored.best)
+
+
+def test_fine_tuning_starts_from_a_saved_language_model_and_its_tokenizer(tmp_path: Path) -> None:
+    """model.init_from: a saved LM folder (a registry URI is downloaded to one first) is the starting point."""
+    from forgeline.tasks.data.tokenization import load_tokenizer
+    from forgeline.tasks.train.complete import train_completion
+
+    _pairs_file(tmp_path / "pairs.jsonl", _rows(60))
+    cfg = _cfg(tmp_path)
+    cleaned = clean_dataset(cfg.data, base_dir=tmp_path)
+    base = train_completion(cfg, dataset_dir=cleaned.dataset_dir, run_dir=tmp_path / "base")
+    tuned_cfg = cfg.model_copy(update={"model": cfg.model.model_copy(update={"init_from": base.model_dir})})
+    tuned = train_completion(tuned_cfg, dataset_dir=cleaned.dataset_dir, run_dir=tmp_path / "tuned")
+    assert tuned.history[0]["train/loss"] < base.history[0]["train/loss"]  # it starts where the base ended
+    assert load_tokenizer(tuned.model_dir).get_vocab() == load_tokenizer(base.model_dir).get_vocab()
 
 
 def test_resumed_training_ends_where_an_uninterrupted_run_ends(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
