@@ -79,3 +79,11 @@ def test_a_tiny_search_reports_val_f1_macro_and_maximizes_it(project: Project) -
         assert trial.params["train.epochs"] in (1, 2)
     assert result.best_value == max(t.value for t in complete)
     assert math.isfinite(result.best_value) and set(result.best_params) == set(space)
+    # Each trial's MLflow run shows what it reported under the metric's own name, not as a loss.
+    client = project.client()
+    experiments = [e.experiment_id for e in client.search_experiments()]
+    trials = client.search_runs(experiments, filter_string="attributes.run_name LIKE 'trial-%'")
+    assert len(trials) == 2
+    for run in trials:
+        assert "val/f1_macro" in run.data.metrics and "best_f1_macro" in run.data.metrics
+        assert "val/loss" not in run.data.metrics and "best_val_loss" not in run.data.metrics
