@@ -135,3 +135,33 @@ def test_the_completion_model_answers_with_params_over_http(completed: Project) 
         status, body = _post(base, {"inputs": ["reverse(alpha beta 1)\n"], "params": {"max_new_tokens": 2}})
         assert status == 200, body
         assert len(body["predictions"][0]) <= len("reverse(alpha beta 1)\n") + 2
+
+
+def test_a_tiny_completion_search_reports_and_chooses_on_val_loss(project: Project) -> None:
+    """Issue 17 point 5: the pruner sees val/loss at each evaluation and the best trial is the lowest val/loss."""
+    import optuna
+
+    from forgeline.flows.tune import tune_flow
+    from forgeline.tasks.config import load_config
+    from forgeline.tasks.data.cleaning import clean_dataset
+    from forgeline.tasks.tune.study import build_spec, open_study
+
+    write_pairs(project.root / "pairs.jsonl", n=60)
+    cfg = load_config(project.root / write_config(project))
+    space = {"train.learning_rate": {"type": "float", "low": 1e-3, "high": 1e-2, "log": True}}
+    tree = cfg.model_dump(mode="json")
+    tree["tune"] |= {"n_trials": 2, "search_space": space, "sampler": "random"}
+    cfg = type(cfg).model_validate(tree)
+    cleaned = clean_dataset(cfg.data, base_dir=project.root)
+    fingerprint = cleaned.fingerprint
+
+    result = tune_flow(cfg, cleaned.dataset_dir, fingerprint)
+
+    spec = build_spec(cfg, cleaned.dataset_dir, fingerprint, trials_root=project.root / "ckpt", base_dir=project.root)
+    study = open_study(spec)
+    assert study.direction == optuna.study.StudyDirection.MINIMIZE
+    complete = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
+    assert len(complete) == 2
+    for trial in complete:
+        assert trial.intermediate_values and trial.value == min(trial.intermediate_values.values())
+    assert result.best_value == min(t.value for t in complete)
