@@ -154,6 +154,10 @@ def test_train_completion_saves_an_lm_logs_val_loss_and_is_recognised_as_done(tm
         assert key in scored.metrics
     assert scored.scored == len(scored.examples) == len(load_split(cleaned.dataset_dir, "test"))
     assert len(scored.samples) == len(scored.worst) + len(scored.best)
+    # Re-scoring a champion (the register stage, `forgeline promote`) gives the gate metric, test/rougeL.
+    from forgeline.flows.rescore import rescore_model
+
+    assert rescore_model(result.model_dir, cfg, cleaned.dataset_dir) == scored.metrics["test/rougeL"]
 
 
 def test_fine_tuning_starts_from_a_saved_language_model_and_its_tokenizer(tmp_path: Path) -> None:
