@@ -178,10 +178,8 @@ def _input_key(
     digest = hashlib.sha256(json.dumps(payload, sort_keys=True).encode())
     stamps: dict[Path, tuple[int, int]] = {}
     for item in inputs:
-        if item.fmt == "builtin":
-            entry = [item.label, hashlib.sha256(pairs.pretraining_corpus(item.max_bytes).encode()).hexdigest()]
-        elif item.fmt == "docstrings":
-            entry = pairs.docstrings_entry(item.max_bytes)
+        if item.fmt in ("builtin", "docstrings"):
+            entry = pairs.builtin_entry(item.fmt, item.label, item.max_bytes, cache_dir)
         elif item.fmt == "hf-hub":
             entry = [item.label, loading.hub_fingerprint(item, cache_dir), item.hf and item.hf.model_dump()]
         elif item.fmt == "hf-disk":

@@ -9,9 +9,10 @@ the unit interval (the test split of any ``data.fractions`` with ``train + valid
 
 from __future__ import annotations
 
-import functools
 import hashlib
 import json
+import os
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -25,9 +26,11 @@ HELD_OUT_FROM = 0.9
 """Docstring pairs whose hash-split point is at least this never enter the ``python-docs`` corpus."""
 
 
-def docstrings_entry(max_bytes: int) -> list[str]:
-    """The cleaning cache key's entry for the ``python-docstrings`` input (its records' digest)."""
-    return [DOCSTRINGS_LABEL, docstrings_digest(max_bytes)]
+def builtin_entry(fmt: str, label: str, max_bytes: int, cache_dir: Path | None = None) -> list[str]:
+    """The cleaning cache key's entry for a built-in input: its records' digest (``builtin`` or ``docstrings``)."""
+    if fmt == "docstrings":
+        return [DOCSTRINGS_LABEL, docstrings_digest(max_bytes)]
+    return [label, hashlib.sha256(pretraining_corpus(max_bytes, cache_dir).encode()).hexdigest()]
 
 
 def write_docstrings(path: Path, max_bytes: int) -> Path:
@@ -43,20 +46,42 @@ def split_point(text: str) -> float:
     return int.from_bytes(hashlib.sha256(text.encode("utf-8")).digest()[:8], "big") / 2.0**64
 
 
-@functools.lru_cache(maxsize=1)
-def held_out_docstrings() -> frozenset[str]:
-    """Completions of the ``python-docstrings`` pairs that may be test pairs (hash-split point >= 0.9)."""
-    pairs = docstring_pairs()
-    return frozenset(
+def held_out_docstrings(cache_dir: Path | None = None) -> frozenset[str]:
+    """Completions of the ``python-docstrings`` pairs that may be test pairs (hash-split point >= 0.9).
+
+    Kept in ``cache_dir`` per Python version: extracting the corpus starts an interpreter (about a second), which
+    every language-model run would otherwise pay again.
+    """
+    if _HELD:
+        return _HELD[0]
+    version = f"{sys.version_info[0]}.{sys.version_info[1]}"
+    stored = cache_dir / f"held-out-docstrings-{version}.json" if cache_dir else None
+    if stored is not None and stored.is_file():
+        try:
+            _HELD.append(frozenset(json.loads(stored.read_text(encoding="utf-8"))))
+            return _HELD[0]
+        except (OSError, ValueError):
+            pass  # unreadable: computed again and rewritten below
+    held = frozenset(
         p["completion"]
-        for p in pairs
+        for p in docstring_pairs()
         if split_point(p["prompt"] + PAIR_SEPARATOR + p["completion"]) >= HELD_OUT_FROM and p["completion"]
     )
+    if stored is not None:
+        stored.parent.mkdir(parents=True, exist_ok=True)
+        tmp = stored.with_suffix(f".tmp{os.getpid()}")
+        tmp.write_text(json.dumps(sorted(held)), encoding="utf-8")
+        os.replace(tmp, stored)
+    _HELD.append(held)
+    return held
 
 
-def pretraining_corpus(max_bytes: int) -> str:
+_HELD: list[frozenset[str]] = []  # this process's copy: the set depends on the Python version alone
+
+
+def pretraining_corpus(max_bytes: int, cache_dir: Path | None = None) -> str:
     """The ``python-docs`` corpus without any document holding a held-out docstring pair's completion."""
-    return builtin_corpus(max_bytes, exclude=held_out_docstrings())
+    return builtin_corpus(max_bytes, exclude=held_out_docstrings(cache_dir))
 
 
 def empty_completions(ds: Any, keep: np.ndarray, chunk: int) -> np.ndarray:

@@ -202,3 +202,16 @@ def test_completion_refuses_keys_it_cannot_use() -> None:
     with pytest.raises((ConfigError, ValueError), match="data.split"):
         PipelineConfig.model_validate({**base, "data": {**base["data"], "split": "tail"}})
     assert load_config  # the loader is the same schema
+
+
+def test_the_held_out_set_is_kept_on_disk_so_an_lm_run_starts_no_extraction(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from forgeline.tasks.data import pairs
+
+    monkeypatch.setattr(pairs, "_HELD", [])
+    first = pairs.held_out_docstrings(tmp_path)
+    assert first and list(tmp_path.glob("held-out-docstrings-*.json"))
+    monkeypatch.setattr(pairs, "_HELD", [])
+    monkeypatch.setattr(pairs, "docstring_pairs", lambda *a: pytest.fail("extracted again"))
+    assert pairs.held_out_docstrings(tmp_path) == first
