@@ -389,8 +389,9 @@ class TuneConfig(_Strict):
     max_retries: int = Field(1, ge=0, description="Times a crashed trial is retried with the same parameters.")
     metric: str | None = Field(
         None,
-        description="Validation metric the pruner and the best trial use (val/loss, val/f1_macro, val/rougeL...); "
-        "null: the task's (val/loss for lm and completion, val/f1_macro for classification).",
+        description="Validation metric the pruner and the best trial use (val/loss; classification also "
+        "val/f1_macro, val/accuracy); null: the task's (val/loss for lm and completion, val/f1_macro for "
+        "classification).",
     )
 
     @field_validator("search_space")
