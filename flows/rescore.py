@@ -13,6 +13,7 @@ from pathlib import Path
 from forgeline.tasks.config import PipelineConfig
 from forgeline.tasks.evaluate.candidate import score_model
 from forgeline.tasks.evaluate.classification import eval_device, score_classifier
+from forgeline.tasks.evaluate.completion import evaluate_completion
 from forgeline.tasks.registry.versions import BPB_METRIC, RegistryError
 from forgeline.tasks.tracking import classifiers, models
 
@@ -25,6 +26,11 @@ def rescore_model(model_uri: str, cfg: PipelineConfig, dataset_dir: str) -> floa
     by the classification evaluation's ``score_classifier`` (its ``test/...`` figures, no baseline).
     """
     metric, _ = cfg.gate_metric()
+    if cfg.kind == "completion":
+        scores = evaluate_completion(model_uri, dataset_dir, cfg, fetch=models.download_model).metrics
+        if metric not in scores:
+            raise RegistryError(f"re-scoring a completion model gives {', '.join(sorted(scores))}, not {metric!r}")
+        return float(scores[metric])
     if cfg.kind == "classification":
         with tempfile.TemporaryDirectory(prefix="forgeline-rescore-") as tmp:
             model_dir = classifiers.download_classifier(model_uri, Path(tmp))

@@ -28,6 +28,7 @@ from forgeline.tasks.config import DataConfig, PipelineConfig, dump_config
 from forgeline.tasks.data.cleaning import CleanResult, clean_dataset, report_rows
 from forgeline.tasks.data.labels import class_count_rows
 from forgeline.tasks.errors import is_transient
+from forgeline.tasks.evaluate import completion as completion_eval
 from forgeline.tasks.evaluate.candidate import evaluate_candidate
 from forgeline.tasks.evaluate.class_metrics import MISTAKE_COLUMNS, PER_CLASS_COLUMNS
 from forgeline.tasks.evaluate.classification import ClassificationEvalResult, eval_device, evaluate_classifier
@@ -51,6 +52,7 @@ from forgeline.tasks.tracking.runs import stage_run
 from forgeline.tasks.tracking.tags import git_tags
 from forgeline.tasks.train import checkpoints
 from forgeline.tasks.train.classify import train_classifier
+from forgeline.tasks.train.complete import train_completion
 from forgeline.tasks.train.distributed import global_batch, world_size
 from forgeline.tasks.train.loop import TrainCallbacks, TrainResult, train_model
 
@@ -170,7 +172,7 @@ def _train_locked(
         system_metrics=cfg.tracking.log_system_metrics,
     ) as run_id:
         records.log_config(run_id, cfg)
-        ranks = 1 if cfg.kind == "classification" else world_size(cfg.train)
+        ranks = 1 if cfg.kind in ("classification", "completion") else world_size(cfg.train)
         records.log_params(run_id, {"world_size": ranks, "global_batch": global_batch(cfg.train, ranks)})
         buffer = MetricBuffer(run_id, flush_every=cfg.tracking.metric_flush_interval)
         live = TrainProgressFeed(cfg.train.max_steps)  # terminal bar + Prefect progress artifact
@@ -184,8 +186,9 @@ def _train_locked(
             live.update(step, metrics)
 
         try:
-            if cfg.kind == "classification":  # one process (tasks/config.py refuses several ranks)
-                result = train_classifier(
+            if cfg.kind in ("classification", "completion"):  # one process (tasks/config.py refuses several ranks)
+                trainer = train_classifier if cfg.kind == "classification" else train_completion
+                result = trainer(
                     cfg,
                     dataset_dir=dataset_dir,
                     run_dir=run_dir,
@@ -265,13 +268,18 @@ def _clear_run_dir(run_dir: Path) -> None:
 )
 def evaluate_task(
     cfg: PipelineConfig, outcome: TrainOutcome, dataset_dir: str, ctx: RunContext
-) -> EvalResult | ClassificationEvalResult:
+) -> EvalResult | ClassificationEvalResult | completion_eval.CompletionEvalResult:
     """Score the candidate on the held-out split.
 
     A language model also generates samples from the fixed prompts; a classifier is scored beside the TF-IDF
     baseline, with its per-class table, most confident mistakes and confusion matrix.
     """
     with stage_run(ctx.experiment_id, "evaluate", parent_run_id=ctx.parent_run_id, tags=ctx.tags) as run_id:
+        if cfg.kind == "completion":
+            completed = completion_eval.evaluate_completion(outcome.result.model_dir, dataset_dir, cfg)
+            records.log_metrics(run_id, completed.metrics)
+            _record_completion(run_id, completed)
+            return completed
         if cfg.kind == "classification":
             scored = evaluate_classifier(
                 outcome.result.model_dir,
@@ -312,6 +320,14 @@ def _record_classification(run_id: str, result: ClassificationEvalResult) -> Non
     _publish_table("per-class", rounded, f"Per-class precision, recall, F1 and support ({result.examples} records)")
     mistakes = [{**row, "score": round(row["score"], 4)} for row in result.mistakes]
     _publish_table("confident-mistakes", mistakes, "The wrong predictions the model was surest of")
+
+
+def _record_completion(run_id: str, result: completion_eval.CompletionEvalResult) -> None:
+    records.set_tags(run_id, {"bleu_signature": result.bleu_signature, "test_pairs_left_out": result.prompts_too_long})
+    records.log_table(run_id, result.examples, "completions.json", columns=completion_eval.COMPLETION_COLUMNS)
+    records.log_text(run_id, completion_eval.examples_markdown(result), "completions_worst_best.md")
+    rounded = [{k: round(v, 4) if isinstance(v, float) else v for k, v in row.items()} for row in result.examples]
+    _publish_table("completions", rounded[:500], f"Prompt, reference, prediction and scores ({result.scored} pairs)")
 
 
 def samples_markdown(samples: list[dict[str, Any]]) -> str:

@@ -394,8 +394,9 @@ class TuneConfig(_Strict):
     max_retries: int = Field(1, ge=0, description="Times a crashed trial is retried with the same parameters.")
     metric: str | None = Field(
         None,
-        description="Validation metric the pruner and the best trial use (val/loss, val/f1_macro, val/rougeL...); "
-        "null: the task's (val/loss for lm and completion, val/f1_macro for classification).",
+        description="Validation metric the pruner and the best trial use (val/loss; classification also "
+        "val/f1_macro, val/accuracy); null: the task's (val/loss for lm and completion, val/f1_macro for "
+        "classification).",
     )
 
     @field_validator("search_space")
@@ -715,6 +716,8 @@ def _task_conflicts(cfg: PipelineConfig) -> list[tuple[str, str]]:
             conflicts.append(("data.label_column", f"only for task.kind 'classification', not {kind!r}"))
         if train.class_weights != "none":
             conflicts.append(("train.class_weights", f"only for task.kind 'classification', not {kind!r}"))
+    if kind == "completion" and data.split == "tail":
+        conflicts.append(("data.split", "'tail' joins all records into one text: completion needs 'hash'"))
     if kind == "completion":
         builtin = any(getattr(s, "name", None) == "python-docstrings" for s in data.sources)
         if not builtin and not (data.prompt_column and data.completion_column):
@@ -735,6 +738,11 @@ def _task_conflicts(cfg: PipelineConfig) -> list[tuple[str, str]]:
         if cfg.tune.metric and cfg.tune.metric not in _CLASSIFICATION_VAL_METRICS:
             allowed = ", ".join(_CLASSIFICATION_VAL_METRICS)
             conflicts.append(("tune.metric", f"task.kind 'classification' logs {allowed}, not {cfg.tune.metric!r}"))
+    if kind == "completion":
+        if train.nnodes > 1 or (isinstance(train.nproc_per_node, int) and train.nproc_per_node > 1):
+            conflicts.append(("train.nproc_per_node", "task.kind 'completion' trains in one process"))
+        if cfg.tune.metric and cfg.tune.metric != "val/loss":
+            conflicts.append(("tune.metric", f"task.kind 'completion' searches on val/loss, not {cfg.tune.metric!r}"))
     if kind == "lm" and train.epochs is not None:
         conflicts.append(("train.epochs", "task.kind 'lm' trains on random windows: use train.max_steps"))
     return conflicts

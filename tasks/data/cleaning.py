@@ -36,8 +36,8 @@ from pydantic import BaseModel
 
 from forgeline.tasks import progress
 from forgeline.tasks.config import DataConfig
-from forgeline.tasks.data import loading, store
-from forgeline.tasks.data.builtin import builtin_corpus
+from forgeline.tasks.data import loading, pairs, store
+from forgeline.tasks.data.builtin import DOCSTRINGS_LABEL, builtin_corpus
 from forgeline.tasks.data.labels import build_label_set, check_label_kinds, labels_as_text, write_label_set
 from forgeline.tasks.data.paths import (
     DataError,
@@ -178,8 +178,8 @@ def _input_key(
     digest = hashlib.sha256(json.dumps(payload, sort_keys=True).encode())
     stamps: dict[Path, tuple[int, int]] = {}
     for item in inputs:
-        if item.fmt == "builtin":
-            entry = [item.label, hashlib.sha256(builtin_corpus(item.max_bytes).encode()).hexdigest()]
+        if item.fmt in ("builtin", "docstrings"):
+            entry = pairs.builtin_entry(item.fmt, item.label, item.max_bytes, cache_dir)
         elif item.fmt == "hf-hub":
             entry = [item.label, loading.hub_fingerprint(item, cache_dir), item.hf and item.hf.model_dump()]
         elif item.fmt == "hf-disk":
@@ -271,6 +271,9 @@ def _run_pipeline(
         keep &= ~conflict
         if conflict.any():
             logger.warning("dropped %d records whose text also appears with another label", int(conflict.sum()))
+    if "completion" in cleaned.column_names:
+        dropped["empty_completion"] = int((empty := pairs.empty_completions(cleaned, keep, store.CHUNK)).sum())
+        keep &= ~empty
     if cfg.cleaning.dedup:
         dup = store.later_duplicates(cleaned, keep, work)
         dropped["duplicate"] = int(dup.sum())
@@ -321,7 +324,11 @@ def _load_and_clean(cfg: DataConfig, inputs: list[Input], work: Path) -> Any:
     for n, item in enumerate(inputs):
         if item.fmt == "builtin":
             item = Input(item.label, "builtin", path=work / f"builtin-{n}.txt")
-            item.path.write_text(builtin_corpus(inputs[n].max_bytes), encoding="utf-8")  # type: ignore[union-attr]
+            item.path.write_text(pairs.pretraining_corpus(inputs[n].max_bytes), encoding="utf-8")  # type: ignore[union-attr]
+        elif item.fmt == "docstrings":
+            item = Input(
+                item.label, "jsonl", path=pairs.write_docstrings(work / f"docstrings-{n}.jsonl", item.max_bytes)
+            )
         paragraph = item.fmt in ("text", "builtin") and cfg.record == "paragraph"
         ds = loading.load_input(item, input_columns(cfg, item), cfg.record, work)
         if cfg.label_column:
@@ -390,6 +397,10 @@ def input_columns(cfg: DataConfig, item: Input) -> dict[str, str]:
     """Canonical column name to the input's own: ``_t0``... for the text, then the carried columns."""
     if item.fmt in ("text", "builtin"):
         return {f"{TEXT_PREFIX}0": "text"}
+    if item.label == DOCSTRINGS_LABEL:
+        return {"prompt": "prompt", "completion": "completion"}
+    if cfg.prompt_column and cfg.completion_column and not cfg.text_columns:  # text = prompt + newline + completion
+        return {"prompt": cfg.prompt_column, "completion": cfg.completion_column}
     texts = cfg.text_columns or [item.text_column]
     columns = {f"{TEXT_PREFIX}{i}": name for i, name in enumerate(texts)}
     wanted = zip(EXTRA_COLUMNS, (cfg.label_column, cfg.prompt_column, cfg.completion_column), strict=True)

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from forgeline.tasks.config import BuiltinSource, DirectorySource, FilesSource, HfSource, Source
-from forgeline.tasks.data.builtin import BUILTIN_LABEL
+from forgeline.tasks.data.builtin import BUILTIN_LABEL, DOCSTRINGS_LABEL
 
 TEXT_SUFFIXES = frozenset({".txt", ".text", ".md", ".markdown", ".rst"})
 TABLE_SUFFIXES = frozenset({".jsonl", ".json", ".csv", ".parquet"})
@@ -167,7 +167,9 @@ def resolve_inputs(sources: Iterable[Source], base: Path, roots: list[str]) -> l
     guard = _Roots(base, roots)
     inputs: list[Input] = []
     for source in sources:
-        if isinstance(source, BuiltinSource):
+        if isinstance(source, BuiltinSource) and source.name == "python-docstrings":
+            inputs.append(Input(label=DOCSTRINGS_LABEL, fmt="docstrings", max_bytes=source.max_bytes))
+        elif isinstance(source, BuiltinSource):
             inputs.append(Input(label=BUILTIN_LABEL, fmt="builtin", max_bytes=source.max_bytes))
         elif isinstance(source, HfSource):
             inputs.append(_hf_input(source, base, guard))

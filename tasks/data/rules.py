@@ -172,9 +172,15 @@ def clean_batch(
 
     rules = CleaningConfig(**cfg)
     parts = [pc.fill_null(batch.column(n), "") for n in sorted(batch.column_names) if n.startswith(TEXT_PREFIX)]
+    pair = {}  # prompt and completion are cleaned like text; without text columns, text = prompt \n completion
+    for key in ("prompt", "completion"):
+        if key in batch.column_names:
+            pair[key] = clean_array(pc.fill_null(batch.column(key), "").combine_chunks(), rules)
+    if not parts:
+        parts = [pair["prompt"], pair["completion"]]
     arr = parts[0] if len(parts) == 1 else pc.binary_join_element_wise(*parts, "\n")
     arr = arr.combine_chunks() if isinstance(arr, pa.ChunkedArray) else arr
-    extras = {k: batch.column(k) for k in EXTRA_COLUMNS if k in batch.column_names}
+    extras = {k: pair.get(k, batch.column(k)) for k in EXTRA_COLUMNS if k in batch.column_names}
     if "label" in extras:  # " mlops" and "mlops" are one class; ``lab`` lets dedup see a text's two labels
         extras["label"] = pc.utf8_trim_whitespace(pc.fill_null(extras["label"], ""))
         labs = b"".join(hashlib.sha256(v.encode("utf-8")).digest()[:8] for v in extras["label"].to_pylist())

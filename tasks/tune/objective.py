@@ -23,6 +23,7 @@ import optuna
 from forgeline.tasks import faults
 from forgeline.tasks.config import PipelineConfig
 from forgeline.tasks.train.classify import best_value, train_classifier
+from forgeline.tasks.train.complete import train_completion
 from forgeline.tasks.train.loop import TrainCallbacks, TrainResult, train_model
 from forgeline.tasks.tune.space import suggest_params, trial_config
 from forgeline.tasks.tune.study import StudySpec, study_metric
@@ -100,6 +101,8 @@ def _train_trial(
 ) -> TrainResult:
     if cfg.kind == "classification":
         return train_classifier(cfg, dataset_dir=dataset_dir, run_dir=run_dir, callbacks=callbacks, fetch_model=fetch)
+    if cfg.kind == "completion":  # reports and returns val/loss, as a language model does
+        return train_completion(cfg, dataset_dir=dataset_dir, run_dir=run_dir, callbacks=callbacks, fetch_model=fetch)
     return train_model(
         cfg.train,
         cfg.model,
