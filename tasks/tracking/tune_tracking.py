@@ -87,7 +87,7 @@ class StudyRecorder:
         steps = trial_steps(trial)
         metrics.append(("steps", steps, steps))
         if trial.value is not None and math.isfinite(trial.value):
-            metrics.append((f"best_{name.split('/')[-1]}", trial.value, steps))
+            metrics.append((f"best_{name.replace('/', '_')}", trial.value, steps))
         if trial.duration is not None:
             metrics.append(("trial_seconds", trial.duration.total_seconds(), steps))
         return record_run(

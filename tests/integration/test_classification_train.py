@@ -85,5 +85,5 @@ def test_a_tiny_search_reports_val_f1_macro_and_maximizes_it(project: Project) -
     trials = client.search_runs(experiments, filter_string="attributes.run_name LIKE 'trial-%'")
     assert len(trials) == 2
     for run in trials:
-        assert "val/f1_macro" in run.data.metrics and "best_f1_macro" in run.data.metrics
+        assert "val/f1_macro" in run.data.metrics and "best_val_f1_macro" in run.data.metrics
         assert "val/loss" not in run.data.metrics and "best_val_loss" not in run.data.metrics
