@@ -27,9 +27,7 @@ WORDS = ["alpha", "beta", "gamma", "delta", "omega", "sigma"]
 
 
 def _config(tmp_path: Path) -> PipelineConfig:
-    rows = [
-        {"q": f"swap({WORDS[i % 6]} {WORDS[(i * 5 + 1) % 6]})", "a": f"{WORDS[(i * 5 + 1) % 6]}"} for i in range(60)
-    ]
+    rows = [{"q": f"swap({WORDS[i % 6]} {WORDS[(i * 5 + 1) % 6]} {i})", "a": f"{i} {WORDS[i % 6]}"} for i in range(60)]
     (tmp_path / "pairs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
     return PipelineConfig.model_validate(
         {
