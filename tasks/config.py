@@ -396,7 +396,9 @@ class TuneConfig(_Strict):
         None,
         description="Validation metric the pruner and the best trial use (val/loss; classification also "
         "val/f1_macro, val/accuracy); null: the task's (val/loss for lm and completion, val/f1_macro for "
-        "classification).",
+        "classification). Completion may also choose by a generation metric on the validation split "
+        "(val/rougeL, val/rouge1, val/rouge2, val/bleu, val/exact_match, val/chrf): the pruner still uses the "
+        "validation loss, and each finished trial's model decodes the validation split for its value.",
     )
 
     @field_validator("search_space")
@@ -701,6 +703,16 @@ _UNHASHED_KEYS: dict[str, tuple[str, ...]] = {
 
 
 _CLASSIFICATION_VAL_METRICS = ("val/f1_macro", "val/accuracy", "val/loss")
+COMPLETION_TUNE_METRICS = (
+    "val/loss",
+    "val/rougeL",
+    "val/rouge1",
+    "val/rouge2",
+    "val/bleu",
+    "val/exact_match",
+    "val/chrf",
+)
+"""What a completion search may choose by: the validation loss, or a generation metric on the validation split."""
 
 
 def _task_conflicts(cfg: PipelineConfig) -> list[tuple[str, str]]:
@@ -741,8 +753,9 @@ def _task_conflicts(cfg: PipelineConfig) -> list[tuple[str, str]]:
     if kind == "completion":
         if train.nnodes > 1 or (isinstance(train.nproc_per_node, int) and train.nproc_per_node > 1):
             conflicts.append(("train.nproc_per_node", "task.kind 'completion' trains in one process"))
-        if cfg.tune.metric and cfg.tune.metric != "val/loss":
-            conflicts.append(("tune.metric", f"task.kind 'completion' searches on val/loss, not {cfg.tune.metric!r}"))
+        if cfg.tune.metric and cfg.tune.metric not in COMPLETION_TUNE_METRICS:
+            allowed = ", ".join(COMPLETION_TUNE_METRICS)
+            conflicts.append(("tune.metric", f"task.kind 'completion' searches on {allowed}, not {cfg.tune.metric!r}"))
     if kind == "lm" and train.epochs is not None:
         conflicts.append(("train.epochs", "task.kind 'lm' trains on random windows: use train.max_steps"))
     return conflicts

@@ -82,6 +82,34 @@ def evaluate_completion(
     Raises:
         DataError: The split lacks the columns or no test pair fits the model's context.
     """
+    return _evaluate_split(model_dir, dataset_dir, cfg, _held_out_split(dataset_dir), fetch=fetch)
+
+
+def score_validation(model_dir: str | Path, dataset_dir: str | Path, cfg: PipelineConfig) -> dict[str, float]:
+    """Decode and score the validation split as :func:`evaluate_completion` does the test split.
+
+    The search's final value for a generation ``tune.metric``: the trial's (best-kept) model decodes the
+    first ``eval.max_examples`` validation pairs with the evaluation's decoding settings.
+
+    Returns:
+        ``val/bleu``, ``val/rouge1``, ``val/rouge2``, ``val/rougeL``, ``val/exact_match``, ``val/chrf``,
+        ``val/loss``, ``val/perplexity``, ``val/prompts_per_second``.
+
+    Raises:
+        DataError: The validation split lacks the columns or none of its pairs fits the model's context.
+    """
+    result = _evaluate_split(model_dir, dataset_dir, cfg, "validation")
+    return {f"val/{name.split('/', 1)[1]}": value for name, value in result.metrics.items()}
+
+
+def _evaluate_split(
+    model_dir: str | Path,
+    dataset_dir: str | Path,
+    cfg: PipelineConfig,
+    split: str,
+    *,
+    fetch: Callable[[str, Path], Path] | None = None,
+) -> CompletionEvalResult:
     import torch
 
     from forgeline.tasks.evaluate.classification import eval_device
@@ -89,7 +117,6 @@ def evaluate_completion(
     from forgeline.tasks.train.complete import load_pairs
     from forgeline.tasks.train.completion import encode_pairs
 
-    split = _held_out_split(dataset_dir)
     prompts, references = load_pairs(dataset_dir, split)
     if cfg.eval.max_examples is not None:
         prompts, references = prompts[: cfg.eval.max_examples], references[: cfg.eval.max_examples]
@@ -135,7 +162,8 @@ def evaluate_completion(
         "test/prompts_per_second": rate,
     }
     logger.info(
-        "eval: BLEU %.2f, ROUGE-L %.4f, exact match %.4f, perplexity %.2f over %d pairs (%.1f prompts/s)",
+        "eval (%s split): BLEU %.2f, ROUGE-L %.4f, exact match %.4f, perplexity %.2f over %d pairs (%.1f prompts/s)",
+        split,
         metrics["test/bleu"],
         metrics["test/rougeL"],
         metrics["test/exact_match"],

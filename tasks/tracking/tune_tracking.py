@@ -1,8 +1,10 @@
 """MLflow recording of an Optuna study, attached from outside the objective.
 
 The study is a ``tune`` run nested under the pipeline run; every finished trial becomes a child run
-of it (``trial-<n>``) with the trial number and its parameters as params, its study metric at each
-evaluation (``val/loss``, or ``val/f1_macro`` for a classifier), and its final state as the ``optuna.trial_state`` tag
+of it (``trial-<n>``) with the trial number and its parameters as params, what it reported to the pruner at
+each evaluation (``val/loss``, or ``val/f1_macro`` for a classifier) under that name and sign, its value (a
+completion search's generation metric, e.g. ``val/rougeL`` on the validation split, under its own name, with
+the other validation generation scores), and its final state as the ``optuna.trial_state`` tag
 (``complete``, ``pruned``, ``failed``). Trials are read from the study storage, so trials run by
 worker processes, and trials failed later by the heartbeat check, are recorded too; each trial is
 recorded once per experiment (a resumed study's earlier trials stay under the study run that first
@@ -30,7 +32,16 @@ from optuna.trial import FrozenTrial, TrialState
 from forgeline.tasks.tracking.records import log_dict, log_figure, log_metrics, log_params, set_tags
 from forgeline.tasks.tracking.runs import find_runs, record_run, stage_run
 from forgeline.tasks.tune.storage import display_url
-from forgeline.tasks.tune.study import FINISHED_STATES, STATE_NAMES, StudySpec, TuneResult, study_metric, trial_steps
+from forgeline.tasks.tune.study import (
+    FINISHED_STATES,
+    STATE_NAMES,
+    StudySpec,
+    TuneResult,
+    pruning_metric,
+    reported_value,
+    study_metric,
+    trial_steps,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -82,12 +93,20 @@ class StudyRecorder:
         if "config_hash" in trial.user_attrs:
             tags["config_hash"] = trial.user_attrs["config_hash"]
         params = {"trial_number": trial.number, **trial.params}
-        name = study_metric(self.spec.config)[0]  # what the trial reported: val/loss, val/f1_macro...
-        metrics = [(name, v, int(step)) for step, v in sorted(trial.intermediate_values.items())]
+        cfg = self.spec.config
+        reported = pruning_metric(cfg)[0]  # what the trial reported: val/loss, val/f1_macro...
+        metrics = [
+            (reported, reported_value(cfg, v), int(step)) for step, v in sorted(trial.intermediate_values.items())
+        ]
         steps = trial_steps(trial)
         metrics.append(("steps", steps, steps))
+        name = study_metric(cfg)[0]  # what the trial's value is: the same, or a validation generation metric
         if trial.value is not None and math.isfinite(trial.value):
-            metrics.append((f"best_{name.replace('/', '_')}", trial.value, steps))
+            final = name if name != reported else f"best_{name.replace('/', '_')}"
+            metrics.append((final, trial.value, steps))
+        for key, value in (trial.user_attrs.get("val_metrics") or {}).items():
+            if key != name and key != reported:
+                metrics.append((key, float(value), steps))
         if trial.duration is not None:
             metrics.append(("trial_seconds", trial.duration.total_seconds(), steps))
         return record_run(
@@ -143,6 +162,8 @@ def study_run(
                 "study_name": spec.study_name,
                 "storage_url": url,
                 "n_trials": tune.n_trials,
+                "metric": study_metric(spec.config)[0],
+                "pruned_on": pruning_metric(spec.config)[0],
                 "parallelism": tune.parallelism,
                 "sampler": tune.sampler,
                 "pruner": tune.pruner,

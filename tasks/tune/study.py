@@ -176,12 +176,38 @@ def open_study(spec: StudySpec, *, seed_offset: int = 0, create: bool = False) -
 
 
 def study_metric(cfg: PipelineConfig) -> tuple[str, bool]:
-    """The metric a study optimizes and whether higher is better.
+    """The metric a study chooses by (a completed trial's value) and whether higher is better.
 
     Classification: ``cfg.tune_metric()`` (``val/f1_macro`` unless ``tune.metric`` names another metric the
-    loop logs); the other tasks' loop reports ``val/loss``.
+    loop logs); completion: ``cfg.tune_metric()`` (``val/loss``, or a generation metric such as ``val/rougeL``
+    scored on the validation split once the trial has trained); language models: ``val/loss``.
+    """
+    return cfg.tune_metric() if cfg.kind in ("classification", "completion") else ("val/loss", False)
+
+
+def pruning_metric(cfg: PipelineConfig) -> tuple[str, bool]:
+    """The metric each evaluation reports to the pruner and whether higher is better.
+
+    The training loop's own figure: the study metric for a classifier, ``val/loss`` for the other tasks (a
+    completion search that chooses by a generation metric still prunes on the validation loss, since
+    decoding at every evaluation would cost more than the training it saves).
     """
     return cfg.tune_metric() if cfg.kind == "classification" else ("val/loss", False)
+
+
+def report_sign(cfg: PipelineConfig) -> float:
+    """``-1.0`` when the pruning metric runs against the study's direction, else ``1.0``.
+
+    Optuna's pruners compare intermediate values in the study's direction. A completion study that
+    maximizes ROUGE-L but prunes on the validation loss reports the loss negated, so that "higher is
+    better" holds for what the pruner sees; :func:`reported_value` undoes it for the records.
+    """
+    return 1.0 if pruning_metric(cfg)[1] == study_metric(cfg)[1] else -1.0
+
+
+def reported_value(cfg: PipelineConfig, value: float) -> float:
+    """An intermediate value as the pruning metric reads (the sign of :func:`report_sign` undone)."""
+    return value * report_sign(cfg)
 
 
 def state_counts(study: optuna.Study) -> dict[str, int]:

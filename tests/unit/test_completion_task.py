@@ -198,7 +198,7 @@ def test_completion_refuses_keys_it_cannot_use() -> None:
 
     base = {"task": {"kind": "completion"}, "data": {"sources": [{"kind": "builtin", "name": "python-docstrings"}]}}
     with pytest.raises((ConfigError, ValueError), match="tune.metric"):
-        PipelineConfig.model_validate({**base, "tune": {"metric": "val/rougeL"}})
+        PipelineConfig.model_validate({**base, "tune": {"metric": "test/rougeL"}})
     with pytest.raises((ConfigError, ValueError), match="data.split"):
         PipelineConfig.model_validate({**base, "data": {**base["data"], "split": "tail"}})
     assert load_config  # the loader is the same schema
