@@ -52,6 +52,7 @@ def _settings(steps: int) -> DistillSettings:
         max_steps=steps,
         batch_size=4,
         learning_rate=0.01,
+        min_lr=0.01,  # constant: a 2-step run then resumed to 4 follows the 4-step run
         warmup_steps=0,
         eval_interval=2,
         log_interval=1,
