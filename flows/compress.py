@@ -88,6 +88,7 @@ def compress_flow(
                 run_hash=run_hash,
                 fetch=models.download_model,
                 on_metrics=buffer.add,
+                task=config,
             )
         finally:
             buffer.close()

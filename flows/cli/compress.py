@@ -25,7 +25,8 @@ def compress(
 
     The student is described by the config's `compress` section and registered as `<model>-small` (or
     compress.model_name); it becomes that model's champion only if its task metric (bits per byte; a
-    classifier's test macro F1) is within compress.max_quality_drop of the teacher's, relative.
+    classifier's test macro F1; a completion model's test ROUGE-L) is within compress.max_quality_drop of the
+    teacher's, relative.
 
     Examples:
 

@@ -2,8 +2,9 @@
 
 Free of Prefect and MLflow: the teacher comes through ``fetch`` (the tracking package's download), progress
 leaves through ``on_metrics``, and the registry gate is :mod:`forgeline.tasks.registry.compressed`'s.
-A causal LM (language modelling, completion) is distilled on random windows and scored in bits per byte; a
-sequence classifier on its labeled records (:mod:`.classify`) and scored in test macro F1.
+A language model is distilled on random windows and scored in bits per byte; a sequence classifier on its
+labeled records (:mod:`.classify`) and scored in test macro F1; a completion model on its prompt/completion
+pairs, loss on the completion tokens (:mod:`.complete`), and scored in test ROUGE-L.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import torch
 from pydantic import BaseModel
 
 from forgeline.tasks.compress.classify import ClassifierMeasure, distill_classifier, measure_classifiers
+from forgeline.tasks.compress.complete import CompletionMeasure, distill_pairs, encode_split_pairs, measure_completions
 from forgeline.tasks.compress.distill import DistillSettings, OnMetrics, distill
 from forgeline.tasks.compress.measure import ModelMeasure, measure_models, tradeoff_table
 from forgeline.tasks.compress.student import (
@@ -30,7 +32,7 @@ from forgeline.tasks.compress.student import (
     is_classifier,
     resolve_student,
 )
-from forgeline.tasks.config import CompressConfig, EvalConfig, TrainConfig
+from forgeline.tasks.config import CompressConfig, EvalConfig, PipelineConfig, TrainConfig
 
 logger = logging.getLogger(__name__)
 
@@ -49,12 +51,12 @@ class CompressResult(BaseModel):
     already_done: bool = False
     final_val_loss: float | None = None
     nonfinite_steps: int = 0
-    teacher: ModelMeasure | ClassifierMeasure
-    student: ModelMeasure | ClassifierMeasure
+    teacher: ModelMeasure | ClassifierMeasure | CompletionMeasure
+    student: ModelMeasure | ClassifierMeasure | CompletionMeasure
     table: dict[str, list[Any]]
     history: list[dict[str, float]] = []
     metric: str = "bits_per_byte"
-    """The task metric the gate compares (a field of both measures): ``bits_per_byte`` or ``f1_macro``."""
+    """The task metric the gate compares (a field of both measures): ``bits_per_byte``, ``f1_macro`` or ``rougeL``."""
     higher_is_better: bool = False
 
     @property
@@ -139,6 +141,7 @@ def compress_model(
     run_hash: str,
     fetch: Callable[[str, Path], Path] | None = None,
     on_metrics: OnMetrics | None = None,
+    task: PipelineConfig | None = None,
 ) -> CompressResult:
     """Build the student from the teacher, distil it on the training split, save it and measure both.
 
@@ -154,6 +157,8 @@ def compress_model(
         run_hash: :func:`compress_hash`; a checkpoint of another hash is refused.
         fetch: Downloads registry URIs.
         on_metrics: Per-step metrics (``train/loss``, ``kd_loss``, ``ce_loss``, ``val/loss``...).
+        task: The pipeline config; with ``task.kind: completion`` the student is distilled on the pairs and
+            scored in ROUGE-L (its ``eval``, ``model.block_size`` and ``data.prompt_overflow`` apply).
 
     Raises:
         CompressError: student not smaller than the teacher, layers out of range, another vocabulary.
@@ -204,6 +209,21 @@ def compress_model(
             device,
             on_metrics,
         )
+    elif task is not None and task.kind == "completion":
+        state, t_measure, s_measure = _compress_completion(
+            teacher_source,
+            teacher,
+            student,
+            tokenizer,
+            settings,
+            task,
+            dataset_dir,
+            checkpoints,
+            model_dir,
+            device,
+            on_metrics,
+            fetch,
+        )
     else:
         train_data, val_data = load_token_splits(tokenizer, dataset_dir, block)
         state = distill(
@@ -224,7 +244,7 @@ def compress_model(
                 new_tokens=cfg.latency_new_tokens,
                 requests=cfg.latency_requests,
             )
-    classifier = isinstance(t_measure, ClassifierMeasure)
+    metric = {ClassifierMeasure: "f1_macro", CompletionMeasure: "rougeL"}.get(type(t_measure), "bits_per_byte")
     result = CompressResult(
         run_dir=str(run_dir),
         model_dir=str(model_dir),
@@ -237,8 +257,8 @@ def compress_model(
         student=s_measure,
         table=tradeoff_table(t_measure, s_measure),
         history=state.history,
-        metric="f1_macro" if classifier else "bits_per_byte",
-        higher_is_better=classifier,
+        metric=metric,
+        higher_is_better=metric != "bits_per_byte",
     )
     tmp = done.with_suffix(".tmp")
     tmp.write_text(result.model_dump_json())
@@ -290,6 +310,47 @@ def _compress_classifier(
         max_examples=eval_cfg.max_examples,
         requests=cfg.latency_requests,
     )
+    return state, t_measure, s_measure
+
+
+def _compress_completion(
+    teacher_source: str,
+    teacher: Any,
+    student: Any,
+    tokenizer: Any,
+    settings: DistillSettings,
+    task: PipelineConfig,
+    dataset_dir: str | Path,
+    checkpoints: Path,
+    model_dir: Path,
+    device: torch.device,
+    on_metrics: OnMetrics | None,
+    fetch: Callable[[str, Path], Path] | None,
+) -> tuple[Any, CompletionMeasure, CompletionMeasure]:
+    """Distil a completion student on the training pairs, save it, and measure both on the test pairs."""
+    from forgeline.tasks.model.modeling import load_pretrained_model
+
+    train = encode_split_pairs(tokenizer, dataset_dir, "train", task)
+    val = encode_split_pairs(tokenizer, dataset_dir, "validation", task)
+    pad_id = int(tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id)
+    state = distill_pairs(
+        student, teacher, train, val, settings, checkpoints, pad_id=pad_id, device=device, on_metrics=on_metrics
+    )
+    student.save_pretrained(model_dir)
+    tokenizer.save_pretrained(model_dir)
+    student, _ = load_pretrained_model(str(model_dir))  # measured as it will be served: from disk
+    c = task.compress
+    with torch.inference_mode():
+        t_measure, s_measure = measure_completions(
+            [teacher_source, str(model_dir)],
+            [teacher, student],
+            tokenizer,
+            dataset_dir,
+            task,
+            new_tokens=c.latency_new_tokens,
+            requests=c.latency_requests,
+            fetch=fetch,
+        )
     return state, t_measure, s_measure
 
 

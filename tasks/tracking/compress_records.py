@@ -111,9 +111,14 @@ def _speed_note(result: CompressResult, cfg: Any) -> str:
             f"Requests: CPU, one record per request, one forward pass (a classifier does not generate), "
             f"{cfg.latency_requests} requests; F1 and accuracy on the held-out split."
         )
+    scored = (
+        " ROUGE-L, BLEU and exact match on the same test pairs (eval.max_examples)."
+        if result.metric == "rougeL"
+        else ""
+    )
     return (
         f"Generation: CPU, batch 1, KV cache on, {cfg.latency_new_tokens} new tokens per call, "
-        f"{cfg.latency_requests} calls."
+        f"{cfg.latency_requests} calls.{scored}"
     )
 
 
