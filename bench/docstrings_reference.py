@@ -1,4 +1,4 @@
-"""The two reference points of the docstrings demo, on its own test pairs (BENCHMARKS.md, section 10).
+"""The two reference points of the docstrings demo, on its own test pairs (BENCHMARKS.md, section 11).
 
 *copy_name*: every prompt answered with its function name; *most_common*: every prompt answered with the most
 common completion of the training split. Both scored with the evaluation's own code (``score_generations``) on
