@@ -3,7 +3,8 @@ the data they name: ``../shared/data/ml-projects/dataset.csv`` (issue 16, point 
 
 The fast test runs no training: both configs pass ``forgeline validate``, name the CSV's own columns, and cut
 the projects the same way, so the language model trains only on the classifier's training texts. The slow
-test runs both steps, shrunk, end to end.
+test runs both steps, shrunk, end to end, on a generated file with the dataset's header and four tags placed
+where the configs look for it (the suite never needs ``../shared``; ``bench/ml_projects.py`` runs the real file).
 """
 
 from __future__ import annotations
@@ -26,6 +27,27 @@ LM_CONFIG = REPO_ROOT / "configs" / "ml_projects_lm.yaml"
 CLS_CONFIG = REPO_ROOT / "configs" / "ml_projects.yaml"
 CSV_PATH = "../shared/data/ml-projects/dataset.csv"  # as the configs name it, from the repository root
 DATASET = (REPO_ROOT / CSV_PATH).resolve()
+# The dataset's columns, as its README (../shared/data/ml-projects/README.md) lists them.
+HEADER = ["id", "created_on", "title", "description", "tag"]
+TAGS = {
+    "computer-vision": ["image", "pixels", "segmentation", "camera", "detection", "convolution"],
+    "natural-language-processing": ["text", "language", "tokens", "translation", "sentiment", "parsing"],
+    "mlops": ["pipeline", "deployment", "monitoring", "registry", "serving", "workflow"],
+    "other": ["graph", "reinforcement", "tabular", "audio", "recommender", "forecasting"],
+}
+
+
+def _write_projects(path: Path, n: int = 240) -> None:
+    """A CSV with the dataset's header whose titles and descriptions give their tag away."""
+    from tests.classifier_support import make_labeled_rows
+
+    rows = make_labeled_rows(n, labels=TAGS)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w", newline="", encoding="utf-8") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(HEADER)
+        for i, row in enumerate(rows):
+            writer.writerow([i, "2020-02-20 06:43:18", row["title"], row["description"], row["tag"]])
 
 
 def _csv_sources(cfg: object) -> list[Path]:
@@ -48,9 +70,7 @@ def test_demo_configs_validate_and_match_the_csv() -> None:
         assert "is valid" in proc.stdout
 
     lm, cls = load_config(LM_CONFIG), load_config(CLS_CONFIG)
-    with DATASET.open(newline="", encoding="utf-8") as handle:
-        header = next(csv.reader(handle))
-    assert set(cls.data.text_columns) <= set(header) and cls.data.label_column in header, header
+    assert set(cls.data.text_columns) <= set(HEADER) and cls.data.label_column in HEADER
     assert cls.kind == "classification" and lm.kind == "lm"
     assert _csv_sources(cls) == [DATASET] and _csv_sources(lm) == [DATASET]
     assert any(s.kind == "builtin" and s.name == "python-docs" for s in lm.data.sources)
@@ -70,9 +90,7 @@ def test_demo_runs_end_to_end_shrunk(module_project: Project) -> None:
     import forgeline
 
     root = module_project.root
-    data_dir = root / "shared" / "data" / "ml-projects"
-    data_dir.mkdir(parents=True)
-    shutil.copy(DATASET, data_dir / "dataset.csv")
+    _write_projects(root / "shared" / "data" / "ml-projects" / "dataset.csv")
     work = root / "repo"  # so the configs' own ../shared/... path resolves, as from a checkout beside shared/
     (work / "configs").mkdir(parents=True)
     for config in (LM_CONFIG, CLS_CONFIG):
