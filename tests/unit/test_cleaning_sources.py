@@ -57,9 +57,12 @@ def test_prompt_and_completion_columns_from_jsonl(tmp_path: Path) -> None:
         json.dumps({"q": f"Question {i} about {w}?", "a": f"Answer {i}: {w}."}) for i, w in enumerate("abcdefghij" * 3)
     ]
     (tmp_path / "qa.jsonl").write_text("\n".join(lines), encoding="utf-8")
+    # With both pair columns the text is the pair itself (prompt, newline, completion), whatever text_column says.
     cfg = _cfg(FilesSource(paths=["qa.jsonl"], text_column="q"), prompt_column="q", completion_column="a")
-    with pytest.raises(DataError, match="one column named twice"):
-        clean_dataset(cfg, base_dir=tmp_path)
+    pairs = clean_dataset(cfg, base_dir=tmp_path)
+    assert pairs.columns == ["text", "prompt", "completion"]
+    rows = [r for split in ("train", "validation", "test") for r in load_split(pairs.dataset_dir, split)]
+    assert len(rows) == 30 and all(r["text"] == f"{r['prompt']}\n{r['completion']}" for r in rows)
     cfg = _cfg(FilesSource(paths=["qa.jsonl"], text_column="a"), prompt_column="q")
     result = clean_dataset(cfg, base_dir=tmp_path)
     assert result.columns == ["text", "prompt"]
