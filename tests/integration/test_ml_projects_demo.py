@@ -78,8 +78,11 @@ def test_demo_configs_validate_and_match_the_csv() -> None:
     # the same split for both models, so the classifier's held-out texts stay out of the LM's training split.
     assert lm.data.text_columns == cls.data.text_columns
     assert lm.data.cleaning == cls.data.cleaning and lm.data.fractions == cls.data.fractions
-    # The fine-tune starts from the LM step 1 registers and reads with its tokenizer and positions.
-    assert cls.model.init_from == f"models:/{lm.registry.model_name}@{lm.registry.champion_alias}"
+    # The demo trains from scratch; the documented fine-tune starts from the LM configs/ml_projects_lm.yaml
+    # registers (the README's --set names it) and reads with its tokenizer and positions.
+    assert cls.model.init_from is None
+    readme = (REPO_ROOT / "README.md").read_text(encoding="utf-8")
+    assert f"--set model.init_from=models:/{lm.registry.model_name}@{lm.registry.champion_alias}" in readme
     assert lm.tokenizer == cls.tokenizer and lm.model.block_size >= cls.model.block_size
     assert cls.tune.n_trials > 0 and cls.gate_metric() == ("test/f1_macro", True)
 
@@ -108,7 +111,13 @@ def test_demo_runs_end_to_end_shrunk(module_project: Project) -> None:
         )
         cls = forgeline.run(
             "configs/ml_projects.yaml",
-            ["train.epochs=1", "train.eval_interval=20", "tune.n_trials=1", "tune.max_steps=10"],
+            [
+                "train.epochs=1",
+                "train.eval_interval=20",
+                "tune.n_trials=1",
+                "tune.max_steps=10",
+                "model.init_from=models:/ml-projects-lm@champion",
+            ],
             data=[CSV_PATH],
         )
 
