@@ -86,6 +86,7 @@ def test_bad_inputs_end_in_one_line_and_register_nothing(invoke: Any, champion: 
     assert student_versions(champion) == []
 
 
+@pytest.mark.slow  # about 20-30 s; the default suite stays near 12 min on 2 cores
 def test_compress_registers_the_student_with_its_tradeoff(champion: Any) -> None:
     result = champion.cli("compress", "--config", "smoke.yaml", *FAST, "--set", "compress.max_quality_drop=100")
     assert result.returncode == 0, result.describe()

@@ -199,6 +199,7 @@ def _deployments(names: list[str]) -> dict[str, dict[str, Any]]:
     return out
 
 
+@pytest.mark.slow  # about 20-30 s; the default suite stays near 12 min on 2 cores
 def test_prefect_deploy_all_makes_the_same_deployments(project: Project, prefect_server: str) -> None:
     from forgeline.flows.deploy import DEPLOYMENTS, deploy_all
 

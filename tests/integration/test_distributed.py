@@ -64,6 +64,7 @@ def test_two_ranks_train_one_run_with_the_curve_of_one_process(project: Project)
     assert two_ranks[40] < two_ranks[10] - 0.3  # it learned
 
 
+@pytest.mark.slow  # about 20-30 s; the default suite stays near 12 min on 2 cores
 def test_a_killed_rank_ends_the_job_and_the_rerun_resumes_in_one_process(project: Project) -> None:
     """RELIABILITY H3: SIGKILL rank 1 at step 15; the job ends FAILED; one process resumes the 2-rank checkpoint."""
     t0 = time.monotonic()

@@ -193,6 +193,7 @@ def _snapshot(folder: Path) -> dict[str, tuple[int, int]]:
     return {str(p.relative_to(folder)): (p.stat().st_size, p.stat().st_mtime_ns) for p in folder.rglob("*")}
 
 
+@pytest.mark.slow  # about 20-30 s; the default suite stays near 12 min on 2 cores
 def test_two_runs_of_one_lineage_at_once_have_one_writer_and_one_version(project: Project, tmp_path: Path) -> None:
     release = tmp_path / "release"
     reached = Path(f"{release}.reached")
