@@ -25,7 +25,7 @@ from forgeline.tasks import faults
 from forgeline.tasks.config import PipelineConfig, TrainConfig, higher_is_better
 from forgeline.tasks.errors import NonFiniteLossError, StageInterrupted
 from forgeline.tasks.train.batches import autocast_context, resolve_device
-from forgeline.tasks.train.checkpoints import CheckpointError, load_latest_checkpoint, save_checkpoint
+from forgeline.tasks.train.checkpoints import load_latest_checkpoint, save_checkpoint
 from forgeline.tasks.train.classify_data import (
     VAL_METRICS,
     LabeledSplit,
@@ -38,7 +38,7 @@ from forgeline.tasks.train.classify_data import (
     total_steps,
 )
 from forgeline.tasks.train.journal import JOURNAL_FILE, MetricJournal
-from forgeline.tasks.train.loop import DONE_FILE, TrainCallbacks, TrainResult
+from forgeline.tasks.train.loop import DONE_FILE, TrainCallbacks, TrainResult, finished_result
 from forgeline.tasks.train.schedule import get_lr, make_optimizer
 from forgeline.tasks.train.signals import stop_on_signal
 
@@ -119,7 +119,7 @@ def train_classifier(
     run_dir = Path(run_dir)
     done = run_dir / DONE_FILE
     if done.exists():
-        return _finished(run_dir, done)
+        return finished_result(run_dir, done)
 
     t_start = time.perf_counter()
     torch.manual_seed(cfg.seed)
@@ -247,18 +247,6 @@ def best_value(result: TrainResult, metric: str, higher: bool) -> float | None:
     if not values:
         return None
     return max(values) if higher else min(values)
-
-
-def _finished(run_dir: Path, done: Path) -> TrainResult:
-    result = TrainResult.model_validate_json(done.read_text())
-    model_dir = run_dir / "model"  # paths as of today: the project folder may have moved since
-    if not (model_dir / "config.json").is_file():
-        raise CheckpointError(
-            f"{done} says training finished, but its model folder {model_dir} is missing; "
-            "run with --fresh to train again"
-        )
-    logger.info("training already complete for this config and data (%d steps): %s", result.steps, run_dir)
-    return result.model_copy(update={"already_done": True, "run_dir": str(run_dir), "model_dir": str(model_dir)})
 
 
 def _loop(run: _Run, state: _State) -> dict[str, Any]:

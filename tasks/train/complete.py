@@ -28,10 +28,10 @@ from forgeline.tasks.data.paths import DataError
 from forgeline.tasks.errors import StageInterrupted
 from forgeline.tasks.train.batches import autocast_context, resolve_device
 from forgeline.tasks.train.checkpoints import load_latest_checkpoint
-from forgeline.tasks.train.classify import _checkpoint, _finished, _fmt, _skip_nonfinite, _State
+from forgeline.tasks.train.classify import _checkpoint, _fmt, _skip_nonfinite, _State
 from forgeline.tasks.train.completion import EncodedPairs, completion_loss, encode_pairs, pair_batches
 from forgeline.tasks.train.journal import JOURNAL_FILE, MetricJournal
-from forgeline.tasks.train.loop import DONE_FILE, TrainCallbacks, TrainResult
+from forgeline.tasks.train.loop import DONE_FILE, TrainCallbacks, TrainResult, finished_result
 from forgeline.tasks.train.schedule import get_lr, make_optimizer
 from forgeline.tasks.train.signals import stop_on_signal
 
@@ -184,7 +184,7 @@ def train_completion(
     run_dir = Path(run_dir)
     done = run_dir / DONE_FILE
     if done.exists():
-        return _finished(run_dir, done)
+        return finished_result(run_dir, done)
     t_start = time.perf_counter()
     torch.manual_seed(cfg.seed)
     device = resolve_device(cfg.train)

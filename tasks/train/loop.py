@@ -113,7 +113,7 @@ def train_model(
     run_dir = Path(run_dir)
     done = run_dir / DONE_FILE
     if done.exists():
-        return _finished(run_dir, done)
+        return finished_result(run_dir, done)
 
     t_start = time.perf_counter()
     torch.manual_seed(seed)
@@ -232,7 +232,8 @@ def train_model(
     return out
 
 
-def _finished(run_dir: Path, done: Path) -> TrainResult:
+def finished_result(run_dir: Path, done: Path) -> TrainResult:
+    """The result a finished run left in ``done``, with today's paths (every task's loop reuses it)."""
     result = TrainResult.model_validate_json(done.read_text())
     # Paths as of today: the project folder may have moved since the result was written.
     model_dir = run_dir / "model"
