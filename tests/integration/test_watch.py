@@ -141,15 +141,21 @@ def test_watcher_keeps_looking_in_one_run(
     assert len([r for r in runs if r.name == "watch watch-loop"]) == 1  # the looks are no runs of their own
 
 
-def _watch_runs() -> list:
+def _watch_runs(earlier: frozenset = frozenset()) -> list:
+    """The ``watch/watch`` deployment's flow runs, leaving out ``earlier`` ones (other tests share the server)."""
     from prefect import get_client
     from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterDeploymentId
     from prefect.client.schemas.sorting import FlowRunSort
+    from prefect.exceptions import ObjectNotFound
 
     with get_client(sync_client=True) as client:
-        deployment = client.read_deployment_by_name("watch/watch")
+        try:
+            deployment = client.read_deployment_by_name("watch/watch")
+        except ObjectNotFound:
+            return []
         flt = FlowRunFilter(deployment_id=FlowRunFilterDeploymentId(any_=[deployment.id]))
-        return client.read_flow_runs(flow_run_filter=flt, sort=FlowRunSort.EXPECTED_START_TIME_ASC)
+        runs = client.read_flow_runs(flow_run_filter=flt, sort=FlowRunSort.EXPECTED_START_TIME_ASC)
+    return [r for r in runs if r.id not in earlier]
 
 
 def _active(runs: list) -> list:
@@ -165,15 +171,18 @@ def test_deploy_leaves_one_watch_run_and_a_crashed_one_comes_back(project: Proje
 
     repo = Path(__file__).resolve().parents[2]
     config = load_config("smoke.yaml", ["deploy.watch_interval=2"])
+    earlier = frozenset(r.id for r in _watch_runs())  # runs other tests' deploys left on the session's server
     lines = deploy_all(config, source=repo)
     assert any(line.startswith("watcher flow run ") for line in lines), lines
     time.sleep(4)  # two intervals (the flood itself needs the scheduler of a real server: tests/e2e/test_watch.py)
-    (first,) = _watch_runs()  # no worker here: it waits Scheduled, alone
+    runs = _watch_runs(earlier)
+    assert len(runs) == 1, [(r.name, r.state_name, r.created) for r in runs]  # no worker here: it waits Scheduled
+    (first,) = runs
     assert first.parameters["config"]["deploy"]["watch_interval"] == 2
 
     lines = deploy_all(config, source=repo)  # a redeploy replaces the watcher (new config, new code)
     assert "1 earlier watcher run(s) cancelled" in lines[-1], lines
-    runs = _watch_runs()
+    runs = _watch_runs(earlier)
     assert len(runs) == 2 and len(_active(runs)) == 1
     assert next(r for r in runs if r.id == first.id).state.is_cancelled()
 
@@ -181,15 +190,15 @@ def test_deploy_leaves_one_watch_run_and_a_crashed_one_comes_back(project: Proje
     with get_client(sync_client=True) as client:  # what the heartbeat automation does to a dead watcher
         client.set_flow_run_state(current.id, Crashed(message="test: the machine died"), force=True)
     deadline = time.monotonic() + 60
-    while len(runs := _watch_runs()) < 3 and time.monotonic() < deadline:
+    while len(runs := _watch_runs(earlier)) < 3 and time.monotonic() < deadline:
         time.sleep(0.5)
     assert len(runs) == 3, [(r.name, r.state_name) for r in runs]
     (restarted,) = _active(runs)
     assert restarted.id not in (first.id, current.id) and restarted.state.is_scheduled()
     time.sleep(3)
-    assert len(_watch_runs()) == 3  # restarted once, not again and again
+    assert len(_watch_runs(earlier)) == 3  # restarted once, not again and again
 
     lines = deploy_all(
         config.model_copy(update={"deploy": config.deploy.model_copy(update={"watch_interval": None})}), source=repo
     )
-    assert lines[-1].startswith("watch: off") and not _active(_watch_runs())
+    assert lines[-1].startswith("watch: off") and not _active(_watch_runs(earlier))
