@@ -36,6 +36,27 @@ class CompressOutcome(BaseModel):
     already_done: bool = False
 
 
+def student_line(outcome: CompressOutcome) -> str:
+    """The student in one line for a run summary: its version and gate, the task metric, size and speed vs teacher.
+
+    For example ``shakespeare-char-small version 1, champion (...): bits_per_byte 2.8170 (teacher 2.7435),
+    parameters 0.51x, tokens_per_sec 1.63x``.
+    """
+    reg, table = outcome.registered, outcome.table
+    rows = {
+        q: (t, s, r)
+        for q, t, s, r in zip(*(table[k] for k in ("quantity", "teacher", "student", "student/teacher")), strict=True)
+    }
+    verdict = "champion" if reg.promoted else "no alias"
+    parts = [f"{reg.model_name} version {reg.version}, {verdict} ({reg.reason})"]
+    metric = next((q for q in ("bits_per_byte", "f1_macro", "rougeL") if q in rows), None)
+    details = [f"{metric} {rows[metric][1]:.4f} (teacher {rows[metric][0]:.4f})"] if metric else []
+    for q in ("parameters", *(q for q in rows if q.endswith("_per_sec"))):
+        if q in rows and rows[q][2] is not None:
+            details.append(f"{q} {rows[q][2]:.2f}x")
+    return parts[0] + (": " + ", ".join(details) if details else "")
+
+
 def student_model_name(config: PipelineConfig) -> str:
     """``compress.model_name``, else ``<registry.model_name>-small``."""
     return config.compress.model_name or f"{config.registry.model_name}-small"

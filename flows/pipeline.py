@@ -10,7 +10,7 @@ from prefect import flow
 from prefect.artifacts import create_link_artifact, create_markdown_artifact, create_table_artifact
 from pydantic import BaseModel
 
-from forgeline.flows.compress import compress_flow
+from forgeline.flows.compress import compress_flow, student_line
 from forgeline.flows.seam import run_train, run_tune
 from forgeline.flows.stages import (
     RunContext,
@@ -50,6 +50,7 @@ class PipelineResult(BaseModel):
     reused: bool = False
     resumed_from: int | None = None
     timings: dict[str, float] = {}  # seconds per part of the run; "train_loop" is the only non-fixed cost
+    student: str | None = None  # the compressed student in one line (compress.enabled), see student_line
 
 
 @flow(name="pipeline", flow_run_name="pipeline {config.name}")
@@ -97,9 +98,12 @@ def pipeline_flow(
         clock.lap("evaluate")
         registered = register_task(config, outcome, evaluation, cleaned.fingerprint, cleaned.dataset_dir, ctx)
         clock.lap("register")
+        student = None
         if config.compress.enabled and registered.champion_version is not None:  # issue 18: compress the champion
             champion = f"models:/{config.registry.model_name}/{registered.champion_version}"
-            compress_flow(config, champion, cleaned.dataset_dir, cleaned.fingerprint, parent_run_id=run_id)
+            compressed = compress_flow(config, champion, cleaned.dataset_dir, cleaned.fingerprint, parent_run_id=run_id)
+            student = student_line(compressed)
+            records.set_tags(run_id, {"forgeline.student": student})
             clock.lap("compress")
         metrics = run_metrics(evaluation.metrics, outcome.result, kept_best=config.keep_best())
         records.log_metrics(run_id, metrics | {f"time/{k}": v for k, v in clock.laps.items()})
@@ -113,6 +117,7 @@ def pipeline_flow(
                 "metrics": metrics,
                 "resumed_from": outcome.result.resumed_from,
                 "timings": clock.laps,
+                "student": student,
             }
         )
         _publish_summary(summary)
@@ -235,6 +240,8 @@ def summary_markdown(summary: PipelineResult) -> str:
         "",
         f"**Data fingerprint:** `{summary.fingerprint[:16]}`",
     ]
+    if summary.student:
+        lines += ["", f"**Compressed student:** {summary.student}"]
     return "\n".join(lines) + "\n"
 
 

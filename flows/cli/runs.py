@@ -165,6 +165,8 @@ def print_summary(result: PipelineResult) -> None:
             table.add_row("TF-IDF baseline", baseline_verdict(pairs))
         verdict = "promoted to champion" if result.promoted else "not promoted"
         table.add_row("champion", f"{verdict}: {result.decision}")
+        if result.student:
+            table.add_row("student", result.student)
     if result.timings:
         table.add_row("time", time_breakdown(result.timings))
     out.print(table)

@@ -252,6 +252,8 @@ def print_deployed_summary(cfg: PipelineConfig, flow_run_id: str) -> None:
     out.print(f"completed: {cfg.registry.model_name} version {version}", highlight=False)
     if "promoted" in tags:
         out.print(f"promoted to champion: {tags['promoted']}", highlight=False)
+    if "forgeline.student" in tags:
+        out.print(f"student: {tags['forgeline.student']}", highlight=False)
     baseline = {key: base for key, _, base in model_vs_baseline(metrics)}  # a classifier's TF-IDF baseline
     headline = ("test/bits_per_byte", "test/f1_macro", "test/f1_weighted", "test/accuracy", "test/loss", "val/loss")
     for key in dict.fromkeys((cfg.gate_metric()[0], *headline)):  # the gate's metric first, whatever the task

@@ -13,8 +13,6 @@ from collections import Counter
 from collections.abc import Sequence
 
 from pydantic import BaseModel
-from rouge_score import rouge_scorer
-from sacrebleu.metrics import BLEU, CHRF
 
 log = logging.getLogger(__name__)
 
@@ -91,6 +89,11 @@ def score_generations(predictions: Sequence[str], references: Sequence[str]) -> 
         raise ValueError(f"{len(predictions)} predictions but {len(references)} references")
     if not predictions:
         raise ValueError("no predictions to score")
+    # Imported here: rouge-score pulls in nltk, scikit-learn, pandas and scipy (1.3 s), which a language model's
+    # or a classifier's run never needs (BENCHMARKS.md section 2).
+    from rouge_score import rouge_scorer
+    from sacrebleu.metrics import BLEU, CHRF
+
     preds, refs = list(predictions), list(references)
     bleu = BLEU()
     corpus_bleu = bleu.corpus_score(preds, [refs])

@@ -125,7 +125,10 @@ def test_pipeline_compresses_its_champion_when_enabled(project: Any) -> None:
     settings = ["compress.enabled=true", "compress.max_steps=4", "compress.latency_requests=2"]
     result = project.run_in_process(*settings, "compress.latency_new_tokens=4", "compress.max_quality_drop=100")
     assert (result.version, result.promoted) == ("1", True)
+    assert result.student and result.student.startswith(f"{STUDENT} version 1, champion ("), result.student
+    assert "bits_per_byte " in result.student and "parameters 0." in result.student
     client = project.client()
+    assert client.get_run(result.run_id).data.tags["forgeline.student"] == result.student
     student = client.get_model_version_by_alias(STUDENT, "champion")
     assert student.tags["forgeline.teacher"] == TEACHER and student.tags["forgeline.teacher_version"] == "1"
     run = client.get_run(student.tags["forgeline.model_card_run_id"])

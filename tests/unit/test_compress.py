@@ -321,3 +321,25 @@ def test_register_student_gates_against_the_teacher_and_registers_once() -> None
     assert "exceeds compress.max_quality_drop" in store.versions[1].tags["forgeline.decision"]
     again = register("a", 2.1)  # the same compression re-run: no second version
     assert again.already_registered and len(store.versions) == 2
+
+
+def test_student_line_names_version_gate_metric_size_and_speed() -> None:
+    from forgeline.flows.compress import CompressOutcome, student_line
+    from forgeline.tasks.registry.versions import RegisterResult
+
+    table = {
+        "quantity": ["parameters", "tokens_per_sec", "bits_per_byte"],
+        "teacher": [810112, 150.3, 2.7435],
+        "student": [413568, 244.4, 2.817],
+        "student/teacher": [0.5105, 1.626, 1.0268],
+    }
+    reg = RegisterResult(
+        model_name="shakespeare-char-small", version="1", model_uri="m", promoted=True, reason="within 0.1"
+    )
+    outcome = CompressOutcome(teacher_uri="models:/shakespeare-char/1", run_id="r", registered=reg, table=table)
+    assert student_line(outcome) == (
+        "shakespeare-char-small version 1, champion (within 0.1): bits_per_byte 2.8170 (teacher 2.7435), "
+        "parameters 0.51x, tokens_per_sec 1.63x"
+    )
+    refused = outcome.model_copy(update={"registered": reg.model_copy(update={"promoted": False, "reason": "too far"})})
+    assert student_line(refused).startswith("shakespeare-char-small version 1, no alias (too far): ")

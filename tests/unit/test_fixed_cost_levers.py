@@ -92,3 +92,16 @@ def test_process_age_is_measured_from_this_process_start() -> None:
     age = process_age()
     assert 0.0 < age < time.monotonic()  # pytest has been running a while; never a future or boot-time value
     assert abs(process_age() - age) < 1.0
+
+
+def test_a_language_model_run_imports_no_task_metrics_it_does_not_use() -> None:
+    """The completion metrics (rouge-score -> nltk -> scikit-learn -> pandas, scipy) cost 1.3 s of every run's start."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, forgeline.flows.pipeline, forgeline.flows.cli.main;"
+        "print(sorted({m.split('.')[0] for m in sys.modules} & {'rouge_score', 'nltk', 'sacrebleu', 'sklearn'}))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]", out.stdout + out.stderr
