@@ -47,9 +47,16 @@ def lm_loss(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.T
     """Mean next-token cross-entropy of ``model`` on inputs ``x`` and targets ``y`` (both ``(B, T)``)."""
     # Loss from the logits outside the model: scores all T targets (as nanoGPT) and compiles better.
     # No KV cache to fill while training; a plain GPT-2 runs its own modules without the per-call plumbing.
-    plain = _plain_gpt2(model)
-    logits = _gpt2_logits(model, x) if plain else model(input_ids=x, use_cache=False).logits  # (B, T, V)
-    return F.cross_entropy(logits.flatten(0, 1).float(), y.flatten())
+    return F.cross_entropy(lm_logits(model, x).flatten(0, 1).float(), y.flatten())
+
+
+def lm_logits(model: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """The next-token logits ``(B, T, V)`` of a causal LM for unpadded windows ``x`` ``(B, T)``, without a KV cache.
+
+    A plain GPT-2 runs its own modules without the per-call plumbing (:func:`_gpt2_logits`); any other model
+    is called as usual.
+    """
+    return _gpt2_logits(model, x) if _plain_gpt2(model) else model(input_ids=x, use_cache=False).logits
 
 
 def _plain_gpt2(model: torch.nn.Module) -> bool:

@@ -23,10 +23,11 @@ class ZeroLM(torch.nn.Module):
     def __init__(self, vocab: int) -> None:
         super().__init__()
         self.vocab = vocab
+        self.config = SimpleNamespace(vocab_size=vocab)
         self.dummy = torch.nn.Parameter(torch.zeros(()))
         self.shapes: list[tuple[int, ...]] = []
 
-    def forward(self, input_ids: torch.Tensor) -> SimpleNamespace:
+    def forward(self, input_ids: torch.Tensor, use_cache: bool | None = None) -> SimpleNamespace:
         self.shapes.append(tuple(input_ids.shape))
         return SimpleNamespace(logits=torch.zeros(*input_ids.shape, self.vocab) + 0 * self.dummy)
 
@@ -149,3 +150,15 @@ def test_evaluate_model_fields(char_tok, tiny_model) -> None:
     again = evaluate_model(tiny_model, char_tok, TEXT, cfg, block_size=16, seed=3)
     assert again == result
     assert EvalResult.model_validate_json(result.model_dump_json()) == result
+
+
+def test_default_scoring_batch_keeps_the_logits_near_the_budget(char_tok) -> None:
+    """A char model scores 256 windows a pass; a 50k vocabulary at 1024 tokens scores one (16 took 3.3 GB)."""
+    from forgeline.tasks.evaluate.evaluation import LOGIT_BUDGET
+
+    small = ZeroLM(len(char_tok))
+    score_text(small, char_tok, TEXT * 200, block_size=8, max_tokens=10**6)
+    assert max(s[0] for s in small.shapes) == 256
+    big = ZeroLM(50257)
+    score_text(big, char_tok, TEXT * 20, block_size=64, max_tokens=10**6)
+    assert max(s[0] for s in big.shapes) == LOGIT_BUDGET // (64 * 50257) == 20
