@@ -58,6 +58,7 @@ def test_benchmark_smoke_mode(script: str, tmp_path: Path) -> None:
         assert row["rows_in"] > 10_000 and row["dropped"]["duplicate"] > 1_000 and len(row["fingerprint"]) == 64
 
 
+@pytest.mark.slow  # 29 s on 2 cores: the GPU recipe's smoke run on CPU
 def test_gpu_benchmark_smoke_mode(tmp_path: Path) -> None:
     # In the default suite: the GPU benchmark (issue 20) is prepared but has never met a GPU, so this is its check.
     corpus = tmp_path / "input.txt"

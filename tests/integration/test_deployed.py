@@ -54,6 +54,7 @@ def test_run_with_no_live_worker_is_cancelled_with_a_clear_error(project: Projec
         assert client.read_flow_run(run.id).state.name == "Cancelled"
 
 
+@pytest.mark.slow  # 16 s; the no-live-worker case above stays in the default suite
 def test_a_pool_with_a_live_worker_is_waited_on(project: Project) -> None:
     from prefect import get_client
 

@@ -109,6 +109,7 @@ def test_early_server_dies_with_a_killed_command(tmp_path: Path) -> None:
         command.wait(timeout=30)
 
 
+@pytest.mark.slow  # a whole command; the first two tests keep the early server in the default suite
 def test_no_early_server_when_an_api_url_is_configured(tmp_path: Path) -> None:
     home = tmp_path / "prefect-home"
     home.mkdir()
@@ -122,5 +123,6 @@ def test_no_early_server_when_an_api_url_is_configured(tmp_path: Path) -> None:
     }
 
 
+@pytest.mark.slow  # a whole command each; the first two tests keep the early server in the default suite
 def test_early_server_can_be_turned_off(tmp_path: Path) -> None:
     assert probe(tmp_path, FORGELINE_EARLY_SERVER="0") == {"server": None, "env": None}

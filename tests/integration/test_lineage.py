@@ -58,6 +58,7 @@ def _flat(text: str) -> str:
     return " ".join(text.split())  # the terminal log wraps long lines
 
 
+@pytest.mark.slow  # 34 s on 2 cores; the other-store case below keeps H1 in the default suite
 def test_deleted_store_gets_the_finished_model_and_its_curve_again(project: Project) -> None:
     first = project.run_pipeline()
     assert first.returncode == 0, first.describe()
@@ -107,7 +108,7 @@ def test_a_finished_checkpoint_tracked_by_another_store_brings_its_curve(
     assert curve(client, run.info.run_id) == curve(project.client(), first_run)  # the same curve, replayed
 
 
-@pytest.mark.slow  # a kill, a resume and a restore (31 s); the deleted-store test above keeps H1 in the default suite
+@pytest.mark.slow  # a kill, a resume and a restore (31 s); the other-store test above keeps H1 in the default suite
 def test_store_restored_from_a_backup_older_than_the_checkpoint(project: Project, tmp_path: Path) -> None:
     killed = project.run_pipeline(extra_env=KILL)
     assert killed.returncode in (-signal.SIGKILL, 128 + signal.SIGKILL), killed.describe()
@@ -130,7 +131,7 @@ def test_store_restored_from_a_backup_older_than_the_checkpoint(project: Project
     assert [r.info.status for r in runs["train"]] == ["KILLED", "FINISHED"]  # the backup's orphan reaped
 
 
-@pytest.mark.slow  # a kill and a resume; the two cases above are the default suite's H1 tests
+@pytest.mark.slow  # a kill and a resume; the other-store case above is the default suite's H1 test
 def test_resume_into_a_new_store_replays_the_steps_it_did_not_see(project: Project) -> None:
     killed = project.run_pipeline(extra_env=KILL)
     assert killed.returncode in (-signal.SIGKILL, 128 + signal.SIGKILL), killed.describe()

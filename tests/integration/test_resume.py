@@ -93,6 +93,7 @@ def test_sigterm_ends_runs_killed_with_a_checkpoint_and_resumes(project: Project
     assert resumed.resumed_from == 15 and resumed.version == "1"
 
 
+@pytest.mark.slow  # 14 s; the SIGKILL resume above stays in the default suite
 def test_ctrl_c_during_training_exits_130_with_a_checkpoint(project: Project) -> None:
     stopped = project.run_pipeline(extra_env={"FORGELINE_FAULT_AT_STEP": "12", "FORGELINE_FAULT_KIND": "sigint"})
     assert stopped.returncode == 130, stopped.describe()
