@@ -2,8 +2,8 @@
 trained from scratch, for the same steps, seed and data (issue 18, point 5).
 
 The teacher is ``configs/shakespeare_char.yaml``'s model, trained here with the pipeline's own loop (or
-reused from ``--teacher-dir``). For each seed the two arms take turns (distilled first on even seeds,
-scratch first on odd ones, so a machine that gets busier slows both alike):
+reused from ``--teacher-dir``). For each seed the two arms take turns (distilled first on the 1st, 3rd, ... seed,
+scratch first on the others, so a machine that gets busier slows both alike):
 
 - ``distilled``: teacher layers evenly spaced (half of them) plus embeddings, final norm and head, trained
   with ``compress``'s loss (T = 2, alpha_kd = alpha_ce = 0.5);
