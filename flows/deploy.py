@@ -315,11 +315,9 @@ def start_watcher(config: PipelineConfig, timeout: float = 60.0) -> str:
     replaced = f"; {len(old)} earlier watcher run(s) cancelled" if old else ""
     if not config.deploy.watch_interval:
         return f"watch: off (deploy.watch_interval is null){replaced}"
-    # One key per deploy: a client retry of a request the server already served returns that run, not a second one.
-    key = f"watch-{config.name}-{uuid.uuid4().hex}"
-    run = run_deployment(
-        f"{WATCH}/{WATCH}", timeout=0, as_subflow=False, flow_run_name=f"watch {config.name}", idempotency_key=key
-    )
+    key = f"watch-{config.name}-{uuid.uuid4().hex}"  # a client retry of a served request returns that run
+    name = f"watch {config.name}"
+    run = run_deployment(f"{WATCH}/{WATCH}", timeout=0, as_subflow=False, flow_run_name=name, idempotency_key=key)
     every = config.deploy.watch_interval
     return f"watcher flow run {run.name} ({run.id}): looks at {config.deploy.drop_dir} every {every:g} s{replaced}"
 
