@@ -28,8 +28,8 @@ METRIC = "bits_per_byte"
 (:data:`.classify.METRIC`, macro F1, higher is better)."""
 
 
-class ModelMeasure(BaseModel):
-    """One model's side of the trade-off table."""
+class GenerationMeasure(BaseModel):
+    """The size and generation speed of a model that generates: the table's first rows, before its task metric."""
 
     parameters: int
     non_embedding_parameters: int
@@ -39,6 +39,11 @@ class ModelMeasure(BaseModel):
     tokens_per_sec: float
     latency_p50_ms: float
     latency_p95_ms: float
+
+
+class ModelMeasure(GenerationMeasure):
+    """One model's side of the trade-off table."""
+
     bits_per_byte: float
 
 
