@@ -31,8 +31,7 @@ from forgeline.tasks.compress.distill import (
     run_distillation,
     start_distillation,
 )
-from forgeline.tasks.compress.measure import safetensors_bytes
-from forgeline.tasks.compress.student import mlp_width, non_embedding_parameters
+from forgeline.tasks.compress.measure import footprint
 from forgeline.tasks.train.classify_data import LabeledSplit, batch_indices, collate, evaluate_split
 
 logger = logging.getLogger(__name__)
@@ -196,10 +195,7 @@ def measure_classifiers(
         out.append(
             ClassifierMeasure(
                 parameters=sum(p.numel() for p in model.parameters()),
-                non_embedding_parameters=non_embedding_parameters(model),
-                n_layer=int(model.config.n_layer),
-                n_inner=mlp_width(model.config),
-                bytes_on_disk=safetensors_bytes(model),
+                **footprint(model),
                 records_per_sec=rate,
                 latency_p50_ms=p50,
                 latency_p95_ms=p95,

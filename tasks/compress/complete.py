@@ -29,8 +29,7 @@ from forgeline.tasks.compress.distill import (
     run_distillation,
     start_distillation,
 )
-from forgeline.tasks.compress.measure import GenerationMeasure, safetensors_bytes, time_generation
-from forgeline.tasks.compress.student import mlp_width, non_embedding_parameters
+from forgeline.tasks.compress.measure import GenerationMeasure, footprint, time_generation
 from forgeline.tasks.config import PipelineConfig
 from forgeline.tasks.train.completion import IGNORE_INDEX, EncodedPairs, completion_loss, pair_batches
 
@@ -170,10 +169,7 @@ def measure_completions(
         out.append(
             CompletionMeasure(
                 parameters=sum(p.numel() for p in model.parameters()),
-                non_embedding_parameters=non_embedding_parameters(model),
-                n_layer=int(model.config.n_layer),
-                n_inner=mlp_width(model.config),
-                bytes_on_disk=safetensors_bytes(model),
+                **footprint(model),
                 tokens_per_sec=rate,
                 latency_p50_ms=p50,
                 latency_p95_ms=p95,

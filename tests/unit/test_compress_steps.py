@@ -118,3 +118,24 @@ def test_the_loop_validates_logs_checkpoints_and_resumes(tmp_path: Path, caplog:
     assert torch.equal(again.student.weight, toy.student.weight)
     assert torch.equal(gen.get_state(), ckpt["rng"]["batches"])
     assert "toy resumed from step 3" in caplog.text
+
+
+def test_the_footprint_is_the_size_rows_every_measure_shares() -> None:
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from forgeline.tasks.compress.complete import CompletionMeasure
+    from forgeline.tasks.compress.measure import ModelMeasure, footprint, safetensors_bytes
+
+    model = GPT2LMHeadModel(GPT2Config(vocab_size=20, n_positions=16, n_embd=16, n_layer=2, n_head=2, n_inner=24))
+    rows = footprint(model)
+
+    assert rows == {
+        "non_embedding_parameters": rows["non_embedding_parameters"],
+        "n_layer": 2,
+        "n_inner": 24,
+        "bytes_on_disk": safetensors_bytes(model),
+    }
+    assert 0 < rows["non_embedding_parameters"] < sum(p.numel() for p in model.parameters())
+    shared = ["parameters", *rows, "tokens_per_sec", "latency_p50_ms", "latency_p95_ms"]
+    assert list(ModelMeasure.model_fields) == [*shared, "bits_per_byte"]  # the table's row order
+    assert list(CompletionMeasure.model_fields) == [*shared, "rougeL", "bleu", "exact_match"]
