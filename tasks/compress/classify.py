@@ -16,7 +16,6 @@ request (batch 1, one forward pass), and the task metric is ``test/f1_macro`` (h
 from __future__ import annotations
 
 import logging
-import math
 import statistics
 import time
 from pathlib import Path
@@ -25,23 +24,15 @@ from typing import Any
 import torch
 from pydantic import BaseModel
 
-from forgeline.tasks import faults
 from forgeline.tasks.compress.distill import (
     DistillSettings,
     DistillState,
     OnMetrics,
-    _checkpoint,
-    _skip_nonfinite,
-    distillation_loss,
+    run_distillation,
+    start_distillation,
 )
-from forgeline.tasks.compress.measure import safetensors_bytes
-from forgeline.tasks.compress.student import mlp_width, non_embedding_parameters
-from forgeline.tasks.errors import StageInterrupted
-from forgeline.tasks.train.batches import autocast_context
-from forgeline.tasks.train.checkpoints import load_latest_checkpoint
+from forgeline.tasks.compress.measure import footprint
 from forgeline.tasks.train.classify_data import LabeledSplit, batch_indices, collate, evaluate_split
-from forgeline.tasks.train.schedule import get_lr, make_optimizer
-from forgeline.tasks.train.signals import stop_on_signal
 
 logger = logging.getLogger(__name__)
 
@@ -111,104 +102,37 @@ def distill_classifier(
         StageInterrupted: SIGTERM or Ctrl-C (a checkpoint is written first).
     """
     cfg = settings.train
-    teacher.eval()
-    optimizer = make_optimizer(student, cfg, device)
-    state = DistillState()
-    ckpt = load_latest_checkpoint(checkpoint_dir, settings.run_hash)
-    if ckpt is not None:
-        student.load_state_dict(ckpt["model"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-        torch.set_rng_state(ckpt["rng"]["torch"])
-        state = DistillState(
-            step=ckpt["step"], best_val=ckpt["best_val"], nonfinite=ckpt["nonfinite"], history=list(ckpt["history"])
-        )
-        state.resumed_from = state.step
-        logger.info("classifier distillation resumed from step %d (%s)", state.step, checkpoint_dir)
+    optimizer, state = start_distillation(
+        student, teacher, settings, checkpoint_dir, device=device, what="classifier distillation"
+    )
     cached = teacher_logits(teacher, train, pad_id, device, cfg.batch_size) if cache else None
-    gen = torch.Generator()  # the checkpoint keeps its slot; batches come from batch_indices (stateless)
-    student.train()
-    with stop_on_signal() as stop:
-        while state.step < cfg.max_steps:
-            metrics = _step(student, teacher, optimizer, train, cached, state, settings, pad_id, device)
-            if metrics is None:
-                _skip_nonfinite(optimizer, state, cfg)
-                continue
-            last = state.step == cfg.max_steps
-            if state.step % cfg.eval_interval == 0 or last:
-                scores = evaluate_split(student, val, pad_id, device, cfg)
-                state.final_val = scores["val/loss"]
-                state.best_val = min(state.best_val, state.final_val)
-                metrics |= scores
-            if state.step % cfg.log_interval == 0 or last:
-                state.history.append({"step": state.step, **metrics})
-                logger.info(
-                    "distil step %d/%d  loss %.4f  kd %.4f  ce %.4f",
-                    state.step,
-                    cfg.max_steps,
-                    metrics["train/loss"],
-                    metrics["kd_loss"],
-                    metrics["ce_loss"],
-                )
-            if on_metrics:
-                on_metrics(state.step, metrics)
-            if state.step % cfg.checkpoint_interval == 0 or last or stop.is_set():
-                _checkpoint(student, optimizer, gen, state, settings, checkpoint_dir)
-            if stop.is_set():
-                signum = int(getattr(stop, "signum", 15))
-                raise StageInterrupted(f"distillation stopped by a signal after step {state.step}", signum)
-    return state
 
-
-def _step(
-    student: Any,
-    teacher: Any,
-    optimizer: torch.optim.Optimizer,
-    train: LabeledSplit,
-    cached: torch.Tensor | None,
-    state: DistillState,
-    settings: DistillSettings,
-    pad_id: int,
-    device: torch.device,
-) -> dict[str, float] | None:
-    cfg = settings.train
-    lr = get_lr(state.step, cfg)
-    for group in optimizer.param_groups:
-        group["lr"] = lr
-    sums = torch.zeros(3, device=device)  # loss, kd, ce
-    poison = faults.nan_loss(state.step + 1)
-    for micro in range(cfg.grad_accum_steps):
-        index = batch_indices(train, cfg.batch_size, state.step * cfg.grad_accum_steps + micro, settings.seed)
-        x, mask, y = collate(train, index, pad_id)
+    def forward(index: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        records = batch_indices(train, cfg.batch_size, index, settings.seed)
+        x, mask, y = collate(train, records, pad_id)
         x, mask, y = x.to(device), mask.to(device), y.to(device)
-        with autocast_context(device, cfg):
-            if cached is not None:
-                t_logits = cached[index].to(device)  # (B, classes)
-            else:
-                with torch.no_grad():
-                    t_logits = teacher(input_ids=x, attention_mask=mask).logits
-            s_logits = student(input_ids=x, attention_mask=mask).logits
-            loss, kd, ce = distillation_loss(
-                s_logits,
-                t_logits,
-                y,
-                temperature=settings.temperature,
-                alpha_kd=settings.alpha_kd,
-                alpha_ce=settings.alpha_ce,
-            )
-        if poison:
-            loss = loss * float("nan")
-        (loss / cfg.grad_accum_steps).backward()
-        sums += torch.stack([loss.detach(), kd.detach(), ce.detach()])
-    loss_v, kd_v, ce_v = (sums / cfg.grad_accum_steps).tolist()
-    state.step += 1
-    if not math.isfinite(loss_v):
-        return None
-    state.nonfinite_run = 0
-    limit = cfg.grad_clip if cfg.grad_clip > 0 else float("inf")
-    grad_norm = float(torch.nn.utils.clip_grad_norm_(student.parameters(), limit))
-    optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
-    return {"train/loss": loss_v, "kd_loss": kd_v, "ce_loss": ce_v, "lr": lr, "grad_norm": grad_norm}
+        if cached is not None:
+            t_logits = cached[records].to(device)  # (B, classes)
+        else:
+            with torch.no_grad():
+                t_logits = teacher(input_ids=x, attention_mask=mask).logits
+        return student(input_ids=x, attention_mask=mask).logits, t_logits, y
+
+    def validate() -> dict[str, float]:
+        return evaluate_split(student, val, pad_id, device, cfg)
+
+    return run_distillation(
+        student,
+        optimizer,
+        state,
+        settings,
+        checkpoint_dir,
+        forward,
+        validate,
+        on_metrics,
+        device=device,
+        fault_point=False,
+    )
 
 
 @torch.inference_mode()
@@ -271,10 +195,7 @@ def measure_classifiers(
         out.append(
             ClassifierMeasure(
                 parameters=sum(p.numel() for p in model.parameters()),
-                non_embedding_parameters=non_embedding_parameters(model),
-                n_layer=int(model.config.n_layer),
-                n_inner=mlp_width(model.config),
-                bytes_on_disk=safetensors_bytes(model),
+                **footprint(model),
                 records_per_sec=rate,
                 latency_p50_ms=p50,
                 latency_p95_ms=p95,

@@ -21,25 +21,17 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from pydantic import BaseModel
 
-from forgeline.tasks import faults
 from forgeline.tasks.compress.distill import (
     DistillSettings,
     DistillState,
     OnMetrics,
-    _checkpoint,
-    _skip_nonfinite,
-    distillation_loss,
+    run_distillation,
+    start_distillation,
 )
-from forgeline.tasks.compress.measure import safetensors_bytes, time_generation
-from forgeline.tasks.compress.student import mlp_width, non_embedding_parameters
+from forgeline.tasks.compress.measure import GenerationMeasure, footprint, time_generation
 from forgeline.tasks.config import PipelineConfig
-from forgeline.tasks.errors import StageInterrupted
-from forgeline.tasks.train.batches import autocast_context
-from forgeline.tasks.train.checkpoints import load_latest_checkpoint
 from forgeline.tasks.train.completion import IGNORE_INDEX, EncodedPairs, completion_loss, pair_batches
-from forgeline.tasks.train.signals import stop_on_signal
 
 logger = logging.getLogger(__name__)
 
@@ -49,17 +41,9 @@ VAL_BATCHES = 20
 """Validation batches (in order) scored at each evaluation: enough for a trend, cheap next to the steps."""
 
 
-class CompletionMeasure(BaseModel):
+class CompletionMeasure(GenerationMeasure):
     """One completion model's side of the trade-off table."""
 
-    parameters: int
-    non_embedding_parameters: int
-    n_layer: int
-    n_inner: int
-    bytes_on_disk: int
-    tokens_per_sec: float
-    latency_p50_ms: float
-    latency_p95_ms: float
     rougeL: float  # noqa: N815 - the metric's own name (test/rougeL)
     bleu: float
     exact_match: float
@@ -102,48 +86,30 @@ def distill_pairs(
     if not len(train):
         raise ValueError("no training pair fits model.block_size: nothing to distil on")
     cfg = settings.train
-    from forgeline.tasks.train.schedule import make_optimizer
-
-    teacher.eval()
-    optimizer = make_optimizer(student, cfg, device)
-    state = DistillState()
-    ckpt = load_latest_checkpoint(checkpoint_dir, settings.run_hash)
-    if ckpt is not None:
-        student.load_state_dict(ckpt["model"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-        torch.set_rng_state(ckpt["rng"]["torch"])
-        state = DistillState(
-            step=ckpt["step"], best_val=ckpt["best_val"], nonfinite=ckpt["nonfinite"], history=list(ckpt["history"])
-        )
-        state.resumed_from = state.step
-        logger.info("completion distillation resumed from step %d (%s)", state.step, checkpoint_dir)
+    optimizer, state = start_distillation(
+        student, teacher, settings, checkpoint_dir, device=device, what="completion distillation"
+    )
     val_batches = pair_batches(val, cfg.batch_size, pad_id)[:VAL_BATCHES] if len(val) else []
     epochs: dict[int, list[dict[str, torch.Tensor]]] = {}
-    gen = torch.Generator()  # the checkpoint keeps its slot; batches are a function of the step
-    student.train()
-    with stop_on_signal() as stop:
-        while state.step < cfg.max_steps:
-            metrics = _step(student, teacher, optimizer, train, epochs, state, settings, pad_id, device)
-            if metrics is None:
-                _skip_nonfinite(optimizer, state, cfg)
-                continue
-            last = state.step == cfg.max_steps
-            if val_batches and (state.step % cfg.eval_interval == 0 or last):
-                state.final_val = _val_loss(student, val_batches, device)
-                state.best_val = min(state.best_val, state.final_val)
-                metrics["val/loss"] = state.final_val
-            if state.step % cfg.log_interval == 0 or last:
-                state.history.append({"step": state.step, **metrics})
-                logger.info("distil step %d/%d  loss %.4f", state.step, cfg.max_steps, metrics["train/loss"])
-            if on_metrics:
-                on_metrics(state.step, metrics)
-            if state.step % cfg.checkpoint_interval == 0 or last or stop.is_set():
-                _checkpoint(student, optimizer, gen, state, settings, checkpoint_dir)
-            faults.hit("train.step", step=state.step)
-            if stop.is_set():
-                signum = int(getattr(stop, "signum", 15))
-                raise StageInterrupted(f"distillation stopped by a signal after step {state.step}", signum)
-    return state
+
+    def forward(index: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        batch = _batch(train, epochs, index, cfg.batch_size, pad_id, settings.seed)
+        x, mask, labels = (batch[k].to(device) for k in ("input_ids", "attention_mask", "labels"))
+        # Position t predicts label t+1 (HF shifts inside); keep the positions whose next label is a target.
+        keep = labels[:, 1:] != IGNORE_INDEX  # (B, T-1)
+        with torch.no_grad():
+            t_logits = teacher(input_ids=x, attention_mask=mask, use_cache=False).logits[:, :-1][keep]
+        s_logits = student(input_ids=x, attention_mask=mask, use_cache=False).logits[:, :-1][keep]
+        return s_logits, t_logits, labels[:, 1:][keep]
+
+    def validate() -> dict[str, float]:
+        return {"val/loss": _val_loss(student, val_batches, device)}
+
+    check = validate if val_batches else None  # no validation pair fits: no val/loss
+
+    return run_distillation(
+        student, optimizer, state, settings, checkpoint_dir, forward, check, on_metrics, device=device, log_parts=False
+    )
 
 
 def _batch(
@@ -160,58 +126,6 @@ def _batch(
         epochs.clear()  # one epoch's batches held at a time
         epochs[epoch] = pair_batches(train, batch_size, pad_id, seed=seed + epoch)
     return epochs[epoch][index % n]
-
-
-def _step(
-    student: Any,
-    teacher: Any,
-    optimizer: torch.optim.Optimizer,
-    train: EncodedPairs,
-    epochs: dict[int, list[dict[str, torch.Tensor]]],
-    state: DistillState,
-    settings: DistillSettings,
-    pad_id: int,
-    device: torch.device,
-) -> dict[str, float] | None:
-    from forgeline.tasks.train.schedule import get_lr
-
-    cfg = settings.train
-    lr = get_lr(state.step, cfg)
-    for group in optimizer.param_groups:
-        group["lr"] = lr
-    sums = torch.zeros(3, device=device)  # loss, kd, ce
-    poison = faults.nan_loss(state.step + 1)
-    for micro in range(cfg.grad_accum_steps):
-        batch = _batch(train, epochs, state.step * cfg.grad_accum_steps + micro, cfg.batch_size, pad_id, settings.seed)
-        x, mask, labels = (batch[k].to(device) for k in ("input_ids", "attention_mask", "labels"))
-        # Position t predicts label t+1 (HF shifts inside); keep the positions whose next label is a target.
-        keep = labels[:, 1:] != IGNORE_INDEX  # (B, T-1)
-        with autocast_context(device, cfg):
-            with torch.no_grad():
-                t_logits = teacher(input_ids=x, attention_mask=mask, use_cache=False).logits[:, :-1][keep]
-            s_logits = student(input_ids=x, attention_mask=mask, use_cache=False).logits[:, :-1][keep]
-            loss, kd, ce = distillation_loss(
-                s_logits,
-                t_logits,
-                labels[:, 1:][keep],
-                temperature=settings.temperature,
-                alpha_kd=settings.alpha_kd,
-                alpha_ce=settings.alpha_ce,
-            )
-        if poison:
-            loss = loss * float("nan")
-        (loss / cfg.grad_accum_steps).backward()
-        sums += torch.stack([loss.detach(), kd.detach(), ce.detach()])
-    loss_v, kd_v, ce_v = (sums / cfg.grad_accum_steps).tolist()
-    state.step += 1
-    if not math.isfinite(loss_v):
-        return None
-    state.nonfinite_run = 0
-    limit = cfg.grad_clip if cfg.grad_clip > 0 else float("inf")
-    grad_norm = float(torch.nn.utils.clip_grad_norm_(student.parameters(), limit))
-    optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
-    return {"train/loss": loss_v, "kd_loss": kd_v, "ce_loss": ce_v, "lr": lr, "grad_norm": grad_norm}
 
 
 @torch.no_grad()
@@ -255,10 +169,7 @@ def measure_completions(
         out.append(
             CompletionMeasure(
                 parameters=sum(p.numel() for p in model.parameters()),
-                non_embedding_parameters=non_embedding_parameters(model),
-                n_layer=int(model.config.n_layer),
-                n_inner=mlp_width(model.config),
-                bytes_on_disk=safetensors_bytes(model),
+                **footprint(model),
                 tokens_per_sec=rate,
                 latency_p50_ms=p50,
                 latency_p95_ms=p95,

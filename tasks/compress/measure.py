@@ -17,7 +17,7 @@ import torch
 from pydantic import BaseModel
 from transformers import PreTrainedModel
 
-from forgeline.tasks.compress.student import non_embedding_parameters
+from forgeline.tasks.compress.student import mlp_width, non_embedding_parameters
 from forgeline.tasks.evaluate.evaluation import bits_per_byte, score_text
 from forgeline.tasks.model.modeling import count_parameters
 
@@ -28,8 +28,8 @@ METRIC = "bits_per_byte"
 (:data:`.classify.METRIC`, macro F1, higher is better)."""
 
 
-class ModelMeasure(BaseModel):
-    """One model's side of the trade-off table."""
+class GenerationMeasure(BaseModel):
+    """The size and generation speed of a model that generates: the table's first rows, before its task metric."""
 
     parameters: int
     non_embedding_parameters: int
@@ -39,6 +39,11 @@ class ModelMeasure(BaseModel):
     tokens_per_sec: float
     latency_p50_ms: float
     latency_p95_ms: float
+
+
+class ModelMeasure(GenerationMeasure):
+    """One model's side of the trade-off table."""
+
     bits_per_byte: float
 
 
@@ -47,6 +52,16 @@ def safetensors_bytes(model: PreTrainedModel) -> int:
     with tempfile.TemporaryDirectory(prefix="forgeline-size-") as tmp:
         model.save_pretrained(tmp)
         return sum(p.stat().st_size for p in Path(tmp).glob("*.safetensors"))
+
+
+def footprint(model: PreTrainedModel) -> dict[str, int]:
+    """The size rows every measure shares after ``parameters``: non-embedding parameters, depth, MLP width, bytes."""
+    return {
+        "non_embedding_parameters": non_embedding_parameters(model),
+        "n_layer": int(model.config.n_layer),
+        "n_inner": mlp_width(model.config),
+        "bytes_on_disk": safetensors_bytes(model),
+    }
 
 
 @torch.no_grad()
@@ -100,7 +115,6 @@ def measure_models(
     requests: int,
 ) -> list[ModelMeasure]:
     """Size, speed and bits per byte of each model (on CPU, as a CPU server runs them), timed interleaved."""
-    from forgeline.tasks.compress.student import mlp_width
     from forgeline.tasks.data.tokenization import encode_text
 
     models = [m.to("cpu") for m in models]
@@ -116,10 +130,7 @@ def measure_models(
         out.append(
             ModelMeasure(
                 parameters=count_parameters(model),
-                non_embedding_parameters=non_embedding_parameters(model),
-                n_layer=int(model.config.n_layer),
-                n_inner=mlp_width(model.config),
-                bytes_on_disk=safetensors_bytes(model),
+                **footprint(model),
                 tokens_per_sec=rate,
                 latency_p50_ms=p50,
                 latency_p95_ms=p95,
