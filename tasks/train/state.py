@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -44,6 +44,43 @@ class TrainState:
         )
 
 
+@dataclass
+class EvalState:
+    """The classification and completion loops' counters: like :class:`TrainState`, with every validation metric."""
+
+    step: int = 0
+    best_score: float = math.inf  # the improvement metric, negated when higher is better: lower is better
+    best_metrics: dict[str, float] = field(default_factory=dict)
+    bad_evals: int = 0
+    nonfinite: int = 0
+    nonfinite_run: int = 0
+    history: list[dict[str, float]] = field(default_factory=list)
+    best_model: dict[str, torch.Tensor] | None = None
+
+    @classmethod
+    def from_checkpoint(cls, ckpt: dict[str, Any]) -> EvalState:
+        """The state a checkpoint saved."""
+        return cls(
+            step=ckpt["step"],
+            best_score=ckpt["best_val"],
+            best_metrics=dict(ckpt["best_metrics"]),
+            bad_evals=ckpt["bad_evals"],
+            nonfinite=ckpt["nonfinite"],
+            history=list(ckpt["history"]),
+            best_model=ckpt.get("best_model"),
+        )
+
+    def record(self, scores: dict[str, float], metric: str, higher: bool, model: Any, keep_best: bool) -> None:
+        """Count an evaluation towards patience; with ``keep_best``, copy the weights of a new best."""
+        score = -scores[metric] if higher else scores[metric]
+        if score < self.best_score:
+            self.best_score, self.best_metrics, self.bad_evals = score, scores, 0
+            if keep_best:
+                self.best_model = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
+        else:
+            self.bad_evals += 1
+
+
 def record_eval(state: TrainState, model: torch.nn.Module, cfg: TrainConfig, val_loss: float) -> None:
     """Count an evaluation towards patience; with ``train.keep_best``, copy the weights of a new best."""
     if val_loss < state.best_val:
@@ -54,7 +91,7 @@ def record_eval(state: TrainState, model: torch.nn.Module, cfg: TrainConfig, val
         state.bad_evals += 1
 
 
-def skip_nonfinite(state: TrainState, cfg: TrainConfig, run_dir: Path, step: int) -> None:
+def skip_nonfinite(state: TrainState | EvalState, cfg: TrainConfig, run_dir: Path, step: int) -> None:
     """Count a non-finite step (its update was skipped); ``train.max_nonfinite_steps`` in a row fail the run.
 
     Raises:
@@ -103,4 +140,35 @@ def save_state(
     }
     if state.best_weights is not None:
         payload["best_model"], payload["best_step"] = state.best_weights, state.best_step
+    save_checkpoint(run_dir / "checkpoints", state.step, payload, keep=cfg.keep_checkpoints)
+
+
+def save_eval_state(
+    model: Any,
+    optimizer: torch.optim.Optimizer,
+    state: EvalState,
+    run_dir: Path,
+    config_hash: str,
+    cfg: TrainConfig,
+    device: torch.device,
+) -> None:
+    """Write the checkpoint of ``state.step`` for the classification and completion loops."""
+    rng = {"torch": torch.get_rng_state()}  # batches are a function of (seed, step): no generator to save
+    if device.type == "cuda":
+        rng["cuda"] = torch.cuda.get_rng_state()
+    payload = {
+        "step": state.step,
+        "config_hash": config_hash,
+        "model": model.state_dict(),
+        "optimizer": optimizer.state_dict(),
+        "scheduler": {"kind": "warmup_cosine", "step": state.step},
+        "rng": rng,
+        "best_val": state.best_score,
+        "best_metrics": state.best_metrics,
+        "bad_evals": state.bad_evals,
+        "nonfinite": state.nonfinite,
+        "history": state.history,
+    }
+    if state.best_model is not None:
+        payload["best_model"] = state.best_model
     save_checkpoint(run_dir / "checkpoints", state.step, payload, keep=cfg.keep_checkpoints)
