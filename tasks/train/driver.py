@@ -2,7 +2,8 @@
 
 The language-model loop (``tasks/train/loop.py``), the classification loop (``classify.py``) and the completion
 loop (``complete.py``) share these; the last two also share their whole step loop (``epochs.py``). Nothing
-here runs inside the language model's step, which must not sync with the host.
+here runs inside the language model's step, which must not sync with the host. ``TrainResult``,
+``TrainCallbacks``, ``DONE_FILE`` and ``finished_result`` are imported from ``loop.py`` too, where they began.
 """
 
 from __future__ import annotations

@@ -27,8 +27,6 @@ from forgeline.tasks.train.batches import (
 )
 from forgeline.tasks.train.checkpoints import load_latest_checkpoint
 from forgeline.tasks.train.distributed import Parallel, global_batch, rank_seed
-
-# TrainResult, TrainCallbacks, DONE_FILE and finished_result live in driver.py; callers import them from here too.
 from forgeline.tasks.train.driver import (
     DONE_FILE,
     TrainCallbacks,
