@@ -96,35 +96,34 @@ def stopped_by_signal(stop: threading.Event, step: int) -> StageInterrupted:
 def loop_result(
     run_dir: Path,
     loop: dict[str, Any],
+    state: Any,
     *,
-    steps: int,
     resumed_from: int | None,
-    nonfinite: int,
     t_start: float,
     parameters: int,
     device: torch.device,
-    history: list[dict[str, float]],
     **best: Any,
 ) -> TrainResult:
     """A run's result from its loop's numbers (``final_train``, ``final_val``, ``stopped_early``, rates).
 
-    ``best`` carries the loop's own best-evaluation fields (``best_val_loss``, ``best_step``, ``kept_best``).
+    ``state`` is the loop's state (``step``, ``nonfinite``, ``history``); ``best`` carries the loop's own
+    best-evaluation fields (``best_val_loss``, ``best_step``, ``kept_best``).
     """
     return TrainResult(
         run_dir=str(run_dir),
         model_dir=str(run_dir / "model"),
-        steps=steps,
+        steps=state.step,
         resumed_from=resumed_from,
         final_val_loss=loop["final_val"],
         final_train_loss=loop["final_train"],
-        nonfinite_steps=nonfinite,
+        nonfinite_steps=state.nonfinite,
         stopped_early=loop["stopped_early"],
         tokens_per_sec=loop["tokens_per_sec"],
         loop_seconds=loop["loop_seconds"],
         seconds=time.perf_counter() - t_start,
         parameters=parameters,
         device=str(device),
-        history=history,
+        history=state.history or [],
         **best,
     )
 

@@ -34,7 +34,7 @@ from forgeline.tasks.train.driver import (
 from forgeline.tasks.train.journal import MetricJournal
 from forgeline.tasks.train.schedule import get_lr
 from forgeline.tasks.train.signals import stop_on_signal
-from forgeline.tasks.train.state import EvalState, save_eval_state, skip_nonfinite
+from forgeline.tasks.train.state import EvalState, skip_nonfinite, write_checkpoint
 
 logger = logging.getLogger(__name__)
 
@@ -99,13 +99,11 @@ def finish(
     out = loop_result(
         run.run_dir,
         loop,
-        steps=state.step,
+        state,
         resumed_from=resumed_from,
-        nonfinite=state.nonfinite,
         t_start=t_start,
         parameters=parameters,
         device=run.device,
-        history=state.history,
         best_val_loss=state.best_metrics.get("val/loss"),
     )
     write_done(run.run_dir, out)
@@ -206,4 +204,8 @@ def fmt_metrics(metrics: dict[str, float]) -> str:
 
 def _checkpoint(run: EpochRun, state: EvalState) -> None:
     run.journal.flush()  # first: the journal must cover every step of the newest checkpoint
-    save_eval_state(run.model, run.optimizer, state, run.run_dir, run.config_hash, run.cfg, run.device)
+    # Batches are a function of (seed, step): no batch generator to save.
+    fields = state.checkpoint_fields()
+    write_checkpoint(
+        run.model, run.optimizer, state.step, {}, fields, run.run_dir, run.config_hash, run.cfg, run.device
+    )

@@ -70,6 +70,19 @@ class EvalState:
             best_model=ckpt.get("best_model"),
         )
 
+    def checkpoint_fields(self) -> dict[str, Any]:
+        """What a checkpoint holds of this state (read back by :meth:`from_checkpoint`)."""
+        fields: dict[str, Any] = {
+            "best_val": self.best_score,
+            "best_metrics": self.best_metrics,
+            "bad_evals": self.bad_evals,
+            "nonfinite": self.nonfinite,
+            "history": self.history,
+        }
+        if self.best_model is not None:
+            fields["best_model"] = self.best_model
+        return fields
+
     def record(self, scores: dict[str, float], metric: str, higher: bool, model: Any, keep_best: bool) -> None:
         """Count an evaluation towards patience; with ``keep_best``, copy the weights of a new best."""
         score = -scores[metric] if higher else scores[metric]
@@ -123,52 +136,41 @@ def save_state(
     device: torch.device,
 ) -> None:
     """Write the checkpoint of ``state.step``: weights, optimizer, generators and the loop's state."""
-    rng = {"batches": gen.get_state(), "torch": torch.get_rng_state()}
-    if device.type == "cuda":
-        rng["cuda"] = torch.cuda.get_rng_state()
-    payload = {
-        "step": state.step,
-        "config_hash": config_hash,
-        "model": model.state_dict(),
-        "optimizer": optimizer.state_dict(),
-        "scheduler": {"kind": "warmup_cosine", "step": state.step},
-        "rng": rng,
+    fields: dict[str, Any] = {
         "best_val": state.best_val,
         "bad_evals": state.bad_evals,
         "nonfinite": state.nonfinite,
         "history": state.history,
     }
     if state.best_weights is not None:
-        payload["best_model"], payload["best_step"] = state.best_weights, state.best_step
-    save_checkpoint(run_dir / "checkpoints", state.step, payload, keep=cfg.keep_checkpoints)
+        fields["best_model"], fields["best_step"] = state.best_weights, state.best_step
+    write_checkpoint(
+        model, optimizer, state.step, {"batches": gen.get_state()}, fields, run_dir, config_hash, cfg, device
+    )
 
 
-def save_eval_state(
+def write_checkpoint(
     model: Any,
     optimizer: torch.optim.Optimizer,
-    state: EvalState,
+    step: int,
+    rng: dict[str, torch.Tensor],
+    fields: dict[str, Any],
     run_dir: Path,
     config_hash: str,
     cfg: TrainConfig,
     device: torch.device,
 ) -> None:
-    """Write the checkpoint of ``state.step`` for the classification and completion loops."""
-    rng = {"torch": torch.get_rng_state()}  # batches are a function of (seed, step): no generator to save
+    """Write the checkpoint of ``step``: weights, optimizer, generators (``rng`` and torch's), a loop's ``fields``."""
+    rng["torch"] = torch.get_rng_state()
     if device.type == "cuda":
         rng["cuda"] = torch.cuda.get_rng_state()
     payload = {
-        "step": state.step,
+        "step": step,
         "config_hash": config_hash,
         "model": model.state_dict(),
         "optimizer": optimizer.state_dict(),
-        "scheduler": {"kind": "warmup_cosine", "step": state.step},
+        "scheduler": {"kind": "warmup_cosine", "step": step},
         "rng": rng,
-        "best_val": state.best_score,
-        "best_metrics": state.best_metrics,
-        "bad_evals": state.bad_evals,
-        "nonfinite": state.nonfinite,
-        "history": state.history,
+        **fields,
     }
-    if state.best_model is not None:
-        payload["best_model"] = state.best_model
-    save_checkpoint(run_dir / "checkpoints", state.step, payload, keep=cfg.keep_checkpoints)
+    save_checkpoint(run_dir / "checkpoints", step, payload, keep=cfg.keep_checkpoints)
