@@ -29,9 +29,8 @@ from forgeline.tasks.train.classify_data import (
     evaluate_split,
     total_steps,
 )
-from forgeline.tasks.train.driver import DONE_FILE, TrainCallbacks, TrainResult, finished_result
+from forgeline.tasks.train.driver import TrainCallbacks, TrainResult, finished_run, run_summary
 from forgeline.tasks.train.epochs import EpochRun, finish, resume, run_steps
-from forgeline.tasks.train.journal import JOURNAL_FILE, MetricJournal
 from forgeline.tasks.train.schedule import make_optimizer
 
 logger = logging.getLogger(__name__)
@@ -77,9 +76,8 @@ def train_classifier(
 
     cb = callbacks or TrainCallbacks()
     run_dir = Path(run_dir)
-    done = run_dir / DONE_FILE
-    if done.exists():
-        return finished_result(run_dir, done)
+    if (finished := finished_run(run_dir)) is not None:
+        return finished
 
     t_start = time.perf_counter()
     torch.manual_seed(cfg.seed)
@@ -102,20 +100,15 @@ def train_classifier(
     state, resumed_from = resume(run_dir, cfg.config_hash(), model, optimizer, device)
 
     n_params = count_parameters(model)
-    summary = {
+    sizes = {
         "parameters": n_params,
         "total_steps": train_cfg.max_steps,
         "train_records": len(train),
         "val_records": len(val),
         "train_tokens": train.tokens,
         "classes": len(label_set.labels),
-        "vocab_size": len(tokenizer),
-        "device": str(device),
-        "threads": torch.get_num_threads(),
-        "start_step": state.step,
-        "world_size": 1,
-        "global_batch": train_cfg.batch_size * train_cfg.grad_accum_steps,
     }
+    summary = run_summary(sizes, tokenizer, device, state.step, 1, train_cfg.batch_size * train_cfg.grad_accum_steps)
     logger.info(
         "training classifier: %s parameters, %d classes, %d train records (batch %d x accum %d), %d steps "
         "(%s), device %s%s",
@@ -139,18 +132,16 @@ def train_classifier(
         x, mask, y = collate(train, batch_indices(train, train_cfg.batch_size, k, cfg.seed), pad_id)
         return (x.to(device), mask.to(device), y.to(device)), int(mask.sum())
 
-    run = EpochRun(
-        cfg=train_cfg,
-        model=model,
-        optimizer=optimizer,
-        device=device,
-        run_dir=run_dir,
-        config_hash=cfg.config_hash(),
+    run = EpochRun.start(
+        cfg,
+        train_cfg,
+        model,
+        optimizer,
+        device,
+        run_dir,
+        state,
+        cb,
         metric=improvement_metric(cfg),
-        patience=cfg.patience(),
-        keep_best=cfg.keep_best(),
-        cb=cb,
-        journal=MetricJournal(run_dir / JOURNAL_FILE, state.step),
         fetch=fetch,
         loss=lambda batch: classify_loss(model, *batch, w),
         evaluate=lambda: evaluate_split(model, val, pad_id, device, train_cfg),

@@ -24,9 +24,8 @@ from forgeline.tasks.config import PipelineConfig, TrainConfig
 from forgeline.tasks.data.paths import DataError
 from forgeline.tasks.train.batches import autocast_context, resolve_device
 from forgeline.tasks.train.completion import EncodedPairs, completion_loss, encode_pairs, pair_batches
-from forgeline.tasks.train.driver import DONE_FILE, TrainCallbacks, TrainResult, finished_result
+from forgeline.tasks.train.driver import TrainCallbacks, TrainResult, finished_run, run_summary
 from forgeline.tasks.train.epochs import EpochRun, finish, resume, run_steps
-from forgeline.tasks.train.journal import JOURNAL_FILE, MetricJournal
 from forgeline.tasks.train.schedule import make_optimizer
 
 logger = logging.getLogger(__name__)
@@ -160,9 +159,8 @@ def train_completion(
 
     cb = callbacks or TrainCallbacks()
     run_dir = Path(run_dir)
-    done = run_dir / DONE_FILE
-    if done.exists():
-        return finished_result(run_dir, done)
+    if (finished := finished_run(run_dir)) is not None:
+        return finished
     t_start = time.perf_counter()
     torch.manual_seed(cfg.seed)
     device = resolve_device(cfg.train)
@@ -176,7 +174,7 @@ def train_completion(
     optimizer = make_optimizer(model, train_cfg, device)
     state, resumed_from = resume(run_dir, cfg.config_hash(), model, optimizer, device)
     n_params = count_parameters(model)
-    summary = {
+    sizes = {
         "parameters": n_params,
         "total_steps": train_cfg.max_steps,
         "train_pairs": len(train),
@@ -186,13 +184,8 @@ def train_completion(
         "prompts_truncated": train.truncated_prompts + val.truncated_prompts,
         "completions_too_long": train.completion_too_long + val.completion_too_long,
         "loss_on": cfg.train.loss_on or "completion",
-        "vocab_size": len(tokenizer),
-        "device": str(device),
-        "threads": torch.get_num_threads(),
-        "start_step": state.step,
-        "world_size": 1,
-        "global_batch": train_cfg.batch_size * train_cfg.grad_accum_steps,
     }
+    summary = run_summary(sizes, tokenizer, device, state.step, 1, train_cfg.batch_size * train_cfg.grad_accum_steps)
     logger.info(
         "training completion LM: %s parameters, %d train pairs (batch %d x accum %d), %d steps, device %s%s",
         f"{n_params:,}",
@@ -211,18 +204,16 @@ def train_completion(
         return batch, int(batch["attention_mask"].sum())
 
     val_batches = pair_batches(val, cfg.train.batch_size, pad_id)
-    run = EpochRun(
-        cfg=train_cfg,
-        model=model,
-        optimizer=optimizer,
-        device=device,
-        run_dir=run_dir,
-        config_hash=cfg.config_hash(),
+    run = EpochRun.start(
+        cfg,
+        train_cfg,
+        model,
+        optimizer,
+        device,
+        run_dir,
+        state,
+        cb,
         metric=(VAL_METRIC, False),
-        patience=cfg.patience(),
-        keep_best=cfg.keep_best(),
-        cb=cb,
-        journal=MetricJournal(run_dir / JOURNAL_FILE, state.step),
         fetch=fetch,
         loss=lambda batch: completion_loss(model, batch)[0],
         evaluate=lambda: validation_loss(model, val_batches, device, train_cfg),

@@ -75,6 +75,27 @@ def finished_result(run_dir: Path, done: Path) -> TrainResult:
     return result.model_copy(update={"already_done": True, "run_dir": str(run_dir), "model_dir": str(model_dir)})
 
 
+def finished_run(run_dir: Path) -> TrainResult | None:
+    """The result of a run already finished in ``run_dir`` (it has ``done.json``), else ``None``."""
+    done = run_dir / DONE_FILE
+    return finished_result(run_dir, done) if done.exists() else None
+
+
+def run_summary(
+    sizes: dict[str, Any], tokenizer: Any, device: torch.device, start_step: int, world_size: int, global_batch: int
+) -> dict[str, Any]:
+    """What ``on_start`` gets: the loop's ``sizes`` (parameters, steps, data), then what every loop reports."""
+    return {
+        **sizes,
+        "vocab_size": len(tokenizer),
+        "device": str(device),
+        "threads": torch.get_num_threads(),
+        "start_step": start_step,
+        "world_size": world_size,
+        "global_batch": global_batch,
+    }
+
+
 def restore_checkpoint(
     ckpt: dict[str, Any], model: torch.nn.Module, optimizer: torch.optim.Optimizer, device: torch.device
 ) -> None:

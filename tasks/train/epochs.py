@@ -20,7 +20,7 @@ from typing import Any
 import torch
 
 from forgeline.tasks import faults
-from forgeline.tasks.config import TrainConfig
+from forgeline.tasks.config import PipelineConfig, TrainConfig
 from forgeline.tasks.train.batches import autocast_context
 from forgeline.tasks.train.checkpoints import load_latest_checkpoint
 from forgeline.tasks.train.driver import (
@@ -31,7 +31,7 @@ from forgeline.tasks.train.driver import (
     stopped_by_signal,
     write_done,
 )
-from forgeline.tasks.train.journal import MetricJournal
+from forgeline.tasks.train.journal import JOURNAL_FILE, MetricJournal
 from forgeline.tasks.train.schedule import get_lr
 from forgeline.tasks.train.signals import stop_on_signal
 from forgeline.tasks.train.state import EvalState, skip_nonfinite, write_checkpoint
@@ -60,6 +60,34 @@ class EpochRun:
     """The mean training loss of a fetched micro-batch (run under autocast)."""
     evaluate: Callable[[], dict[str, float]]
     """Every validation metric (``val/loss`` among them), over the whole validation split."""
+
+    @classmethod
+    def start(
+        cls,
+        cfg: PipelineConfig,
+        train_cfg: TrainConfig,
+        model: Any,
+        optimizer: torch.optim.Optimizer,
+        device: torch.device,
+        run_dir: Path,
+        state: EvalState,
+        cb: TrainCallbacks,
+        **task: Any,
+    ) -> EpochRun:
+        """A run of ``cfg`` from ``state``; ``task`` holds what the task plugs in (metric, fetch, loss, evaluate)."""
+        return cls(
+            cfg=train_cfg,
+            model=model,
+            optimizer=optimizer,
+            device=device,
+            run_dir=run_dir,
+            config_hash=cfg.config_hash(),
+            patience=cfg.patience(),
+            keep_best=cfg.keep_best(),
+            cb=cb,
+            journal=MetricJournal(run_dir / JOURNAL_FILE, state.step),
+            **task,
+        )
 
 
 def resume(

@@ -28,15 +28,19 @@ from forgeline.tasks.train.batches import (
 from forgeline.tasks.train.checkpoints import load_latest_checkpoint
 from forgeline.tasks.train.distributed import Parallel, global_batch, rank_seed
 from forgeline.tasks.train.driver import (
-    DONE_FILE,
+    DONE_FILE as DONE_FILE,  # re-exported, as finished_result: callers import both from here
+)
+from forgeline.tasks.train.driver import (
     TrainCallbacks,
     TrainResult,
-    finished_result,
+    finished_run,
     loop_result,
     restore_checkpoint,
+    run_summary,
     stopped_by_signal,
     write_done,
 )
+from forgeline.tasks.train.driver import finished_result as finished_result
 from forgeline.tasks.train.journal import JOURNAL_FILE, DiscardJournal, MetricJournal
 from forgeline.tasks.train.readout import StepReadout
 from forgeline.tasks.train.schedule import get_lr, make_optimizer
@@ -82,9 +86,8 @@ def train_model(
     cb = callbacks or TrainCallbacks()
     par = parallel or Parallel()
     run_dir = Path(run_dir)
-    done = run_dir / DONE_FILE
-    if done.exists():
-        return finished_result(run_dir, done)
+    if (finished := finished_run(run_dir)) is not None:
+        return finished
 
     t_start = time.perf_counter()
     torch.manual_seed(seed)
@@ -115,19 +118,14 @@ def train_model(
     loss_fn = make_loss_fn(wrapped, train_cfg)
     tokens_per_step = global_batch(train_cfg, par.world_size) * model_cfg.block_size
     n_params = count_parameters(model)
-    summary = {
+    sizes = {
         "parameters": n_params,
         "tokens_per_step": tokens_per_step,
         "total_steps": train_cfg.max_steps,
         "train_tokens": len(train_data),
         "val_tokens": len(val_data),
-        "vocab_size": len(tokenizer),
-        "device": str(device),
-        "threads": torch.get_num_threads(),
-        "start_step": state.step,
-        "world_size": par.world_size,
-        "global_batch": global_batch(train_cfg, par.world_size),
     }
+    summary = run_summary(sizes, tokenizer, device, state.step, par.world_size, global_batch(train_cfg, par.world_size))
     logger.info(
         "training: %s parameters, %d tokens/step (batch %d x context %d x accum %d x ranks %d), %d steps, "
         "%d train tokens, device %s%s",
