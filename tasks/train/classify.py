@@ -30,8 +30,7 @@ from forgeline.tasks.train.classify_data import (
     total_steps,
 )
 from forgeline.tasks.train.driver import TrainCallbacks, TrainResult, finished_run, run_summary
-from forgeline.tasks.train.epochs import EpochRun, finish, resume, run_steps
-from forgeline.tasks.train.schedule import make_optimizer
+from forgeline.tasks.train.epochs import EpochTask, finish, open_run, run_steps
 
 logger = logging.getLogger(__name__)
 
@@ -95,9 +94,8 @@ def train_classifier(
     val = encode_split(tokenizer, dataset_dir, "validation", label_set, cfg.model.block_size)
     model = build_classifier(cfg.model, tokenizer, label_set, fetch=fetch_model).to(device)
     train_cfg = cfg.train.model_copy(update={"max_steps": total_steps(cfg.train, len(train))})
-    optimizer = make_optimizer(model, train_cfg, device)
     weight = class_weights(cfg.train.class_weights, train.labels, len(label_set.labels))
-    state, resumed_from = resume(run_dir, cfg.config_hash(), model, optimizer, device)
+    run, state, resumed_from = open_run(cfg, train_cfg, model, device, run_dir, cb)
 
     n_params = count_parameters(model)
     sizes = {
@@ -132,21 +130,13 @@ def train_classifier(
         x, mask, y = collate(train, batch_indices(train, train_cfg.batch_size, k, cfg.seed), pad_id)
         return (x.to(device), mask.to(device), y.to(device)), int(mask.sum())
 
-    run = EpochRun.start(
-        cfg,
-        train_cfg,
-        model,
-        optimizer,
-        device,
-        run_dir,
-        state,
-        cb,
+    task = EpochTask(
         metric=improvement_metric(cfg),
         fetch=fetch,
         loss=lambda batch: classify_loss(model, *batch, w),
         evaluate=lambda: evaluate_split(model, val, pad_id, device, train_cfg),
     )
-    loop = run_steps(run, state)
+    loop = run_steps(run, state, task)
     return finish(run, state, tokenizer, loop, resumed_from=resumed_from, t_start=t_start, parameters=n_params)
 
 

@@ -25,8 +25,7 @@ from forgeline.tasks.data.paths import DataError
 from forgeline.tasks.train.batches import autocast_context, resolve_device
 from forgeline.tasks.train.completion import EncodedPairs, completion_loss, encode_pairs, pair_batches
 from forgeline.tasks.train.driver import TrainCallbacks, TrainResult, finished_run, run_summary
-from forgeline.tasks.train.epochs import EpochRun, finish, resume, run_steps
-from forgeline.tasks.train.schedule import make_optimizer
+from forgeline.tasks.train.epochs import EpochTask, finish, open_run, run_steps
 
 logger = logging.getLogger(__name__)
 
@@ -171,8 +170,7 @@ def train_completion(
     model = build_model(cfg.model, tokenizer, fetch=fetch_model).to(device)
     batches = EpochBatches(train, cfg.train.batch_size, pad_id, cfg.seed)
     train_cfg = cfg.train.model_copy(update={"max_steps": total_steps(cfg.train, batches.per_epoch)})
-    optimizer = make_optimizer(model, train_cfg, device)
-    state, resumed_from = resume(run_dir, cfg.config_hash(), model, optimizer, device)
+    run, state, resumed_from = open_run(cfg, train_cfg, model, device, run_dir, cb)
     n_params = count_parameters(model)
     sizes = {
         "parameters": n_params,
@@ -204,19 +202,11 @@ def train_completion(
         return batch, int(batch["attention_mask"].sum())
 
     val_batches = pair_batches(val, cfg.train.batch_size, pad_id)
-    run = EpochRun.start(
-        cfg,
-        train_cfg,
-        model,
-        optimizer,
-        device,
-        run_dir,
-        state,
-        cb,
+    task = EpochTask(
         metric=(VAL_METRIC, False),
         fetch=fetch,
         loss=lambda batch: completion_loss(model, batch)[0],
         evaluate=lambda: validation_loss(model, val_batches, device, train_cfg),
     )
-    loop = run_steps(run, state)
+    loop = run_steps(run, state, task)
     return finish(run, state, tokenizer, loop, resumed_from=resumed_from, t_start=t_start, parameters=n_params)

@@ -32,7 +32,7 @@ from forgeline.tasks.train.driver import (
     write_done,
 )
 from forgeline.tasks.train.journal import JOURNAL_FILE, MetricJournal
-from forgeline.tasks.train.schedule import get_lr
+from forgeline.tasks.train.schedule import get_lr, make_optimizer
 from forgeline.tasks.train.signals import stop_on_signal
 from forgeline.tasks.train.state import EvalState, skip_nonfinite, write_checkpoint
 
@@ -40,20 +40,11 @@ logger = logging.getLogger(__name__)
 
 
 @dataclass
-class EpochRun:
-    """One run of the shared loop: the model, its optimizer and what the task plugs in."""
+class EpochTask:
+    """What a task plugs into the shared loop."""
 
-    cfg: TrainConfig  # max_steps = the run's steps (epochs resolved), so the schedule decays over them
-    model: Any
-    optimizer: torch.optim.Optimizer
-    device: torch.device
-    run_dir: Path
-    config_hash: str
-    metric: tuple[str, bool]  # the validation metric that decides the best evaluation; whether higher is better
-    patience: int | None
-    keep_best: bool
-    cb: TrainCallbacks
-    journal: MetricJournal
+    metric: tuple[str, bool]
+    """The validation metric that decides the best evaluation and early stopping; whether higher is better."""
     fetch: Callable[[int], tuple[Any, int]]
     """Micro-batch ``k`` of the run, moved to the device, and its token count."""
     loss: Callable[[Any], torch.Tensor]
@@ -61,33 +52,47 @@ class EpochRun:
     evaluate: Callable[[], dict[str, float]]
     """Every validation metric (``val/loss`` among them), over the whole validation split."""
 
-    @classmethod
-    def start(
-        cls,
-        cfg: PipelineConfig,
-        train_cfg: TrainConfig,
-        model: Any,
-        optimizer: torch.optim.Optimizer,
-        device: torch.device,
-        run_dir: Path,
-        state: EvalState,
-        cb: TrainCallbacks,
-        **task: Any,
-    ) -> EpochRun:
-        """A run of ``cfg`` from ``state``; ``task`` holds what the task plugs in (metric, fetch, loss, evaluate)."""
-        return cls(
-            cfg=train_cfg,
-            model=model,
-            optimizer=optimizer,
-            device=device,
-            run_dir=run_dir,
-            config_hash=cfg.config_hash(),
-            patience=cfg.patience(),
-            keep_best=cfg.keep_best(),
-            cb=cb,
-            journal=MetricJournal(run_dir / JOURNAL_FILE, state.step),
-            **task,
-        )
+
+@dataclass
+class EpochRun:
+    """One run of the shared loop: the model, its optimizer, where it checkpoints and whom it tells."""
+
+    cfg: TrainConfig  # max_steps = the run's steps (epochs resolved), so the schedule decays over them
+    model: Any
+    optimizer: torch.optim.Optimizer
+    device: torch.device
+    run_dir: Path
+    config_hash: str
+    patience: int | None
+    keep_best: bool
+    cb: TrainCallbacks
+    journal: MetricJournal
+
+
+def open_run(
+    cfg: PipelineConfig, train_cfg: TrainConfig, model: Any, device: torch.device, run_dir: Path, cb: TrainCallbacks
+) -> tuple[EpochRun, EvalState, int | None]:
+    """The run of ``cfg`` with its optimizer, resumed from this config's newest checkpoint when there is one.
+
+    Returns:
+        The run, the loop's state and the step resumed from (``None``: a fresh start).
+    """
+    optimizer = make_optimizer(model, train_cfg, device)
+    config_hash = cfg.config_hash()
+    state, resumed_from = resume(run_dir, config_hash, model, optimizer, device)
+    run = EpochRun(
+        cfg=train_cfg,
+        model=model,
+        optimizer=optimizer,
+        device=device,
+        run_dir=run_dir,
+        config_hash=config_hash,
+        patience=cfg.patience(),
+        keep_best=cfg.keep_best(),
+        cb=cb,
+        journal=MetricJournal(run_dir / JOURNAL_FILE, state.step),
+    )
+    return run, state, resumed_from
 
 
 def resume(
@@ -138,7 +143,7 @@ def finish(
     return out
 
 
-def run_steps(run: EpochRun, state: EvalState) -> dict[str, Any]:
+def run_steps(run: EpochRun, state: EvalState, task: EpochTask) -> dict[str, Any]:
     """Train from ``state.step`` to ``cfg.max_steps`` or an early stop; the loop's numbers for the result.
 
     Raises:
@@ -151,7 +156,7 @@ def run_steps(run: EpochRun, state: EvalState) -> dict[str, Any]:
     stopped_early = run.patience is not None and state.bad_evals >= run.patience
     loop_t0, loop_tokens = time.perf_counter(), 0
     t_offset = max((h.get("time", 0.0) for h in state.history), default=0.0) - loop_t0
-    metric, higher = run.metric
+    metric, higher = task.metric
     model.train()
     with stop_on_signal() as stop:
         while state.step < cfg.max_steps and not stopped_early:
@@ -162,10 +167,10 @@ def run_steps(run: EpochRun, state: EvalState) -> dict[str, Any]:
             loss_sum = 0.0
             poison = faults.nan_loss(step + 1)
             for micro in range(cfg.grad_accum_steps):
-                batch, tokens = run.fetch(step * cfg.grad_accum_steps + micro)
+                batch, tokens = task.fetch(step * cfg.grad_accum_steps + micro)
                 loop_tokens += tokens
                 with autocast_context(run.device, cfg):
-                    loss = run.loss(batch)
+                    loss = task.loss(batch)
                 if poison:
                     loss = loss * float("nan")
                 (loss / cfg.grad_accum_steps).backward()
@@ -190,7 +195,7 @@ def run_steps(run: EpochRun, state: EvalState) -> dict[str, Any]:
                 )
                 logger.info("step %d/%d  loss %.4f  lr %.2e", state.step, cfg.max_steps, train_loss, lr)
             if state.step % cfg.eval_interval == 0 or last:
-                scores = run.evaluate()
+                scores = task.evaluate()
                 metrics.update(scores)
                 final_val = scores["val/loss"]
                 state.history.append({"step": state.step, **scores, "time": t_offset + time.perf_counter()})

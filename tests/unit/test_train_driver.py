@@ -21,7 +21,7 @@ from forgeline.tasks.train.driver import (
     stopped_by_signal,
     write_done,
 )
-from forgeline.tasks.train.epochs import EpochRun, resume, run_steps
+from forgeline.tasks.train.epochs import EpochRun, EpochTask, resume, run_steps
 from forgeline.tasks.train.journal import JOURNAL_FILE, MetricJournal, read_journal
 from forgeline.tasks.train.loop import DONE_FILE, finished_result
 from forgeline.tasks.train.state import EvalState, write_checkpoint
@@ -42,29 +42,30 @@ def _run(tmp_path: Path, state: EvalState, *, evaluate, loss=None, patience=None
     torch.manual_seed(0)
     model = torch.nn.Linear(3, 1)
     xs = torch.randn(64, 3)
-    return EpochRun(
+    run = EpochRun(
         cfg=CFG,
         model=model,
         optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
         device=torch.device("cpu"),
         run_dir=tmp_path,
         config_hash="abc",
-        metric=("val/score", True),
         patience=patience,
         keep_best=keep_best,
         cb=cb or TrainCallbacks(),
         journal=MetricJournal(tmp_path / JOURNAL_FILE, state.step),
-        fetch=lambda k: (xs[(k * 4) % 64 : (k * 4) % 64 + 4], 4),
-        loss=loss or (lambda x: model(x).pow(2).mean()),
-        evaluate=evaluate,
     )
+
+    def fetch(k: int) -> tuple[torch.Tensor, int]:
+        return xs[(k * 4) % 64 : (k * 4) % 64 + 4], 4
+
+    return run, EpochTask(("val/score", True), fetch, loss or (lambda x: model(x).pow(2).mean()), evaluate)
 
 
 def test_run_steps_stops_after_patience_and_keeps_the_best(tmp_path: Path) -> None:
     scores = iter([0.5, 0.9, 0.7, 0.8, 0.6, 0.6])  # best at the 2nd evaluation (step 4), then 3 worse ones
     evals: list[tuple[int, float]] = []
     state = EvalState()
-    run = _run(
+    run, task = _run(
         tmp_path,
         state,
         evaluate=lambda: {"val/loss": 1.0, "val/score": next(scores)},
@@ -72,7 +73,7 @@ def test_run_steps_stops_after_patience_and_keeps_the_best(tmp_path: Path) -> No
         keep_best=True,
         cb=TrainCallbacks(on_eval=lambda step, value: evals.append((step, value))),
     )
-    out = run_steps(run, state)
+    out = run_steps(run, state, task)
 
     assert out["stopped_early"] and state.step == 10
     assert evals == [(2, 0.5), (4, 0.9), (6, 0.7), (8, 0.8), (10, 0.6)]
@@ -86,8 +87,8 @@ def test_run_steps_stops_after_patience_and_keeps_the_best(tmp_path: Path) -> No
 
 def test_resume_restores_state_weights_and_a_stopped_run_stops_again(tmp_path: Path) -> None:
     state = EvalState()
-    run = _run(tmp_path, state, evaluate=lambda: {"val/loss": 1.0, "val/score": 0.1}, patience=2)
-    run_steps(run, state)
+    run, task = _run(tmp_path, state, evaluate=lambda: {"val/loss": 1.0, "val/score": 0.1}, patience=2)
+    run_steps(run, state, task)
     assert state.step == 6  # no improvement after the first evaluation: 2 bad ones
 
     fresh = torch.nn.Linear(3, 1)
@@ -95,8 +96,8 @@ def test_resume_restores_state_weights_and_a_stopped_run_stops_again(tmp_path: P
     assert resumed_from == 6 and again.step == 6 and again.bad_evals == 2 and again.history == state.history
     assert torch.equal(fresh.weight, run.model.weight)
     # Killed after its early-stop checkpoint: it stops again without another step.
-    rerun = _run(tmp_path, again, evaluate=lambda: pytest.fail("no step expected"), patience=2)
-    assert run_steps(rerun, again)["stopped_early"] and again.step == 6
+    rerun, task = _run(tmp_path, again, evaluate=lambda: pytest.fail("no step expected"), patience=2)
+    assert run_steps(rerun, again, task)["stopped_early"] and again.step == 6
 
 
 def test_resume_without_a_checkpoint_starts_fresh(tmp_path: Path) -> None:
@@ -114,9 +115,9 @@ def test_non_finite_losses_are_skipped_then_fail(tmp_path: Path) -> None:
         value = run.model(x).pow(2).mean()
         return value * float("nan") if model_loss["n"] in (3, 5, 6) else value
 
-    run = _run(tmp_path, state, evaluate=lambda: {"val/loss": 1.0, "val/score": 0.1}, loss=loss)
+    run, task = _run(tmp_path, state, evaluate=lambda: {"val/loss": 1.0, "val/score": 0.1}, loss=loss)
     with pytest.raises(NonFiniteLossError, match="non-finite for 2 steps in a row"):
-        run_steps(run, state)
+        run_steps(run, state, task)
     assert state.nonfinite == 3 and state.step == 6
     # Step 3's gradients were dropped: no checkpoint past the last good one (step 4).
     assert load_latest_checkpoint(tmp_path / "checkpoints", "abc")["step"] == 4
