@@ -1,39 +1,31 @@
 """The completion training loop: a causal LM on ``prompt + separator + completion + eos``, loss on the completion.
 
-The classification loop's shape (``tasks/train/classify.py``, whose state, checkpoint, non-finite-loss and
-finish helpers it shares): epochs over the training pairs in batches grouped by length
-(:func:`~forgeline.tasks.train.completion.pair_batches`, reshuffled per epoch from ``seed + epoch`` so a resumed
-run draws the batches an uninterrupted one would), ``val/loss`` (mean nats per completion token) every
-``train.eval_interval`` steps, the best evaluation's weights kept (``keep_best``), early stop after ``patience``
-evaluations without improvement. The saved model is a ``save_pretrained`` causal LM with its tokenizer, so the
-language model's logging, ``generate`` and serving apply unchanged. Free of Prefect and MLflow.
+The classification loop's shape (``tasks/train/classify.py``; both run the step loop of ``epochs.py``):
+epochs over the training pairs in batches grouped by length (:func:`~forgeline.tasks.train.completion.pair_batches`,
+reshuffled per epoch from ``seed + epoch`` so a resumed run draws the batches an uninterrupted one would),
+``val/loss`` (mean nats per completion token) every ``train.eval_interval`` steps, the best evaluation's weights
+kept (``keep_best``), early stop after ``patience`` evaluations without improvement. The saved model is a
+``save_pretrained`` causal LM with its tokenizer, so the language model's logging, ``generate`` and serving apply
+unchanged. Free of Prefect and MLflow.
 """
 
 from __future__ import annotations
 
 import logging
 import math
-import os
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from forgeline.tasks import faults
 from forgeline.tasks.config import PipelineConfig, TrainConfig
 from forgeline.tasks.data.paths import DataError
-from forgeline.tasks.errors import StageInterrupted
 from forgeline.tasks.train.batches import autocast_context, resolve_device
-from forgeline.tasks.train.checkpoints import load_latest_checkpoint
-from forgeline.tasks.train.classify import _checkpoint, _fmt, _skip_nonfinite, _State
 from forgeline.tasks.train.completion import EncodedPairs, completion_loss, encode_pairs, pair_batches
-from forgeline.tasks.train.journal import JOURNAL_FILE, MetricJournal
-from forgeline.tasks.train.loop import DONE_FILE, TrainCallbacks, TrainResult, finished_result
-from forgeline.tasks.train.schedule import get_lr, make_optimizer
-from forgeline.tasks.train.signals import stop_on_signal
+from forgeline.tasks.train.driver import TrainCallbacks, TrainResult, finished_run, run_summary
+from forgeline.tasks.train.epochs import EpochTask, finish, open_run, run_steps
 
 logger = logging.getLogger(__name__)
 
@@ -140,22 +132,6 @@ def validation_loss(
     return {VAL_METRIC: mean, "val/perplexity": math.exp(min(mean, 50.0))}
 
 
-@dataclass
-class _Run:
-    cfg: TrainConfig  # max_steps = the run's steps (epochs resolved)
-    model: Any
-    optimizer: torch.optim.Optimizer
-    train: EpochBatches
-    val: list[dict[str, torch.Tensor]]
-    device: torch.device
-    run_dir: Path
-    config_hash: str
-    patience: int | None
-    keep_best: bool
-    cb: TrainCallbacks
-    journal: MetricJournal
-
-
 def train_completion(
     cfg: PipelineConfig,
     *,
@@ -182,9 +158,8 @@ def train_completion(
 
     cb = callbacks or TrainCallbacks()
     run_dir = Path(run_dir)
-    done = run_dir / DONE_FILE
-    if done.exists():
-        return finished_result(run_dir, done)
+    if (finished := finished_run(run_dir)) is not None:
+        return finished
     t_start = time.perf_counter()
     torch.manual_seed(cfg.seed)
     device = resolve_device(cfg.train)
@@ -195,28 +170,9 @@ def train_completion(
     model = build_model(cfg.model, tokenizer, fetch=fetch_model).to(device)
     batches = EpochBatches(train, cfg.train.batch_size, pad_id, cfg.seed)
     train_cfg = cfg.train.model_copy(update={"max_steps": total_steps(cfg.train, batches.per_epoch)})
-    optimizer = make_optimizer(model, train_cfg, device)
-    state, config_hash, resumed_from = _State(), cfg.config_hash(), None
-    ckpt = load_latest_checkpoint(run_dir / "checkpoints", config_hash)
-    if ckpt is not None:
-        model.load_state_dict(ckpt["model"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-        torch.set_rng_state(ckpt["rng"]["torch"])
-        if device.type == "cuda" and "cuda" in ckpt["rng"]:
-            torch.cuda.set_rng_state(ckpt["rng"]["cuda"])
-        state = _State(
-            step=ckpt["step"],
-            best_score=ckpt["best_val"],
-            best_metrics=dict(ckpt["best_metrics"]),
-            bad_evals=ckpt["bad_evals"],
-            nonfinite=ckpt["nonfinite"],
-            history=list(ckpt["history"]),
-            best_model=ckpt.get("best_model"),
-        )
-        resumed_from = state.step
-        logger.info("resumed from step %d (%s)", state.step, run_dir / "checkpoints")
+    run, state, resumed_from = open_run(cfg, train_cfg, model, device, run_dir, cb)
     n_params = count_parameters(model)
-    summary = {
+    sizes = {
         "parameters": n_params,
         "total_steps": train_cfg.max_steps,
         "train_pairs": len(train),
@@ -226,13 +182,8 @@ def train_completion(
         "prompts_truncated": train.truncated_prompts + val.truncated_prompts,
         "completions_too_long": train.completion_too_long + val.completion_too_long,
         "loss_on": cfg.train.loss_on or "completion",
-        "vocab_size": len(tokenizer),
-        "device": str(device),
-        "threads": torch.get_num_threads(),
-        "start_step": state.step,
-        "world_size": 1,
-        "global_batch": train_cfg.batch_size * train_cfg.grad_accum_steps,
     }
+    summary = run_summary(sizes, tokenizer, device, state.step, 1, train_cfg.batch_size * train_cfg.grad_accum_steps)
     logger.info(
         "training completion LM: %s parameters, %d train pairs (batch %d x accum %d), %d steps, device %s%s",
         f"{n_params:,}",
@@ -245,129 +196,17 @@ def train_completion(
     )
     if cb.on_start:
         cb.on_start(summary)
-    run = _Run(
-        cfg=train_cfg,
-        model=model,
-        optimizer=optimizer,
-        train=batches,
-        val=pair_batches(val, cfg.train.batch_size, pad_id),
-        device=device,
-        run_dir=run_dir,
-        config_hash=config_hash,
-        patience=cfg.patience(),
-        keep_best=cfg.keep_best(),
-        cb=cb,
-        journal=MetricJournal(run_dir / JOURNAL_FILE, state.step),
-    )
-    result = _loop(run, state)
-    if run.keep_best and state.best_model is not None:
-        model.load_state_dict(state.best_model)
-        logger.info("keeping the best evaluation's weights: %s", _fmt(state.best_metrics))
-    model_dir = run_dir / "model"
-    model.save_pretrained(model_dir)
-    tokenizer.save_pretrained(model_dir)
-    out = TrainResult(
-        run_dir=str(run_dir),
-        model_dir=str(model_dir),
-        steps=state.step,
-        resumed_from=resumed_from,
-        best_val_loss=state.best_metrics.get(VAL_METRIC),
-        final_val_loss=result["final_val"],
-        final_train_loss=result["final_train"],
-        nonfinite_steps=state.nonfinite,
-        stopped_early=result["stopped_early"],
-        tokens_per_sec=result["tokens_per_sec"],
-        loop_seconds=result["loop_seconds"],
-        seconds=time.perf_counter() - t_start,
-        parameters=n_params,
-        device=str(device),
-        history=state.history,
-    )
-    tmp = done.with_suffix(".tmp")
-    tmp.write_text(out.model_dump_json())
-    os.replace(tmp, done)
-    return out
 
+    def fetch(k: int) -> tuple[dict[str, torch.Tensor], int]:
+        batch = {name: v.to(device) for name, v in batches[k].items()}
+        return batch, int(batch["attention_mask"].sum())
 
-def _loop(run: _Run, state: _State) -> dict[str, Any]:
-    cfg, model, optimizer = run.cfg, run.model, run.optimizer
-    final_train = final_val = None
-    stopped_early = run.patience is not None and state.bad_evals >= run.patience
-    loop_t0, loop_tokens = time.perf_counter(), 0
-    t_offset = max((h.get("time", 0.0) for h in state.history), default=0.0) - loop_t0
-    model.train()
-    with stop_on_signal() as stop:
-        while state.step < cfg.max_steps and not stopped_early:
-            step = state.step
-            lr = get_lr(step, cfg)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            loss_sum = 0.0
-            poison = faults.nan_loss(step + 1)
-            for micro in range(cfg.grad_accum_steps):
-                batch = {k: v.to(run.device) for k, v in run.train[step * cfg.grad_accum_steps + micro].items()}
-                loop_tokens += int(batch["attention_mask"].sum())
-                with autocast_context(run.device, cfg):
-                    loss, _ = completion_loss(model, batch)
-                if poison:
-                    loss = loss * float("nan")
-                (loss / cfg.grad_accum_steps).backward()
-                loss_sum += float(loss.detach())
-            train_loss = loss_sum / cfg.grad_accum_steps
-            state.step = step + 1
-            if not math.isfinite(train_loss):
-                _skip_nonfinite(optimizer, state, cfg, run.run_dir)
-                continue
-            state.nonfinite_run = 0
-            clip = cfg.grad_clip if cfg.grad_clip > 0 else float("inf")
-            grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), clip))
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            final_train = train_loss
-            metrics = {"train/loss": train_loss, "lr": lr, "grad_norm": grad_norm}
-            last = state.step == cfg.max_steps
-            if state.step % cfg.log_interval == 0 or last:
-                state.history.append(
-                    {"step": state.step, "train/loss": train_loss, "time": t_offset + time.perf_counter()}
-                )
-                logger.info("step %d/%d  loss %.4f  lr %.2e", state.step, cfg.max_steps, train_loss, lr)
-            if state.step % cfg.eval_interval == 0 or last:
-                scores = validation_loss(model, run.val, run.device, cfg)
-                metrics.update(scores)
-                final_val = scores[VAL_METRIC]
-                state.history.append({"step": state.step, **scores, "time": t_offset + time.perf_counter()})
-                logger.info("step %d: %s", state.step, _fmt(scores))
-                if scores[VAL_METRIC] < state.best_score:
-                    state.best_score, state.best_metrics, state.bad_evals = scores[VAL_METRIC], scores, 0
-                    if run.keep_best:
-                        state.best_model = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
-                else:
-                    state.bad_evals += 1
-            run.journal.add(state.step, metrics)
-            if run.cb.on_metrics:
-                run.cb.on_metrics(state.step, metrics)
-            if VAL_METRIC in metrics and run.cb.on_eval:
-                run.cb.on_eval(state.step, metrics[VAL_METRIC])
-            stopped_early = run.patience is not None and state.bad_evals >= run.patience
-            saved = state.step % cfg.checkpoint_interval == 0 or last or stopped_early or stop.is_set()
-            if saved:
-                run.journal.flush()  # first: the journal must cover every step of the newest checkpoint
-                _checkpoint(run, state)  # type: ignore[arg-type] - the fields it reads are the classifier run's
-            faults.hit("train.step", step=state.step)
-            if stop.is_set():
-                raise StageInterrupted(
-                    f"stopped by a signal after step {state.step}; checkpoint saved", int(getattr(stop, "signum", 15))
-                )
-            if stopped_early:
-                logger.info(
-                    "early stopping at step %d: no val/loss improvement in %d evaluations", state.step, run.patience
-                )
-                break
-    elapsed = time.perf_counter() - loop_t0
-    return {
-        "final_train": final_train,
-        "final_val": final_val,
-        "stopped_early": stopped_early,
-        "tokens_per_sec": loop_tokens / elapsed if elapsed > 0 else 0.0,
-        "loop_seconds": elapsed,
-    }
+    val_batches = pair_batches(val, cfg.train.batch_size, pad_id)
+    task = EpochTask(
+        metric=(VAL_METRIC, False),
+        fetch=fetch,
+        loss=lambda batch: completion_loss(model, batch)[0],
+        evaluate=lambda: validation_loss(model, val_batches, device, train_cfg),
+    )
+    loop = run_steps(run, state, task)
+    return finish(run, state, tokenizer, loop, resumed_from=resumed_from, t_start=t_start, parameters=n_params)

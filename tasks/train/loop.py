@@ -8,20 +8,15 @@ from __future__ import annotations
 
 import logging
 import math
-import os
-import signal
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
-from pydantic import BaseModel
 
 from forgeline.tasks import faults
 from forgeline.tasks.config import ModelConfig, TokenizerConfig, TrainConfig
-from forgeline.tasks.errors import StageInterrupted
 from forgeline.tasks.train.batches import (
     autocast_context,
     estimate_loss,
@@ -30,8 +25,22 @@ from forgeline.tasks.train.batches import (
     resolve_device,
     sample_batch,
 )
-from forgeline.tasks.train.checkpoints import CheckpointError, load_latest_checkpoint
+from forgeline.tasks.train.checkpoints import load_latest_checkpoint
 from forgeline.tasks.train.distributed import Parallel, global_batch, rank_seed
+from forgeline.tasks.train.driver import (
+    DONE_FILE as DONE_FILE,  # re-exported, as finished_result: callers import both from here
+)
+from forgeline.tasks.train.driver import (
+    TrainCallbacks,
+    TrainResult,
+    finished_run,
+    loop_result,
+    restore_checkpoint,
+    run_summary,
+    stopped_by_signal,
+    write_done,
+)
+from forgeline.tasks.train.driver import finished_result as finished_result
 from forgeline.tasks.train.journal import JOURNAL_FILE, DiscardJournal, MetricJournal
 from forgeline.tasks.train.readout import StepReadout
 from forgeline.tasks.train.schedule import get_lr, make_optimizer
@@ -40,40 +49,6 @@ from forgeline.tasks.train.state import TrainState, record_eval, save_state, ski
 from forgeline.tasks.train.tokens import load_token_splits, prepare_tokenizer
 
 logger = logging.getLogger(__name__)
-
-DONE_FILE = "done.json"
-
-
-class TrainResult(BaseModel):
-    """What a finished training run leaves behind (small: paths and numbers)."""
-
-    run_dir: str
-    model_dir: str
-    steps: int
-    resumed_from: int | None = None
-    already_done: bool = False
-    best_val_loss: float | None = None
-    best_step: int | None = None
-    kept_best: bool = False
-    final_val_loss: float | None = None
-    final_train_loss: float | None = None
-    nonfinite_steps: int = 0
-    stopped_early: bool = False
-    tokens_per_sec: float = 0.0
-    seconds: float = 0.0
-    loop_seconds: float = 0.0
-    parameters: int = 0
-    device: str = "cpu"
-    history: list[dict[str, float]] = []
-
-
-@dataclass
-class TrainCallbacks:
-    """Hooks the wiring attaches; each may be ``None``."""
-
-    on_start: Callable[[dict[str, Any]], None] | None = None
-    on_metrics: Callable[[int, dict[str, float]], None] | None = None
-    on_eval: Callable[[int, float], None] | None = None  # may raise (e.g. optuna.TrialPruned)
 
 
 def train_model(
@@ -111,9 +86,8 @@ def train_model(
     cb = callbacks or TrainCallbacks()
     par = parallel or Parallel()
     run_dir = Path(run_dir)
-    done = run_dir / DONE_FILE
-    if done.exists():
-        return finished_result(run_dir, done)
+    if (finished := finished_run(run_dir)) is not None:
+        return finished
 
     t_start = time.perf_counter()
     torch.manual_seed(seed)
@@ -131,15 +105,11 @@ def train_model(
     ckpt = load_latest_checkpoint(run_dir / "checkpoints", config_hash)
     resumed_from = None
     if ckpt is not None:
-        model.load_state_dict(ckpt["model"])
-        optimizer.load_state_dict(ckpt["optimizer"])
+        restore_checkpoint(ckpt, model, optimizer, device)
         if par.is_main and ckpt["rng"]["batches"].numel() == gen.get_state().numel():
             gen.set_state(ckpt["rng"]["batches"])
         else:  # another rank, or a checkpoint of another device's generator
             par.reseed(gen, seed, ckpt["step"])
-        torch.set_rng_state(ckpt["rng"]["torch"])
-        if device.type == "cuda" and "cuda" in ckpt["rng"]:
-            torch.cuda.set_rng_state(ckpt["rng"]["cuda"])
         state = TrainState.from_checkpoint(ckpt)
         resumed_from = state.step
         logger.info("resumed from step %d (%s)", state.step, run_dir / "checkpoints")
@@ -148,19 +118,14 @@ def train_model(
     loss_fn = make_loss_fn(wrapped, train_cfg)
     tokens_per_step = global_batch(train_cfg, par.world_size) * model_cfg.block_size
     n_params = count_parameters(model)
-    summary = {
+    sizes = {
         "parameters": n_params,
         "tokens_per_step": tokens_per_step,
         "total_steps": train_cfg.max_steps,
         "train_tokens": len(train_data),
         "val_tokens": len(val_data),
-        "vocab_size": len(tokenizer),
-        "device": str(device),
-        "threads": torch.get_num_threads(),
-        "start_step": state.step,
-        "world_size": par.world_size,
-        "global_batch": global_batch(train_cfg, par.world_size),
     }
+    summary = run_summary(sizes, tokenizer, device, state.step, par.world_size, global_batch(train_cfg, par.world_size))
     logger.info(
         "training: %s parameters, %d tokens/step (batch %d x context %d x accum %d x ranks %d), %d steps, "
         "%d train tokens, device %s%s",
@@ -206,44 +171,21 @@ def train_model(
     if par.is_main:
         model.save_pretrained(model_dir)
         tokenizer.save_pretrained(model_dir)
-    out = TrainResult(
-        run_dir=str(run_dir),
-        model_dir=str(model_dir),
-        steps=state.step,
+    out = loop_result(
+        run_dir,
+        result,
+        state,
         resumed_from=resumed_from,
+        t_start=t_start,
+        parameters=n_params,
+        device=device,
         best_val_loss=state.best_val if math.isfinite(state.best_val) else None,
         best_step=state.best_step,
         kept_best=kept_best,
-        final_val_loss=result["final_val"],
-        final_train_loss=result["final_train"],
-        nonfinite_steps=state.nonfinite,
-        stopped_early=result["stopped_early"],
-        tokens_per_sec=result["tokens_per_sec"],
-        loop_seconds=result["loop_seconds"],
-        seconds=time.perf_counter() - t_start,
-        parameters=n_params,
-        device=str(device),
-        history=state.history or [],
     )
     if par.is_main:
-        tmp = done.with_suffix(".tmp")
-        tmp.write_text(out.model_dump_json())
-        os.replace(tmp, done)
+        write_done(run_dir, out)
     return out
-
-
-def finished_result(run_dir: Path, done: Path) -> TrainResult:
-    """The result a finished run left in ``done``, with today's paths (every task's loop reuses it)."""
-    result = TrainResult.model_validate_json(done.read_text())
-    # Paths as of today: the project folder may have moved since the result was written.
-    model_dir = run_dir / "model"
-    if not (model_dir / "config.json").is_file():
-        raise CheckpointError(
-            f"{done} says training finished, but its model folder {model_dir} is missing; "
-            "run with --fresh to train again"
-        )
-    logger.info("training already complete for this config and data (%d steps): %s", result.steps, run_dir)
-    return result.model_copy(update={"already_done": True, "run_dir": str(run_dir), "model_dir": str(model_dir)})
 
 
 def _loop(
@@ -365,11 +307,7 @@ def _loop(
                 if not saved:
                     journal.flush()
                     save_state(model, optimizer, gen, state, run_dir, config_hash, cfg, device)
-                signum = getattr(stop, "signum", signal.SIGTERM)
-                name = "Ctrl-C" if signum == signal.SIGINT else signal.Signals(signum).name
-                raise StageInterrupted(
-                    f"stopped by a signal after step {state.step} ({name}); checkpoint saved", int(signum)
-                )
+                raise stopped_by_signal(stop, state.step)
             if stopped_early:
                 logger.info("early stopping at step %d: no improvement in %d evaluations", state.step, patience)
                 break
