@@ -83,19 +83,10 @@ def bare_loop(cfg: PipelineConfig, train_data: torch.Tensor, tokenizer: object, 
 
 
 def train_pipeline(cfg: PipelineConfig, dataset_dir: str, run_dir: Path, callbacks: object = None) -> object:
-    """The pipeline's training loop (``train_model``) on ``cfg``'s slices, as the train stage calls it."""
-    from forgeline.tasks.train.loop import train_model
+    """The pipeline's training loop on ``cfg``'s slices, as the train stage calls it (``train_task_model``)."""
+    from forgeline.tasks.train.kinds import train_task_model
 
-    return train_model(
-        cfg.train,
-        cfg.model,
-        cfg.tokenizer,
-        dataset_dir=dataset_dir,
-        run_dir=run_dir,
-        seed=cfg.seed,
-        config_hash=cfg.config_hash(),
-        callbacks=callbacks,
-    )
+    return train_task_model(cfg, dataset_dir, run_dir, callbacks)
 
 
 def pipeline_loop(cfg: PipelineConfig, dataset_dir: str, run_dir: Path, run_id: str) -> list[float]:

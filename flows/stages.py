@@ -51,10 +51,9 @@ from forgeline.tasks.tracking.registry_store import MlflowRegistry
 from forgeline.tasks.tracking.runs import stage_run
 from forgeline.tasks.tracking.tags import git_tags
 from forgeline.tasks.train import checkpoints
-from forgeline.tasks.train.classify import train_classifier
-from forgeline.tasks.train.complete import train_completion
 from forgeline.tasks.train.distributed import global_batch, world_size
-from forgeline.tasks.train.loop import TrainCallbacks, TrainResult, train_model
+from forgeline.tasks.train.kinds import train_task_model
+from forgeline.tasks.train.loop import TrainCallbacks, TrainResult
 
 logger = logging.getLogger(__name__)
 
@@ -186,31 +185,13 @@ def _train_locked(
             live.update(step, metrics)
 
         try:
-            if cfg.kind in ("classification", "completion"):  # one process (tasks/config.py refuses several ranks)
-                trainer = train_classifier if cfg.kind == "classification" else train_completion
-                result = trainer(
-                    cfg,
-                    dataset_dir=dataset_dir,
-                    run_dir=run_dir,
-                    callbacks=TrainCallbacks(on_start=on_start, on_metrics=on_metrics),
-                    fetch_model=models.download_model,
-                )
-            elif ranks > 1:  # rank 0 logs the params and metrics to run_id itself; this process only shows them
+            if ranks > 1:  # rank 0 logs the params and metrics to run_id itself; this process only shows them
                 result = train_in_ranks(
                     cfg, dataset_dir, run_dir, run_id, Path(ctx.base_dir), on_start=live.start, on_metrics=live.update
                 )
-            else:
-                result = train_model(
-                    cfg.train,
-                    cfg.model,
-                    cfg.tokenizer,
-                    dataset_dir=dataset_dir,
-                    run_dir=run_dir,
-                    seed=cfg.seed,
-                    config_hash=cfg.config_hash(),
-                    callbacks=TrainCallbacks(on_start=on_start, on_metrics=on_metrics),
-                    fetch_model=models.download_model,
-                )
+            else:  # classification and completion always: tasks/config.py refuses several ranks for them
+                callbacks = TrainCallbacks(on_start=on_start, on_metrics=on_metrics)
+                result = train_task_model(cfg, dataset_dir, run_dir, callbacks, fetch_model=models.download_model)
         finally:
             buffer.close()
             live.close()

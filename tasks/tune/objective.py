@@ -26,9 +26,9 @@ import optuna
 from forgeline.tasks import faults
 from forgeline.tasks.config import PipelineConfig
 from forgeline.tasks.evaluate.completion import score_validation
-from forgeline.tasks.train.classify import best_value, train_classifier
-from forgeline.tasks.train.complete import train_completion
-from forgeline.tasks.train.loop import TrainCallbacks, TrainResult, train_model
+from forgeline.tasks.train.classify import best_value
+from forgeline.tasks.train.kinds import train_task_model
+from forgeline.tasks.train.loop import TrainCallbacks, TrainResult
 from forgeline.tasks.tune.space import suggest_params, trial_config
 from forgeline.tasks.tune.study import StudySpec, pruning_metric, report_sign, study_metric
 
@@ -84,7 +84,7 @@ def make_objective(
 
         logger.info("trial %d: %s", trial.number, _fmt_params(params))
         try:
-            result = _train_trial(cfg, spec.dataset_dir, run_dir, TrainCallbacks(on_eval=on_eval), fetch)
+            result = train_task_model(cfg, spec.dataset_dir, run_dir, TrainCallbacks(on_eval=on_eval), fetch)
             value = _trial_value(cfg, result, spec.dataset_dir, trial)
         except Exception:  # TrialPruned included: the trial is over, its checkpoints are not needed
             _drop_weights(run_dir)
@@ -97,30 +97,6 @@ def make_objective(
         return float(value)
 
     return objective
-
-
-def _train_trial(
-    cfg: PipelineConfig,
-    dataset_dir: str,
-    run_dir: Path,
-    callbacks: TrainCallbacks,
-    fetch: Callable[[str, Path], Path] | None,
-) -> TrainResult:
-    if cfg.kind == "classification":
-        return train_classifier(cfg, dataset_dir=dataset_dir, run_dir=run_dir, callbacks=callbacks, fetch_model=fetch)
-    if cfg.kind == "completion":  # reports and returns val/loss, as a language model does
-        return train_completion(cfg, dataset_dir=dataset_dir, run_dir=run_dir, callbacks=callbacks, fetch_model=fetch)
-    return train_model(
-        cfg.train,
-        cfg.model,
-        cfg.tokenizer,
-        dataset_dir=dataset_dir,
-        run_dir=run_dir,
-        seed=cfg.seed,
-        config_hash=cfg.config_hash(),
-        callbacks=callbacks,
-        fetch_model=fetch,
-    )
 
 
 def _trial_value(cfg: PipelineConfig, result: TrainResult, dataset_dir: str, trial: optuna.Trial) -> float | None:

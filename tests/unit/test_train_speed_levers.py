@@ -11,7 +11,8 @@ from safetensors.torch import load_file
 
 from forgeline.tasks.config import PipelineConfig, TrainConfig, load_config
 from forgeline.tasks.train import batches, loop
-from forgeline.tasks.train.loop import TrainCallbacks, train_model
+from forgeline.tasks.train.kinds import train_task_model
+from forgeline.tasks.train.loop import TrainCallbacks
 
 TEXT = "".join(f"line {i}: the quick brown fox {i % 7} jumps over the lazy dog {i * 3 % 11}.\n" for i in range(400))
 BASE = [
@@ -42,16 +43,7 @@ def dataset_dir(tmp_path_factory: pytest.TempPathFactory) -> str:
 
 
 def _train(cfg: PipelineConfig, dataset_dir: str, run_dir: Path, callbacks: TrainCallbacks | None = None):  # noqa: ANN202
-    return train_model(
-        cfg.train,
-        cfg.model,
-        cfg.tokenizer,
-        dataset_dir=dataset_dir,
-        run_dir=run_dir,
-        seed=cfg.seed,
-        config_hash=cfg.config_hash(),
-        callbacks=callbacks,
-    )
+    return train_task_model(cfg, dataset_dir, run_dir, callbacks)
 
 
 class _StepClock:
