@@ -48,13 +48,13 @@ def student_line(outcome: CompressOutcome) -> str:
         for q, t, s, r in zip(*(table[k] for k in ("quantity", "teacher", "student", "student/teacher")), strict=True)
     }
     verdict = "champion" if reg.promoted else "no alias"
-    parts = [f"{reg.model_name} version {reg.version}, {verdict} ({reg.reason})"]
+    head = f"{reg.model_name} version {reg.version}, {verdict} ({reg.reason})"
     metric = next((q for q in ("bits_per_byte", "f1_macro", "rougeL") if q in rows), None)
     details = [f"{metric} {rows[metric][1]:.4f} (teacher {rows[metric][0]:.4f})"] if metric else []
     for q in ("parameters", *(q for q in rows if q.endswith("_per_sec"))):
         if q in rows and rows[q][2] is not None:
             details.append(f"{q} {rows[q][2]:.2f}x")
-    return parts[0] + (": " + ", ".join(details) if details else "")
+    return head + (": " + ", ".join(details) if details else "")
 
 
 def student_model_name(config: PipelineConfig) -> str:

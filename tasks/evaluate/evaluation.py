@@ -72,7 +72,7 @@ def bits_per_byte(total_nats: float, n_bytes: int) -> float:
 
 
 LOGIT_BUDGET = 2**26
-"""Floats of logits per scoring batch (256 MB): big batches make a small model's forward cheaper per token."""
+"""Floats of logits in one scoring batch (256 MB in float32): bounds a large vocabulary's memory."""
 
 
 def score_text(
@@ -104,10 +104,7 @@ def score_text(
     Returns:
         ``(total_nats, n_tokens_predicted, n_bytes_covered)``; all zero when fewer than 2 tokens.
     """
-    if batch_size is None:
-        vocab = getattr(getattr(model, "config", None), "vocab_size", None) or len(tokenizer)
-        batch_size = max(1, min(256, LOGIT_BUDGET // (block_size * vocab)))
-    if block_size < 1 or batch_size < 1 or max_tokens < 1:
+    if block_size < 1 or (batch_size is not None and batch_size < 1) or max_tokens < 1:
         raise ValueError("block_size, batch_size and max_tokens must be positive")
     all_ids = encode_text(tokenizer, text)
     ids = all_ids[: max_tokens + 1]
@@ -116,6 +113,9 @@ def score_text(
         return 0.0, 0, 0
     limit = getattr(getattr(model, "config", None), "n_positions", None)
     T = min(block_size, limit) if isinstance(limit, int) else block_size
+    if batch_size is None:
+        vocab = getattr(getattr(model, "config", None), "vocab_size", None) or len(tokenizer)
+        batch_size = max(1, min(256, LOGIT_BUDGET // (T * vocab)))
     n_pred = n - 1
     n_full = n_pred // T
     windows: list[tuple[torch.Tensor, torch.Tensor]] = []

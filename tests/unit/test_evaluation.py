@@ -162,3 +162,8 @@ def test_default_scoring_batch_keeps_the_logits_near_the_budget(char_tok) -> Non
     big = ZeroLM(50257)
     score_text(big, char_tok, TEXT * 20, block_size=64, max_tokens=10**6)
     assert max(s[0] for s in big.shapes) == LOGIT_BUDGET // (64 * 50257) == 20
+
+
+def test_scoring_refuses_a_window_of_no_tokens(char_tok) -> None:
+    with pytest.raises(ValueError, match="must be positive"):
+        score_text(ZeroLM(len(char_tok)), char_tok, TEXT, block_size=0, max_tokens=10)
