@@ -285,6 +285,12 @@ class TrainConfig(_Strict):
         description="torch.compile mode when compile is on: reduce-overhead replays CUDA graphs (GPU), "
         "max-autotune also searches kernels (longer compile).",
     )
+    cpu_shards: Annotated[int, Field(ge=1)] | Literal["auto"] = Field(
+        "auto",
+        description="On a CPU, each batch is cut into this many shards that run forward and backward at once, "
+        "one thread each with its share of the cores; gradients are summed, so what is learned is the same. "
+        "auto: 2 with at least 2 intra-op threads, 1 (no shards) under torch.compile or torchrun. 1: off.",
+    )
     device: Literal["auto", "cpu", "cuda"] = Field("auto")
     dtype: Literal["auto", "float32", "bfloat16"] = Field("auto", description="auto: bf16 autocast on CUDA.")
     checkpoint_dir: str = Field("mlruns/checkpoints", description="Where checkpoints live.")
@@ -697,7 +703,15 @@ _LATER_KEYS: dict[str, dict[str, Any]] = {
 }
 # Never hashed: a checkpoint resumes under any world size (the global batch then changes with it) or compile mode.
 _UNHASHED_KEYS: dict[str, tuple[str, ...]] = {
-    "train": ("checkpoint_dir", "nproc_per_node", "nnodes", "rdzv_endpoint", "dist_timeout_s", "compile_mode"),
+    "train": (
+        "checkpoint_dir",
+        "nproc_per_node",
+        "nnodes",
+        "rdzv_endpoint",
+        "dist_timeout_s",
+        "compile_mode",
+        "cpu_shards",
+    ),
     "data": ("cache_dir", "num_proc"),
 }
 

@@ -194,7 +194,8 @@ def generate_samples(
                 seq = ids.to(device).unsqueeze(0)
                 new: list[int] = []
                 for _ in range(max_new_tokens):
-                    logits = model(input_ids=seq[:, -block_size:]).logits[:, -1, :].float() / temperature
+                    # The training forward: no KV cache built and dropped each token (a third of a char model's call)
+                    logits = lm_logits(model, seq[:, -block_size:])[:, -1, :].float() / temperature
                     if top_k is not None and top_k < logits.shape[-1]:
                         kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]
                         logits = logits.masked_fill(logits < kth, float("-inf"))

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 
 from forgeline.tasks.config import TrainConfig
+from forgeline.tasks.train.shards import Shards
 
 logger = logging.getLogger(__name__)
 
@@ -105,23 +106,35 @@ def make_loss_fn(model: torch.nn.Module, cfg: TrainConfig) -> LossFn:
     return graphed
 
 
-@torch.no_grad()
 def estimate_loss(
     model: Any,
     batches: list[tuple[torch.Tensor, torch.Tensor]],
     device: torch.device,
     cfg: TrainConfig,
     loss_fn: LossFn | None = None,
+    shards: Shards | None = None,
 ) -> float:
-    """Mean loss over fixed validation batches, summed on the device and read once."""
+    """Mean loss over fixed validation batches, summed on the device and read once.
+
+    With ``shards``, the batches are shared out among the shards' threads, each summing its own.
+    """
     was_training = model.training
     model.eval()
     loss_of = loss_fn or (lambda x, y: lm_loss(model, x, y))
-    total = torch.zeros((), dtype=torch.float64, device=device)
-    for x, y in batches:
-        with autocast_context(device, cfg):
-            total += loss_of(x.to(device), y.to(device)).double()
-    model.train(was_training)
+
+    def total_of(group: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
+        total = torch.zeros((), dtype=torch.float64, device=device)
+        with torch.no_grad():  # per thread, as autocast
+            for x, y in group:
+                with autocast_context(device, cfg):
+                    total += loss_of(x.to(device), y.to(device)).double()
+        return total
+
+    try:
+        parts = [total_of(batches)] if shards is None else shards.map(total_of, shards.groups(batches))
+        total = torch.stack(parts).sum()
+    finally:
+        model.train(was_training)
     return total.item() / len(batches)
 
 

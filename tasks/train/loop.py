@@ -44,6 +44,7 @@ from forgeline.tasks.train.driver import finished_result as finished_result
 from forgeline.tasks.train.journal import JOURNAL_FILE, DiscardJournal, MetricJournal
 from forgeline.tasks.train.readout import StepReadout
 from forgeline.tasks.train.schedule import get_lr, make_optimizer
+from forgeline.tasks.train.shards import Shards, plan_shards, trainable
 from forgeline.tasks.train.signals import stop_on_signal
 from forgeline.tasks.train.state import TrainState, record_eval, save_state, skip_nonfinite
 from forgeline.tasks.train.tokens import load_token_splits, prepare_tokenizer
@@ -145,24 +146,33 @@ def train_model(
 
     val_batches = fixed_batches(val_data, train_cfg, model_cfg.block_size, seed + 1, device)
     journal = MetricJournal(run_dir / JOURNAL_FILE, state.step) if par.is_main else DiscardJournal()
-    result = _loop(
-        loss_fn,
-        wrapped,
-        model,
-        optimizer,
-        train_data,
-        val_batches,
-        gen,
-        state,
-        train_cfg,
-        model_cfg,
-        device,
-        run_dir,
-        config_hash,
-        cb,
-        journal,
-        par,
+    count = plan_shards(
+        train_cfg.cpu_shards,
+        device=device,
+        batch_size=train_cfg.batch_size,
+        compiled=train_cfg.compile,
+        distributed=par.distributed,
     )
+    with Shards(count) as shards:
+        result = _loop(
+            loss_fn,
+            wrapped,
+            model,
+            optimizer,
+            train_data,
+            val_batches,
+            gen,
+            state,
+            train_cfg,
+            model_cfg,
+            device,
+            run_dir,
+            config_hash,
+            cb,
+            journal,
+            par,
+            shards,
+        )
     model_dir = run_dir / "model"
     kept_best = bool(train_cfg.keep_best) and state.best_weights is not None
     if kept_best:
@@ -205,6 +215,7 @@ def _loop(
     cb: TrainCallbacks,
     journal: MetricJournal,
     par: Parallel,
+    shards: Shards,
 ) -> dict[str, Any]:
     tokens_per_step = global_batch(cfg, par.world_size) * model_cfg.block_size
     final_val = None
@@ -222,6 +233,7 @@ def _loop(
     )
     skip_on_device = bool(optimizer.defaults.get("fused"))  # fused AdamW skips a step whose found_inf is 1
     max_norm = cfg.grad_clip if cfg.grad_clip > 0 else float("inf")
+    params = trainable(model)
     model.train()
     with stop_on_signal() as stop:
         while state.step < cfg.max_steps:
@@ -234,12 +246,15 @@ def _loop(
             for micro in range(cfg.grad_accum_steps):
                 x, y = sample_batch(train_data, cfg.batch_size, model_cfg.block_size, gen)
                 with par.micro_batch(last=micro == cfg.grad_accum_steps - 1):
-                    with autocast_context(device, cfg):
-                        loss = loss_fn(x, y)
-                    if poison:
-                        loss = loss * float("nan")
-                    (loss / cfg.grad_accum_steps).backward()
-                loss_sum += loss.detach()
+                    loss_sum += shards.backward(
+                        loss_fn,
+                        x,
+                        y,
+                        params,
+                        divisor=cfg.grad_accum_steps,
+                        context=lambda: autocast_context(device, cfg),
+                        transform=_poisoned if poison else None,
+                    )
             if par.distributed:  # every rank must take the same decisions: agreed on the host each step
                 mean, stopping = par.agree(loss_sum, cfg.grad_accum_steps, stop.is_set())
                 train_loss = torch.tensor(mean, device=device)
@@ -283,7 +298,7 @@ def _loop(
                     tokens_per_sec,
                 )
             if at_eval:
-                final_val = estimate_loss(wrapped, val_batches, device, cfg, loss_fn)
+                final_val = estimate_loss(wrapped, val_batches, device, cfg, loss_fn, shards)
                 metrics["val/loss"] = final_val
                 state.history.append(
                     {"step": state.step, "val/loss": final_val, "time": t_offset + time.perf_counter()}
@@ -320,3 +335,7 @@ def _loop(
         "tokens_per_sec": mean_rate,
         "loop_seconds": elapsed,
     }
+
+
+def _poisoned(loss: torch.Tensor) -> torch.Tensor:
+    return loss * float("nan")  # the nan_loss fault point: this step's loss, as a diverged run's
