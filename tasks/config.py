@@ -287,9 +287,10 @@ class TrainConfig(_Strict):
     )
     cpu_shards: Annotated[int, Field(ge=1)] | Literal["auto"] = Field(
         "auto",
-        description="On a CPU, each batch is cut into this many shards that run forward and backward at once, "
-        "one thread each with its share of the cores; gradients are summed, so what is learned is the same. "
-        "auto: 2 with at least 2 intra-op threads, 1 (no shards) under torch.compile or torchrun. 1: off.",
+        description="lm training on a CPU: each batch is cut into this many shards that run forward and backward "
+        "at once, one thread each with its share of the cores; gradients are summed, so what is learned is the "
+        "same. auto: 2 with at least 2 intra-op threads; none under torch.compile or torchrun or with dropout. 1: off "
+        "(docs/operations.md section 7).",
     )
     device: Literal["auto", "cpu", "cuda"] = Field("auto")
     dtype: Literal["auto", "float32", "bfloat16"] = Field("auto", description="auto: bf16 autocast on CUDA.")

@@ -159,6 +159,7 @@ class BatchingModel:
         self.model = model
         self.metadata = model.metadata
         self.takes_params = takes_params
+        self.room = GenerationRoom.of(model) if takes_params else None
         self.max_batch = max(1, max_batch)
         self.wait_s = max(0.0, wait_ms) / 1000
         self._recent: deque[int] = deque([1], maxlen=16)  # requests seen per forward: the expected concurrency
@@ -175,7 +176,10 @@ class BatchingModel:
         """Predict ``data`` with ``params`` (blocks until its batch has run; raises what the model raised)."""
         if params and not self.takes_params:
             refuse_params(params)
-        request = _Request(data, params, as_prompts(data))
+        prompts = as_prompts(data)
+        if self.room is not None:
+            self.room.check([data] if isinstance(data, str) else prompts or [], params)
+        request = _Request(data, params, prompts)
         self._queue.put(request)
         return request.future.result()
 
@@ -262,6 +266,55 @@ def _rows(outputs: Any, start: int, stop: int) -> Any:
     if isinstance(outputs, list):
         return outputs[start:stop]
     return outputs.iloc[start:stop].reset_index(drop=True)
+
+
+@dataclass
+class GenerationRoom:
+    """A text generator's positions, its tokenizer and its default ``max_new_tokens``: what a request must fit."""
+
+    tokenizer: Any
+    positions: int
+    default_new_tokens: int | None
+
+    @classmethod
+    def of(cls, model: Any) -> GenerationRoom | None:
+        """The room of a loaded pyfunc ``transformers`` text generator; ``None`` where it cannot be read."""
+        try:
+            pipeline = model.get_raw_model()
+            config = pipeline.model.config
+            positions = getattr(config, "n_positions", None) or getattr(config, "max_position_embeddings", None)
+            tokenizer = pipeline.tokenizer
+        except Exception:  # noqa: BLE001 - another flavor or a stand-in: requests are not checked
+            return None
+        if not isinstance(positions, int) or tokenizer is None:
+            return None
+        default = (getattr(model, "model_config", None) or {}).get("max_new_tokens")
+        return cls(tokenizer, positions, int(default) if isinstance(default, int) else None)
+
+    def check(self, prompts: list[str], params: dict[str, Any] | None) -> None:
+        """Refuse prompts that, with the new tokens asked for, would run past the model's positions.
+
+        Without this the model indexes past its position table and the request fails with a traceback.
+
+        Raises:
+            MlflowException: In one line, with the prompt's tokens and the most new tokens that fit (HTTP 400).
+        """
+        new = (params or {}).get("max_new_tokens", self.default_new_tokens)
+        if not prompts or not isinstance(new, int) or isinstance(new, bool):
+            return
+        longest = max(len(self.tokenizer(prompt, add_special_tokens=False)["input_ids"]) for prompt in prompts)
+        if longest + new <= self.positions:
+            return
+        from mlflow.exceptions import MlflowException
+        from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
+
+        room = self.positions - longest
+        fix = f"ask for at most {room} new tokens" if room > 0 else "shorten the prompt"
+        raise MlflowException(
+            f"a prompt of {longest} tokens plus max_new_tokens {new} does not fit the model's {self.positions} "
+            f"positions: {fix}",
+            error_code=INVALID_PARAMETER_VALUE,
+        )
 
 
 def takes_params(model: Any) -> bool:

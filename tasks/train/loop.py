@@ -44,7 +44,7 @@ from forgeline.tasks.train.driver import finished_result as finished_result
 from forgeline.tasks.train.journal import JOURNAL_FILE, DiscardJournal, MetricJournal
 from forgeline.tasks.train.readout import StepReadout
 from forgeline.tasks.train.schedule import get_lr, make_optimizer
-from forgeline.tasks.train.shards import Shards, plan_shards, trainable
+from forgeline.tasks.train.shards import Shards, draws_random, plan_shards, trainable
 from forgeline.tasks.train.signals import stop_on_signal
 from forgeline.tasks.train.state import TrainState, record_eval, save_state, skip_nonfinite
 from forgeline.tasks.train.tokens import load_token_splits, prepare_tokenizer
@@ -152,6 +152,7 @@ def train_model(
         batch_size=train_cfg.batch_size,
         compiled=train_cfg.compile,
         distributed=par.distributed,
+        random=draws_random(model),
     )
     with Shards(count) as shards:
         result = _loop(

@@ -34,12 +34,21 @@ MAX_AUTO_SHARDS = 2
 """``auto`` uses at most this many: each shard's Python runs under the GIL, so more shards wait on it."""
 
 
-def plan_shards(setting: int | str, *, device: torch.device, batch_size: int, compiled: bool, distributed: bool) -> int:
+def plan_shards(
+    setting: int | str,
+    *,
+    device: torch.device,
+    batch_size: int,
+    compiled: bool,
+    distributed: bool,
+    random: bool = False,
+) -> int:
     """How many shards a step of ``batch_size`` windows runs in (1: no shards, the step as usual).
 
     ``auto`` shards on a CPU with at least 2 intra-op threads, a batch of at least 2, no ``torch.compile``
-    (a compiled function is not called from several threads) and one process (ranks already split the
-    batch); a number is used as given, at most one shard a window.
+    (a compiled function is not called from several threads), one process (ranks already split the batch)
+    and a forward that draws no random numbers; a number is used as given, at most one shard a window, under
+    the same conditions but the thread count.
 
     Args:
         setting: ``train.cpu_shards``: ``auto`` or a count of at least 1.
@@ -47,12 +56,39 @@ def plan_shards(setting: int | str, *, device: torch.device, batch_size: int, co
         batch_size: Windows in one micro-batch.
         compiled: Whether the loss function is compiled.
         distributed: Whether this is one rank of several.
+        random: Whether the forward draws random numbers (dropout, :func:`draws_random`): shards would draw
+            them from the one global generator in whichever order their threads run, and a resumed run would
+            no longer repeat an uninterrupted one bit for bit.
     """
     if device.type != "cpu" or compiled or distributed or batch_size < 2:
+        return 1
+    if random:
+        if setting != "auto" and int(setting) > 1:
+            logger.info(
+                "train.cpu_shards=%s not used: the model has dropout, which shards would make irreproducible", setting
+            )
         return 1
     if setting == "auto":
         return max(1, min(MAX_AUTO_SHARDS, torch.get_num_threads(), batch_size))
     return max(1, min(int(setting), batch_size))
+
+
+_DROPOUTS = (
+    torch.nn.Dropout,
+    torch.nn.Dropout1d,
+    torch.nn.Dropout2d,
+    torch.nn.Dropout3d,
+    torch.nn.AlphaDropout,
+    torch.nn.FeatureAlphaDropout,
+)
+
+
+def draws_random(model: torch.nn.Module) -> bool:
+    """Whether training ``model`` draws random numbers in its forward: a dropout module with ``p > 0``.
+
+    A config's ``model.dropout`` does not say it for a pretrained model (GPT-2's own config has 0.1).
+    """
+    return any(isinstance(m, _DROPOUTS) and m.p > 0 for m in model.modules())
 
 
 def split_rows(n: int, shards: int) -> list[slice]:

@@ -184,3 +184,42 @@ def test_signature_params_schema_carries_the_generation_defaults() -> None:
         "top_k": "long",
         "do_sample": "boolean",
     }
+
+
+class _Pipeline:
+    def __init__(self, positions: int) -> None:
+        from forgeline.tasks.config import TokenizerConfig
+        from forgeline.tasks.data.tokenization import build_tokenizer
+
+        self.tokenizer = build_tokenizer(TokenizerConfig(kind="char"), ["abcdefgh \n"])
+        self.model = type("Model", (), {"config": type("Config", (), {"n_positions": positions})()})()
+
+
+class _Generator(SlowEcho):
+    """A text generator with 16 positions whose logged default is 8 new tokens."""
+
+    model_config = {"max_new_tokens": 8}  # noqa: RUF012
+
+    def __init__(self) -> None:
+        super().__init__(0.0)
+
+    def get_raw_model(self) -> _Pipeline:
+        return _Pipeline(16)
+
+
+def test_a_request_that_would_run_past_the_models_positions_is_refused_in_one_line() -> None:
+    from mlflow.exceptions import MlflowException
+
+    model = _Generator()
+    serving = BatchingModel(model, wait_ms=0)
+    assert serving.predict(["abcd"], {"max_new_tokens": 12}) == ["abcd|{'max_new_tokens': 12}"]  # 4 + 12 = 16 fits
+    with pytest.raises(
+        MlflowException, match=r"prompt of 10 tokens plus max_new_tokens 7 .* 16 positions: ask for at most 6"
+    ):
+        serving.predict(["abcd", "abcdefgh\n "], {"max_new_tokens": 7})
+    with pytest.raises(MlflowException, match="max_new_tokens 8 .*: ask for at most 6"):  # the logged default
+        serving.predict("abcdefgh\n ", None)
+    with pytest.raises(MlflowException, match="shorten the prompt"):
+        serving.predict(["abcdefgh" * 2], {"max_new_tokens": 1})
+    assert len(model.calls) == 1  # nothing refused reached the model
+    assert BatchingModel(SlowEcho(0.0)).room is None  # another flavor: not checked

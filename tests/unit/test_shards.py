@@ -12,7 +12,7 @@ from forgeline.tasks.config import TrainConfig, load_config
 from forgeline.tasks.train import batches, loop
 from forgeline.tasks.train.kinds import train_task_model
 from forgeline.tasks.train.loop import TrainCallbacks
-from forgeline.tasks.train.shards import Shards, plan_shards, split_rows, trainable
+from forgeline.tasks.train.shards import Shards, draws_random, plan_shards, split_rows, trainable
 
 from .test_train_speed_levers import BASE
 from .test_train_speed_levers import dataset_dir as dataset_dir  # noqa: F401  (the module's fixture)
@@ -50,6 +50,9 @@ def test_auto_shards_only_an_uncompiled_single_process_cpu_step(monkeypatch: pyt
     assert plan_shards("auto", device=torch.device("cuda"), batch_size=12, compiled=False, distributed=False) == 1
     assert plan_shards(4, device=CPU, batch_size=3, compiled=False, distributed=False) == 3
     assert plan_shards(1, device=CPU, batch_size=12, compiled=False, distributed=False) == 1
+    # Dropout draws from one global generator: shards would draw in whichever order their threads run.
+    assert plan_shards("auto", device=CPU, batch_size=12, compiled=False, distributed=False, random=True) == 1
+    assert plan_shards(2, device=CPU, batch_size=12, compiled=False, distributed=False, random=True) == 1
     monkeypatch.setattr(torch, "get_num_threads", lambda: 1)
     assert plan_shards("auto", device=CPU, batch_size=12, compiled=False, distributed=False) == 1
 
@@ -119,6 +122,12 @@ def test_sharded_validation_loss_is_the_unsharded_one() -> None:
     plain = batches.estimate_loss(model, val, CPU, TrainConfig(), loss_fn)
     with Shards(2) as pool:
         assert batches.estimate_loss(model, val, CPU, TrainConfig(), loss_fn, pool) == pytest.approx(plain, rel=1e-9)
+
+
+def test_dropout_is_what_makes_a_forward_random() -> None:
+    assert not draws_random(_model())
+    assert draws_random(torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.Dropout(0.1)))
+    assert not draws_random(torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.Dropout(0.0)))
 
 
 def test_cpu_shards_keep_the_config_hash() -> None:
