@@ -702,7 +702,8 @@ _LATER_KEYS: dict[str, dict[str, Any]] = {
         "prompt_overflow": "drop",
     },
 }
-# Never hashed: a checkpoint resumes under any world size (the global batch then changes with it) or compile mode.
+# Never hashed: a checkpoint resumes under any world size (the global batch then changes with it), compile mode or
+# number of CPU shards.
 _UNHASHED_KEYS: dict[str, tuple[str, ...]] = {
     "train": (
         "checkpoint_dir",

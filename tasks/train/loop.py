@@ -235,6 +235,10 @@ def _loop(
     skip_on_device = bool(optimizer.defaults.get("fused"))  # fused AdamW skips a step whose found_inf is 1
     max_norm = cfg.grad_clip if cfg.grad_clip > 0 else float("inf")
     params = trainable(model)
+
+    def autocast() -> Any:  # entered on each shard's thread: autocast is per thread
+        return autocast_context(device, cfg)
+
     model.train()
     with stop_on_signal() as stop:
         while state.step < cfg.max_steps:
@@ -253,7 +257,7 @@ def _loop(
                         y,
                         params,
                         divisor=cfg.grad_accum_steps,
-                        context=lambda: autocast_context(device, cfg),
+                        context=autocast,
                         transform=_poisoned if poison else None,
                     )
             if par.distributed:  # every rank must take the same decisions: agreed on the host each step

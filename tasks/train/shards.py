@@ -104,7 +104,7 @@ def split_rows(n: int, shards: int) -> list[slice]:
 
 
 class Shards:
-    """A pool of ``count`` threads, each with ``threads_each`` intra-op threads, for one training run or scoring.
+    """A pool of ``count`` threads, each with ``threads_each`` intra-op threads, for one training run.
 
     Use as a context manager (the threads end with it). With ``count`` 1 nothing runs on other threads.
     """
@@ -128,7 +128,6 @@ class Shards:
         # The calling thread's own intra-op threads would spin between its small ops (the optimizer step, the
         # gradient norm) on the cores the shards need: it keeps one while the shards run (measured: a spinning
         # pool thread took a quarter of a core and the step ran 45 ms instead of 34).
-        self._caller_threads = torch.get_num_threads()
         if self._pool is not None:
             torch.set_num_threads(1)
         return self
@@ -178,22 +177,22 @@ class Shards:
         Returns:
             The batch's mean loss (unscaled, detached): the shards' losses weighted by their share.
         """
-        rows = split_rows(int(x.shape[0]), self.count)
         total = int(x.shape[0])
-        if len(rows) == 1:
+        rows = split_rows(total, self.count)
+
+        def loss_of(part: slice) -> torch.Tensor:
             with context():
-                loss = loss_fn(x, y)
-            if transform is not None:
-                loss = transform(loss)
+                loss = loss_fn(x[part], y[part])
+            return loss if transform is None else transform(loss)
+
+        if len(rows) == 1:  # through backward(): DistributedDataParallel's hooks run on it
+            loss = loss_of(rows[0])
             (loss / divisor).backward()
             return loss.detach()
 
         def one(part: slice) -> tuple[torch.Tensor, tuple[torch.Tensor | None, ...]]:
             weight = (part.stop - part.start) / total
-            with context():
-                loss = loss_fn(x[part], y[part])
-            if transform is not None:
-                loss = transform(loss)
+            loss = loss_of(part)
             grads = torch.autograd.grad(loss * weight / divisor, params, allow_unused=True)
             return loss.detach() * weight, grads
 
