@@ -223,6 +223,7 @@ def _clean_and_store(
         fingerprint = hashlib.sha256(json.dumps([payload, digest], sort_keys=True).encode()).hexdigest()
         shards = {s: 1 for s in SPLITS if len(parts[s]) == 0}  # an empty split still gets its one file
         datasets.DatasetDict(parts).save_to_disk(str(tmp), num_shards=shards or None)
+        del parts  # unmaps the work files: their pages leave the resident set
         shutil.rmtree(tmp / ".work", ignore_errors=True)
         saved = {s: datasets.load_from_disk(str(tmp / s)) for s in SPLITS}
         result = CleanResult(
@@ -259,32 +260,26 @@ def _run_pipeline(
     if cfg.label_column and cfg.split == "tail":
         raise DataError("data.split 'tail' cuts one stream of text and loses the labels: use split 'hash'")
     cleaned = _load_and_clean(cfg, inputs, work)
-    keep, counts = np.empty(len(cleaned), dtype=bool), np.zeros(len(RULES) + 1, dtype=np.int64)
-    for start in range(0, len(cleaned), store.CHUNK):  # a byte a record, not the whole rule column at once
+    keep, counts = store.Bits(len(cleaned)), np.zeros(len(RULES) + 1, dtype=np.int64)
+    for start in range(0, len(cleaned), store.CHUNK):  # a bit a record, not the whole rule column at once
         rule = store.column(cleaned, "rule", start, start + store.CHUNK)
         counts += np.bincount(rule, minlength=len(RULES) + 1)
-        keep[start : start + len(rule)] = rule == KEEP
+        keep.put(start, rule == KEEP)
+        store.release(cleaned, ["rule"], start, start + store.CHUNK)
     dropped = {name: int(counts[1 + i]) for i, name in enumerate(RULES)}
     if cfg.label_column:  # one text under two labels: no copy is kept, since which label is right is unknown
-        conflict = store.conflicting_labels(cleaned, keep, work)
-        dropped["conflicting_label"] = int(conflict.sum())
-        keep &= ~conflict
-        if conflict.any():
-            logger.warning("dropped %d records whose text also appears with another label", int(conflict.sum()))
+        if conflicts := keep.drop(store.conflicting_labels(cleaned, keep, work)):
+            logger.warning("dropped %d records whose text also appears with another label", conflicts)
+        dropped["conflicting_label"] = conflicts
     if "completion" in cleaned.column_names:
-        dropped["empty_completion"] = int((empty := pairs.empty_completions(cleaned, keep, store.CHUNK)).sum())
-        keep &= ~empty
+        dropped["empty_completion"] = keep.drop(pairs.empty_completions(cleaned, keep, store.CHUNK))
     if cfg.cleaning.dedup:
-        dup = store.later_duplicates(cleaned, keep, work)
-        dropped["duplicate"] = int(dup.sum())
-        keep &= ~dup
+        dropped["duplicate"] = keep.drop(store.later_duplicates(cleaned, keep, work))
     if cfg.cleaning.near_dedup and _near_dedup_available():
-        near = store.near_duplicates(cleaned, keep, cfg.cleaning.near_dedup_threshold)
-        dropped["near_duplicate"] = int(near.sum())
-        keep &= ~near
+        dropped["near_duplicate"] = keep.drop(store.near_duplicates(cleaned, keep, cfg.cleaning.near_dedup_threshold))
     elif cfg.cleaning.near_dedup:
         logger.warning("near_dedup is on but datasketch is not installed; skipping near-duplicates")
-    if not keep.any():
+    if not keep.count():
         labels = [i.label for i in inputs]
         shown = ", ".join(labels[:3]) + (f" and {len(labels) - 3} more" if len(labels) > 3 else "")
         drops = ", ".join(f"{k}={v}" for k, v in dropped.items() if v) or "none"
@@ -302,7 +297,7 @@ def _run_pipeline(
     for split in ("train", "validation"):
         if len(parts[split]) == 0:
             raise DataError(
-                f"split '{split}' is empty ({int(keep.sum())} records kept, split by {cfg.split}); "
+                f"split '{split}' is empty ({keep.count()} records kept, split by {cfg.split}); "
                 f"add data or raise data.fractions.{split}"
             )
     if cfg.fractions.test > 0 and len(parts["test"]) == 0:

@@ -16,9 +16,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from forgeline.tasks.data.builtin import DOCSTRINGS_LABEL, builtin_corpus, docstring_pairs, docstrings_digest
+from forgeline.tasks.data.store import Bits
 
 PAIR_SEPARATOR = "\n"
 """Between prompt and completion in ``text`` (``tasks.train.completion.DEFAULT_SEPARATOR``'s value)."""
@@ -84,14 +83,14 @@ def pretraining_corpus(max_bytes: int, cache_dir: Path | None = None) -> str:
     return builtin_corpus(max_bytes, exclude=held_out_docstrings(cache_dir))
 
 
-def empty_completions(ds: Any, keep: np.ndarray, chunk: int) -> np.ndarray:
+def empty_completions(ds: Any, keep: Bits, chunk: int) -> Bits:
     """Mask of kept records whose ``completion`` is empty or whitespace (after cleaning)."""
     import pyarrow.compute as pc
 
-    out = np.zeros(len(keep), dtype=bool)
+    out = Bits(len(keep))
     column = ds.data.column("completion")
     for start in range(0, len(keep), chunk):
         part = column.slice(start, min(chunk, len(keep) - start))
         blank = pc.fill_null(pc.equal(pc.utf8_trim_whitespace(part), ""), True)
-        out[start : start + len(part)] = blank.to_numpy(zero_copy_only=False)
-    return out & keep
+        out.put(start, blank.to_numpy(zero_copy_only=False) & keep.get(start, start + len(part)))
+    return out

@@ -17,7 +17,7 @@ import numpy as np
 
 from forgeline.tasks.config import SplitFractions
 from forgeline.tasks.data.paths import DataError
-from forgeline.tasks.data.store import SPLITS, column
+from forgeline.tasks.data.store import SPLITS, Bits, column
 
 logger = logging.getLogger(__name__)
 
@@ -98,7 +98,7 @@ def check_classes(names: list[str], totals: np.ndarray, fractions: SplitFraction
 
 
 def stratified_splits(
-    ds: Any, keep: np.ndarray, fractions: SplitFractions, label_column: str
+    ds: Any, keep: Bits, fractions: SplitFractions, label_column: str
 ) -> tuple[np.ndarray, dict[str, dict[str, int]]]:
     """The split of every record of the cleaned dataset (-1: dropped), and the class counts per split.
 
@@ -116,7 +116,7 @@ def stratified_splits(
     """
     import pyarrow.compute as pc
 
-    seq = np.flatnonzero(keep)
+    seq = np.flatnonzero(keep.get())
     labels = ds.data.column("label").combine_chunks().take(seq)
     encoded = pc.dictionary_encode(labels)
     names = encoded.dictionary.to_pylist()
