@@ -221,9 +221,8 @@ def _clean_and_store(
         rows_in, dropped, parts, digest, class_counts = _run_pipeline(cfg, inputs, tmp / ".work")
         _check_unchanged(stamps)
         fingerprint = hashlib.sha256(json.dumps([payload, digest], sort_keys=True).encode()).hexdigest()
-        shards = {s: 1 for s in SPLITS if len(parts[s]) == 0}  # an empty split still gets its one file
-        datasets.DatasetDict(parts).save_to_disk(str(tmp), num_shards=shards or None)
-        del parts  # unmaps the work files: their pages leave the resident set
+        store.save_splits(parts, tmp)
+        del parts  # unmaps the split files: their pages leave the resident set
         shutil.rmtree(tmp / ".work", ignore_errors=True)
         saved = {s: datasets.load_from_disk(str(tmp / s)) for s in SPLITS}
         result = CleanResult(

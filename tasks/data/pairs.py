@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from forgeline.tasks.data.builtin import DOCSTRINGS_LABEL, builtin_corpus, docstring_pairs, docstrings_digest
-from forgeline.tasks.data.store import Bits
+from forgeline.tasks.data.memory import Bits
 
 PAIR_SEPARATOR = "\n"
 """Between prompt and completion in ``text`` (``tasks.train.completion.DEFAULT_SEPARATOR``'s value)."""

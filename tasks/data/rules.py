@@ -24,6 +24,7 @@ from typing import Any
 import numpy as np
 
 from forgeline.tasks.config import CleaningConfig
+from forgeline.tasks.data.memory import release_arrays
 
 RULES = ("empty", "too_short", "too_long", "non_text", "duplicate", "near_duplicate")
 KEEP = 0
@@ -208,6 +209,7 @@ def clean_batch(
     if progress:  # one 16-byte append per batch is atomic (O_APPEND), whichever process runs it
         with open(progress, "ab") as handle:
             handle.write(read)
+    release_arrays(chunk for column in batch.columns for chunk in column.chunks)  # read once: off the RSS
     return pa.table(columns | {"chars": np.where(rule == KEEP, chars, 0)} | extras)
 
 

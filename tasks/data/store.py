@@ -12,22 +12,20 @@ file's content hash) to the fingerprint, so a re-run on unchanged inputs reads n
 
 from __future__ import annotations
 
-import ctypes
-import functools
 import hashlib
 import json
 import logging
 import os
 import re
 import shutil
-import sys
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from forgeline.tasks.config import SplitFractions
+from forgeline.tasks.data.memory import Bits, release
 from forgeline.tasks.data.paths import DataError
 
 logger = logging.getLogger(__name__)
@@ -35,8 +33,6 @@ logger = logging.getLogger(__name__)
 SPLITS = ("train", "validation", "test")
 CHUNK = 2**20
 """Records per chunk when a pass reads a column of the cleaned dataset."""
-_PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
-_MADV_DONTNEED = 4
 BUCKET = 2**18
 """Exact dedup sorts digests in buckets of about this many entries (past one chunk of records)."""
 _HEX64 = re.compile(r"^[0-9a-f]{64}$")
@@ -45,94 +41,6 @@ _HEX64 = re.compile(r"^[0-9a-f]{64}$")
 def column(ds: Any, name: str, start: int = 0, stop: int | None = None) -> np.ndarray:
     """Rows ``[start, stop)`` of one column of a dataset without an indices mapping, as numpy."""
     return ds.data.column(name).slice(start, (stop or len(ds)) - start).to_numpy()
-
-
-def release(ds: Any, names: Iterable[str], start: int, stop: int) -> None:
-    """Drop the pages of rows ``[start, stop)`` of these columns from the process's resident memory.
-
-    The cleaned dataset is memory-mapped: every page a pass reads stays resident until the file is unmapped,
-    so a pass over 1 GB of text showed 2 GB of RSS (reclaimable page cache, but counted by ``top`` and by a
-    container's memory limit). Such pages are clean and read-only: ``madvise(MADV_DONTNEED)`` drops them,
-    and a later read faults them in again from the page cache. Only page ranges inside read-only file
-    mappings (``/proc/self/maps``) are touched: memory the process owns is never released this way.
-    """
-    libc = _libc()
-    if libc is None:
-        return
-    maps = _read_only_file_maps()
-    for name in names:
-        for chunk in ds.data.column(name).slice(start, stop - start).chunks:
-            for buf in chunk.buffers():
-                if buf is None:
-                    continue
-                low, high = buf.address, buf.address + buf.size
-                for map_low, map_high in maps:
-                    if map_low <= low and high <= map_high:
-                        first, last = -(-low // _PAGE) * _PAGE, high // _PAGE * _PAGE
-                        if last > first:
-                            libc.madvise(ctypes.c_void_p(first), ctypes.c_size_t(last - first), _MADV_DONTNEED)
-                        break
-
-
-@functools.cache
-def _libc() -> Any:
-    if not sys.platform.startswith("linux"):
-        return None
-    return ctypes.CDLL(None, use_errno=True)
-
-
-def _read_only_file_maps() -> list[tuple[int, int]]:
-    maps = []
-    with open("/proc/self/maps", encoding="utf-8") as handle:
-        for line in handle:
-            fields = line.split(maxsplit=5)
-            if len(fields) == 6 and fields[1].startswith("r-") and fields[5].startswith("/"):
-                low, high = fields[0].split("-")
-                maps.append((int(low, 16), int(high, 16)))
-    return maps
-
-
-class Bits:
-    """A mask of one bit per record: 28 M records hold 3.5 MB instead of the 28 MB of a bool array.
-
-    Passes read and write it a chunk at a time (``get``/``put`` at multiples of 8); bits past the end stay 0.
-    """
-
-    def __init__(self, size: int) -> None:
-        self.size, self.packed = size, np.zeros((size + 7) // 8, dtype=np.uint8)
-
-    @classmethod
-    def of(cls, mask: np.ndarray) -> Bits:
-        """A bool array's bits."""
-        bits = cls(len(mask))
-        bits.packed[:] = np.packbits(mask)
-        return bits
-
-    def __len__(self) -> int:
-        return self.size
-
-    def get(self, start: int = 0, stop: int | None = None) -> np.ndarray:
-        """Records ``[start, stop)`` as a bool array (``start`` a multiple of 8)."""
-        stop = self.size if stop is None else min(stop, self.size)
-        return np.unpackbits(self.packed[start // 8 : (stop + 7) // 8], count=stop - start).view(bool)
-
-    def put(self, start: int, mask: np.ndarray) -> None:
-        """Overwrite the bits from ``start`` (a multiple of 8) with a bool array."""
-        self.packed[start // 8 : (start + len(mask) + 7) // 8] = np.packbits(mask)
-
-    def set(self, seq: np.ndarray) -> None:
-        """Set the bits of records ``seq``."""
-        seq = np.asarray(seq, dtype=np.int64)
-        np.bitwise_or.at(self.packed, seq >> 3, (128 >> (seq & 7)).astype(np.uint8))
-
-    def drop(self, other: Bits) -> int:
-        """Clear every bit ``other`` has set; returns how many ``other`` has."""
-        self.packed &= ~other.packed
-        return other.count()
-
-    def count(self) -> int:
-        """Bits set."""
-        return int(np.bitwise_count(self.packed).sum())
 
 
 # ---------------------------------------------------------------------------------------- dedup
@@ -330,6 +238,27 @@ def _check_leakage(hi: np.ndarray, starts: np.ndarray, ends: np.ndarray, train_e
     found = [f"{k} records appear in both train and {split}" for split, k in leaks.items() if k]
     if found:
         raise DataError(f"leakage: {'; '.join(found)}; enable data.cleaning.dedup or remove the duplicates")
+
+
+def save_splits(parts: dict[str, Any], folder: Path) -> None:
+    """``DatasetDict(parts).save_to_disk(folder)``, each hash split's Arrow file moved into place, not copied.
+
+    ``save_to_disk`` reads every kept record once more through the memory map (resident until the end: the
+    process's peak at 1 GB of input) and writes a second copy. A split the hash pass wrote is already one
+    Arrow stream file of its schema: saving an empty dataset of the same features and fingerprint writes
+    the folder's metadata, and the split's file takes the place of the empty data file.
+    """
+    import datasets
+
+    moved = {s: p.cache_files[0]["filename"] for s, p in parts.items() if len(p.cache_files) == 1 and len(p)}
+    templates = {
+        s: datasets.Dataset(p.data.table.slice(0, 0), info=p.info, fingerprint=p._fingerprint) if s in moved else p
+        for s, p in parts.items()
+    }
+    shards = {s: 1 for s, p in templates.items() if s in moved or not len(p)}  # an empty split: one empty file
+    datasets.DatasetDict(templates).save_to_disk(str(folder), num_shards=shards or None)
+    for split, source in moved.items():
+        os.replace(source, folder / split / "data-00000-of-00001.arrow")
 
 
 def split_digest(parts: dict[str, Any]) -> str:

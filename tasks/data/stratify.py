@@ -16,8 +16,9 @@ from typing import Any
 import numpy as np
 
 from forgeline.tasks.config import SplitFractions
+from forgeline.tasks.data.memory import Bits
 from forgeline.tasks.data.paths import DataError
-from forgeline.tasks.data.store import SPLITS, Bits, column
+from forgeline.tasks.data.store import SPLITS, column
 
 logger = logging.getLogger(__name__)
 

@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 
 from forgeline.tasks.config import BuiltinSource, CleaningConfig, DataConfig, DirectorySource, FilesSource
-from forgeline.tasks.data import cleaning, loading, store
+from forgeline.tasks.data import cleaning, loading, memory, store
 from forgeline.tasks.data.cleaning import (
     CleanResult,
     DataError,
@@ -707,7 +707,7 @@ def test_exact_duplicates_match_one_pass_set(tmp_path: Path, monkeypatch: pytest
         monkeypatch.setattr(store, name, value)
     texts = _skewed_texts(600, seed=len(shape))
     keep = np.array([i % 7 != 3 for i in range(len(texts))])  # records a content rule dropped take no part
-    dup = store.later_duplicates(_digests(texts), store.Bits.of(keep), tmp_path).get()
+    dup = store.later_duplicates(_digests(texts), memory.Bits.of(keep), tmp_path).get()
     kept = [t for t, k, d in zip(texts, keep, dup, strict=True) if k and not d]
     assert kept == _first_seen([t for t, k in zip(texts, keep, strict=True) if k])
     assert not (dup & ~keep).any() and int(dup.sum()) > 100
@@ -717,7 +717,7 @@ def test_exact_duplicates_match_one_pass_set(tmp_path: Path, monkeypatch: pytest
 def test_exact_duplicates_all_same(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(store, "CHUNK", 4)
     monkeypatch.setattr(store, "BUCKET", 2)
-    dup = store.later_duplicates(_digests(["one and the same"] * 50), store.Bits.of(np.ones(50, dtype=bool)), tmp_path)
+    dup = store.later_duplicates(_digests(["one and the same"] * 50), memory.Bits.of(np.ones(50, dtype=bool)), tmp_path)
     assert dup.get().tolist() == [False] + [True] * 49
 
 
@@ -726,7 +726,7 @@ def test_exact_duplicates_in_chunks_hold_a_small_part_of_the_digests(
 ) -> None:
     """Past one chunk, memory is a chunk and a bucket (plus a byte per record), not every digest at once."""
     texts = [f"{i % 300_000:07d}" for i in range(400_000)]
-    ds, keep = _digests(texts), store.Bits.of(np.ones(len(texts), dtype=bool))
+    ds, keep = _digests(texts), memory.Bits.of(np.ones(len(texts), dtype=bool))
 
     def peak(chunk: int, bucket: int) -> tuple[int, int]:
         monkeypatch.setattr(store, "CHUNK", chunk)

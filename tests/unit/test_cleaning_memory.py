@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from forgeline.tasks.config import DataConfig, FilesSource
-from forgeline.tasks.data import cleaning, loading, store
+from forgeline.tasks.data import cleaning, loading, memory, store
 
 ROWS = 60_000
 
@@ -56,10 +56,10 @@ def test_record_masks_hold_a_bit_per_record_and_agree_with_bool_arrays() -> None
     rng = np.random.default_rng(0)
     size = 3 * 1024 + 5  # not a multiple of 8: the last byte is partly padding
     keep_bools, dup_bools = rng.random(size) < 0.8, rng.random(size) < 0.3
-    keep = store.Bits(size)
+    keep = memory.Bits(size)
     for start in range(0, size, 1024):  # written a chunk at a time, as the rule pass does
         keep.put(start, keep_bools[start : start + 1024])
-    dup = store.Bits(size)
+    dup = memory.Bits(size)
     dup.set(np.flatnonzero(dup_bools)[::-1])  # any order, repeats allowed
     dup.set(np.flatnonzero(dup_bools)[:10])
 
@@ -67,7 +67,7 @@ def test_record_masks_hold_a_bit_per_record_and_agree_with_bool_arrays() -> None
     assert keep.get().tolist() == keep_bools.tolist() and keep.count() == int(keep_bools.sum())
     assert keep.get(1024, 2048).tolist() == keep_bools[1024:2048].tolist()
     assert keep.get(3072).tolist() == keep_bools[3072:].tolist()
-    assert store.Bits.of(dup_bools).get().tolist() == dup.get().tolist()
+    assert memory.Bits.of(dup_bools).get().tolist() == dup.get().tolist()
     assert keep.drop(dup) == int(dup_bools.sum())
     assert keep.get().tolist() == (keep_bools & ~dup_bools).tolist()
     assert keep.count() == int((keep_bools & ~dup_bools).sum())
@@ -91,9 +91,38 @@ def test_release_drops_the_read_pages_of_a_mapped_dataset_and_never_touches_owne
     owned = datasets.Dataset.from_dict({"hi": values[:1000]})  # in the process's own memory
     assert int(store.column(mapped, "hi").sum()) == int(values.sum())  # every page read once
     before = _rss_file_kib()
-    store.release(mapped, ["hi"], 0, len(mapped))
-    store.release(owned, ["hi"], 0, len(owned))
+    memory.release(mapped, ["hi"], 0, len(mapped))
+    memory.release(owned, ["hi"], 0, len(owned))
     dropped_mib = (before - _rss_file_kib()) / 1024
     assert dropped_mib > 32, dropped_mib
     assert store.column(mapped, "hi").tolist() == values.tolist()  # read again from the page cache
     assert store.column(owned, "hi").tolist() == values[:1000].tolist()
+
+
+def test_hash_splits_are_moved_into_the_store_not_read_and_copied_again(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """save_to_disk read every kept record once more through the memory map: the process's peak at 1 GB."""
+    import datasets
+
+    lines = [f"record number {i % 900} of the moved splits" for i in range(3000)]
+    (tmp_path / "corpus.txt").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    saved_rows: list[int] = []
+    real_save = datasets.Dataset.save_to_disk
+
+    def counting_save(self: Any, *args: Any, **kwargs: Any) -> Any:
+        saved_rows.append(len(self))
+        return real_save(self, *args, **kwargs)
+
+    monkeypatch.setattr(datasets.Dataset, "save_to_disk", counting_save)
+    cfg = DataConfig(sources=[FilesSource(paths=["corpus.txt"])], cache_dir="cache", record="line")
+    result = cleaning.clean_dataset(cfg, base_dir=tmp_path)
+
+    assert saved_rows == [0, 0, 0]  # only the metadata of each split went through save_to_disk
+    stored = datasets.load_from_disk(result.dataset_dir)
+    assert {split: len(stored[split]) for split in stored} == result.rows_per_split
+    texts = [text for split in stored for text in stored[split]["text"]]
+    assert sorted(texts) == sorted(set(lines))
+    for split in stored:
+        assert [p.name for p in (Path(result.dataset_dir) / split).glob("*.arrow")] == ["data-00000-of-00001.arrow"]
+    assert not list(Path(result.dataset_dir).glob(".work"))

@@ -253,7 +253,7 @@ def test_conflicting_labels_in_memory_and_in_buckets(
 ) -> None:
     import hashlib
 
-    from forgeline.tasks.data import store
+    from forgeline.tasks.data import memory, store
 
     for name, value in shape.items():
         monkeypatch.setattr(store, name, value)
@@ -272,7 +272,7 @@ def test_conflicting_labels_in_memory_and_in_buckets(
             "lab": pa.array([digest(label, 0) for label in labels], pa.uint64()),
         }
     )
-    conflict = store.conflicting_labels(datasets.Dataset(table), store.Bits.of(keep), tmp_path).get()
+    conflict = store.conflicting_labels(datasets.Dataset(table), memory.Bits.of(keep), tmp_path).get()
     seen: dict[str, set[str]] = {}
     for text, label, kept in zip(texts, labels, keep, strict=True):
         if kept:

@@ -1,0 +1,111 @@
+"""How the data stage keeps its own memory flat in the input size: bit masks, and mapped pages handed back.
+
+A pass over the cleaned dataset keeps a bit a record of masks (``Bits``), and drops the pages of the
+memory-mapped Arrow files it has read (``release``) so that they do not pile up in the resident set.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import os
+import sys
+from collections.abc import Iterable
+from typing import Any
+
+import numpy as np
+
+_PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
+_MADV_DONTNEED = 4
+
+
+def release(ds: Any, names: Iterable[str], start: int, stop: int) -> None:
+    """Drop the pages of rows ``[start, stop)`` of these columns from the process's resident memory.
+
+    The cleaned dataset is memory-mapped: every page a pass reads stays resident until the file is unmapped,
+    so a pass over 1 GB of text showed 2 GB of RSS (reclaimable page cache, but counted by ``top`` and by a
+    container's memory limit). Such pages are clean and read-only: ``madvise(MADV_DONTNEED)`` drops them,
+    and a later read faults them in again from the page cache. Only page ranges inside read-only file
+    mappings (``/proc/self/maps``) are touched: memory the process owns is never released this way.
+    """
+    release_arrays(chunk for name in names for chunk in ds.data.column(name).slice(start, stop - start).chunks)
+
+
+def release_arrays(arrays: Iterable[Any]) -> None:
+    """``release`` for Arrow arrays (e.g. a ``map`` batch's columns, read from the input's memory map)."""
+    libc = _libc()
+    if libc is None:
+        return
+    maps = _read_only_file_maps()
+    for array in arrays:
+        for buf in array.buffers():
+            if buf is None:
+                continue
+            low, high = buf.address, buf.address + buf.size
+            for map_low, map_high in maps:
+                if map_low <= low and high <= map_high:
+                    first, last = -(-low // _PAGE) * _PAGE, high // _PAGE * _PAGE
+                    if last > first:
+                        libc.madvise(ctypes.c_void_p(first), ctypes.c_size_t(last - first), _MADV_DONTNEED)
+                    break
+
+
+@functools.cache
+def _libc() -> Any:
+    if not sys.platform.startswith("linux"):
+        return None
+    return ctypes.CDLL(None, use_errno=True)
+
+
+def _read_only_file_maps() -> list[tuple[int, int]]:
+    maps = []
+    with open("/proc/self/maps", encoding="utf-8") as handle:
+        for line in handle:
+            fields = line.split(maxsplit=5)
+            if len(fields) == 6 and fields[1].startswith("r-") and fields[5].startswith("/"):
+                low, high = fields[0].split("-")
+                maps.append((int(low, 16), int(high, 16)))
+    return maps
+
+
+class Bits:
+    """A mask of one bit per record: 28 M records hold 3.5 MB instead of the 28 MB of a bool array.
+
+    Passes read and write it a chunk at a time (``get``/``put`` at multiples of 8); bits past the end stay 0.
+    """
+
+    def __init__(self, size: int) -> None:
+        self.size, self.packed = size, np.zeros((size + 7) // 8, dtype=np.uint8)
+
+    @classmethod
+    def of(cls, mask: np.ndarray) -> Bits:
+        """A bool array's bits."""
+        bits = cls(len(mask))
+        bits.packed[:] = np.packbits(mask)
+        return bits
+
+    def __len__(self) -> int:
+        return self.size
+
+    def get(self, start: int = 0, stop: int | None = None) -> np.ndarray:
+        """Records ``[start, stop)`` as a bool array (``start`` a multiple of 8)."""
+        stop = self.size if stop is None else min(stop, self.size)
+        return np.unpackbits(self.packed[start // 8 : (stop + 7) // 8], count=stop - start).view(bool)
+
+    def put(self, start: int, mask: np.ndarray) -> None:
+        """Overwrite the bits from ``start`` (a multiple of 8) with a bool array."""
+        self.packed[start // 8 : (start + len(mask) + 7) // 8] = np.packbits(mask)
+
+    def set(self, seq: np.ndarray) -> None:
+        """Set the bits of records ``seq``."""
+        seq = np.asarray(seq, dtype=np.int64)
+        np.bitwise_or.at(self.packed, seq >> 3, (128 >> (seq & 7)).astype(np.uint8))
+
+    def drop(self, other: Bits) -> int:
+        """Clear every bit ``other`` has set; returns how many ``other`` has."""
+        self.packed &= ~other.packed
+        return other.count()
+
+    def count(self) -> int:
+        """Bits set."""
+        return int(np.bitwise_count(self.packed).sum())
