@@ -39,6 +39,7 @@ from forgeline.tasks.config import DataConfig
 from forgeline.tasks.data import loading, pairs, store
 from forgeline.tasks.data.builtin import DOCSTRINGS_LABEL, builtin_corpus
 from forgeline.tasks.data.labels import build_label_set, check_label_kinds, labels_as_text, write_label_set
+from forgeline.tasks.data.memory import release
 from forgeline.tasks.data.paths import (
     DataError,
     Input,
@@ -356,7 +357,9 @@ def _load_and_clean(cfg: DataConfig, inputs: list[Input], work: Path) -> Any:
     finally:
         if feed is not None:
             feed.close()
-    return mapped[0] if len(mapped) == 1 else datasets.concatenate_datasets(mapped)
+    cleaned = mapped[0] if len(mapped) == 1 else datasets.concatenate_datasets(mapped)
+    release(cleaned, cleaned.column_names, 0, len(cleaned))  # pages `datasets` read while opening the shards
+    return cleaned
 
 
 class _ProgressFeed(threading.Thread):

@@ -20,6 +20,7 @@ from typing import Any
 
 import numpy as np
 
+from forgeline.tasks.data.memory import release
 from forgeline.tasks.data.paths import DataError, Input
 from forgeline.tasks.data.rules import TEXT_PREFIX
 
@@ -130,7 +131,9 @@ def load_input(item: Input, columns: dict[str, str], record: str, cache_dir: Pat
     _check_columns(item, ds, columns)
     if len(set(columns.values())) < len(columns):
         raise DataError(f"{item.label}: one column named twice in the data column options ({columns})")
-    return ds.select_columns(list(columns.values())).rename_columns({v: k for k, v in columns.items()})
+    ds = ds.select_columns(list(columns.values())).rename_columns({v: k for k, v in columns.items()})
+    release(ds, ds.column_names, 0, len(ds))  # pages the builder's checks read: the cleaning map reads them next
+    return ds
 
 
 def _build(item: Input, builder: str, cache_dir: Path, **options: Any) -> Any:
