@@ -826,13 +826,19 @@ def parse_override(text: str) -> tuple[str, Any]:
 
 
 def _format_validation_error(exc: ValidationError, origin: str, valid: set[str]) -> str:
-    err = exc.errors()[0]
-    loc = ".".join(str(p) for p in err["loc"] if not isinstance(p, int) and p not in _UNION_TAGS)
-    loc_full = ".".join(str(p) for p in err["loc"] if p not in _UNION_TAGS)
+    errors = exc.errors()
+    err = errors[0]
+    loc = ".".join(str(p) for p in err["loc"] if not isinstance(p, int) and not _is_union_tag(p))
+    loc_full = ".".join(str(p) for p in err["loc"] if not _is_union_tag(p))
     if err["type"] == "extra_forbidden":
         return f"{origin}: unknown key {loc!r}{_suggest(loc, valid)}"
     msg = err["msg"].removeprefix("Value error, ")
-    extra = f" (and {len(exc.errors()) - 1} more)" if len(exc.errors()) > 1 else ""
+    # a value that fits no branch of a union (``int >= 1 | 'auto'``) fails once per branch, at one key
+    branches = [e for e in errors[1:] if [p for p in e["loc"] if not _is_union_tag(p)] == loc_full.split(".")]
+    if branches and len(branches) == len(errors) - 1:
+        alternatives = (e["msg"].removeprefix("Value error, ").removeprefix("Input should be ") for e in branches)
+        msg, errors = ", or ".join([msg, *alternatives]), [err]
+    extra = f" (and {len(errors) - 1} more)" if len(errors) > 1 else ""
     if not loc_full and _key_in_message(msg):  # a whole-tree check names its key first
         return f"{origin}: {msg}{extra}"
     where = loc_full or "config"
@@ -846,6 +852,11 @@ def _key_in_message(msg: str) -> str:
 
 
 _UNION_TAGS = {"files", "directory", "builtin", "float", "int", "categorical"}
+
+
+def _is_union_tag(part: object) -> bool:
+    """A location part naming a union's branch (``int``, ``constrained-int``, ``literal['auto']``), not a key."""
+    return isinstance(part, str) and (part in _UNION_TAGS or part.startswith(("constrained-", "literal[")))
 
 
 def _line_of_key(text: str, key: str) -> int | None:

@@ -258,3 +258,18 @@ def test_completion_on_the_builtin_docstrings_needs_no_columns() -> None:
     assert cfg.gate_metric() == ("test/rougeL", True)
     with pytest.raises(ConfigError, match="python-docstrings' corpus is for task.kind 'completion'"):
         load_config(None, ["data.sources=[{kind: builtin, name: python-docstrings}]"])
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("train.cpu_shards=0", "--set: train.cpu_shards: Input should be greater than or equal to 1, or 'auto'"),
+        ("train.nproc_per_node=x", "--set: train.nproc_per_node: Input should be a valid integer, unable to parse"),
+    ],
+)
+def test_a_value_that_fits_no_branch_of_a_union_names_the_key_and_every_branch(override: str, message: str) -> None:
+    """It read 'train.cpu_shards.constrained-int: ... (and 1 more)': an internal tag, and 'auto' left unsaid."""
+    with pytest.raises(ConfigError) as info:
+        load_config(None, [override])
+    text = str(info.value)
+    assert text.startswith(message) and text.endswith("or 'auto'") and "more)" not in text and "constrained" not in text
