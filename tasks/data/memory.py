@@ -17,6 +17,7 @@ import numpy as np
 
 _PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
 _MADV_DONTNEED = 4
+_MAPS = "/proc/self/maps"
 
 
 def release(ds: Any, names: Iterable[str], start: int, stop: int) -> None:
@@ -53,18 +54,24 @@ def release_arrays(arrays: Iterable[Any]) -> None:
 @functools.cache
 def _libc() -> Any:
     if not sys.platform.startswith("linux"):
+        return None  # elsewhere the pages stay until the file is unmapped, as before
+    try:
+        return ctypes.CDLL(None, use_errno=True)
+    except OSError:
         return None
-    return ctypes.CDLL(None, use_errno=True)
 
 
 def _read_only_file_maps() -> list[tuple[int, int]]:
     maps = []
-    with open("/proc/self/maps", encoding="utf-8") as handle:
-        for line in handle:
-            fields = line.split(maxsplit=5)
-            if len(fields) == 6 and fields[1].startswith("r-") and fields[5].startswith("/"):
-                low, high = fields[0].split("-")
-                maps.append((int(low, 16), int(high, 16)))
+    try:
+        with open(_MAPS, encoding="utf-8") as handle:
+            for line in handle:
+                fields = line.split(maxsplit=5)
+                if len(fields) == 6 and fields[1].startswith("r-") and fields[5].startswith("/"):
+                    low, high = fields[0].split("-")
+                    maps.append((int(low, 16), int(high, 16)))
+    except OSError:  # no /proc (a sandbox): nothing is known to be a file mapping, so nothing is released
+        return []
     return maps
 
 

@@ -126,3 +126,18 @@ def test_hash_splits_are_moved_into_the_store_not_read_and_copied_again(
     for split in stored:
         assert [p.name for p in (Path(result.dataset_dir) / split).glob("*.arrow")] == ["data-00000-of-00001.arrow"]
     assert not list(Path(result.dataset_dir).glob(".work"))
+
+
+def test_release_without_proc_releases_nothing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A sandbox without /proc: no mapping is known to be a read-only file, so no page is handed back."""
+    import datasets
+    import pyarrow as pa
+
+    table = pa.table({"hi": np.arange(2**20, dtype=np.uint64)})
+    with pa.ipc.new_stream(str(tmp_path / "mapped.arrow"), table.schema) as writer:
+        writer.write_table(table, max_chunksize=2**15)
+    mapped = datasets.Dataset.from_file(str(tmp_path / "mapped.arrow"))
+    monkeypatch.setattr(memory, "_MAPS", str(tmp_path / "no-proc" / "maps"))
+    assert memory._read_only_file_maps() == []
+    memory.release(mapped, ["hi"], 0, len(mapped))
+    assert store.column(mapped, "hi").tolist() == list(range(2**20))
