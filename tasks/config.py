@@ -834,7 +834,8 @@ def _format_validation_error(exc: ValidationError, origin: str, valid: set[str])
         return f"{origin}: unknown key {loc!r}{_suggest(loc, valid)}"
     msg = err["msg"].removeprefix("Value error, ")
     # a value that fits no branch of a union (``int >= 1 | 'auto'``) fails once per branch, at one key
-    branches = [e for e in errors[1:] if [p for p in e["loc"] if not _is_union_tag(p)] == loc_full.split(".")]
+    key = [p for p in err["loc"] if not _is_union_tag(p)]
+    branches = [e for e in errors[1:] if [p for p in e["loc"] if not _is_union_tag(p)] == key]
     if branches and len(branches) == len(errors) - 1:
         alternatives = (e["msg"].removeprefix("Value error, ").removeprefix("Input should be ") for e in branches)
         msg, errors = ", or ".join([msg, *alternatives]), [err]
@@ -851,7 +852,7 @@ def _key_in_message(msg: str) -> str:
     return match.group(1) if match else ""
 
 
-_UNION_TAGS = {"files", "directory", "builtin", "float", "int", "categorical"}
+_UNION_TAGS = {"files", "directory", "builtin", "hf", "float", "int", "categorical"}
 
 
 def _is_union_tag(part: object) -> bool:

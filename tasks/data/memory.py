@@ -18,6 +18,7 @@ import numpy as np
 _PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
 _MADV_DONTNEED = 4
 _MAPS = "/proc/self/maps"
+_POPCOUNT = np.array([bin(byte).count("1") for byte in range(256)], dtype=np.uint8)  # np.bitwise_count: numpy 2 only
 
 
 def release(ds: Any, names: Iterable[str], start: int, stop: int) -> None:
@@ -67,7 +68,8 @@ def _read_only_file_maps() -> list[tuple[int, int]]:
         with open(_MAPS, encoding="utf-8") as handle:
             for line in handle:
                 fields = line.split(maxsplit=5)
-                if len(fields) == 6 and fields[1].startswith("r-") and fields[5].startswith("/"):
+                # an Arrow file mapped read-only: never a library's relocated (private, written) pages
+                if len(fields) == 6 and fields[1].startswith("r-") and fields[5].rstrip("\n").endswith(".arrow"):
                     low, high = fields[0].split("-")
                     maps.append((int(low, 16), int(high, 16)))
     except OSError:  # no /proc (a sandbox): nothing is known to be a file mapping, so nothing is released
@@ -95,13 +97,22 @@ class Bits:
         return self.size
 
     def get(self, start: int = 0, stop: int | None = None) -> np.ndarray:
-        """Records ``[start, stop)`` as a bool array (``start`` a multiple of 8)."""
+        """Records ``[start, stop)`` as a bool array."""
         stop = self.size if stop is None else min(stop, self.size)
-        return np.unpackbits(self.packed[start // 8 : (stop + 7) // 8], count=stop - start).view(bool)
+        skip = start % 8
+        bits = np.unpackbits(self.packed[start // 8 : (stop + 7) // 8], count=skip + max(stop - start, 0))
+        return bits[skip:].view(bool)
 
     def put(self, start: int, mask: np.ndarray) -> None:
-        """Overwrite the bits from ``start`` (a multiple of 8) with a bool array."""
-        self.packed[start // 8 : (start + len(mask) + 7) // 8] = np.packbits(mask)
+        """Overwrite records ``[start, start + len(mask))`` with a bool array, whole bytes at a time.
+
+        Raises:
+            ValueError: ``start`` is not a multiple of 8, or the mask ends inside a byte before the last record.
+        """
+        end = start + len(mask)
+        if start % 8 or (end % 8 and end < self.size):
+            raise ValueError(f"Bits.put({start}, {len(mask)} records): whole bytes only (a chunk of 8k records)")
+        self.packed[start // 8 : (end + 7) // 8] = np.packbits(mask)
 
     def set(self, seq: np.ndarray) -> None:
         """Set the bits of records ``seq``."""
@@ -115,4 +126,4 @@ class Bits:
 
     def count(self) -> int:
         """Bits set."""
-        return int(np.bitwise_count(self.packed).sum())
+        return int(_POPCOUNT[self.packed].sum(dtype=np.int64))

@@ -715,7 +715,7 @@ def test_exact_duplicates_match_one_pass_set(tmp_path: Path, monkeypatch: pytest
 
 
 def test_exact_duplicates_all_same(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(store, "CHUNK", 4)
+    monkeypatch.setattr(store, "CHUNK", 8)  # a chunk is whole bytes of the bit masks
     monkeypatch.setattr(store, "BUCKET", 2)
     dup = store.later_duplicates(_digests(["one and the same"] * 50), memory.Bits.of(np.ones(50, dtype=bool)), tmp_path)
     assert dup.get().tolist() == [False] + [True] * 49

@@ -141,3 +141,16 @@ def test_release_without_proc_releases_nothing(tmp_path: Path, monkeypatch: pyte
     assert memory._read_only_file_maps() == []
     memory.release(mapped, ["hi"], 0, len(mapped))
     assert store.column(mapped, "hi").tolist() == list(range(2**20))
+
+
+def test_bits_read_from_any_record_and_refuse_a_write_that_would_split_a_byte() -> None:
+    bools = np.array([i % 3 == 0 for i in range(29)])
+    bits = memory.Bits.of(bools)
+    for start, stop in [(4, 8), (3, 20), (13, 29), (28, 29), (5, 5)]:
+        assert bits.get(start, stop).tolist() == bools[start:stop].tolist(), (start, stop)
+    with pytest.raises(ValueError, match="whole bytes"):
+        bits.put(4, np.ones(4, dtype=bool))  # would overwrite records 0-3
+    with pytest.raises(ValueError, match="whole bytes"):
+        bits.put(8, np.ones(5, dtype=bool))  # would zero records 13-15
+    bits.put(24, np.ones(5, dtype=bool))  # the last, short chunk
+    assert bits.get(24).tolist() == [True] * 5 and bits.count() == int(bools[:24].sum()) + 5

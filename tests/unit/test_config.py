@@ -273,3 +273,8 @@ def test_a_value_that_fits_no_branch_of_a_union_names_the_key_and_every_branch(o
         load_config(None, [override])
     text = str(info.value)
     assert text.startswith(message) and text.endswith("or 'auto'") and "more)" not in text and "constrained" not in text
+
+
+def test_an_unknown_key_in_an_hf_source_is_named_like_in_any_other_source() -> None:
+    with pytest.raises(ConfigError, match=r"unknown key 'data\.sources\.bogus'"):
+        load_config(None, ["data.sources=[{kind: hf, name: some/corpus, bogus: 1}]"])
