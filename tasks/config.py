@@ -828,13 +828,13 @@ def parse_override(text: str) -> tuple[str, Any]:
 def _format_validation_error(exc: ValidationError, origin: str, valid: set[str]) -> str:
     errors = exc.errors()
     err = errors[0]
-    loc = ".".join(str(p) for p in err["loc"] if not isinstance(p, int) and not _is_union_tag(p))
-    loc_full = ".".join(str(p) for p in err["loc"] if not _is_union_tag(p))
+    key = [p for p in err["loc"] if not _is_union_tag(p)]
+    loc = ".".join(str(p) for p in key if not isinstance(p, int))
+    loc_full = ".".join(str(p) for p in key)
     if err["type"] == "extra_forbidden":
         return f"{origin}: unknown key {loc!r}{_suggest(loc, valid)}"
     msg = err["msg"].removeprefix("Value error, ")
     # a value that fits no branch of a union (``int >= 1 | 'auto'``) fails once per branch, at one key
-    key = [p for p in err["loc"] if not _is_union_tag(p)]
     branches = [e for e in errors[1:] if [p for p in e["loc"] if not _is_union_tag(p)] == key]
     if branches and len(branches) == len(errors) - 1:
         alternatives = (e["msg"].removeprefix("Value error, ").removeprefix("Input should be ") for e in branches)

@@ -95,8 +95,9 @@ def _spill(ds: Any, keep: Bits, start: int, stop: int, entry: np.dtype, bits: in
         entries[name] = column(ds, name, start, stop)[local]
     entries["seq"] = start + local
     release(ds, entry.names[:-1], start, stop)
-    entries = entries[np.argsort(entries["hi"] >> np.uint64(64 - bits), kind="stable")]
-    ids, firsts = np.unique(entries["hi"] >> np.uint64(64 - bits), return_index=True)
+    buckets = entries["hi"] >> np.uint64(64 - bits)
+    order = np.argsort(buckets, kind="stable")
+    entries, (ids, firsts) = entries[order], np.unique(buckets[order], return_index=True)
     for b, part in zip(ids, np.split(entries, firsts[1:]), strict=True):
         # a plain string path: pathlib interns every part it parses, megabytes over thousands of appends
         with open(os.path.join(folder, f"{int(b):06d}"), "ab") as handle:

@@ -73,6 +73,17 @@ def test_record_masks_hold_a_bit_per_record_and_agree_with_bool_arrays() -> None
     assert keep.count() == int((keep_bools & ~dup_bools).sum())
 
 
+def _mapped_column(folder: Path, values: np.ndarray) -> Any:
+    """A memory-mapped dataset of one ``hi`` column, in 32,768-row batches as the cleaning map writes them."""
+    import datasets
+    import pyarrow as pa
+
+    table = pa.table({"hi": values})
+    with pa.ipc.new_stream(str(folder / "mapped.arrow"), table.schema) as writer:
+        writer.write_table(table, max_chunksize=2**15)
+    return datasets.Dataset.from_file(str(folder / "mapped.arrow"))
+
+
 def _rss_file_kib() -> int:
     with open("/proc/self/status", encoding="utf-8") as status:
         return next(int(line.split()[1]) for line in status if line.startswith("RssFile:"))
@@ -81,13 +92,9 @@ def _rss_file_kib() -> int:
 def test_release_drops_the_read_pages_of_a_mapped_dataset_and_never_touches_owned_memory(tmp_path: Path) -> None:
     """A pass over a memory-mapped 1 GB dataset kept every page it read resident: 2 GB of RSS."""
     import datasets
-    import pyarrow as pa
 
-    values = np.arange(8 * 2**20, dtype=np.uint64)  # 64 MiB, in 32,768-row batches as the cleaning map writes
-    table = pa.table({"hi": values})
-    with pa.ipc.new_stream(str(tmp_path / "mapped.arrow"), table.schema) as writer:
-        writer.write_table(table, max_chunksize=2**15)
-    mapped = datasets.Dataset.from_file(str(tmp_path / "mapped.arrow"))
+    values = np.arange(8 * 2**20, dtype=np.uint64)  # 64 MiB
+    mapped = _mapped_column(tmp_path, values)
     owned = datasets.Dataset.from_dict({"hi": values[:1000]})  # in the process's own memory
     assert int(store.column(mapped, "hi").sum()) == int(values.sum())  # every page read once
     before = _rss_file_kib()
@@ -130,13 +137,8 @@ def test_hash_splits_are_moved_into_the_store_not_read_and_copied_again(
 
 def test_release_without_proc_releases_nothing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """A sandbox without /proc: no mapping is known to be a read-only file, so no page is handed back."""
-    import datasets
-    import pyarrow as pa
 
-    table = pa.table({"hi": np.arange(2**20, dtype=np.uint64)})
-    with pa.ipc.new_stream(str(tmp_path / "mapped.arrow"), table.schema) as writer:
-        writer.write_table(table, max_chunksize=2**15)
-    mapped = datasets.Dataset.from_file(str(tmp_path / "mapped.arrow"))
+    mapped = _mapped_column(tmp_path, np.arange(2**20, dtype=np.uint64))
     monkeypatch.setattr(memory, "_MAPS", str(tmp_path / "no-proc" / "maps"))
     assert memory._read_only_file_maps() == []
     memory.release(mapped, ["hi"], 0, len(mapped))
