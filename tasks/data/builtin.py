@@ -300,6 +300,9 @@ def _plain_signature(signature: inspect.Signature) -> str:
 def _show_default(value: Any) -> str:
     if isinstance(value, Enum):
         return f"{type(value).__name__}.{value.name}"
+    if isinstance(value, str) and sys.executable and sys.executable in value:
+        # platform.architecture(executable=sys.executable): the install's path would change the corpus
+        return repr(value.replace(sys.executable, "python"))
     if isinstance(value, _LITERALS):
         return repr(value)
     if isinstance(value, tuple | list) and all(isinstance(v, _LITERALS) for v in value):

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import json
 import logging
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
@@ -101,3 +104,14 @@ def test_python_docs_corpus_can_leave_test_pairs_out() -> None:
     assert not [c for c in held_out if c in kept_out]
     assert len(kept_out) > 0.8 * len(full)  # whole documents go, not the corpus
     assert builtin_corpus(2_000_000, frozenset()) == builtin_corpus(2_000_000)  # default unchanged
+
+
+def test_pairs_do_not_depend_on_where_python_is_installed(tmp_path: Path) -> None:
+    # platform.architecture's default is sys.executable: a checkout's path once changed the corpus and its fingerprint
+    elsewhere = tmp_path / "somewhere-else" / "python3"
+    elsewhere.parent.mkdir()
+    elsewhere.symlink_to(sys.executable)
+    done = subprocess.run([str(elsewhere), "-I", "-S", builtin.__file__], capture_output=True, check=True, text=True)
+    moved = [tuple(pair) for pair in json.loads(done.stdout)]
+    assert moved == list(builtin._all_docstring_pairs())
+    assert "platform.architecture(executable='python', bits='', linkage='')" in dict(moved)
