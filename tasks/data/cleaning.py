@@ -1,14 +1,15 @@
 """Data cleaning on Hugging Face ``datasets``: read sources, clean records, split them, store them as Arrow.
 
 Pure functions (no Prefect, no MLflow): the flow, the CLI and the tests share one code path. Inputs (``paths``)
-are scanned once for the cache key and load through ``datasets`` builders (``loading``); one batched ``map``
-over all cores marks each record's drop rule, digest and hash split (``rules.clean_batch``); de-duplication
-and the ``hash`` or ``tail`` split follow (``store``), saved under ``<cache_dir>/datasets/<fingerprint>/``.
-With ``data.label_column`` a text seen under two labels keeps no copy, the hash split is stratified and
-``labels.json`` is written.
+are scanned once for the cache key, then load through ``datasets`` builders (``loading``); one batched ``map``
+over all cores marks each record's drop rule, digest and hash split (``rules.clean_batch``); exact and near
+(MinHash) de-duplication and the ``hash`` or ``tail`` split follow (``store``), and the splits are saved under
+``<cache_dir>/datasets/<fingerprint>/``. With ``data.label_column`` a text seen under two labels keeps no copy
+(``conflicting_label``), the hash split is stratified and ``labels.json`` is written.
 
-The fingerprint covers the config and the cleaned records (not file names); an index keyed by the inputs'
-content hashes makes a re-run on unchanged inputs a cache hit that reads no data.
+The fingerprint covers the config and the cleaned records, not file names: the same content under a new name
+is the same dataset. An index keyed by the inputs' content hashes makes a re-run on unchanged inputs a cache
+hit that reads no data.
 """
 
 from __future__ import annotations
