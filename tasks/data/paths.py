@@ -109,7 +109,7 @@ class _Roots:
         self.explicit = bool(roots)
 
     def path(self, value: str) -> Path:
-        """``value`` joined to the base folder, once it passed the checks that need no file read."""
+        """``value`` joined to the base folder; refused if it is a URL or its ``..`` or location leaves the roots."""
         _check_value(value)
         lexical = join(self.base, value)
         if ".." in Path(value).parts and not any(lexical.is_relative_to(r) for r in self.lexical):
