@@ -1,26 +1,22 @@
 """Data cleaning on Hugging Face ``datasets``: read sources, clean records, split them, store them as Arrow.
 
-Pure functions (no Prefect, no MLflow) so that the flow, the CLI and the tests share one code path.
+Pure functions (no Prefect, no MLflow): the flow, the CLI and the tests share one code path. Inputs (``paths``)
+are scanned once for the cache key, then load through ``datasets`` builders (``loading``); one batched ``map``
+over all cores marks each record's drop rule, digest and hash split (``rules.clean_batch``); exact and near
+(MinHash) de-duplication and the ``hash`` or ``tail`` split follow (``store``), and the splits are saved under
+``<cache_dir>/datasets/<fingerprint>/``. With ``data.label_column`` a text seen under two labels keeps no copy
+(``conflicting_label``), the hash split is stratified and ``labels.json`` is written.
 
-1. Sources resolve to inputs (``paths``) and are scanned once for the cache key (``loading.scan_file``).
-2. Each input loads through a ``datasets`` builder (``loading``) with canonical columns.
-3. One batched ``map`` over all cores (``data.num_proc``) normalizes each record and marks its drop rule,
-   digest and hash split (``rules.clean_batch``).
-4. Exact de-duplication (bounded memory), near de-duplication (MinHash) and the ``hash`` or ``tail``
-   split run over the mapped columns (``store``); the splits are saved with ``save_to_disk`` under
-   ``<cache_dir>/datasets/<fingerprint>/``. With ``data.label_column`` labels are text, a text seen under
-   two labels keeps no copy (``conflicting_label``), the hash split is stratified (``stratify``) and the
-   label set is written as ``labels.json`` (``labels``).
-
-The fingerprint covers the cleaning config and the cleaned records (not file names), so the same content
-under a new name is the same dataset; an index keyed by the inputs' content hashes makes a re-run on
-unchanged inputs a cache hit that reads no data.
+The fingerprint covers the config and the cleaned records, not file names: the same content under a new name
+is the same dataset. An index keyed by the inputs' content hashes makes a re-run on unchanged inputs a cache
+hit that reads no data.
 """
 
 from __future__ import annotations
 
 import functools
 import hashlib
+import itertools
 import json
 import logging
 import os
@@ -40,14 +36,7 @@ from forgeline.tasks.data import loading, pairs, store
 from forgeline.tasks.data.builtin import DOCSTRINGS_LABEL, builtin_corpus
 from forgeline.tasks.data.labels import build_label_set, check_label_kinds, labels_as_text, write_label_set
 from forgeline.tasks.data.memory import release
-from forgeline.tasks.data.paths import (
-    DataError,
-    Input,
-    join,
-    resolve_data_override,
-    resolve_inputs,
-    roots_with_overrides,
-)
+from forgeline.tasks.data.paths import DataError, Input, join, resolve_data_override, resolve_inputs
 from forgeline.tasks.data.rules import EXTRA_COLUMNS, KEEP, RULES, TEXT_PREFIX, clean_batch, clean_text, drop_reason
 from forgeline.tasks.data.store import SPLITS
 from forgeline.tasks.data.stratify import stratified_splits
@@ -98,8 +87,7 @@ def clean_dataset(
         DataError: A source is missing, unsafe or malformed, or too little data is left to split.
     """
     base = Path(base_dir if base_dir is not None else Path.cwd()).resolve()
-    sources = resolve_data_override(data_override, base_dir=base) if data_override else list(cfg.sources)
-    inputs = resolve_inputs(sources, base, roots_with_overrides(cfg.roots, data_override, base))
+    inputs = resolve_inputs(cfg.sources, base, cfg.roots, data_override)
     cache_dir = join(base, cfg.cache_dir)
     payload = _config_payload(cfg)
     key, stamps = _input_key(inputs, payload, cfg.record, cache_dir)
@@ -311,35 +299,31 @@ def _load_and_clean(cfg: DataConfig, inputs: list[Input], work: Path) -> Any:
 
     work.mkdir(parents=True, exist_ok=True)
     size = sum(i.path.stat().st_size for i in inputs if i.path is not None and i.path.is_file())
-    workers = cfg.num_proc or os.cpu_count() or 1
-    workers = 1 if size < SMALL_INPUT_BYTES else workers
-    fractions = (cfg.fractions.train, cfg.fractions.validation, cfg.fractions.test)
-    segments: list[tuple[bool, list[Any]]] = []
+    workers = 1 if size < SMALL_INPUT_BYTES else cfg.num_proc or os.cpu_count() or 1
+    loaded: list[tuple[bool, Any]] = []  # (cut into paragraphs, dataset), in input order
     kinds: dict[str, str] = {}
     for n, item in enumerate(inputs):
-        if item.fmt == "builtin":
-            item = Input(item.label, "builtin", path=work / f"builtin-{n}.txt")
-            item.path.write_text(pairs.pretraining_corpus(inputs[n].max_bytes), encoding="utf-8")  # type: ignore[union-attr]
+        if item.fmt == "builtin":  # the built-in corpora are written out and load like any file
+            path = work / f"builtin-{n}.txt"
+            path.write_text(pairs.pretraining_corpus(item.max_bytes), encoding="utf-8")
+            item = Input(item.label, "builtin", path=path)
         elif item.fmt == "docstrings":
-            item = Input(
-                item.label, "jsonl", path=pairs.write_docstrings(work / f"docstrings-{n}.jsonl", item.max_bytes)
-            )
-        paragraph = item.fmt in ("text", "builtin") and cfg.record == "paragraph"
+            path = pairs.write_docstrings(work / f"docstrings-{n}.jsonl", item.max_bytes)
+            item = Input(item.label, "jsonl", path=path)
         ds = loading.load_input(item, input_columns(cfg, item), cfg.record, work)
         if cfg.label_column:
             place = functools.partial(loading.record_place, item)
             ds, kinds[item.label] = labels_as_text(ds, item.label, cfg.label_column, place)
-        if segments and segments[-1][0] == paragraph:
-            segments[-1][1].append(ds)
-        else:
-            segments.append((paragraph, [ds]))
+        loaded.append((item.fmt in ("text", "builtin") and cfg.record == "paragraph", ds))
     if cfg.label_column:
         check_label_kinds(kinds, cfg.label_column)
+    fractions = (cfg.fractions.train, cfg.fractions.validation, cfg.fractions.test)
     mapped = []
     feed = _ProgressFeed(work / "progress.bin") if progress.reporter().enabled else None
     kwargs = {"cfg": cfg.cleaning.model_dump(), "fractions": fractions, "progress": feed and str(feed.path)}
     try:
-        for k, (paragraph, parts) in enumerate(segments):
+        for k, (paragraph, group) in enumerate(itertools.groupby(loaded, key=lambda pair: pair[0])):
+            parts = [ds for _, ds in group]
             ds = parts[0] if len(parts) == 1 else datasets.concatenate_datasets(parts)
             cleaned = ds.with_format("arrow").map(
                 clean_batch,

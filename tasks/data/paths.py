@@ -89,10 +89,6 @@ def join(base: Path, value: str) -> Path:
     return Path(os.path.normpath(path if path.is_absolute() else base / path))
 
 
-def _inside(path: Path, root: Path) -> bool:
-    return path == root or root in path.parents
-
-
 def _check_value(value: str) -> None:
     """Reject URLs, percent-encoded separators/dots and NUL bytes before anything is opened."""
     if _URL.match(value) or _SCHEME.match(value):
@@ -112,42 +108,36 @@ class _Roots:
         self.real = [p.resolve() for p in self.lexical]
         self.explicit = bool(roots)
 
-    def check_value(self, value: str, lexical: Path) -> None:
-        """A value whose ``..`` parts lead outside every root is rejected before any file access."""
-        if ".." in Path(value).parts and not any(_inside(lexical, r) for r in self.lexical):
+    def path(self, value: str) -> Path:
+        """``value`` joined to the base folder; refused if it is a URL or its ``..`` or location leaves the roots."""
+        _check_value(value)
+        lexical = join(self.base, value)
+        if ".." in Path(value).parts and not any(lexical.is_relative_to(r) for r in self.lexical):
             where = "data.roots" if self.explicit else f"the working directory {self.base}"
             raise DataError(f"{value}: '..' leads outside {where}; add the folder to data.roots")
-        if self.explicit and not any(_inside(lexical, r) or _inside(lexical.resolve(), r) for r in self.real):
+        if self.explicit and not any(
+            lexical.is_relative_to(r) or lexical.resolve().is_relative_to(r) for r in self.real
+        ):
             raise DataError(f"{value}: outside the allowed data roots ({', '.join(map(str, self.real))})")
+        return lexical
 
     def check_file(self, value: str, path: Path, anchor: Path) -> Path:
         """Return the real path of ``path`` if it (symlinks followed) lies inside an allowed root."""
         real = path.resolve()
         allowed = self.real if self.explicit else [*self.real, anchor.resolve()]
-        if not any(_inside(real, r) for r in allowed):
+        if not any(real.is_relative_to(r) for r in allowed):
             shown = ", ".join(str(r) for r in allowed)
             raise DataError(f"{value}: {path} resolves to {real}, outside the allowed data roots ({shown})")
         return real
 
 
-def roots_with_overrides(roots: list[str], data_override: list[str] | None, base: Path) -> list[str]:
-    # Paths typed on the command line are the user's explicit choice: their folders become allowed roots.
-    if not data_override:
-        return roots
-    extra = []
-    for value in data_override:
-        lexical = join(base, value)
-        if _GLOB_MAGIC.search(value):
-            extra.append(str(_glob_anchor(value, base)))
-        else:
-            extra.append(str(lexical if lexical.is_dir() else lexical.parent))
-    return [*(roots or [str(base)]), *extra]
-
-
-def _glob_anchor(value: str, base: Path) -> Path:
-    parts = Path(value).parts
-    fixed = list(itertools.takewhile(lambda p: not _GLOB_MAGIC.search(p), parts))
-    return join(base, str(Path(*fixed))) if fixed else base
+def _anchor(value: str, base: Path) -> Path:
+    """The folder a value stands for: a glob's leading fixed part, a folder itself, or a file's parent."""
+    if _GLOB_MAGIC.search(value):
+        fixed = itertools.takewhile(lambda p: not _GLOB_MAGIC.search(p), Path(value).parts)
+        return join(base, str(Path(*fixed)))
+    lexical = join(base, value)
+    return lexical if lexical.is_dir() else lexical.parent
 
 
 def _expand_glob(value: str, base: Path) -> list[Path]:
@@ -158,12 +148,19 @@ def _expand_glob(value: str, base: Path) -> list[Path]:
     return [Path(os.path.normpath(p)) for p in found]
 
 
-def resolve_inputs(sources: Iterable[Source], base: Path, roots: list[str]) -> list[Input]:
+def resolve_inputs(
+    sources: Iterable[Source], base: Path, roots: list[str], data_override: list[str] | None = None
+) -> list[Input]:
     """Expand sources into inputs in order, checking every path against the allowed roots.
+
+    ``data_override`` (CLI ``--data`` values) replaces ``sources``; the folders it names become roots too.
 
     Raises:
         DataError: A path is unsafe, missing, empty or matches nothing.
     """
+    if data_override:
+        sources = resolve_data_override(data_override, base_dir=base)
+        roots = [*(roots or [str(base)]), *(str(_anchor(value, base)) for value in data_override)]
     guard = _Roots(base, roots)
     inputs: list[Input] = []
     for source in sources:
@@ -172,20 +169,19 @@ def resolve_inputs(sources: Iterable[Source], base: Path, roots: list[str]) -> l
         elif isinstance(source, BuiltinSource):
             inputs.append(Input(label=BUILTIN_LABEL, fmt="builtin", max_bytes=source.max_bytes))
         elif isinstance(source, HfSource):
-            inputs.append(_hf_input(source, base, guard))
+            inputs.append(_hf_input(source, guard))
         elif isinstance(source, DirectorySource):
-            inputs += _directory_inputs(source, base, guard)
+            inputs += _directory_inputs(source, guard)
         else:
             for value in source.paths:
-                inputs += _files_inputs(value, source.text_column, base, guard)
+                inputs += _files_inputs(value, source.text_column, guard)
     return inputs
 
 
-def _hf_input(source: HfSource, base: Path, guard: _Roots) -> Input:
-    _check_value(source.name)
-    folder = join(base, source.name)
-    if folder.is_dir():
-        guard.check_value(source.name, folder)
+def _hf_input(source: HfSource, guard: _Roots) -> Input:
+    _check_value(source.name)  # before the name is looked up as a folder
+    if join(guard.base, source.name).is_dir():
+        folder = guard.path(source.name)
         real = guard.check_file(source.name, folder, folder)
         return Input(label=str(real), fmt="hf-disk", path=real, text_column=source.text_column, hf=source)
     if source.name.startswith((".", "/", "~")) or not _HUB_ID.match(source.name):
@@ -193,12 +189,10 @@ def _hf_input(source: HfSource, base: Path, guard: _Roots) -> Input:
     return Input(label=f"hf:{source.name}", fmt="hf-hub", text_column=source.text_column, hf=source)
 
 
-def _files_inputs(value: str, column: str, base: Path, guard: _Roots) -> list[Input]:
-    _check_value(value)
-    lexical = join(base, value)
-    guard.check_value(value, lexical)
+def _files_inputs(value: str, column: str, guard: _Roots) -> list[Input]:
+    lexical = guard.path(value)
     if _GLOB_MAGIC.search(value):
-        anchor, files = _glob_anchor(value, base), _expand_glob(value, base)
+        anchor, files = _anchor(value, guard.base), _expand_glob(value, guard.base)
     elif lexical.is_dir():
         raise DataError(f"{value}: is a directory; use a directory source (kind: directory)")
     elif not lexical.is_file():
@@ -208,10 +202,8 @@ def _files_inputs(value: str, column: str, base: Path, guard: _Roots) -> list[In
     return [_file_input(value, f, column, guard, anchor) for f in files]
 
 
-def _directory_inputs(source: DirectorySource, base: Path, guard: _Roots) -> list[Input]:
-    _check_value(source.path)
-    folder = join(base, source.path)
-    guard.check_value(source.path, folder)
+def _directory_inputs(source: DirectorySource, guard: _Roots) -> list[Input]:
+    folder = guard.path(source.path)
     if not folder.is_dir():
         raise DataError(f"{source.path}: no such directory")
     files = sorted(
