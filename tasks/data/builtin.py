@@ -12,16 +12,17 @@ import ast
 import functools
 import hashlib
 import importlib
-import importlib.util
 import inspect
 import json
 import logging
 import re
 import subprocess
 import sys
+import sysconfig
 import tokenize
 from collections.abc import Iterator
 from enum import Enum
+from pathlib import Path
 from typing import Any
 
 logger = logging.getLogger(__name__)
@@ -85,15 +86,17 @@ def _builtin_docs() -> Iterator[str]:
 
 
 def _module_ast(name: str) -> ast.Module | None:
-    """Parse a stdlib module's source (read, not imported: runtime patching cannot change the corpus)."""
-    try:
-        spec = importlib.util.find_spec(name)
-    except ImportError:  # pragma: no cover - optional stdlib parts
+    """Parse a stdlib module's source (read, not imported: runtime patching cannot change the corpus).
+
+    Looked up in the stdlib folder only: through ``sys.path`` a ``mailbox.py`` in the working directory
+    (``python -m forgeline`` puts it first) would take the real module's place in the corpus.
+    """
+    base = Path(sysconfig.get_paths()["stdlib"]).joinpath(*name.split("."))
+    source = next((p for p in (base.with_suffix(".py"), base / "__init__.py") if p.is_file()), None)
+    if source is None:  # pragma: no cover - optional stdlib parts
         return None
-    if spec is None or not spec.origin or not spec.origin.endswith(".py"):
-        return None
     try:
-        with tokenize.open(spec.origin) as handle:
+        with tokenize.open(source) as handle:
             return ast.parse(handle.read())
     except (OSError, SyntaxError, UnicodeDecodeError):  # pragma: no cover - stripped installs
         return None
@@ -212,7 +215,7 @@ def _all_docstring_pairs() -> tuple[tuple[str, str], ...]:
     """Extract the pairs in a fresh interpreter without site-packages: what a library patched into the stdlib of
     this process (transformers adds ``logging.Logger`` methods, others wrap ``inspect`` functions) stays out."""
     done = subprocess.run(
-        [sys.executable, "-I", "-S", __file__],
+        [sys.executable, "-I", "-S", "-X", "utf8", __file__],  # utf8: no locale in defaults
         capture_output=True,
         text=True,
         encoding="utf-8",

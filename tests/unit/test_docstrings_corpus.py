@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -115,3 +117,35 @@ def test_pairs_do_not_depend_on_where_python_is_installed(tmp_path: Path) -> Non
     moved = [tuple(pair) for pair in json.loads(done.stdout)]
     assert moved == list(builtin._all_docstring_pairs())
     assert "platform.architecture(executable='python', bits='', linkage='')" in dict(moved)
+
+
+def test_a_module_file_in_the_working_directory_does_not_shadow_the_stdlib(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    expected = list(builtin._builtin_docs())
+    (tmp_path / "mailbox.py").write_text('"""A local mailbox.py that is not the standard library\'s."""\n')
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.syspath_prepend(str(tmp_path))  # what `python -m forgeline` does with the working directory
+    monkeypatch.delitem(sys.modules, "mailbox", raising=False)
+    shadowed = list(builtin._builtin_docs())
+    assert shadowed == expected
+    assert not any("not the standard library" in doc for doc in shadowed)
+
+
+@pytest.mark.slow
+def test_pairs_do_not_depend_on_the_locale(tmp_path: Path) -> None:
+    # tarfile.TarInfo.tobuf's default encoding is the file-system encoding, which a Latin-1 locale changes
+    assert shutil.which("localedef"), "localedef (Debian's libc-bin) builds the test's locale"
+    subprocess.run(
+        ["localedef", "-i", "en_US", "-f", "ISO-8859-1", str(tmp_path / "en_US.ISO-8859-1")],
+        check=True,
+        capture_output=True,
+    )
+    env = {"LOCPATH": str(tmp_path), "LC_ALL": "en_US.ISO-8859-1", "PATH": os.environ.get("PATH", "")}
+    script = (
+        "import sys; from forgeline.tasks.data import builtin; "
+        "assert sys.getfilesystemencoding() == 'iso8859-1', sys.getfilesystemencoding(); "
+        "print(builtin.docstrings_digest())"
+    )
+    latin = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, check=True)
+    assert latin.stdout.strip() == builtin.docstrings_digest()
