@@ -62,15 +62,11 @@ def clean_text(text: str, cfg: CleaningConfig) -> str:
         text = _CONTROL.sub("", text)
     if cfg.unicode_form != "none" and not plain:
         text = unicodedata.normalize(cfg.unicode_form, text)
-    if cfg.normalize_whitespace:
-        text = _normalize_whitespace(text)
-    return text
-
-
-def _normalize_whitespace(text: str) -> str:
+    if not cfg.normalize_whitespace:
+        return text
     if "\t" in text:
         text = text.expandtabs(4)
-    if "\n" in text:
+    if "\n" in text:  # each line's trailing whitespace goes (the last line's: by the strip below)
         text = "\n".join(line.rstrip() for line in text.split("\n"))
         if "\n\n\n" in text:
             text = _BLANK_RUNS.sub("\n\n", text)
