@@ -311,17 +311,14 @@ def write_index(cache_dir: Path, key: str, fingerprint: str) -> None:
 
 def publish(tmp: Path, final: Path) -> None:
     """Rename the finished folder into place; identical content already stored (by anyone) wins."""
-    if (final / "report.json").is_file():
-        logger.info("dataset %s already stored; reusing it", final.name[:12])
-        shutil.rmtree(tmp)
-        return
-    if final.exists():  # an incomplete folder nobody can be using: never written by this module
+    if final.exists() and not (final / "report.json").is_file():  # incomplete: never written by this module
         stale = final.with_name(f".stale-{final.name}-{os.getpid()}")
         os.rename(final, stale)
         shutil.rmtree(stale, ignore_errors=True)
     try:
-        os.rename(tmp, final)
+        os.rename(tmp, final)  # fails if a stored folder is there
     except OSError:
         if not (final / "report.json").is_file():
             raise
-        shutil.rmtree(tmp)  # a concurrent run stored the same content first
+        logger.info("dataset %s already stored; reusing it", final.name[:12])
+        shutil.rmtree(tmp)
