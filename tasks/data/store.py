@@ -29,6 +29,7 @@ import numpy as np
 from forgeline.tasks.config import SplitFractions
 from forgeline.tasks.data.memory import Bits, release
 from forgeline.tasks.data.paths import DataError
+from forgeline.tasks.data.rules import NearDuplicates
 
 logger = logging.getLogger(__name__)
 
@@ -133,8 +134,6 @@ def _conflicts(entries: np.ndarray) -> np.ndarray:
 
 def near_duplicates(ds: Any, keep: Bits, threshold: float) -> Bits:
     """Mask of kept records that MinHash LSH finds near an earlier kept record (sequential, in order)."""
-    from forgeline.tasks.data.rules import NearDuplicates
-
     index = NearDuplicates(threshold)
     near = Bits(len(keep))
     for start in range(0, len(keep), CHUNK):
@@ -254,7 +253,7 @@ def save_splits(parts: dict[str, Any], folder: Path) -> None:
         s: datasets.Dataset(p.data.table.slice(0, 0), info=p.info, fingerprint=p._fingerprint) if s in moved else p
         for s, p in parts.items()
     }
-    shards = {s: 1 for s, p in templates.items() if s in moved or not len(p)}  # an empty split: one empty file
+    shards = {s: 1 for s, p in templates.items() if not len(p)}  # an empty split or template: one empty file
     datasets.DatasetDict(templates).save_to_disk(str(folder), num_shards=shards or None)
     for split, source in moved.items():
         os.replace(source, folder / split / "data-00000-of-00001.arrow")
