@@ -181,15 +181,17 @@ def hub_fingerprint(item: Input, cache_dir: Path) -> str:
 def _check_columns(item: Input, ds: Any, columns: dict[str, str]) -> None:
     names = list(ds.column_names)
     texts = [src for canon, src in columns.items() if canon.startswith(TEXT_PREFIX)]
-    missing = [src for src in dict.fromkeys(columns.values()) if src not in names]
-    wrong = [] if missing else [s for s in texts if str(ds.features[s].dtype) not in ("string", "large_string")]
-    if missing or wrong or not len(ds) or any(ds.data.column(src).null_count for src in texts):
-        _diagnose(item, *texts, *missing)
+    missing = [src for src in columns.values() if src not in names]
+    readable = not missing and len(ds) and not any(ds.data.column(src).null_count for src in texts)
+    if readable and all(str(ds.features[src].dtype) in ("string", "large_string") for src in texts):
+        return
+    _diagnose(item, *texts, *missing)
     _require(item.label, columns.values(), names)
     if not len(ds):
         raise DataError(f"{item.label}: no records")
-    if wrong:
-        raise DataError(f"{item.label}: column {wrong[0]!r} has type {ds.features[wrong[0]].dtype}, expected string")
+    for src in texts:
+        if str(ds.features[src].dtype) not in ("string", "large_string"):
+            raise DataError(f"{item.label}: column {src!r} has type {ds.features[src].dtype}, expected string")
 
 
 def _require(where: str, wanted: Iterable[str], names: Collection[str]) -> None:
@@ -252,7 +254,7 @@ def _diagnose(item: Input, *columns: str) -> None:
             _field(obj, column, f"{item.path}: item {i}")
     else:
         number = 0
-        for number, line in _nonblank(enumerate(text.split("\n"), start=1)):
+        for number, line in _nonblank(text.split("\n")):
             try:
                 obj = json.loads(line)
             except json.JSONDecodeError as exc:
@@ -297,8 +299,9 @@ def _csv_records(lines: Iterable[str], strict: bool = False) -> Iterator[tuple[i
         start = reader.line_num + 1
 
 
-def _nonblank(lines: Iterable[tuple[int, str]]) -> Iterator[tuple[int, str]]:
-    return ((number, line) for number, line in lines if line.strip())
+def _nonblank(lines: Iterable[str]) -> Iterator[tuple[int, str]]:
+    """Number (from 1) and text of each line that holds more than whitespace: blank lines hold no record."""
+    return ((number, line) for number, line in enumerate(lines, start=1) if line.strip())
 
 
 def record_place(item: Input, index: int) -> str:
@@ -311,7 +314,7 @@ def record_place(item: Input, index: int) -> str:
             if item.fmt == "csv":  # the header is not a record; the builder skips blank lines
                 places = (start for start, _, row in _csv_records(handle) if row and start > 1)
             else:
-                places = (number for number, _ in _nonblank(enumerate(handle, start=1)))
+                places = (number for number, _ in _nonblank(handle))
             line = next(itertools.islice(places, index, None), None)
         if line is not None:
             return f"{item.path}:{line}"
