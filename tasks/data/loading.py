@@ -44,16 +44,16 @@ def scan_file(path: Path, fmt: str, record: str) -> str:
     Raises:
         DataError: Invalid UTF-8 (byte offset and line), or a line or record past the limits.
     """
+    if fmt == "parquet":  # binary: only hashed
+        with path.open("rb") as handle:
+            return hashlib.file_digest(handle, "sha256").hexdigest()
     digest = hashlib.sha256()
-    check = fmt != "parquet"
     offset = line = 0  # bytes and lines before ``carry``
     carry = bytearray()  # the start of a line that has no end yet
     where = 0  # the line holding the record limit (bytes >= characters)
     with path.open("rb") as handle:
         while block := handle.read(_BLOCK):
             digest.update(block)
-            if not check:
-                continue
             start = offset + len(carry)
             if start < MAX_RECORD_CHARS <= start + len(block):
                 where = line + block.count(b"\n", 0, MAX_RECORD_CHARS - start) + 1
@@ -67,9 +67,9 @@ def scan_file(path: Path, fmt: str, record: str) -> str:
             _check_lines(whole, path, offset, line)
             offset, line = offset + len(whole), line + whole.count(b"\n")
             carry = bytearray(block[cut:])
-    if check and carry:
+    if carry:
         _check_lines(bytes(carry), path, offset, line)
-    if check and fmt == "text" and record == "file" and offset + len(carry) > MAX_RECORD_CHARS:
+    if fmt == "text" and record == "file" and offset + len(carry) > MAX_RECORD_CHARS:
         raise DataError(f"{path}:{where}: record longer than {MAX_RECORD_CHARS} characters; use data.record: line")
     return digest.hexdigest()
 
