@@ -178,8 +178,9 @@ def hub_fingerprint(item: Input, cache_dir: Path) -> str:
     return str(_hf_dataset(item, cache_dir)._fingerprint)
 
 
+# ------------------------------------------------------------------------------------------ checks
 def _check_columns(item: Input, ds: Any, columns: dict[str, str]) -> None:
-    names = list(ds.column_names)
+    names = ds.column_names
     texts = [src for canon, src in columns.items() if canon.startswith(TEXT_PREFIX)]
     missing = [src for src in columns.values() if src not in names]
     readable = not missing and len(ds) and not any(ds.data.column(src).null_count for src in texts)
@@ -201,7 +202,6 @@ def _require(where: str, wanted: Iterable[str], names: Collection[str]) -> None:
         raise DataError(f"{where}: no column {missing[0]!r} (columns: {', '.join(names)})")
 
 
-# ------------------------------------------------------------------------------------------ checks
 def _check_parquet(item: Input, wanted: Iterable[str]) -> None:
     import pyarrow as pa
     import pyarrow.parquet as pq
