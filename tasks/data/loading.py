@@ -12,9 +12,11 @@ from __future__ import annotations
 import csv
 import hashlib
 import io
+import itertools
 import json
 import logging
 import re
+from collections.abc import Collection, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -23,8 +25,6 @@ import numpy as np
 from forgeline.tasks.data.memory import release
 from forgeline.tasks.data.paths import DataError, Input
 from forgeline.tasks.data.rules import TEXT_PREFIX
-
-logger = logging.getLogger(__name__)
 
 MAX_LINE_BYTES = 64 * 2**20
 """A physical line longer than this fails the read (bounded memory on a file with no newlines)."""
@@ -36,7 +36,6 @@ keeps every batch's metadata in memory (kilobytes each), so the ``datasets`` def
 the process grow by about 10 bytes a record."""
 _BLOCK = 2**20
 _SAMPLE_BY = {"line": "line", "paragraph": "paragraph", "file": "document"}
-_BUILDER = {"text": "text", "builtin": "text", "jsonl": "json", "json": "json", "csv": "csv", "parquet": "parquet"}
 
 
 def scan_file(path: Path, fmt: str, record: str) -> str:
@@ -45,15 +44,19 @@ def scan_file(path: Path, fmt: str, record: str) -> str:
     Raises:
         DataError: Invalid UTF-8 (byte offset and line), or a line or record past the limits.
     """
+    if fmt == "parquet":  # binary: only hashed
+        with path.open("rb") as handle:
+            return hashlib.file_digest(handle, "sha256").hexdigest()
     digest = hashlib.sha256()
-    check = fmt != "parquet"
     offset = line = 0  # bytes and lines before ``carry``
     carry = bytearray()  # the start of a line that has no end yet
+    where = 0  # the line holding the record limit (bytes >= characters)
     with path.open("rb") as handle:
         while block := handle.read(_BLOCK):
             digest.update(block)
-            if not check:
-                continue
+            start = offset + len(carry)
+            if start < MAX_RECORD_CHARS <= start + len(block):
+                where = line + block.count(b"\n", 0, MAX_RECORD_CHARS - start) + 1
             cut = block.rfind(b"\n") + 1  # b"\n" never sits inside a multi-byte character
             if not cut:
                 carry += block
@@ -64,13 +67,9 @@ def scan_file(path: Path, fmt: str, record: str) -> str:
             _check_lines(whole, path, offset, line)
             offset, line = offset + len(whole), line + whole.count(b"\n")
             carry = bytearray(block[cut:])
-    if check and carry:
+    if carry:
         _check_lines(bytes(carry), path, offset, line)
-    if check and fmt == "text" and record == "file" and offset + len(carry) > MAX_RECORD_CHARS:
-        where, left = 1, MAX_RECORD_CHARS  # bytes >= characters: the line holding the limit is named
-        with path.open("rb") as handle:
-            while left > 0 and (block := handle.read(min(_BLOCK, left))):
-                where, left = where + block.count(b"\n"), left - len(block)
+    if fmt == "text" and record == "file" and offset + len(carry) > MAX_RECORD_CHARS:
         raise DataError(f"{path}:{where}: record longer than {MAX_RECORD_CHARS} characters; use data.record: line")
     return digest.hexdigest()
 
@@ -81,11 +80,9 @@ def _check_lines(data: bytes, path: Path, offset: int, line: int) -> None:
     except UnicodeDecodeError as exc:
         number = line + data.count(b"\n", 0, exc.start) + 1
         raise DataError(f"{path}: not valid UTF-8 at byte {offset + exc.start} (line {number})") from None
-    ends = np.flatnonzero(np.frombuffer(data, dtype=np.uint8) == 10) + 1  # exclusive, "\n" included
-    if not len(ends) or ends[-1] != len(data):
-        ends = np.append(ends, len(data))
-    starts = np.concatenate(([0], ends[:-1]))
-    long = np.flatnonzero(ends - starts > MAX_LINE_BYTES)
+    newlines = np.flatnonzero(np.frombuffer(data, dtype=np.uint8) == 10)
+    starts = np.concatenate(([0], newlines + 1, [len(data)]))  # and the end: line i is starts[i]:starts[i + 1]
+    long = np.flatnonzero(np.diff(starts) > MAX_LINE_BYTES)
     if len(long):
         i = int(long[0])
         raise DataError(
@@ -110,14 +107,13 @@ def load_input(item: Input, columns: dict[str, str], record: str, cache_dir: Pat
     if item.fmt in ("text", "builtin"):
         ds = _build(item, "text", cache_dir, sample_by=_SAMPLE_BY[record], encoding="utf-8-sig")
         return ds.rename_column("text", f"{TEXT_PREFIX}0")
-    if item.fmt == "hf-disk" or item.fmt == "hf-hub":
+    if item.fmt in ("hf-disk", "hf-hub"):
         ds = _hf_dataset(item, cache_dir)
     elif item.fmt == "parquet":
-        _check_parquet(item.path, list(columns.values()))
+        _check_parquet(item, columns.values())
         ds = _build(item, "parquet", cache_dir, columns=list(dict.fromkeys(columns.values())))
     elif item.fmt == "csv":
-        header = _csv_header(item.path, columns)
-        _check_csv_rows(item, header)
+        header = _check_csv(item, columns.values())
         features = datasets.Features({name: datasets.Value("string") for name in header})
         ds = _build(item, "csv", cache_dir, features=features, keep_default_na=False, na_filter=False)
     else:
@@ -126,7 +122,7 @@ def load_input(item: Input, columns: dict[str, str], record: str, cache_dir: Pat
             head = handle.read(4096)
         head = re.sub(rb"\s+", b"", head.removeprefix(b"\xef\xbb\xbf"))
         if not (head.startswith(b"{") or (item.fmt == "json" and head[:2] in (b"[{", b"[]"))):
-            _diagnose(item, item.text_column)  # datasets reads a list of strings as a "text" column
+            _diagnose(item)  # datasets reads a list of strings as a "text" column
         ds = _build(item, "json", cache_dir)
     _check_columns(item, ds, columns)
     if len(set(columns.values())) < len(columns):
@@ -152,7 +148,7 @@ def _build(item: Input, builder: str, cache_dir: Path, **options: Any) -> Any:
             **options,
         )
     except Exception as exc:  # noqa: BLE001 - every builder error becomes a message naming the line
-        _diagnose(item, item.text_column)
+        _diagnose(item)
         raise DataError(f"{item.label}: cannot be read as {builder} ({str(exc).splitlines()[0][:200]})") from exc
     finally:
         quiet.setLevel(level)
@@ -182,69 +178,65 @@ def hub_fingerprint(item: Input, cache_dir: Path) -> str:
     return str(_hf_dataset(item, cache_dir)._fingerprint)
 
 
+# ------------------------------------------------------------------------------------------ checks
 def _check_columns(item: Input, ds: Any, columns: dict[str, str]) -> None:
-    names = list(ds.column_names)
-    text_sources = {src for canon, src in columns.items() if canon.startswith(TEXT_PREFIX)}
-    problems = [src for src in dict.fromkeys(columns.values()) if src not in names]
-    if not problems and len(ds) and not any(ds.data.column(src).null_count for src in text_sources):
-        wrong = [s for s in text_sources if str(ds.features[s].dtype) not in ("string", "large_string")]
-        if not wrong:
-            return
-    if item.fmt in ("jsonl", "json", "csv"):
-        _diagnose(item, *text_sources, *problems)
-    if problems:
-        raise DataError(f"{item.label}: no column {problems[0]!r} (columns: {', '.join(names)})")
+    names = ds.column_names
+    texts = [src for canon, src in columns.items() if canon.startswith(TEXT_PREFIX)]
+    missing = [src for src in columns.values() if src not in names]
+    readable = not missing and len(ds) and not any(ds.data.column(src).null_count for src in texts)
+    if readable and all(str(ds.features[src].dtype) in ("string", "large_string") for src in texts):
+        return
+    _diagnose(item, *texts, *missing)
+    _require(item.label, columns.values(), names)
     if not len(ds):
         raise DataError(f"{item.label}: no records")
-    for src in text_sources:
+    for src in texts:
         if str(ds.features[src].dtype) not in ("string", "large_string"):
             raise DataError(f"{item.label}: column {src!r} has type {ds.features[src].dtype}, expected string")
 
 
-# ------------------------------------------------------------------------------------------ checks
-def _check_parquet(path: Path | None, columns: list[str]) -> None:
+def _require(where: str, wanted: Iterable[str], names: Collection[str]) -> None:
+    """Raise for the first of ``wanted`` not among ``names`` (a header, a schema, a JSON object's keys)."""
+    missing = [name for name in wanted if name not in names]
+    if missing:
+        raise DataError(f"{where}: no column {missing[0]!r} (columns: {', '.join(names)})")
+
+
+def _check_parquet(item: Input, wanted: Iterable[str]) -> None:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
     try:
-        parquet = pq.ParquetFile(path)
+        parquet = pq.ParquetFile(item.path)
     except (pa.ArrowException, OSError) as exc:
-        raise DataError(f"{path}: not a readable Parquet file ({exc})") from None
-    schema = parquet.schema_arrow
-    for column in columns:
-        if column not in schema.names:
-            raise DataError(f"{path}: no column {column!r} (columns: {', '.join(schema.names)})")
+        raise DataError(f"{item.label}: not a readable Parquet file ({exc})") from None
+    _require(item.label, wanted, parquet.schema_arrow.names)
     if parquet.metadata.num_rows == 0:
-        raise DataError(f"{path}: no rows")
+        raise DataError(f"{item.label}: no rows")
 
 
-def _check_csv_rows(item: Input, header: list[str]) -> None:
-    """pyarrow's strict parser over the file: pandas (the csv builder) would fill a short row with blanks."""
+def _check_csv(item: Input, wanted: Iterable[str]) -> list[str]:
+    """The header, once the file's rows passed pyarrow's strict parser (pandas would fill a short row with blanks)."""
     import pyarrow as pa
     import pyarrow.csv as pcsv
 
+    assert item.path is not None
+    with item.path.open(encoding="utf-8-sig", newline="") as handle:
+        header = next(csv.reader(handle), [])
+    _require(item.label, wanted, header)
     parse = pcsv.ParseOptions(newlines_in_values=True)
     convert = pcsv.ConvertOptions(column_types=dict.fromkeys(header, pa.string()))
     try:
         for _ in pcsv.open_csv(item.path, parse_options=parse, convert_options=convert):
             pass
     except pa.ArrowInvalid as exc:
-        _diagnose(item, item.text_column)
+        _diagnose(item)
         raise DataError(f"{item.label}: malformed CSV ({str(exc).splitlines()[0][:200]})") from None
-
-
-def _csv_header(path: Path | None, columns: dict[str, str]) -> list[str]:
-    assert path is not None
-    with path.open(encoding="utf-8-sig", newline="") as handle:
-        header = next(csv.reader(handle), [])
-    missing = [c for c in columns.values() if c not in header]
-    if missing:
-        raise DataError(f"{path}: no column {missing[0]!r} (columns: {', '.join(header)})")
     return header
 
 
 def _diagnose(item: Input, *columns: str) -> None:
-    """Re-read a JSON or CSV file with the standard library; raise the first problem as a ``DataError``."""
+    """Re-read a JSON or CSV file with the standard library; raise the first problem (in ``columns[0]``)."""
     if item.path is None or item.fmt not in ("jsonl", "json", "csv"):
         return
     text = item.path.read_text(encoding="utf-8-sig")  # UTF-8 was checked by scan_file
@@ -261,51 +253,55 @@ def _diagnose(item: Input, *columns: str) -> None:
         for i, obj in enumerate(items):
             _field(obj, column, f"{item.path}: item {i}")
     else:
-        count = 0
-        for number, line in enumerate(text.split("\n"), start=1):
-            if not line.strip():
-                continue
+        number = 0
+        for number, line in _nonblank(text.split("\n")):
             try:
                 obj = json.loads(line)
             except json.JSONDecodeError as exc:
                 raise DataError(f"{item.path}:{number}: invalid JSON ({exc.msg})") from None
-            count += 1
             _field(obj, column, f"{item.path}:{number}")
-        if not count:
+        if not number:
             raise DataError(f"{item.path}: no records (only blank lines)")
 
 
 def _field(obj: Any, column: str, where: str) -> None:
     if not isinstance(obj, dict):
         raise DataError(f"{where}: expected a JSON object, got {type(obj).__name__}")
-    if column not in obj:
-        raise DataError(f"{where}: no column {column!r} (columns: {', '.join(map(str, obj))})")
+    _require(where, [column], obj)
     if obj[column] is not None and not isinstance(obj[column], str):
         raise DataError(f"{where}: column {column!r} is {type(obj[column]).__name__}, expected a string")
 
 
 def _diagnose_csv(path: Path, text: str, column: str) -> None:
     csv.field_size_limit(max(csv.field_size_limit(), MAX_RECORD_CHARS))
-    reader = csv.reader(io.StringIO(text, newline="\n"), strict=True)
-    rows = 0
-    while True:
-        start = reader.line_num + 1
-        try:
-            row = next(reader)
-        except StopIteration:
-            break
-        except csv.Error as exc:
-            raise DataError(f"{path}:{start}: malformed CSV ({exc})") from None
-        if start == 1:
-            header = row
-            if column not in header:
-                raise DataError(f"{path}: no column {column!r} (columns: {', '.join(header)})")
-        elif row:
-            if len(row) != len(header):
-                raise DataError(f"{path}:{reader.line_num}: expected {len(header)} fields, got {len(row)}")
-            rows += 1
+    rows = end = 0
+    try:
+        for start, end, row in _csv_records(io.StringIO(text, newline="\n"), strict=True):
+            if start == 1:
+                header = row
+                _require(str(path), [column], header)
+            elif row:
+                if len(row) != len(header):
+                    raise DataError(f"{path}:{end}: expected {len(header)} fields, got {len(row)}")
+                rows += 1
+    except csv.Error as exc:
+        raise DataError(f"{path}:{end + 1}: malformed CSV ({exc})") from None
     if not rows:
         raise DataError(f"{path}: no rows (header only)")
+
+
+def _csv_records(lines: Iterable[str], strict: bool = False) -> Iterator[tuple[int, int, list[str]]]:
+    """First line, last line and fields of each CSV record (one record may span lines)."""
+    reader = csv.reader(lines, strict=strict)
+    start = 1
+    for row in reader:
+        yield start, reader.line_num, row
+        start = reader.line_num + 1
+
+
+def _nonblank(lines: Iterable[str]) -> Iterator[tuple[int, str]]:
+    """Number (from 1) and text of each line that holds more than whitespace: blank lines hold no record."""
+    return ((number, line) for number, line in enumerate(lines, start=1) if line.strip())
 
 
 def record_place(item: Input, index: int) -> str:
@@ -313,24 +309,13 @@ def record_place(item: Input, index: int) -> str:
 
     Used on error paths only: a CSV or JSON Lines file is read again to count physical lines.
     """
-    if item.path is not None and item.fmt == "csv":
-        with item.path.open(encoding="utf-8-sig", newline="") as handle:
-            reader = csv.reader(handle)
-            next(reader, None)  # the header
-            number = 0
-            while True:
-                start = reader.line_num + 1
-                row = next(reader, None)
-                if row is None:
-                    break
-                if row:  # the builder skips blank lines
-                    if number == index:
-                        return f"{item.path}:{start}"
-                    number += 1
-    if item.path is not None and item.fmt == "jsonl":
-        with item.path.open(encoding="utf-8-sig") as handle:
-            records = (n for n, line in enumerate(handle, start=1) if line.strip())
-            for number, line in enumerate(records):
-                if number == index:
-                    return f"{item.path}:{line}"
+    if item.path is not None and item.fmt in ("csv", "jsonl"):
+        with item.path.open(encoding="utf-8-sig", newline="" if item.fmt == "csv" else None) as handle:
+            if item.fmt == "csv":  # the header is not a record; the builder skips blank lines
+                places = (start for start, _, row in _csv_records(handle) if row and start > 1)
+            else:
+                places = (number for number, _ in _nonblank(handle))
+            line = next(itertools.islice(places, index, None), None)
+        if line is not None:
+            return f"{item.path}:{line}"
     return f"{item.label}: record {index + 1}"

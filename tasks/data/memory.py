@@ -1,21 +1,16 @@
-"""How the data stage keeps its own memory flat in the input size: bit masks, and mapped pages handed back.
-
-A pass over the cleaned dataset keeps a bit a record of masks (``Bits``), and drops the pages of the
-memory-mapped Arrow files it has read (``release``) so that they do not pile up in the resident set.
-"""
+"""How the data stage keeps its memory flat in the input size: bit masks (``Bits``), mapped pages handed back."""
 
 from __future__ import annotations
 
 import ctypes
 import functools
-import os
-import sys
+import mmap
 from collections.abc import Iterable
 from typing import Any
 
 import numpy as np
 
-_PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
+_PAGE = mmap.PAGESIZE
 _MADV_DONTNEED = 4
 _MAPS = "/proc/self/maps"
 _POPCOUNT = np.array([bin(byte).count("1") for byte in range(256)], dtype=np.uint8)  # np.bitwise_count: numpy 2 only
@@ -24,40 +19,31 @@ _POPCOUNT = np.array([bin(byte).count("1") for byte in range(256)], dtype=np.uin
 def release(ds: Any, names: Iterable[str], start: int, stop: int) -> None:
     """Drop the pages of the buffers holding rows ``[start, stop)`` of these columns from resident memory.
 
-    A slice's buffers are its whole record batches', so neighbouring rows' pages go too (read again if needed).
-
-    The cleaned dataset is memory-mapped: every page a pass reads stays resident until the file is unmapped,
-    so a pass over 1 GB of text showed 2 GB of RSS (reclaimable page cache, but counted by ``top`` and by a
-    container's memory limit). Such pages are clean and read-only: ``madvise(MADV_DONTNEED)`` drops them,
-    and a later read faults them in again from the page cache. Only page ranges inside read-only file
-    mappings (``/proc/self/maps``) are touched: memory the process owns is never released this way.
+    Every page a pass reads from the memory-mapped dataset stays resident until the file is unmapped: 1 GB of
+    text showed 2 GB of RSS (reclaimable, but counted by ``top`` and a container's limit). Such pages are clean:
+    ``madvise(MADV_DONTNEED)`` drops them and a later read faults them in again from the page cache. A slice's
+    buffers are its whole record batches', so neighbouring rows' pages go too. Only ranges inside read-only
+    ``.arrow`` mappings (``/proc/self/maps``) are touched: memory the process owns is never released this way.
     """
     release_arrays(chunk for name in names for chunk in ds.data.column(name).slice(start, stop - start).chunks)
 
 
 def release_arrays(arrays: Iterable[Any]) -> None:
     """``release`` for Arrow arrays (e.g. a ``map`` batch's columns, read from the input's memory map)."""
-    libc = _libc()
+    maps = _read_only_file_maps()  # none without /proc (not Linux, a sandbox): then nothing is released
+    libc = _libc() if maps else None
     if libc is None:
         return
-    maps = _read_only_file_maps()
     for array in arrays:
-        for buf in array.buffers():
-            if buf is None:
-                continue
+        for buf in filter(None, array.buffers()):  # a missing or empty buffer has no page
             low, high = buf.address, buf.address + buf.size
-            for map_low, map_high in maps:
-                if map_low <= low and high <= map_high:
-                    first, last = -(-low // _PAGE) * _PAGE, high // _PAGE * _PAGE
-                    if last > first:
-                        libc.madvise(ctypes.c_void_p(first), ctypes.c_size_t(last - first), _MADV_DONTNEED)
-                    break
+            first, last = -(-low // _PAGE) * _PAGE, high // _PAGE * _PAGE  # the whole pages inside the buffer
+            if last > first and any(map_low <= low and high <= map_high for map_low, map_high in maps):
+                libc.madvise(ctypes.c_void_p(first), ctypes.c_size_t(last - first), _MADV_DONTNEED)
 
 
 @functools.cache
 def _libc() -> Any:
-    if not sys.platform.startswith("linux"):
-        return None  # elsewhere the pages stay until the file is unmapped, as before
     try:
         return ctypes.CDLL(None, use_errno=True)
     except OSError:
@@ -65,17 +51,16 @@ def _libc() -> Any:
 
 
 def _read_only_file_maps() -> list[tuple[int, int]]:
-    maps = []
     try:
         with open(_MAPS, encoding="utf-8") as handle:
-            for line in handle:
-                fields = line.split(maxsplit=5)
-                # an Arrow file mapped read-only: never a library's relocated (private, written) pages
-                if len(fields) == 6 and fields[1].startswith("r-") and fields[5].rstrip("\n").endswith(".arrow"):
-                    low, high = fields[0].split("-")
-                    maps.append((int(low, 16), int(high, 16)))
+            rows = [line.split(maxsplit=5) for line in handle]
     except OSError:  # no /proc (a sandbox): nothing is known to be a file mapping, so nothing is released
         return []
+    maps = []
+    for fields in rows:  # an Arrow file mapped read-only: never a library's relocated (private, written) pages
+        if len(fields) == 6 and fields[1].startswith("r-") and fields[5].rstrip("\n").endswith(".arrow"):
+            low, high = fields[0].split("-")
+            maps.append((int(low, 16), int(high, 16)))
     return maps
 
 

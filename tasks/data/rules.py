@@ -37,9 +37,10 @@ _SURROGATE = re.compile("[\ud800-\udfff]")
 _CONTROL = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f\u200b\u2060\ufeff]")
 _BLANK_RUNS = re.compile(r"\n{3,}")
 _NONTEXT = re.compile(r"[^\w\s]|[\d_]")
-_NONTEXT_ASCII = r"[^A-Za-z \t\n\r\x0b\x0c\x1c-\x1f]"
-"""``_NONTEXT`` on ASCII text in RE2 syntax: not a letter and not what Python's ``\\s`` calls whitespace."""
 _ASCII_SPACE = " \t\n\x0b\x0c\r\x1c\x1d\x1e\x1f"
+"""What Python's ``str.strip()`` and ``\\s`` call whitespace, for ASCII."""
+_NONTEXT_ASCII = f"[^A-Za-z{_ASCII_SPACE}]"
+"""``_NONTEXT`` on ASCII text in RE2 syntax: not a letter and not whitespace."""
 
 
 def clean_text(text: str, cfg: CleaningConfig) -> str:
@@ -62,15 +63,11 @@ def clean_text(text: str, cfg: CleaningConfig) -> str:
         text = _CONTROL.sub("", text)
     if cfg.unicode_form != "none" and not plain:
         text = unicodedata.normalize(cfg.unicode_form, text)
-    if cfg.normalize_whitespace:
-        text = _normalize_whitespace(text)
-    return text
-
-
-def _normalize_whitespace(text: str) -> str:
+    if not cfg.normalize_whitespace:
+        return text
     if "\t" in text:
         text = text.expandtabs(4)
-    if "\n" in text:
+    if "\n" in text:  # each line's trailing whitespace goes (the last line's: by the strip below)
         text = "\n".join(line.rstrip() for line in text.split("\n"))
         if "\n\n\n" in text:
             text = _BLANK_RUNS.sub("\n\n", text)

@@ -12,7 +12,9 @@ file's content hash) to the fingerprint, so a re-run on unchanged inputs reads n
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import io
 import json
 import logging
 import os
@@ -27,6 +29,7 @@ import numpy as np
 from forgeline.tasks.config import SplitFractions
 from forgeline.tasks.data.memory import Bits, release
 from forgeline.tasks.data.paths import DataError
+from forgeline.tasks.data.rules import NearDuplicates
 
 logger = logging.getLogger(__name__)
 
@@ -51,7 +54,7 @@ def later_duplicates(ds: Any, keep: Bits, workdir: Path) -> Bits:
     their leading bits (about ``BUCKET`` entries each, order kept), and each bucket is sorted alone: the
     one-pass set's decisions in memory bounded by a chunk and a bucket.
     """
-    return _by_digest(ds, keep, workdir, ("hi", "lo"), lambda e: _later(e["hi"], e["lo"]))
+    return _by_digest(ds, keep, workdir, ("hi", "lo"), _later)
 
 
 def conflicting_labels(ds: Any, keep: Bits, workdir: Path) -> Bits:
@@ -59,27 +62,31 @@ def conflicting_labels(ds: Any, keep: Bits, workdir: Path) -> Bits:
 
     Every copy is marked, the first included: which label such a text should teach is unknown.
     """
-    return _by_digest(ds, keep, workdir, ("hi", "lo", "lab"), lambda e: _conflicts(e["hi"], e["lo"], e["lab"]))
+    return _by_digest(ds, keep, workdir, ("hi", "lo", "lab"), _conflicts)
 
 
 def _by_digest(
     ds: Any, keep: Bits, workdir: Path, fields: tuple[str, ...], decide: Callable[[np.ndarray], np.ndarray]
 ) -> Bits:
     """``decide`` over the kept records' digest columns, in memory or bucket by bucket (same text, same bucket)."""
-    entry = [(name, "<u8") for name in fields] + [("seq", "<i8")]
+    entry = np.dtype([(name, "<u8") for name in fields] + [("seq", "<i8")])
     mask = Bits(len(keep))
     if len(keep) <= CHUNK:
-        seq = np.flatnonzero(keep.get())
-        entries = np.empty(len(seq), dtype=entry)
-        for name in fields:
-            entries[name] = column(ds, name)[seq]
-        mask.set(seq[decide(entries)])
+        entries = _entries(ds, keep, 0, len(keep), entry)
+        mask.set(entries["seq"][decide(entries)])
         return mask
     bits = max(1, int(np.ceil(np.log2(len(keep) / BUCKET))))
     folder = workdir / "buckets"
     folder.mkdir(parents=True, exist_ok=True)
     for start in range(0, len(keep), CHUNK):
-        _spill(ds, keep, start, min(start + CHUNK, len(keep)), np.dtype(entry), bits, folder)
+        entries = _entries(ds, keep, start, min(start + CHUNK, len(keep)), entry)
+        buckets = entries["hi"] >> np.uint64(64 - bits)
+        order = np.argsort(buckets, kind="stable")
+        ids, firsts = np.unique(buckets[order], return_index=True)
+        for b, part in zip(ids, np.split(entries[order], firsts)[1:], strict=True):  # none for a chunk all dropped
+            # a plain string path: pathlib interns every part it parses, megabytes over thousands of appends
+            with open(os.path.join(folder, f"{int(b):06d}"), "ab") as handle:
+                part.tofile(handle)
     for path in sorted(folder.iterdir()):
         entries = np.fromfile(path, dtype=entry)
         mask.set(entries["seq"][decide(entries)])
@@ -87,51 +94,46 @@ def _by_digest(
     return mask
 
 
-def _spill(ds: Any, keep: Bits, start: int, stop: int, entry: np.dtype, bits: int, folder: Path) -> None:
-    """Append the kept records ``[start, stop)``'s entries to the bucket files their leading ``bits`` pick."""
-    local = np.flatnonzero(keep.get(start, stop))
-    entries = np.empty(len(local), dtype=entry)
+def _entries(ds: Any, keep: Bits, start: int, stop: int, entry: np.dtype) -> np.ndarray:
+    """The digest fields and record number of the kept records in ``[start, stop)``, in record order."""
+    seq = start + np.flatnonzero(keep.get(start, stop))
+    entries = np.empty(len(seq), dtype=entry)
     for name in entry.names[:-1]:
-        entries[name] = column(ds, name, start, stop)[local]
-    entries["seq"] = start + local
+        entries[name] = column(ds, name, start, stop)[seq - start]
+    entries["seq"] = seq
     release(ds, entry.names[:-1], start, stop)
-    buckets = entries["hi"] >> np.uint64(64 - bits)
-    order = np.argsort(buckets, kind="stable")
-    entries, (ids, firsts) = entries[order], np.unique(buckets[order], return_index=True)
-    for b, part in zip(ids, np.split(entries, firsts[1:]), strict=True):
-        # a plain string path: pathlib interns every part it parses, megabytes over thousands of appends
-        with open(os.path.join(folder, f"{int(b):06d}"), "ab") as handle:
-            part.tofile(handle)
+    return entries
 
 
-def _later(hi: np.ndarray, lo: np.ndarray) -> np.ndarray:
-    """True where (hi, lo) equals an earlier entry's (a stable sort keeps the earlier copy first)."""
-    order = np.lexsort((lo, hi))
-    h, low = hi[order], lo[order]
-    same = np.zeros(len(order), dtype=bool)
-    same[1:] = (h[1:] == h[:-1]) & (low[1:] == low[:-1])
-    later = np.zeros(len(order), dtype=bool)
-    later[order] = same
+def _sorted_runs(entries: np.ndarray, *minor: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """A stable sort of the entries by (hi, lo, minor), and where in it each run of equal (hi, lo) starts."""
+    order = np.lexsort((*minor, entries["lo"], entries["hi"]))
+    h, low = entries["hi"][order], entries["lo"][order]
+    starts = np.ones(len(order), dtype=bool)
+    starts[1:] = (h[1:] != h[:-1]) | (low[1:] != low[:-1])
+    return order, starts
+
+
+def _later(entries: np.ndarray) -> np.ndarray:
+    """True where (hi, lo) equals an earlier entry's (the stable sort keeps the earlier copy first)."""
+    order, starts = _sorted_runs(entries)
+    later = np.empty(len(order), dtype=bool)
+    later[order] = ~starts
     return later
 
 
-def _conflicts(hi: np.ndarray, lo: np.ndarray, lab: np.ndarray) -> np.ndarray:
+def _conflicts(entries: np.ndarray) -> np.ndarray:
     """True where another entry has the same (hi, lo) and a different ``lab``."""
-    out = np.zeros(len(hi), dtype=bool)
-    if not len(hi):
-        return out
-    order = np.lexsort((lab, lo, hi))
-    h, low, labs = hi[order], lo[order], lab[order]
-    starts = np.flatnonzero(np.concatenate(([True], (h[1:] != h[:-1]) | (low[1:] != low[:-1]))))
-    mixed = np.minimum.reduceat(labs, starts) != np.maximum.reduceat(labs, starts)
-    out[order] = np.repeat(mixed, np.diff(np.append(starts, len(order))))
+    order, starts = _sorted_runs(entries, entries["lab"])
+    labs = entries["lab"][order]
+    mixed = labs[starts] != labs[np.roll(starts, -1)]  # each run's lowest label against its highest
+    out = np.empty(len(order), dtype=bool)
+    out[order] = mixed[np.cumsum(starts) - 1]
     return out
 
 
 def near_duplicates(ds: Any, keep: Bits, threshold: float) -> Bits:
     """Mask of kept records that MinHash LSH finds near an earlier kept record (sequential, in order)."""
-    from forgeline.tasks.data.rules import NearDuplicates
-
     index = NearDuplicates(threshold)
     near = Bits(len(keep))
     for start in range(0, len(keep), CHUNK):
@@ -158,47 +160,43 @@ def hash_splits(
 
     names = ["text", *extras]
     table = ds.data.table.select(names)
-    features = datasets.Features({name: ds.features[name] for name in names})
     paths = [workdir / f"split-{split}.arrow" for split in SPLITS]
-    writers = [pa.ipc.new_stream(str(path), table.schema.remove_metadata()) for path in paths]
-    streams = [[hashlib.sha256() for _ in range(2 + len(extras))] for _ in SPLITS]  # one per column and split
-    rows = [0] * len(SPLITS)
-    try:
+    streams = [[hashlib.sha256() for _ in range(2 + len(extras))] for _ in SPLITS]  # per split: hi, lo, each extra
+    with contextlib.ExitStack() as stack:
+        schema = table.schema.remove_metadata()
+        writers = [stack.enter_context(pa.ipc.new_stream(str(path), schema)) for path in paths]
         for start in range(0, len(keep), CHUNK):
             stop = min(start + CHUNK, len(keep))
             if dest is None:
                 chosen = np.where(keep.get(start, stop), column(ds, "split", start, stop), -1)
             else:
                 chosen = dest[start:stop]
-            hi, lo, chunk = (
-                column(ds, "hi", start, stop),
-                column(ds, "lo", start, stop),
-                table.slice(start, stop - start),
-            )
+            hi, lo = column(ds, "hi", start, stop), column(ds, "lo", start, stop)
+            chunk = table.slice(start, stop - start)
             for code, (writer, (hi_s, lo_s, *extra_s)) in enumerate(zip(writers, streams, strict=True)):
                 mask = chosen == code
                 part = chunk.filter(pa.array(mask))
                 writer.write_table(part)
-                rows[code] += part.num_rows
                 hi_s.update(hi[mask].tobytes())  # record digests (and carried values) in stored order
                 lo_s.update(lo[mask].tobytes())
                 for stream, name in zip(extra_s, extras, strict=True):
                     for value in part.column(name).to_pylist():
                         stream.update(json.dumps(value).encode() + b"\n")
             release(ds, [*names, "hi", "lo", "split"], start, stop)
-    finally:
-        for writer in writers:
-            writer.close()
-    digest = hashlib.sha256()
-    for split, count, split_streams in zip(SPLITS, rows, streams, strict=True):
-        digest.update(f"{split}:{count}:{[s.hexdigest() for s in split_streams]}\n".encode())
-    info = datasets.DatasetInfo(features=features)
+    info = datasets.DatasetInfo(features=datasets.Features({name: ds.features[name] for name in names}))
     parts = {split: datasets.Dataset.from_file(str(path), info=info) for split, path in zip(SPLITS, paths, strict=True)}
+    digest = hashlib.sha256()
+    for split, split_streams in zip(SPLITS, streams, strict=True):
+        digest.update(f"{split}:{len(parts[split])}:{[s.hexdigest() for s in split_streams]}\n".encode())
     return parts, digest.hexdigest()
 
 
 def tail_splits(ds: Any, keep: Bits, fractions: SplitFractions, workdir: Path, check_leaks: bool) -> Any:
-    """nanoGPT split: kept records joined with "\\n", cut by character count into one record per split."""
+    """nanoGPT split: kept records joined with "\\n", cut by character count into one record per split.
+
+    ``check_leaks`` (without exact dedup): fail if a record lies wholly in train and in validation or test.
+    ``workdir`` is unused: each split's text is cut from the records directly.
+    """
     import datasets
 
     seq = np.flatnonzero(keep.get())
@@ -207,29 +205,28 @@ def tail_splits(ds: Any, keep: Bits, fractions: SplitFractions, workdir: Path, c
     n = int(starts[-1] + chars[-1])
     train_end = int(n * fractions.train)
     val_end = n if fractions.test == 0 else int(n * (fractions.train + fractions.validation))
-    if check_leaks:  # with exact dedup on, no record can be in two splits
+    if check_leaks:
         _check_leakage(column(ds, "hi")[seq], starts, starts + chars, train_end, val_end)
-    stream = workdir / "stream.txt"
-    cuts = {0: 0, train_end: 0, val_end: 0, n: 0}  # character offset -> byte offset
-    with stream.open("wb") as handle:
-        done = 0
-        for first in range(0, len(seq), CHUNK):
-            texts = ds.data.column("text").take(seq[first : first + CHUNK]).to_pylist()
-            piece = ("\n" if first else "") + "\n".join(texts)
-            for c in cuts:
-                if done <= c <= done + len(piece):
-                    cuts[c] = handle.tell() + len(piece[: c - done].encode("utf-8"))
-            handle.write(piece.encode("utf-8"))
-            done += len(piece)
     features = datasets.Features({"text": datasets.Value("large_string")})
     parts = {}
-    with stream.open("rb") as handle:
-        for split, (a, b) in zip(SPLITS, [(0, train_end), (train_end, val_end), (val_end, n)], strict=True):
-            handle.seek(cuts[a])
-            text = handle.read(cuts[b] - cuts[a]).decode("utf-8")
-            parts[split] = datasets.Dataset.from_dict({"text": [text] if text else []}, features=features)
-    stream.unlink()
+    for split, (a, b) in zip(SPLITS, [(0, train_end), (train_end, val_end), (val_end, n)], strict=True):
+        text = _stream_text(ds, seq, starts, a, b)
+        parts[split] = datasets.Dataset.from_dict({"text": [text] if text else []}, features=features)
     return parts
+
+
+def _stream_text(ds: Any, seq: np.ndarray, starts: np.ndarray, a: int, b: int) -> str:
+    """Characters ``[a, b)`` of the records ``seq`` (starting at ``starts``) joined with "\\n", a chunk at a time.
+
+    Gathered as UTF-8 and decoded once: at most the text's bytes and the text itself are held together.
+    """
+    buf = io.BytesIO()
+    first, stop = int(np.searchsorted(starts, a, "right")) - 1, int(np.searchsorted(starts, b))
+    for lo in range(first, stop, CHUNK):  # the records from the one holding a to the last starting before b
+        texts = ds.data.column("text").take(seq[lo : min(lo + CHUNK, stop)]).to_pylist()
+        texts.append("")  # each record followed by its "\\n"
+        buf.write("\n".join(texts)[max(a - starts[lo], 0) : b - starts[lo]].encode("utf-8"))
+    return buf.getvalue().decode("utf-8")
 
 
 def _check_leakage(hi: np.ndarray, starts: np.ndarray, ends: np.ndarray, train_end: int, val_end: int) -> None:
@@ -256,7 +253,7 @@ def save_splits(parts: dict[str, Any], folder: Path) -> None:
         s: datasets.Dataset(p.data.table.slice(0, 0), info=p.info, fingerprint=p._fingerprint) if s in moved else p
         for s, p in parts.items()
     }
-    shards = {s: 1 for s, p in templates.items() if s in moved or not len(p)}  # an empty split: one empty file
+    shards = {s: 1 for s, p in templates.items() if not len(p)}  # an empty split or template: one empty file
     datasets.DatasetDict(templates).save_to_disk(str(folder), num_shards=shards or None)
     for split, source in moved.items():
         os.replace(source, folder / split / "data-00000-of-00001.arrow")
@@ -313,17 +310,14 @@ def write_index(cache_dir: Path, key: str, fingerprint: str) -> None:
 
 def publish(tmp: Path, final: Path) -> None:
     """Rename the finished folder into place; identical content already stored (by anyone) wins."""
-    if (final / "report.json").is_file():
-        logger.info("dataset %s already stored; reusing it", final.name[:12])
-        shutil.rmtree(tmp)
-        return
-    if final.exists():  # an incomplete folder nobody can be using: never written by this module
+    if final.exists() and not (final / "report.json").is_file():  # incomplete: never written by this module
         stale = final.with_name(f".stale-{final.name}-{os.getpid()}")
         os.rename(final, stale)
         shutil.rmtree(stale, ignore_errors=True)
     try:
-        os.rename(tmp, final)
+        os.rename(tmp, final)  # fails if a stored folder is there
     except OSError:
         if not (final / "report.json").is_file():
             raise
-        shutil.rmtree(tmp)  # a concurrent run stored the same content first
+        logger.info("dataset %s already stored; reusing it", final.name[:12])
+        shutil.rmtree(tmp)
