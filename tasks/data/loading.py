@@ -149,7 +149,7 @@ def _build(item: Input, builder: str, cache_dir: Path, **options: Any) -> Any:
         )
     except Exception as exc:  # noqa: BLE001 - every builder error becomes a message naming the line
         _diagnose(item)
-        raise DataError(f"{item.label}: cannot be read as {builder} ({str(exc).splitlines()[0][:200]})") from exc
+        raise DataError(f"{item.label}: cannot be read as {builder} ({_first_line(exc)})") from exc
     finally:
         quiet.setLevel(level)
 
@@ -165,7 +165,7 @@ def _hf_dataset(item: Input, cache_dir: Path) -> Any:
         else:
             loaded = datasets.load_dataset(source.name, source.config, split=source.split, revision=source.revision)
     except Exception as exc:  # noqa: BLE001 - missing folder files, offline hub, unknown id
-        raise DataError(f"{item.label}: cannot load the dataset ({str(exc).splitlines()[0][:200]})") from exc
+        raise DataError(f"{item.label}: cannot load the dataset ({_first_line(exc)})") from exc
     if isinstance(loaded, datasets.DatasetDict):
         if source.split not in loaded:
             raise DataError(f"{item.label}: no split {source.split!r} (splits: {', '.join(loaded)})")
@@ -184,15 +184,25 @@ def _check_columns(item: Input, ds: Any, columns: dict[str, str]) -> None:
     texts = [src for canon, src in columns.items() if canon.startswith(TEXT_PREFIX)]
     missing = [src for src in columns.values() if src not in names]
     readable = not missing and len(ds) and not any(ds.data.column(src).null_count for src in texts)
-    if readable and all(str(ds.features[src].dtype) in ("string", "large_string") for src in texts):
+    if readable and all(_dtype(ds.features[src]) in ("string", "large_string") for src in texts):
         return
     _diagnose(item, *texts, *missing)
     _require(item.label, columns.values(), names)
     if not len(ds):
         raise DataError(f"{item.label}: no records")
     for src in texts:
-        if str(ds.features[src].dtype) not in ("string", "large_string"):
-            raise DataError(f"{item.label}: column {src!r} has type {ds.features[src].dtype}, expected string")
+        if _dtype(ds.features[src]) not in ("string", "large_string"):
+            raise DataError(f"{item.label}: column {src!r} has type {_dtype(ds.features[src])}, expected string")
+
+
+def _dtype(feature: Any) -> str:
+    """A column's value type: ``string``, ``int64``... or ``dict``/``list`` for nested values (no ``dtype``)."""
+    return str(getattr(feature, "dtype", type(feature).__name__))
+
+
+def _first_line(exc: BaseException) -> str:
+    """An error's first line for a one-line message (some libraries raise with an empty message)."""
+    return (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
 
 
 def _require(where: str, wanted: Iterable[str], names: Collection[str]) -> None:
@@ -231,7 +241,7 @@ def _check_csv(item: Input, wanted: Iterable[str]) -> list[str]:
             pass
     except pa.ArrowInvalid as exc:
         _diagnose(item)
-        raise DataError(f"{item.label}: malformed CSV ({str(exc).splitlines()[0][:200]})") from None
+        raise DataError(f"{item.label}: malformed CSV ({_first_line(exc)})") from None
     return header
 
 

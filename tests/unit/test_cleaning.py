@@ -744,6 +744,18 @@ def test_exact_duplicates_in_chunks_hold_a_small_part_of_the_digests(
     assert chunked < whole / 3, (chunked, whole)
 
 
+def test_exact_duplicates_past_a_chunk_whose_records_were_all_dropped(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A whole chunk of dropped records spills no entry: it once failed the bucket split (zip of unequal lengths)."""
+    monkeypatch.setattr(store, "CHUNK", 8)
+    monkeypatch.setattr(store, "BUCKET", 4)
+    texts = [f"line {i}" for i in range(16)] + [f"line {i % 5}" for i in range(16)]
+    keep = np.array([i >= 8 for i in range(len(texts))])  # the first chunk is all dropped
+    dup = store.later_duplicates(_digests(texts), memory.Bits.of(keep), tmp_path).get()
+    assert np.flatnonzero(dup).tolist() == [21, 22, 23, *range(24, 32)]
+
+
 @pytest.mark.parametrize("split", ["hash", "tail"])
 def test_disk_dedup_gives_the_same_dataset(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, split: str) -> None:
     lines = [*_skewed_texts(400, seed=5), "", "tiny", *PROSE]

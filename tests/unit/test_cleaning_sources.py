@@ -129,3 +129,40 @@ def test_splits_open_with_datasets(tmp_path: Path) -> None:
     assert set(stored) == {"train", "validation", "test"}
     assert {s: len(stored[s]) for s in stored} == result.rows_per_split
     assert not list(Path(result.dataset_dir).glob(".work*"))
+
+
+@pytest.mark.parametrize("shape", ["jsonl object", "parquet struct", "parquet list", "hf list"])
+def test_a_nested_text_value_is_a_one_line_error(tmp_path: Path, shape: str) -> None:
+    """A text column holding objects or lists once failed with ``AttributeError: ... no attribute 'dtype'``."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    if shape == "jsonl object":
+        (tmp_path / "n.jsonl").write_text('{"text": "a fine first record"}\n{"text": {"a": 1}}\n', encoding="utf-8")
+        source, expected = FilesSource(paths=["n.jsonl"]), "n.jsonl:2: column 'text' is dict, expected a string"
+    elif shape.startswith("parquet"):
+        values = [{"a": 1}, {"a": 2}] if shape.endswith("struct") else [[1, 2], [3]]
+        pq.write_table(pa.table({"text": values}), tmp_path / "n.parquet")
+        kind = "dict" if shape.endswith("struct") else "List"
+        source, expected = (
+            FilesSource(paths=["n.parquet"]),
+            f"n.parquet: column 'text' has type {kind}, expected string",
+        )
+    else:
+        datasets.Dataset.from_dict({"text": [["x", "y"], ["z"]]}).save_to_disk(str(tmp_path / "hf"))
+        source, expected = HfSource(name="hf"), "hf: column 'text' has type List, expected string"
+    with pytest.raises(DataError, match=expected.replace("(", r"\(")):
+        clean_dataset(_cfg(source), base_dir=tmp_path)
+
+
+def test_a_library_error_without_a_message_still_names_the_source(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    datasets.Dataset.from_dict({"text": ["one record", "another record"]}).save_to_disk(str(tmp_path / "hf"))
+
+    def fail(*_: object, **__: object) -> None:
+        raise RuntimeError()  # a library error with an empty message once raised IndexError here
+
+    monkeypatch.setattr(datasets, "load_from_disk", fail)
+    with pytest.raises(DataError, match=r"hf: cannot load the dataset \(RuntimeError\)"):
+        clean_dataset(_cfg(HfSource(name="hf")), base_dir=tmp_path)
