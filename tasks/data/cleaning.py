@@ -94,7 +94,8 @@ def clean_dataset(
     cached = store.lookup(cache_dir, key)
     if cached is not None:
         logger.info("cleaning cache hit: %s (%s)", cached["fingerprint"][:12], cached["dataset_dir"])
-        return CleanResult(**cached, cache_hit=True)
+        # this run's inputs: the stored report names whichever run stored the same content first
+        return CleanResult(**cached | {"sources": [i.label for i in inputs]}, cache_hit=True)
     result = _clean_and_store(cfg, inputs, payload, cache_dir, stamps)
     store.write_index(cache_dir, key, result.fingerprint)
     return result

@@ -587,6 +587,20 @@ def test_cache_follows_content_not_name(tmp_path: Path) -> None:
     assert clean_dataset(moved_cache, base_dir=tmp_path).cache_hit  # roots are not part of the key
 
 
+def test_a_cache_hit_reports_this_runs_sources(tmp_path: Path) -> None:
+    """Two checkouts sharing one cache: the hit names its own file, not the one that stored the content first."""
+    cache = tmp_path / "shared-cache"
+    for checkout in ("a", "b"):
+        (tmp_path / checkout).mkdir()
+        (tmp_path / checkout / "d.txt").write_text("\n".join(PROSE))
+    cfg = data_cfg("d.txt").model_copy(update={"cache_dir": str(cache)})
+    first = clean_dataset(cfg, base_dir=tmp_path / "a")
+    clean_dataset(cfg, base_dir=tmp_path / "b")
+    hit = clean_dataset(cfg, base_dir=tmp_path / "b")
+    assert hit.cache_hit and hit.fingerprint == first.fingerprint
+    assert hit.sources == [str((tmp_path / "b" / "d.txt").resolve())]
+
+
 def test_corrupt_index_is_ignored(tmp_path: Path) -> None:
     (tmp_path / "d.txt").write_text("\n".join(PROSE))
     first = clean_dataset(data_cfg("d.txt"), base_dir=tmp_path)
