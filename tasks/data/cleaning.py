@@ -381,10 +381,10 @@ def input_columns(cfg: DataConfig, item: Input) -> dict[str, str]:
         return {f"{TEXT_PREFIX}0": "text"}
     if item.label == DOCSTRINGS_LABEL:
         return {"prompt": "prompt", "completion": "completion"}
-    if cfg.prompt_column and cfg.completion_column and not cfg.text_columns:  # text = prompt + newline + completion
-        return {"prompt": cfg.prompt_column, "completion": cfg.completion_column}
-    texts = cfg.text_columns or [item.text_column]
-    columns = {f"{TEXT_PREFIX}{i}": name for i, name in enumerate(texts)}
+    columns = {}  # with both pair columns and no text columns: text = prompt + newline + completion
+    if not (cfg.prompt_column and cfg.completion_column) or cfg.text_columns:
+        texts = cfg.text_columns or [item.text_column]
+        columns = {f"{TEXT_PREFIX}{i}": name for i, name in enumerate(texts)}
     wanted = zip(EXTRA_COLUMNS, (cfg.label_column, cfg.prompt_column, cfg.completion_column), strict=True)
     return columns | {canon: name for canon, name in wanted if name}
 

@@ -125,6 +125,13 @@ def labels_as_text(ds: Any, item_label: str, column: str, where: Callable[[int],
         raise DataError(f"{where(0)}: empty label (column {column!r})")
     if not (pa.types.is_string(dtype) or pa.types.is_large_string(dtype) or _is_number(dtype)):
         raise DataError(f"{item_label}: column {column!r} holds {kind}, expected text or numbers as labels")
+    if pa.types.is_floating(dtype):  # pandas writes a missing value as NaN: neither it nor inf is a class
+        bad = pc.index(pc.invert(pc.is_finite(ds.data.column("label"))), True).as_py()
+        if bad >= 0:
+            value = ds.data.column("label")[bad].as_py()
+            raise DataError(
+                f"{where(bad)}: label {value} is no class (a missing or infinite number; column {column!r})"
+            )
     if dtype != pa.string():  # one type in every input, so that the inputs concatenate
         ds = ds.cast_column("label", datasets.Value("string"))
     values = ds.data.column("label")

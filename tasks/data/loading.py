@@ -113,9 +113,10 @@ def load_input(item: Input, columns: dict[str, str], record: str, cache_dir: Pat
         _check_parquet(item, columns.values())
         ds = _build(item, "parquet", cache_dir, columns=list(dict.fromkeys(columns.values())))
     elif item.fmt == "csv":
-        header = _check_csv(item, columns.values())
-        features = datasets.Features({name: datasets.Value("string") for name in header})
-        ds = _build(item, "csv", cache_dir, features=features, keep_default_na=False, na_filter=False)
+        used = list(dict.fromkeys(columns.values()))  # only these: another column may lack a name (pandas' index)
+        _check_csv(item, used)
+        features = datasets.Features({name: datasets.Value("string") for name in used})
+        ds = _build(item, "csv", cache_dir, features=features, usecols=used, keep_default_na=False, na_filter=False)
     else:
         assert item.path is not None
         with item.path.open("rb") as handle:
@@ -182,15 +183,16 @@ def hub_fingerprint(item: Input, cache_dir: Path) -> str:
 def _check_columns(item: Input, ds: Any, columns: dict[str, str]) -> None:
     names = ds.column_names
     texts = [src for canon, src in columns.items() if canon.startswith(TEXT_PREFIX)]
+    strings = texts + [src for canon, src in columns.items() if canon in ("prompt", "completion")]
     missing = [src for src in columns.values() if src not in names]
     readable = not missing and len(ds) and not any(ds.data.column(src).null_count for src in texts)
-    if readable and all(_dtype(ds.features[src]) in ("string", "large_string") for src in texts):
+    if readable and all(_dtype(ds.features[src]) in ("string", "large_string") for src in strings):
         return
-    _diagnose(item, *texts, *missing)
+    _diagnose(item, *strings, *missing)
     _require(item.label, columns.values(), names)
     if not len(ds):
         raise DataError(f"{item.label}: no records")
-    for src in texts:
+    for src in strings:
         if _dtype(ds.features[src]) not in ("string", "large_string"):
             raise DataError(f"{item.label}: column {src!r} has type {_dtype(ds.features[src])}, expected string")
 
@@ -225,8 +227,8 @@ def _check_parquet(item: Input, wanted: Iterable[str]) -> None:
         raise DataError(f"{item.label}: no rows")
 
 
-def _check_csv(item: Input, wanted: Iterable[str]) -> list[str]:
-    """The header, once the file's rows passed pyarrow's strict parser (pandas would fill a short row with blanks)."""
+def _check_csv(item: Input, wanted: list[str]) -> None:
+    """The header has each wanted column once; every row passes pyarrow's strict parser (pandas fills short rows)."""
     import pyarrow as pa
     import pyarrow.csv as pcsv
 
@@ -234,23 +236,29 @@ def _check_csv(item: Input, wanted: Iterable[str]) -> list[str]:
     with item.path.open(encoding="utf-8-sig", newline="") as handle:
         header = next(csv.reader(handle), [])
     _require(item.label, wanted, header)
+    twice = [name for name in dict.fromkeys(wanted) if header.count(name) > 1]
+    if twice:  # pandas would read the first and quietly rename the others
+        raise DataError(f"{item.path}:1: column {twice[0]!r} appears {header.count(twice[0])} times in the header")
     parse = pcsv.ParseOptions(newlines_in_values=True)
     convert = pcsv.ConvertOptions(column_types=dict.fromkeys(header, pa.string()))
     try:
         for _ in pcsv.open_csv(item.path, parse_options=parse, convert_options=convert):
             pass
     except pa.ArrowInvalid as exc:
-        _diagnose(item)
+        _diagnose(item, *wanted)
         raise DataError(f"{item.label}: malformed CSV ({_first_line(exc)})") from None
-    return header
 
 
 def _diagnose(item: Input, *columns: str) -> None:
-    """Re-read a JSON or CSV file with the standard library; raise the first problem (in ``columns[0]``)."""
+    """Re-read a JSON or CSV file with the standard library; raise the first problem.
+
+    ``columns[0]`` must be present; every one of ``columns`` a record has must hold a string (or null).
+    """
     if item.path is None or item.fmt not in ("jsonl", "json", "csv"):
         return
     text = item.path.read_text(encoding="utf-8-sig")  # UTF-8 was checked by scan_file
     column = columns[0] if columns else item.text_column
+    others = columns[1:]
     if item.fmt == "csv":
         _diagnose_csv(item.path, text, column)
     elif item.fmt == "json" and text.lstrip().startswith("["):
@@ -261,7 +269,7 @@ def _diagnose(item: Input, *columns: str) -> None:
         if not items:
             raise DataError(f"{item.path}: no records (empty list)")
         for i, obj in enumerate(items):
-            _field(obj, column, f"{item.path}: item {i}")
+            _field(obj, column, f"{item.path}: item {i}", others)
     else:
         number = 0
         for number, line in _nonblank(text.split("\n")):
@@ -269,17 +277,18 @@ def _diagnose(item: Input, *columns: str) -> None:
                 obj = json.loads(line)
             except json.JSONDecodeError as exc:
                 raise DataError(f"{item.path}:{number}: invalid JSON ({exc.msg})") from None
-            _field(obj, column, f"{item.path}:{number}")
+            _field(obj, column, f"{item.path}:{number}", others)
         if not number:
             raise DataError(f"{item.path}: no records (only blank lines)")
 
 
-def _field(obj: Any, column: str, where: str) -> None:
+def _field(obj: Any, column: str, where: str, others: tuple[str, ...] = ()) -> None:
     if not isinstance(obj, dict):
         raise DataError(f"{where}: expected a JSON object, got {type(obj).__name__}")
     _require(where, [column], obj)
-    if obj[column] is not None and not isinstance(obj[column], str):
-        raise DataError(f"{where}: column {column!r} is {type(obj[column]).__name__}, expected a string")
+    for name in (column, *others):
+        if obj.get(name) is not None and not isinstance(obj[name], str):
+            raise DataError(f"{where}: column {name!r} is {type(obj[name]).__name__}, expected a string")
 
 
 def _diagnose_csv(path: Path, text: str, column: str) -> None:

@@ -166,3 +166,103 @@ def test_a_library_error_without_a_message_still_names_the_source(
     monkeypatch.setattr(datasets, "load_from_disk", fail)
     with pytest.raises(DataError, match=r"hf: cannot load the dataset \(RuntimeError\)"):
         clean_dataset(_cfg(HfSource(name="hf")), base_dir=tmp_path)
+
+
+SENTENCES = [f"Sentence {i} of eight, about a quick brown fox." for i in range(8)]
+
+
+def _write(path: Path, text: str) -> str:
+    path.write_text(text, encoding="utf-8")
+    return path.name
+
+
+def _jsonl(path: Path, rows: list[dict[str, object]]) -> str:
+    import json
+
+    return _write(path, "\n".join(json.dumps(row) for row in rows) + "\n")
+
+
+BAD_COLUMNS = {  # found by fuzzing: each once escaped as an Arrow or pandas error, or was read wrongly
+    "number completion": (
+        lambda d: _jsonl(d / "a.jsonl", [{"p": s, "c": i} for i, s in enumerate(SENTENCES)]),
+        {"prompt_column": "p", "completion_column": "c"},
+        r"a\.jsonl:1: column 'c' is int, expected a string",
+    ),
+    "list completion": (
+        lambda d: _jsonl(d / "a.jsonl", [{"p": s, "c": [s]} for s in SENTENCES]),
+        {"prompt_column": "p", "completion_column": "c"},
+        r"a\.jsonl:1: column 'c' is list, expected a string",
+    ),
+    "one number among strings": (
+        lambda d: _jsonl(d / "a.jsonl", [{"p": s, "c": s if i != 5 else 5} for i, s in enumerate(SENTENCES)]),
+        {"prompt_column": "p", "completion_column": "c"},
+        r"a\.jsonl:6: column 'c' is int, expected a string",
+    ),
+    "NaN label": (
+        lambda d: _jsonl(
+            d / "a.jsonl", [{"text": s, "y": float("nan") if i == 2 else 1.5} for i, s in enumerate(SENTENCES)]
+        ),
+        {"label_column": "y"},
+        r"a\.jsonl:3: label nan is no class \(a missing or infinite number; column 'y'\)",
+    ),
+    "infinite label": (
+        lambda d: _jsonl(
+            d / "a.jsonl", [{"text": s, "y": float("inf") if i == 4 else 1.5} for i, s in enumerate(SENTENCES)]
+        ),
+        {"label_column": "y"},
+        r"a\.jsonl:5: label inf is no class",
+    ),
+    "a row with a field too many, a CSV without a text column": (
+        lambda d: _write(d / "a.csv", "p,c\n" + "".join(f"{s},answer\n" for s in SENTENCES)),
+        {"prompt_column": "p", "completion_column": "c"},
+        r"a\.csv:2: expected 2 fields, got 3",
+    ),
+    "text column twice in a CSV header": (
+        lambda d: _write(d / "a.csv", "text,text\n" + "".join(f"{s},other {s}\n" for s in SENTENCES)),
+        {},
+        r"a\.csv:1: column 'text' appears 2 times in the header",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_COLUMNS), ids=list(BAD_COLUMNS))
+def test_bad_column_values_are_one_line_errors(tmp_path: Path, case: str) -> None:
+    write, options, message = BAD_COLUMNS[case]
+    with pytest.raises(DataError, match=message):
+        clean_dataset(_cfg(FilesSource(paths=[write(tmp_path)]), **options), base_dir=tmp_path)
+
+
+def test_large_string_text_joins_with_a_string_column(tmp_path: Path) -> None:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    other = [f"More words about record {i}, its details." for i in range(len(SENTENCES))]
+    table = pa.table({"title": SENTENCES, "body": pa.array(other, pa.large_string())})
+    pq.write_table(table, tmp_path / "a.parquet")
+    cfg = _cfg(
+        FilesSource(paths=["a.parquet"]),
+        text_columns=["title", "body"],
+        fractions={"train": 0.5, "validation": 0.5, "test": 0},
+    )
+    result = clean_dataset(cfg, base_dir=tmp_path)
+    texts = {row["text"] for split in ("train", "validation") for row in load_split(result.dataset_dir, split)}
+    assert texts == {f"{a}\n{b}" for a, b in zip(SENTENCES, other, strict=True)}
+
+
+def test_a_csv_with_pandas_index_column_and_labels_with_pairs(tmp_path: Path) -> None:
+    """``DataFrame.to_csv`` writes an unnamed index column first; it once failed the csv builder."""
+    rows = "".join(f'{i},"{s}",answer {i},{"ab"[i % 2]}\n' for i, s in enumerate(SENTENCES))
+    (tmp_path / "a.csv").write_text(",p,c,y\n" + rows, encoding="utf-8")
+    cfg = _cfg(
+        FilesSource(paths=["a.csv"]),
+        prompt_column="p",
+        completion_column="c",
+        label_column="y",
+        fractions={"train": 0.5, "validation": 0.5, "test": 0},
+    )
+    result = clean_dataset(cfg, base_dir=tmp_path)  # the label column was once dropped beside the pair columns
+    assert result.columns == ["text", "label", "prompt", "completion"]
+    rows_out = [row for split in ("train", "validation") for row in load_split(result.dataset_dir, split)]
+    assert {(r["prompt"], r["completion"], r["label"]) for r in rows_out} == {
+        (s, f"answer {i}", "ab"[i % 2]) for i, s in enumerate(SENTENCES)
+    }
