@@ -104,36 +104,42 @@ def load_input(item: Input, columns: dict[str, str], record: str, cache_dir: Pat
     """
     import datasets
 
+    strings = _string_columns(columns)  # what a failed read is diagnosed for
     if item.fmt in ("text", "builtin"):
-        ds = _build(item, "text", cache_dir, sample_by=_SAMPLE_BY[record], encoding="utf-8-sig")
+        ds = _build(item, "text", cache_dir, strings, sample_by=_SAMPLE_BY[record], encoding="utf-8-sig")
         return ds.rename_column("text", f"{TEXT_PREFIX}0")
     if item.fmt in ("hf-disk", "hf-hub"):
         ds = _hf_dataset(item, cache_dir)
     elif item.fmt == "parquet":
         _check_parquet(item, columns.values())
-        ds = _build(item, "parquet", cache_dir, columns=list(dict.fromkeys(columns.values())))
+        ds = _build(item, "parquet", cache_dir, strings, columns=list(dict.fromkeys(columns.values())))
     elif item.fmt == "csv":
         used = list(dict.fromkeys(columns.values()))  # only these: another column may lack a name (pandas' index)
         _check_csv(item, used)
         features = datasets.Features({name: datasets.Value("string") for name in used})
-        ds = _build(item, "csv", cache_dir, features=features, usecols=used, keep_default_na=False, na_filter=False)
+        ds = _build(
+            item, "csv", cache_dir, strings, features=features, usecols=used, keep_default_na=False, na_filter=False
+        )
     else:
         assert item.path is not None
         with item.path.open("rb") as handle:
             head = handle.read(4096)
         head = re.sub(rb"\s+", b"", head.removeprefix(b"\xef\xbb\xbf"))
         if not (head.startswith(b"{") or (item.fmt == "json" and head[:2] in (b"[{", b"[]"))):
-            _diagnose(item)  # datasets reads a list of strings as a "text" column
-        ds = _build(item, "json", cache_dir)
+            _diagnose(item, *strings)  # datasets reads a list of strings as a "text" column
+        ds = _build(item, "json", cache_dir, strings)
     _check_columns(item, ds, columns)
     if len(set(columns.values())) < len(columns):
         raise DataError(f"{item.label}: one column named twice in the data column options ({columns})")
     ds = ds.select_columns(list(columns.values())).rename_columns({v: k for k, v in columns.items()})
+    wide = [name for name in ds.column_names if _dtype(ds.features[name]) == "large_string"]
+    if wide:  # inputs concatenate, and Arrow joins columns, of one string type only
+        ds = ds.cast(datasets.Features({**ds.features, **dict.fromkeys(wide, datasets.Value("string"))}))
     release(ds, ds.column_names, 0, len(ds))  # pages the builder's checks read: the cleaning map reads them next
     return ds
 
 
-def _build(item: Input, builder: str, cache_dir: Path, **options: Any) -> Any:
+def _build(item: Input, builder: str, cache_dir: Path, strings: list[str], **options: Any) -> Any:
     import datasets
 
     quiet = logging.getLogger("datasets")  # a builder logs its failure at ERROR: ours names the line instead
@@ -149,7 +155,7 @@ def _build(item: Input, builder: str, cache_dir: Path, **options: Any) -> Any:
             **options,
         )
     except Exception as exc:  # noqa: BLE001 - every builder error becomes a message naming the line
-        _diagnose(item)
+        _diagnose(item, *strings)
         raise DataError(f"{item.label}: cannot be read as {builder} ({_first_line(exc)})") from exc
     finally:
         quiet.setLevel(level)
@@ -183,7 +189,7 @@ def hub_fingerprint(item: Input, cache_dir: Path) -> str:
 def _check_columns(item: Input, ds: Any, columns: dict[str, str]) -> None:
     names = ds.column_names
     texts = [src for canon, src in columns.items() if canon.startswith(TEXT_PREFIX)]
-    strings = texts + [src for canon, src in columns.items() if canon in ("prompt", "completion")]
+    strings = _string_columns(columns)
     missing = [src for src in columns.values() if src not in names]
     readable = not missing and len(ds) and not any(ds.data.column(src).null_count for src in texts)
     if readable and all(_dtype(ds.features[src]) in ("string", "large_string") for src in strings):
@@ -195,6 +201,11 @@ def _check_columns(item: Input, ds: Any, columns: dict[str, str]) -> None:
     for src in strings:
         if _dtype(ds.features[src]) not in ("string", "large_string"):
             raise DataError(f"{item.label}: column {src!r} has type {_dtype(ds.features[src])}, expected string")
+
+
+def _string_columns(columns: dict[str, str]) -> list[str]:
+    """The source columns that must hold text: the text parts first, then prompt and completion."""
+    return [src for canon, src in columns.items() if canon.startswith(TEXT_PREFIX) or canon in ("prompt", "completion")]
 
 
 def _dtype(feature: Any) -> str:

@@ -170,14 +170,11 @@ def clean_batch(
 
     rules = CleaningConfig(**cfg)
 
-    def text(name: str) -> Any:  # string, never large_string: Arrow joins only columns of one type
-        return pc.fill_null(pc.cast(batch.column(name), pa.string()), "")
-
-    parts = [text(n) for n in sorted(batch.column_names) if n.startswith(TEXT_PREFIX)]
+    parts = [pc.fill_null(batch.column(n), "") for n in sorted(batch.column_names) if n.startswith(TEXT_PREFIX)]
     pair = {}  # prompt and completion are cleaned like text; without text columns, text = prompt \n completion
     for key in ("prompt", "completion"):
         if key in batch.column_names:
-            pair[key] = clean_array(text(key).combine_chunks(), rules)
+            pair[key] = clean_array(pc.fill_null(batch.column(key), "").combine_chunks(), rules)
     if not parts:
         parts = [pair["prompt"], pair["completion"]]
     arr = parts[0] if len(parts) == 1 else pc.binary_join_element_wise(*parts, "\n")

@@ -217,6 +217,13 @@ BAD_COLUMNS = {  # found by fuzzing: each once escaped as an Arrow or pandas err
         {"prompt_column": "p", "completion_column": "c"},
         r"a\.csv:2: expected 2 fields, got 3",
     ),
+    "a broken JSON line, text in other columns": (
+        lambda d: _write(
+            d / "a.jsonl", "".join(f'{{"p": "{s}", "c": "answer"}}\n' for s in SENTENCES) + '{"p": "x", "c": \n'
+        ),
+        {"prompt_column": "p", "completion_column": "c"},
+        r"a\.jsonl:9: invalid JSON",
+    ),
     "text column twice in a CSV header": (
         lambda d: _write(d / "a.csv", "text,text\n" + "".join(f"{s},other {s}\n" for s in SENTENCES)),
         {},
@@ -247,6 +254,18 @@ def test_large_string_text_joins_with_a_string_column(tmp_path: Path) -> None:
     result = clean_dataset(cfg, base_dir=tmp_path)
     texts = {row["text"] for split in ("train", "validation") for row in load_split(result.dataset_dir, split)}
     assert texts == {f"{a}\n{b}" for a, b in zip(SENTENCES, other, strict=True)}
+
+
+def test_a_large_string_input_concatenates_with_a_string_input(tmp_path: Path) -> None:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.table({"text": pa.array(SENTENCES[:4], pa.large_string())}), tmp_path / "a.parquet")
+    _jsonl(tmp_path / "b.jsonl", [{"text": s} for s in SENTENCES[4:]])
+    cfg = _cfg(FilesSource(paths=["a.parquet", "b.jsonl"]), fractions={"train": 0.5, "validation": 0.5, "test": 0})
+    result = clean_dataset(cfg, base_dir=tmp_path)
+    texts = {row["text"] for split in ("train", "validation") for row in load_split(result.dataset_dir, split)}
+    assert texts == set(SENTENCES)
 
 
 def test_a_csv_with_pandas_index_column_and_labels_with_pairs(tmp_path: Path) -> None:

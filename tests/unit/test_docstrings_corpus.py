@@ -113,7 +113,9 @@ def test_pairs_do_not_depend_on_where_python_is_installed(tmp_path: Path) -> Non
     elsewhere = tmp_path / "somewhere-else" / "python3"
     elsewhere.parent.mkdir()
     elsewhere.symlink_to(sys.executable)
-    done = subprocess.run([str(elsewhere), "-I", "-S", builtin.__file__], capture_output=True, check=True, text=True)
+    done = subprocess.run(
+        [str(elsewhere), "-I", "-S", "-X", "utf8", builtin.__file__], capture_output=True, check=True, text=True
+    )
     moved = [tuple(pair) for pair in json.loads(done.stdout)]
     assert moved == list(builtin._all_docstring_pairs())
     assert "platform.architecture(executable='python', bits='', linkage='')" in dict(moved)
