@@ -16,7 +16,16 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import AliasChoices, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    AliasChoices,
+    BaseModel,
+    ConfigDict,
+    Field,
+    TypeAdapter,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 SECRET_MARKERS = ("token", "password", "secret", "apikey", "api_key", "private_key")
 
@@ -422,6 +431,28 @@ class TuneConfig(_Strict):
                 raise ValueError(f"unknown search_space key {key!r}{_suggest(key, valid)}")
         return space
 
+    @field_validator("search_space")
+    @classmethod
+    def _values_fit_their_keys(cls, space: dict[str, Any]) -> dict[str, Any]:
+        # A choice the key cannot take failed only at trial time, after cleaning; check each one now.
+        for key, param in space.items():
+            adapter = _field_adapter(key)
+            if adapter is None:
+                continue
+            if isinstance(param, CategoricalParam):
+                values = [("choice", v) for v in param.choices]
+            else:
+                values = [("low", param.low), ("high", param.high)]
+                if isinstance(param, FloatParam) and param.low < param.high:
+                    values.append(("a value between low and high", (param.low + param.high) / 2))
+            for what, value in values:
+                try:
+                    adapter.validate_python(value)
+                except ValidationError as exc:
+                    msg = exc.errors()[0]["msg"].removeprefix("Value error, ")
+                    raise ValueError(f"{key}: {what} {value!r} does not fit: {msg}") from None
+        return space
+
     @model_validator(mode="after")
     def _space_when_enabled(self) -> TuneConfig:
         if self.n_trials > 0 and not self.search_space:
@@ -624,7 +655,7 @@ class PipelineConfig(_Strict):
         1337,
         ge=0,
         le=MAX_SEED,
-        description="Random seed (0 to 2^31-1: the tuner adds trial offsets and numpy's samplers stop at 2^32).",
+        description="Random seed (the tuner adds trial offsets to it; Optuna's samplers take < 2^32).",
     )
     task: TaskConfig = Field(default_factory=TaskConfig)
     data: DataConfig = Field(default_factory=DataConfig)
@@ -797,6 +828,21 @@ def _leaf_keys(model: type[BaseModel], prefix: str = "") -> set[str]:
         if isinstance(ann, type) and issubclass(ann, BaseModel):
             keys |= _leaf_keys(ann, dotted + ".")
     return keys
+
+
+def _field_adapter(dotted: str) -> TypeAdapter[Any] | None:
+    """A validator of the one config field at ``dotted`` (its type and bounds), or ``None`` if not a field."""
+    model: type[BaseModel] = PipelineConfig
+    *sections, leaf = dotted.split(".")
+    for part in sections:
+        ann = model.model_fields[part].annotation if part in model.model_fields else None
+        if not (isinstance(ann, type) and issubclass(ann, BaseModel)):
+            return None
+        model = ann
+    field = model.model_fields.get(leaf)
+    if field is None:
+        return None
+    return TypeAdapter(Annotated[field.annotation, *field.metadata] if field.metadata else field.annotation)
 
 
 def _suggest(key: str, valid: set[str]) -> str:
@@ -1072,7 +1118,8 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         if blamed is not None:
             raise ConfigError(_format_validation_error(exc, f"--set {override_items[blamed]}", valid, blamed)) from None
         indexed = ".".join(str(p) for p in err["loc"] if not _is_union_tag(p)) or dotted
-        line = _line_of_key(text, indexed) if text else None
+        inner = re.match(r"(?:Value error, )?([\w.]+): ", err["msg"])  # a section's check naming its own key
+        line = _line_of_key(text, f"{indexed}.{inner.group(1)}" if inner and indexed else indexed) if text else None
         where = f"{origin}:{line}" if line else origin
         raise ConfigError(_format_validation_error(exc, where, valid)) from None
 

@@ -74,3 +74,11 @@ def test_compare_by_a_metric_some_run_logged_still_ranks(two_runs: None) -> None
     result = CliRunner().invoke(app, ["compare", "--experiment", "demo", "--metric", "test/loss", "--output", "csv"])
     assert result.exit_code == 0, result.output
     assert result.output.splitlines()[1].startswith("b" * 32)
+
+
+def test_an_error_line_keeps_its_brackets(tmp_path: Path) -> None:
+    """Rich read ``[ten]`` as markup and printed ``choices: }``."""
+    space = "tune.search_space.train.max_steps={type: categorical, choices: [ten]}"
+    result = CliRunner().invoke(app, ["validate", "--set", space])
+    assert result.exit_code == 2
+    assert f"error: --set {space}: train.max_steps: choice 'ten' does not fit" in result.output

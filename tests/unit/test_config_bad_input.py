@@ -184,3 +184,36 @@ def test_an_error_caused_by_a_set_names_the_set_not_the_file() -> None:
 def test_a_file_error_beside_an_unrelated_set_still_names_the_file(tmp_path: Path) -> None:
     message = _refusal(tmp_path, "train:\n  max_steps: 3\n  batch_size: 0\n", "train.max_steps=4")
     assert message.endswith("bad.yaml:3: train.batch_size: Input should be greater than or equal to 1")
+
+
+@pytest.mark.parametrize(
+    ("param", "expected"),
+    [
+        (
+            "{type: categorical, choices: [10, ten]}",
+            "train.max_steps: choice 'ten' does not fit: Input should be a valid integer",
+        ),
+        (
+            "{type: int, low: 0, high: 10}",
+            "train.max_steps: low 0 does not fit: Input should be greater than or equal to 1",
+        ),
+        ("{type: float, low: 1, high: 10}", "train.max_steps: a value between low and high 5.5 does not fit"),
+    ],
+    ids=["choice", "int-bound", "float-for-an-int"],
+)
+def test_a_search_space_value_its_key_cannot_take_is_refused_at_load(tmp_path: Path, param: str, expected: str) -> None:
+    """``choices: [ten]`` for ``train.max_steps`` validated, then failed at trial time after cleaning."""
+    lr = "{type: float, low: 0.001, high: 0.01}"
+    text = f"tune:\n  n_trials: 2\n  search_space:\n    train.learning_rate: {lr}\n    train.max_steps: {param}\n"
+    assert f"bad.yaml:5: tune.search_space: {expected}" in _refusal(tmp_path, text)
+
+
+def test_search_space_values_that_fit_still_load_and_a_set_names_itself() -> None:
+    space = "tune.search_space.train.nproc_per_node={type: categorical, choices: [auto, 2]}"
+    assert load_config(SMOKE, [space]).tune.search_space["train.nproc_per_node"].choices == ["auto", 2]
+    with pytest.raises(ConfigError) as info:
+        load_config(SMOKE, ["tune.search_space.train.max_steps={type: categorical, choices: [ten]}"])
+    assert str(info.value).startswith(
+        "--set tune.search_space.train.max_steps={type: categorical, choices: [ten]}: "
+        "train.max_steps: choice 'ten' does not fit: Input should be a valid integer"
+    )
