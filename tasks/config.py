@@ -16,9 +16,23 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import AliasChoices, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    AliasChoices,
+    BaseModel,
+    ConfigDict,
+    Field,
+    TypeAdapter,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 SECRET_MARKERS = ("token", "password", "secret", "apikey", "api_key", "private_key")
+
+
+MAX_SEED = 2**31 - 1
+"""Largest ``seed``: torch takes 64 bits, but Optuna's samplers (numpy) stop at 2^32 and the tuner adds
+``1000 * worker + trials`` to the seed, so a signed 32-bit seed leaves room for every offset."""
 
 
 class ConfigError(ValueError):
@@ -417,6 +431,28 @@ class TuneConfig(_Strict):
                 raise ValueError(f"unknown search_space key {key!r}{_suggest(key, valid)}")
         return space
 
+    @field_validator("search_space")
+    @classmethod
+    def _values_fit_their_keys(cls, space: dict[str, Any]) -> dict[str, Any]:
+        # A choice the key cannot take failed only at trial time, after cleaning; check each one now.
+        for key, param in space.items():
+            adapter = _field_adapter(key)
+            if adapter is None:
+                continue
+            if isinstance(param, CategoricalParam):
+                values = [("choice", v) for v in param.choices]
+            else:
+                values = [("low", param.low), ("high", param.high)]
+                if isinstance(param, FloatParam) and param.low < param.high:
+                    values.append(("a value between low and high", (param.low + param.high) / 2))
+            for what, value in values:
+                try:
+                    adapter.validate_python(value)
+                except ValidationError as exc:
+                    msg = exc.errors()[0]["msg"].removeprefix("Value error, ")
+                    raise ValueError(f"{key}: {what} {value!r} does not fit: {msg}") from None
+        return space
+
     @model_validator(mode="after")
     def _space_when_enabled(self) -> TuneConfig:
         if self.n_trials > 0 and not self.search_space:
@@ -615,7 +651,12 @@ class PipelineConfig(_Strict):
     """The whole pipeline: one tree, validated once."""
 
     name: str = Field("forgeline-demo", min_length=1, description="Experiment name.", pattern=r"^[\w.\- ]+$")
-    seed: int = Field(1337, ge=0)
+    seed: int = Field(
+        1337,
+        ge=0,
+        le=MAX_SEED,
+        description="Random seed (the tuner adds trial offsets to it; Optuna's samplers take < 2^32).",
+    )
     task: TaskConfig = Field(default_factory=TaskConfig)
     data: DataConfig = Field(default_factory=DataConfig)
     tokenizer: TokenizerConfig = Field(default_factory=TokenizerConfig)
@@ -789,6 +830,21 @@ def _leaf_keys(model: type[BaseModel], prefix: str = "") -> set[str]:
     return keys
 
 
+def _field_adapter(dotted: str) -> TypeAdapter[Any] | None:
+    """A validator of the one config field at ``dotted`` (its type and bounds), or ``None`` if not a field."""
+    model: type[BaseModel] = PipelineConfig
+    *sections, leaf = dotted.split(".")
+    for part in sections:
+        ann = model.model_fields[part].annotation if part in model.model_fields else None
+        if not (isinstance(ann, type) and issubclass(ann, BaseModel)):
+            return None
+        model = ann
+    field = model.model_fields.get(leaf)
+    if field is None:
+        return None
+    return TypeAdapter(Annotated[field.annotation, *field.metadata] if field.metadata else field.annotation)
+
+
 def _suggest(key: str, valid: set[str]) -> str:
     close = difflib.get_close_matches(key, sorted(valid), n=1, cutoff=0.6)
     return f" (did you mean {close[0]!r}?)" if close else ""
@@ -825,7 +881,8 @@ def parse_override(text: str) -> tuple[str, Any]:
     return key, value
 
 
-def _format_validation_error(exc: ValidationError, origin: str, valid: set[str]) -> str:
+def _format_validation_error(exc: ValidationError, origin: str, valid: set[str], shown: str = "") -> str:
+    # ``shown``: the key ``origin`` already names (``--set train.lr=-1``), not repeated after it
     errors = exc.errors()
     err = errors[0]
     key = [p for p in err["loc"] if not _is_union_tag(p)]
@@ -841,6 +898,8 @@ def _format_validation_error(exc: ValidationError, origin: str, valid: set[str])
         msg, errors = ", or ".join([msg, *alternatives]), [err]
     extra = f" (and {len(errors) - 1} more)" if len(errors) > 1 else ""
     if not loc_full and _key_in_message(msg):  # a whole-tree check names its key first
+        return f"{origin}: {msg}{extra}"
+    if shown and (not loc_full or loc_full == shown or shown.startswith(loc_full + ".")):
         return f"{origin}: {msg}{extra}"
     where = loc_full or "config"
     return f"{origin}: {where}: {msg}{extra}"
@@ -860,13 +919,159 @@ def _is_union_tag(part: object) -> bool:
     return isinstance(part, str) and (part in _UNION_TAGS or part.startswith(("constrained-", "literal[")))
 
 
+_YAML_KEY = re.compile(
+    r"^(?P<indent>[ ]*)(?P<dashes>(?:-[ ]+)*)(?P<key>[^\s:#'\"-][^:#]*?|'[^']*'|\"[^\"]*\")[ ]*:(?:\s|$)"
+)
+
+
 def _line_of_key(text: str, key: str) -> int | None:
-    """Best-effort line number of a top-level or nested key in YAML text (for error messages)."""
-    leaf = key.split(".")[-1]
+    """Best-effort line of a dotted key in block-style YAML text (for error messages).
+
+    The whole path must match, by indentation (``eval.max_steps`` is not ``train.max_steps``), list items
+    by their index (``data.sources.1.paths``); a key that is absent (a missing field) gets the line of
+    its deepest section present.
+    """
+    parts = key.split(".") if key else []
+    stack: list[tuple[int, str, bool]] = []  # (indent, key, is a list index) enclosing the current line
+    items: dict[str, int] = {}  # path of a list -> index of its latest item
+    best: tuple[int, int] | None = None  # (parts matched, line)
     for number, line in enumerate(text.splitlines(), start=1):
-        if line.strip().startswith(f"{leaf}:"):
+        match = _YAML_KEY.match(line)
+        if match is None:
+            continue
+        indent = len(match["indent"])
+        for dash in re.finditer(r"-[ ]+", match["dashes"]):
+            at = indent + dash.start()
+            # a list may sit at its key's own indent (``sources:`` / ``- kind: files``): keep that key
+            while stack and (stack[-1][0] > at or (stack[-1][0] == at and stack[-1][2])):
+                stack.pop()
+            parent = ".".join(k for _, k, _ in stack)
+            items[parent] = items.get(parent, -1) + 1
+            stack.append((at, str(items[parent]), True))
+            item = ".".join(k for _, k, _ in stack).split(".")
+            if parts[: len(item)] == item and (best is None or len(item) > best[0]):
+                best = (len(item), number)
+        indent += len(match["dashes"])
+        while stack and stack[-1][0] >= indent:
+            stack.pop()
+        stack.append((indent, match["key"].strip("'\""), False))
+        path = ".".join(k for _, k, _ in stack).split(".")  # search-space keys are dotted themselves
+        if path == parts:
             return number
-    return None
+        if parts[: len(path)] == path and (best is None or len(path) > best[0]):
+            best = (len(path), number)
+    return best[1] if best else None
+
+
+MAX_YAML_NODES = 100_000
+"""Values a config may hold once its aliases are expanded: far above any real config, far below a bomb."""
+
+
+class _YamlRefusal(Exception):
+    """A YAML document this loader refuses; ``line`` is 1-based."""
+
+    def __init__(self, line: int, message: str) -> None:
+        super().__init__(message)
+        self.line = line
+
+
+class _ConfigLoader(yaml.SafeLoader):
+    """``SafeLoader`` that refuses a key given twice in one mapping (YAML would keep the last silently)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":  # ``<<: *base`` keys may be overridden on purpose
+                continue
+            key = self.construct_object(key_node, deep=True)
+            line = key_node.start_mark.line + 1
+            try:
+                first = seen.get(key)
+            except TypeError:  # unhashable key: SafeConstructor reports it below
+                continue
+            if first is not None:
+                raise _YamlRefusal(line, f"key {key!r} appears twice (first at line {first})")
+            seen[key] = line
+        return super().construct_mapping(node, deep=deep)
+
+
+def _expanded_size(root: yaml.Node) -> None:
+    """Refuse a node graph whose aliases expand past ``MAX_YAML_NODES`` values, or refer to themselves.
+
+    Each node is sized once (aliases share their node), so a billion-value alias bomb costs a few steps.
+    """
+    sizes: dict[int, int] = {}
+    open_nodes: set[int] = set()
+
+    def size(node: yaml.Node) -> int:
+        if id(node) in sizes:
+            return sizes[id(node)]
+        if id(node) in open_nodes:
+            raise _YamlRefusal(node.start_mark.line + 1, "an alias refers to its own anchor (recursive YAML)")
+        open_nodes.add(id(node))
+        total = 1
+        if isinstance(node, yaml.SequenceNode):
+            total += sum(size(child) for child in node.value)
+        elif isinstance(node, yaml.MappingNode):
+            total += sum(size(k) + size(v) for k, v in node.value)
+        open_nodes.discard(id(node))
+        if total > MAX_YAML_NODES:
+            raise _YamlRefusal(
+                node.start_mark.line + 1,
+                f"aliases expand to more than {MAX_YAML_NODES:,} values (an alias bomb?); refusing it",
+            )
+        sizes[id(node)] = total
+        return total
+
+    size(root)
+
+
+def _parse_yaml(text: str, path: str | Path) -> Any:
+    """The YAML document in ``text``; every problem becomes one ``ConfigError`` line naming ``path`` and the line."""
+    loader: _ConfigLoader | None = None
+    try:
+        loader = _ConfigLoader(text)  # the reader refuses control characters here already
+        node = loader.get_single_node()
+        if node is None:
+            return None
+        _expanded_size(node)
+        return loader.construct_document(node)
+    except _YamlRefusal as exc:
+        raise ConfigError(f"{path}:{exc.line}: {exc}") from None
+    except yaml.reader.ReaderError as exc:
+        line = text.count("\n", 0, exc.position) + 1
+        bad = f"control character 0x{exc.character:02x} at offset {exc.position}"
+        raise ConfigError(f"{path}:{line}: invalid YAML ({bad})") from None
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        line = f":{mark.line + 1}" if mark is not None else ""
+        problem = getattr(exc, "problem", None) or exc.__class__.__name__
+        raise ConfigError(f"{path}{line}: invalid YAML ({problem})") from None
+    except RecursionError:
+        raise ConfigError(f"{path}: invalid YAML (nested too deeply)") from None
+    finally:
+        if loader is not None:
+            loader.dispose()
+
+
+def _read_config_text(path: str | Path) -> str:
+    """The text of a config file, or one ``ConfigError`` line: missing, unreadable, or not UTF-8 (with its line)."""
+    p = Path(path)
+    if p.is_dir():
+        raise ConfigError(f"{path}: is a directory, not a config file")
+    if not p.is_file():
+        raise ConfigError(f"{path}: config file not found")
+    try:
+        raw = p.read_bytes()
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read ({exc.strerror or exc.__class__.__name__})") from None
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = raw.count(b"\n", 0, exc.start) + 1
+        raise ConfigError(
+            f"{path}:{line}: not valid UTF-8 (byte 0x{raw[exc.start]:02x} at offset {exc.start}); save it as UTF-8"
+        ) from None
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> PipelineConfig:
@@ -887,41 +1092,51 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     text = ""
     if path is not None:
         origin = str(path)
-        p = Path(path)
-        if not p.is_file():
-            raise ConfigError(f"{path}: config file not found")
-        text = p.read_text(encoding="utf-8")
-        try:
-            loaded = yaml.safe_load(text)
-        except yaml.YAMLError as exc:
-            mark = getattr(exc, "problem_mark", None)
-            line = f":{mark.line + 1}" if mark is not None else ""
-            problem = getattr(exc, "problem", None) or exc.__class__.__name__
-            raise ConfigError(f"{path}{line}: invalid YAML ({problem})") from None
+        text = _read_config_text(path)
+        loaded = _parse_yaml(text, path)
         if loaded is None:
             loaded = {}
         if not isinstance(loaded, dict):
             raise ConfigError(f"{path}: top level must be a mapping of keys")
         tree = loaded
     valid = _leaf_keys(PipelineConfig)
-    override_keys: set[str] = set()
+    override_items: dict[str, str] = {}  # key -> the ``--set`` text that set it last
     for item in overrides or []:
         key, value = parse_override(item)
         if key not in valid and not _under_free_section(key):
             raise ConfigError(f"--set {key}: unknown key{_suggest(key, valid)}")
         _set_dotted(tree, key, value)
-        override_keys.add(key)
+        override_items.pop(key, None)
+        override_items[key] = item.strip()
     try:
         return PipelineConfig.model_validate(tree)
     except ValidationError as exc:
         err = exc.errors()[0]
         dotted = ".".join(str(p) for p in err["loc"] if not isinstance(p, int) and p not in _UNION_TAGS)
         dotted = dotted or _key_in_message(err["msg"])
-        if any(dotted == k or dotted.startswith(k + ".") for k in override_keys):
-            raise ConfigError(_format_validation_error(exc, "--set", valid)) from None
-        line = _line_of_key(text, dotted) if text else None
+        blamed = _blamed_override(dotted, err["msg"], override_items)
+        if blamed is not None:
+            raise ConfigError(_format_validation_error(exc, f"--set {override_items[blamed]}", valid, blamed)) from None
+        indexed = ".".join(str(p) for p in err["loc"] if not _is_union_tag(p)) or dotted
+        inner = re.match(r"(?:Value error, )?([\w.]+): ", err["msg"])  # a section's check naming its own key
+        line = _line_of_key(text, f"{indexed}.{inner.group(1)}" if inner and indexed else indexed) if text else None
         where = f"{origin}:{line}" if line else origin
         raise ConfigError(_format_validation_error(exc, where, valid)) from None
+
+
+def _blamed_override(dotted: str, msg: str, override_items: dict[str, str]) -> str | None:
+    """The ``--set`` key an error at ``dotted`` comes from, or ``None`` when the file is to blame.
+
+    An error at the key itself or inside it is the override's; so is a section check (``train``) whose
+    message names a key the override set (``nproc_per_node``). The latest matching override wins.
+    """
+    for key in reversed(override_items):
+        if dotted and (dotted == key or dotted.startswith(key + ".")):
+            return key
+        named = re.search(rf"\b{re.escape(key.rsplit('.', 1)[-1])}\b", msg)
+        if named and (not dotted or key.startswith(dotted + ".")):
+            return key
+    return None
 
 
 def _under_free_section(key: str) -> bool:

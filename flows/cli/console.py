@@ -44,7 +44,10 @@ def fail(message: str, code: int = EXIT_FAILURE) -> NoReturn:
     Raises:
         typer.Exit: always.
     """
-    err.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
+    from rich.markup import escape
+
+    # the message is the user's text (``choices: [ten]``), never markup: unescaped, rich ate the brackets
+    err.print(f"[bold red]error:[/] {escape(message)}", highlight=False, soft_wrap=True)
     raise typer.Exit(code)
 
 

@@ -84,6 +84,12 @@ def compare(
     runs = queries.pipeline_runs(experiment_id)
     if not runs:
         fail(f"experiment {name!r} has no pipeline runs yet; run `forgeline run` first")
+    logged = sorted({key for r in runs for key in r.data.metrics})
+    if metric is not None and metric not in logged:
+        fail(
+            f"no pipeline run of {name!r} logged metric {metric!r} (metrics: {', '.join(logged) or 'none'})",
+            EXIT_BAD_INPUT,
+        )
     metric, higher = ranking(cfg, runs, metric, higher_is_better)
     ranked = rank_runs(runs, metric, higher_is_better=higher)[:top]
     title = f"{name}: best {len(ranked)} of {len(runs)} pipeline runs by {metric}"

@@ -15,6 +15,7 @@ from forgeline.flows.cli import console, lookup
 from forgeline.flows.cli.console import EXIT_BAD_INPUT, err, fail, out
 from forgeline.flows.cli.options import ConfigOpt, VerboseOpt, load_if_given
 
+MAX_SEED = 2**31 - 1  # forgeline.tasks.config.MAX_SEED, kept literal: the CLI must not import the config at startup
 logger = logging.getLogger(__name__)
 
 
@@ -27,7 +28,10 @@ def generate(
     max_new_tokens: Annotated[int, typer.Option(min=1, help="Tokens to sample per prompt.")] = 100,
     temperature: Annotated[float, typer.Option(min=1e-6, help="Softmax temperature (> 0).")] = 0.8,
     top_k: Annotated[int | None, typer.Option(min=1, help="Sample from the k most likely tokens.")] = 50,
-    seed: Annotated[int | None, typer.Option(help="Random seed (same seed, same text) (default: random).")] = None,
+    seed: Annotated[
+        int | None,
+        typer.Option(min=0, max=MAX_SEED, help="Random seed (same seed, same text) (default: random)."),
+    ] = None,
     config: ConfigOpt = None,
     verbose: VerboseOpt = False,
 ) -> None:
@@ -196,7 +200,7 @@ def port_busy(host: str, port: int) -> bool:
 
 
 def ui(
-    port: Annotated[int, typer.Option(help="Port for the MLflow UI.")] = 5000,
+    port: Annotated[int, typer.Option(min=1, max=65535, help="Port for the MLflow UI.")] = 5000,
     host: Annotated[str, typer.Option(help="Bind address (keep 127.0.0.1 unless you add auth).")] = "127.0.0.1",
 ) -> None:
     """Open the MLflow UI on the embedded SQLite store under mlruns/ (or show the running stack's UIs).

@@ -65,9 +65,9 @@ def test_nanogpt_recipe_keys() -> None:
             "train.learnig_rate=1",
             "--set train.learnig_rate: unknown key (did you mean 'train.learning_rate'?)",
         ),
-        ("train.batch_size=0", "train.batch_size: Input should be greater than or equal to 1"),
-        ("train.max_steps=ten", "train.max_steps: Input should be a valid integer"),
-        ("train.learning_rate=-1", "train.learning_rate: Input should be greater than 0"),
+        ("train.batch_size=0", "--set train.batch_size=0: Input should be greater than or equal to 1"),
+        ("train.max_steps=ten", "--set train.max_steps=ten: Input should be a valid integer"),
+        ("train.learning_rate=-1", "--set train.learning_rate=-1: Input should be greater than 0"),
         ("modle.n_layer=2", "unknown key (did you mean 'model.n_layer'?)"),
         ("novalue", "expected dotted.key=value"),
     ],
@@ -263,8 +263,8 @@ def test_completion_on_the_builtin_docstrings_needs_no_columns() -> None:
 @pytest.mark.parametrize(
     ("override", "message"),
     [
-        ("train.cpu_shards=0", "--set: train.cpu_shards: Input should be greater than or equal to 1, or 'auto'"),
-        ("train.nproc_per_node=x", "--set: train.nproc_per_node: Input should be a valid integer, unable to parse"),
+        ("train.cpu_shards=0", "--set train.cpu_shards=0: Input should be greater than or equal to 1, or 'auto'"),
+        ("train.nproc_per_node=x", "--set train.nproc_per_node=x: Input should be a valid integer, unable to parse"),
     ],
 )
 def test_a_value_that_fits_no_branch_of_a_union_names_the_key_and_every_branch(override: str, message: str) -> None:
