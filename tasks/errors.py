@@ -15,6 +15,10 @@ class StageInterrupted(BaseException):  # noqa: N818 - an interrupt, like Keyboa
         self.signum = signum
 
 
+class ConfigError(ValueError):
+    """A config file or override is invalid; the message is one line meant for the user."""
+
+
 class NonFiniteLossError(RuntimeError):
     """The loss stayed NaN or infinite for ``train.max_nonfinite_steps`` steps in a row."""
 
