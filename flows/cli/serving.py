@@ -55,6 +55,9 @@ def generate(
         lookup.resolve_model_uri(uri)
     elif uri.startswith((".", "/", "~")) and not Path(uri).expanduser().exists():
         fail(f"{uri}: no such model folder")
+    elif ":/" not in uri and not Path(uri).expanduser().exists() and not hub_reachable():
+        # Otherwise transformers retries the hub for half a minute and logs every try.
+        fail(f"{uri}: no such model folder, and the Hugging Face Hub is offline (give a folder or a models:/ URI)")
     if seed is None:
         seed = int.from_bytes(os.urandom(4), "little")
         logger.debug("seed %d", seed)
@@ -80,6 +83,17 @@ def generate(
         if i:
             typer.echo("")
         typer.echo(sample["prompt"] + sample["text"])
+
+
+def hub_reachable(timeout: float = 2.0) -> bool:
+    """Whether a bare model name could come from the Hugging Face Hub (not offline, its host answers)."""
+    if os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on"):
+        return False
+    try:
+        with socket.create_connection(("huggingface.co", 443), timeout=timeout):
+            return True
+    except OSError:
+        return False
 
 
 def refuse_classifier(uri: str) -> None:
@@ -111,6 +125,9 @@ def serve(
         int | None, typer.Option(min=1, help="Torch threads per worker (default: the cores but one, shared out).")
     ] = None,
     max_batch: Annotated[int, typer.Option(min=1, help="Prompts per forward at most, over waiting requests.")] = 32,
+    max_prompts: Annotated[
+        int, typer.Option(min=1, help="Prompts per request at most (more: 400), so no request holds all others.")
+    ] = 128,
     batch_wait_ms: Annotated[
         float,
         typer.Option(
@@ -129,6 +146,9 @@ def serve(
     next forward. Stop it with Ctrl-C
     or SIGTERM.
 
+    A request is refused with a one-line 400 when it is not a string or a list of strings, holds more than
+    --max-prompts of them, a prompt longer than the model's context, or params out of range.
+
     A text classifier answers {"predictions": [{"label": ..., "score": ...}, ...]}, one per input, and
     refuses "params" (400: a classifier has no generation settings).
 
@@ -142,7 +162,7 @@ def serve(
         curl -s http://127.0.0.1:5001/invocations -H 'Content-Type: application/json' \\
             -d '{"inputs": ["A pipeline that deploys models"]}'
     """
-    from forgeline.tasks.tracking.serving import serve_environment
+    from forgeline.tasks.tracking.serving import check_servable, serve_environment
 
     console.quiet_logging(False)
     uri = model or lookup.champion_uri(config)
@@ -151,13 +171,21 @@ def serve(
         lookup.resolve_model_uri(uri)
     elif not Path(uri).exists() and ":/" not in uri:
         fail(f"{uri}: no such model folder (give a models:/NAME@ALIAS or models:/NAME/VERSION URI)")
+    try:  # here, in one line, rather than as a traceback from every uvicorn worker
+        check_servable(uri)
+    except ValueError as exc:
+        fail(str(exc))
     if port_busy(host, port):
         fail(f"port {port} on {host} is already in use; pick another with --port")
     if host not in ("127.0.0.1", "localhost", "::1"):
         err.print(f"[yellow]warning:[/] {host}:{port} serves the model without authentication")
     cmd = serve_command(host=host, port=port, workers=workers)
     env = {**os.environ, "MLFLOW_TRACKING_URI": tracking_uri}
-    env.update(serve_environment(uri, workers=workers, threads=threads, max_batch=max_batch, wait_ms=batch_wait_ms))
+    env.update(
+        serve_environment(
+            uri, workers=workers, threads=threads, max_batch=max_batch, wait_ms=batch_wait_ms, max_prompts=max_prompts
+        )
+    )
     err.print(
         f'serving {uri} on http://{host}:{port}  (GET /ping, POST /invocations {{"inputs": [...]}})',
         highlight=False,

@@ -31,12 +31,22 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
+from forgeline.tasks.tracking.serving_input import (
+    DEFAULT_MAX_PROMPTS,
+    GenerationRoom,
+    check_params,
+    check_size,
+    refuse,
+    request_texts,
+)
+
 logger = logging.getLogger(__name__)
 
 ENV_MODEL_URI = "FORGELINE_SERVE_MODEL_URI"
 ENV_THREADS = "FORGELINE_SERVE_THREADS"
 ENV_MAX_BATCH = "FORGELINE_SERVE_MAX_BATCH"
 ENV_WAIT_MS = "FORGELINE_SERVE_BATCH_WAIT_MS"
+ENV_MAX_PROMPTS = "FORGELINE_SERVE_MAX_PROMPTS"
 APP_FACTORY = "forgeline.tasks.tracking.serving:create_app"
 
 DEFAULT_MAX_BATCH = 32
@@ -70,6 +80,7 @@ def serve_environment(
     threads: int | None = None,
     max_batch: int = DEFAULT_MAX_BATCH,
     wait_ms: float = DEFAULT_WAIT_MS,
+    max_prompts: int = DEFAULT_MAX_PROMPTS,
 ) -> dict[str, str]:
     """Environment variables for the server processes: the model, thread counts, batching settings.
 
@@ -82,6 +93,7 @@ def serve_environment(
         threads: Torch threads per worker (default: :func:`threads_per_worker`).
         max_batch: Prompts per forward at most.
         wait_ms: The longest a forward waits for more requests.
+        max_prompts: Prompts per request at most (more: HTTP 400).
     """
     threads = str(threads or threads_per_worker(workers))
     return {
@@ -89,6 +101,7 @@ def serve_environment(
         ENV_THREADS: threads,
         ENV_MAX_BATCH: str(max_batch),
         ENV_WAIT_MS: str(wait_ms),
+        ENV_MAX_PROMPTS: str(max_prompts),
         "OMP_NUM_THREADS": threads,
         "MKL_NUM_THREADS": threads,
         "TOKENIZERS_PARALLELISM": "false",
@@ -146,6 +159,7 @@ class BatchingModel:
         max_batch: Prompts per forward at most.
         wait_ms: The longest wait for more requests before a forward (0: take only what is queued).
         takes_params: Whether requests may send ``params`` (not for a classifier: see :func:`takes_params`).
+        max_prompts: Prompts per request at most: one request must not hold the forward for everyone.
     """
 
     def __init__(
@@ -155,8 +169,11 @@ class BatchingModel:
         max_batch: int = DEFAULT_MAX_BATCH,
         wait_ms: float = DEFAULT_WAIT_MS,
         takes_params: bool = True,
+        max_prompts: int = DEFAULT_MAX_PROMPTS,
     ) -> None:
         self.model = model
+        self.max_prompts = max(1, max_prompts)
+        self.known_params = _param_names(model) if takes_params else None
         self.metadata = model.metadata
         self.takes_params = takes_params
         self.room = GenerationRoom.of(model) if takes_params else None
@@ -173,13 +190,20 @@ class BatchingModel:
         self._thread.start()
 
     def predict(self, data: Any, params: dict[str, Any] | None = None) -> Any:
-        """Predict ``data`` with ``params`` (blocks until its batch has run; raises what the model raised)."""
-        if params and not self.takes_params:
+        """Predict ``data`` with ``params`` (blocks until its batch has run; raises what the model raised).
+
+        A request of another shape, too big, or with bad ``params`` is refused in one line before it queues.
+        """
+        texts = request_texts(data)
+        if isinstance(data, str) and type(data) is not str:  # a numpy string ("inputs": "x"): plain for the model
+            data = str(data)
+        if not self.takes_params and isinstance(params, dict) and params:
             refuse_params(params)
-        prompts = as_prompts(data)
+        check_params(params, self.known_params)
+        check_size(texts, self.max_prompts, self.room.max_chars if self.room is not None else None)
         if self.room is not None:
-            self.room.check([data] if isinstance(data, str) else prompts or [], params)
-        request = _Request(data, params, prompts)
+            self.room.check(texts, params)
+        request = _Request(data, params, as_prompts(data))
         self._queue.put(request)
         return request.future.result()
 
@@ -268,55 +292,6 @@ def _rows(outputs: Any, start: int, stop: int) -> Any:
     return outputs.iloc[start:stop].reset_index(drop=True)
 
 
-@dataclass
-class GenerationRoom:
-    """A text generator's positions, its tokenizer and its default ``max_new_tokens``: what a request must fit."""
-
-    tokenizer: Any
-    positions: int
-    default_new_tokens: int | None
-
-    @classmethod
-    def of(cls, model: Any) -> GenerationRoom | None:
-        """The room of a loaded pyfunc ``transformers`` text generator; ``None`` where it cannot be read."""
-        try:
-            pipeline = model.get_raw_model()
-            config = pipeline.model.config
-            positions = getattr(config, "n_positions", None) or getattr(config, "max_position_embeddings", None)
-            tokenizer = pipeline.tokenizer
-        except Exception:  # noqa: BLE001 - another flavor or a stand-in: requests are not checked
-            return None
-        if not isinstance(positions, int) or tokenizer is None:
-            return None
-        default = (getattr(model, "model_config", None) or {}).get("max_new_tokens")
-        return cls(tokenizer, positions, int(default) if isinstance(default, int) else None)
-
-    def check(self, prompts: list[str], params: dict[str, Any] | None) -> None:
-        """Refuse prompts that, with the new tokens asked for, would run past the model's positions.
-
-        Without this the model indexes past its position table and the request fails with a traceback.
-
-        Raises:
-            MlflowException: In one line, with the prompt's tokens and the most new tokens that fit (HTTP 400).
-        """
-        new = (params or {}).get("max_new_tokens", self.default_new_tokens)
-        if not prompts or not isinstance(new, int) or isinstance(new, bool):
-            return
-        longest = max(len(self.tokenizer(prompt, add_special_tokens=False)["input_ids"]) for prompt in prompts)
-        if longest + new <= self.positions:
-            return
-        from mlflow.exceptions import MlflowException
-        from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
-
-        room = self.positions - longest
-        fix = f"ask for at most {room} new tokens" if room > 0 else "shorten the prompt"
-        raise MlflowException(
-            f"a prompt of {longest} tokens plus max_new_tokens {new} does not fit the model's {self.positions} "
-            f"positions: {fix}",
-            error_code=INVALID_PARAMETER_VALUE,
-        )
-
-
 def takes_params(model: Any) -> bool:
     """Whether a loaded pyfunc model's requests may carry ``params`` (a text classifier's may not)."""
     flavor = (getattr(model.metadata, "flavors", None) or {}).get("transformers") or {}
@@ -329,14 +304,34 @@ def refuse_params(params: dict[str, Any]) -> None:
     Raises:
         MlflowException: always.
     """
-    from mlflow.exceptions import MlflowException
-    from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
+    names = ", ".join(sorted(str(name)[:40] for name in params)[:8])
+    refuse(f'this model is a text classifier and takes no params (got {names}); send {{"inputs": [...]}} only')
 
-    raise MlflowException(
-        f"this model is a text classifier and takes no params (got {', '.join(sorted(params))}); "
-        'send {"inputs": [...]} only',
-        error_code=INVALID_PARAMETER_VALUE,
-    )
+
+def _param_names(model: Any) -> tuple[str, ...] | None:
+    """The params a model's signature takes (``None``: no params schema, so no name is refused here)."""
+    try:
+        schema = model.metadata.get_params_schema()
+    except Exception:  # noqa: BLE001 - a stand-in or a model without a signature
+        return None
+    return tuple(param.name for param in schema.params) if schema is not None else None
+
+
+def check_servable(uri: str) -> None:
+    """Check, from its ``MLmodel`` file only, that ``uri`` is a model MLflow's scoring server can load.
+
+    Raises:
+        ValueError: In one line, when the model cannot be found or has no ``python_function`` flavor.
+    """
+    from mlflow.models import Model
+
+    try:
+        model = Model.load(uri)
+    except Exception as exc:  # noqa: BLE001 - a bad run id, a folder without MLmodel, an unreachable store
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+        raise ValueError(f"{uri} is not a model MLflow can serve: {first}") from exc
+    if "python_function" not in (model.flavors or {}):
+        raise ValueError(f"{uri} has no python_function flavor, so MLflow's scoring server cannot load it")
 
 
 def create_app() -> Any:
@@ -354,7 +349,10 @@ def create_app() -> Any:
     model = load_for_serving(mlflow, uri, max_batch)
     logger.info("serving %s: %d torch threads, up to %d prompts per forward", uri, threads, max_batch)
     wait_ms = float(os.environ.get(ENV_WAIT_MS) or DEFAULT_WAIT_MS)
-    batching = BatchingModel(model, max_batch=max_batch, wait_ms=wait_ms, takes_params=takes_params(model))
+    max_prompts = int(os.environ.get(ENV_MAX_PROMPTS) or DEFAULT_MAX_PROMPTS)
+    batching = BatchingModel(
+        model, max_batch=max_batch, wait_ms=wait_ms, takes_params=takes_params(model), max_prompts=max_prompts
+    )
     app = scoring_server.init(batching)
     app.get("/batching")(batching.stats)
     return RequestThreads(app, max_batch + 4)
