@@ -34,6 +34,7 @@ from typing import Any
 from forgeline.tasks.tracking.serving_input import (
     DEFAULT_MAX_PROMPTS,
     GenerationRoom,
+    InputGuard,
     check_params,
     check_size,
     refuse,
@@ -355,7 +356,7 @@ def create_app() -> Any:
     )
     app = scoring_server.init(batching)
     app.get("/batching")(batching.stats)
-    return RequestThreads(app, max_batch + 4)
+    return RequestThreads(InputGuard(app), max_batch + 4)
 
 
 class RequestThreads:

@@ -9,6 +9,7 @@ came back in the 400. The exceptions made here keep their own one-line message i
 
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import dataclass
 from functools import cache
@@ -215,3 +216,79 @@ class GenerationRoom:
             f"a prompt of {longest} tokens plus max_new_tokens {new} does not fit the model's {self.positions} "
             f"positions: {fix}"
         )
+
+
+MAX_BODY_BYTES = 8 * MAX_REQUEST_CHARS
+"""Bytes of request body at most (room for :data:`MAX_REQUEST_CHARS` characters, JSON-escaped), read before parsing."""
+
+
+def raw_problem(body: bytes) -> str | None:
+    """Why a JSON body's ``"inputs"`` is not a string or a list of strings, as sent; ``None`` when it is.
+
+    MLflow's parser makes a numpy array of ``"inputs"``, which turns ``5``, ``null`` or ``true`` into the strings
+    ``"5"``, ``"None"``, ``"True"``: only the raw JSON still tells them from text.
+    """
+    from mlflow.exceptions import MlflowException
+
+    try:
+        payload = json.loads(body)
+    except ValueError:  # MLflow's parser answers malformed JSON itself
+        return None
+    if not isinstance(payload, dict) or "inputs" not in payload:
+        return None
+    try:
+        request_texts(payload["inputs"])
+    except MlflowException as exc:
+        return exc.message
+    return None
+
+
+class InputGuard:
+    """ASGI middleware: refuses an oversized ``POST /invocations`` body, or non-text ``"inputs"``, with a 400.
+
+    Args:
+        app: The scoring server's app.
+    """
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] != "http" or scope["method"] != "POST" or scope["path"] != "/invocations":
+            await self.app(scope, receive, send)
+            return
+        chunks: list[bytes] = []
+        size, more = 0, True
+        while more:
+            message = await receive()
+            if message["type"] != "http.request":  # the client went away
+                return
+            chunks.append(message.get("body", b""))
+            size += len(chunks[-1])
+            if size > MAX_BODY_BYTES:
+                await _answer_400(send, f"request body over {MAX_BODY_BYTES} bytes: split the request")
+                return
+            more = message.get("more_body", False)
+        body = b"".join(chunks)
+        content_type = dict(scope.get("headers") or []).get(b"content-type", b"").decode("latin-1")
+        problem = raw_problem(body) if content_type.split(";")[0].strip() == "application/json" else None
+        if problem is not None:
+            await _answer_400(send, problem)
+            return
+        replayed = False
+
+        async def replay() -> Any:
+            nonlocal replayed
+            if replayed:
+                return await receive()
+            replayed = True
+            return {"type": "http.request", "body": body, "more_body": False}
+
+        await self.app(scope, replay, send)
+
+
+async def _answer_400(send: Any, message: str) -> None:
+    body = json.dumps({"error_code": "INVALID_PARAMETER_VALUE", "message": message}).encode()
+    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+    await send({"type": "http.response.start", "status": 400, "headers": headers})
+    await send({"type": "http.response.body", "body": body})

@@ -172,6 +172,34 @@ def test_eight_concurrent_clients_all_answered_in_shared_forwards(forgeline_serv
     assert after["forwards"] - before["forwards"] < 32, (before, after)
 
 
+BAD_REQUESTS = [
+    ({"inputs": ["x" * 3_000_000]}, "more than the model's context can hold"),  # refused before tokenizing
+    ({"inputs": ["x" * 40], "params": {"max_new_tokens": 5}}, "shorten the prompt"),
+    ({"inputs": [["x" * 40]]}, "item 0 is list"),
+    ({"dataframe_split": {"columns": ["a", "b"], "data": [["x" * 40, "y"]]}}, "(got 2 columns)"),
+    ({"inputs": ["def ", 5]}, "item 1 is int 5"),
+    ({"inputs": ["def "], "params": [1, 2]}, '"params" must be an object'),
+    ({"inputs": ["def "], "params": {"max_new_tokens": 0}}, "params.max_new_tokens must be an integer >= 1"),
+    ({"inputs": ["def "], "params": {"temperature": 0}}, "params.temperature must be a number > 0"),
+    ({"inputs": ["def "], "params": {"top_k": -1}}, "params.top_k must be an integer >= 1"),
+    ({"inputs": ["def "], "params": {"seed": 1}}, "unknown params 'seed'"),
+    ({"inputs": ["def "] * 129}, "129 inputs in one request; this server takes at most 128"),
+]
+
+
+def test_bad_requests_get_one_line_400s_and_no_tracebacks(served: Any, forgeline_server: str) -> None:
+    """Each bad request: HTTP 400, a short one-line message that does not echo the input, nothing in the log."""
+    for payload, pattern in BAD_REQUESTS:
+        status, body = _post(forgeline_server, payload)
+        answer = json.loads(body)
+        assert status == 400 and pattern in answer["message"], (pattern, status, str(body)[:300])
+        assert "stack_trace" not in answer and "\n" not in answer["message"] and len(answer["message"]) < 300
+    status, body = _post(forgeline_server, {"inputs": ["def "], "params": {"max_new_tokens": 2}})
+    assert status == 200 and len(body["predictions"]) == 1  # and the server still answers
+    log = served.root / f"server-{forgeline_server.rsplit(':', 1)[1]}.log"
+    assert "Traceback" not in log.read_text()
+
+
 def _batching(base: str) -> dict[str, int]:
     with urllib.request.urlopen(base + "/batching", timeout=30) as resp:
         return json.loads(resp.read())

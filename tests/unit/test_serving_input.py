@@ -228,3 +228,29 @@ def test_generate_with_a_bare_name_while_offline_fails_in_one_line(monkeypatch: 
         "error: no-such-model-folder: no such model folder, and the Hugging Face Hub is offline (give a folder "
         "or a models:/ URI)"
     ], result.output
+
+
+def test_the_served_app_refuses_non_text_inputs_as_sent_and_oversized_bodies() -> None:
+    """Over HTTP: MLflow's parser would turn 5 or null into the prompts "5" and "None"; the raw JSON is checked."""
+    from fastapi.testclient import TestClient
+
+    from forgeline.tasks.tracking.serving_input import MAX_BODY_BYTES, InputGuard
+
+    inner = Generator()
+    client = TestClient(InputGuard(scoring_server.init(_serve(inner))))
+    for inputs, pattern in (
+        (5, "(got int 5)"),
+        (["def ", 5], "item 1 is int 5"),
+        ([None], "item 0 is NoneType"),
+        ([["x" * 40]], "item 0 is list"),
+    ):
+        answer = client.post("/invocations", json={"inputs": inputs})
+        assert answer.status_code == 400 and pattern in answer.json()["message"], answer.text
+        assert "stack_trace" not in answer.json()
+    big = b'{"inputs": ["' + b"x" * MAX_BODY_BYTES + b'"]}'
+    answer = client.post("/invocations", content=big, headers={"Content-Type": "application/json"})
+    assert answer.status_code == 400 and "request body over" in answer.json()["message"]
+    assert inner.calls == []
+    answer = client.post("/invocations", json={"inputs": ["ab"], "params": {"max_new_tokens": 2}})
+    assert answer.status_code == 200 and answer.json() == {"predictions": ["ab!"]}
+    assert client.get("/ping").status_code == 200
