@@ -4,7 +4,8 @@ Every refusal is one :class:`MlflowException` line with ``INVALID_PARAMETER_VALU
 the model's ``predict``, where MLflow's scoring server answers it without a stack trace. That server prefixes
 the message of such an exception with the whole request (``Failed to predict data '...'``): a 30 MB prompt
 came back in the 400. The exceptions made here keep their own one-line message instead, and quote at most
-:data:`QUOTE_CHARS` characters of any input.
+:data:`QUOTE_CHARS` characters of any input. :class:`InputGuard` checks what only the raw body shows
+(its size, numbers among the inputs) before MLflow parses it.
 """
 
 from __future__ import annotations
