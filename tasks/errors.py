@@ -23,6 +23,11 @@ class NonFiniteLossError(RuntimeError):
     """The loss stayed NaN or infinite for ``train.max_nonfinite_steps`` steps in a row."""
 
 
+def first_line(exc: BaseException, limit: int = 200) -> str:
+    """An error's first line, cut to ``limit`` characters, for a one-line message (some raise with none)."""
+    return (str(exc).strip().splitlines() or [type(exc).__name__])[0][:limit]
+
+
 def is_transient(exc: BaseException) -> bool:
     """Whether a stage that raised ``exc`` may succeed when simply run again.
 

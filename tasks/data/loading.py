@@ -25,6 +25,7 @@ import numpy as np
 from forgeline.tasks.data.memory import release
 from forgeline.tasks.data.paths import DataError, Input
 from forgeline.tasks.data.rules import TEXT_PREFIX
+from forgeline.tasks.errors import first_line
 
 MAX_LINE_BYTES = 64 * 2**20
 """A physical line longer than this fails the read (bounded memory on a file with no newlines)."""
@@ -156,7 +157,7 @@ def _build(item: Input, builder: str, cache_dir: Path, strings: list[str], **opt
         )
     except Exception as exc:  # noqa: BLE001 - every builder error becomes a message naming the line
         _diagnose(item, *strings)
-        raise DataError(f"{item.label}: cannot be read as {builder} ({_first_line(exc)})") from exc
+        raise DataError(f"{item.label}: cannot be read as {builder} ({first_line(exc)})") from exc
     finally:
         quiet.setLevel(level)
 
@@ -172,7 +173,7 @@ def _hf_dataset(item: Input, cache_dir: Path) -> Any:
         else:
             loaded = datasets.load_dataset(source.name, source.config, split=source.split, revision=source.revision)
     except Exception as exc:  # noqa: BLE001 - missing folder files, offline hub, unknown id
-        raise DataError(f"{item.label}: cannot load the dataset ({_first_line(exc)})") from exc
+        raise DataError(f"{item.label}: cannot load the dataset ({first_line(exc)})") from exc
     if isinstance(loaded, datasets.DatasetDict):
         if source.split not in loaded:
             raise DataError(f"{item.label}: no split {source.split!r} (splits: {', '.join(loaded)})")
@@ -211,11 +212,6 @@ def _string_columns(columns: dict[str, str]) -> list[str]:
 def _dtype(feature: Any) -> str:
     """A column's value type: ``string``, ``int64``... or ``dict``/``list`` for nested values (no ``dtype``)."""
     return str(getattr(feature, "dtype", type(feature).__name__))
-
-
-def _first_line(exc: BaseException) -> str:
-    """An error's first line for a one-line message (some libraries raise with an empty message)."""
-    return (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
 
 
 def _require(where: str, wanted: Iterable[str], names: Collection[str]) -> None:
@@ -257,7 +253,7 @@ def _check_csv(item: Input, wanted: list[str]) -> None:
             pass
     except pa.ArrowInvalid as exc:
         _diagnose(item, *wanted)
-        raise DataError(f"{item.label}: malformed CSV ({_first_line(exc)})") from None
+        raise DataError(f"{item.label}: malformed CSV ({first_line(exc)})") from None
 
 
 def _diagnose(item: Input, *columns: str) -> None:

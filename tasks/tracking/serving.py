@@ -31,6 +31,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
+from forgeline.tasks.errors import first_line
 from forgeline.tasks.tracking.serving_input import (
     DEFAULT_MAX_PROMPTS,
     GenerationRoom,
@@ -115,15 +116,19 @@ def as_prompts(data: Any) -> list[str] | None:
     ``None`` for anything else (a single string, dicts, several columns): such a request runs on its own, so
     its answer keeps exactly the shape MLflow gives it.
     """
-    if hasattr(data, "columns") and hasattr(data, "iloc"):  # a pandas DataFrame
-        if len(data.columns) != 1:
-            return None
-        data = data.iloc[:, 0].tolist()
-    elif hasattr(data, "tolist") and getattr(data, "ndim", 0) == 1:  # a 1-D numpy array
-        data = data.tolist()
-    if isinstance(data, list) and data and all(isinstance(item, str) for item in data):
-        return list(data)
-    return None
+    from mlflow.exceptions import MlflowException
+
+    if not _batchable(data):
+        return None
+    try:
+        return list(request_texts(data))
+    except MlflowException:  # not a list of strings
+        return None
+
+
+def _batchable(data: Any) -> bool:
+    """Whether a request's answer is one output per prompt (a list), so it may share a forward with others."""
+    return not isinstance(data, str | dict) and getattr(data, "ndim", 1) != 0
 
 
 @dataclass
@@ -204,7 +209,7 @@ class BatchingModel:
         check_size(texts, self.max_prompts, self.room.max_chars if self.room is not None else None)
         if self.room is not None:
             self.room.check(texts, params)
-        request = _Request(data, params, as_prompts(data))
+        request = _Request(data, params, list(texts) if _batchable(data) else None)
         self._queue.put(request)
         return request.future.result()
 
@@ -329,8 +334,7 @@ def check_servable(uri: str) -> None:
     try:
         model = Model.load(uri)
     except Exception as exc:  # noqa: BLE001 - a bad run id, a folder without MLmodel, an unreachable store
-        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
-        raise ValueError(f"{uri} is not a model MLflow can serve: {first}") from exc
+        raise ValueError(f"{uri} is not a model MLflow can serve: {first_line(exc)}") from exc
     if "python_function" not in (model.flavors or {}):
         raise ValueError(f"{uri} has no python_function flavor, so MLflow's scoring server cannot load it")
 
